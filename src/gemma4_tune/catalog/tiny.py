@@ -49,6 +49,7 @@ TINY_AUDIO = {
     "num_attention_heads": 2,
     "output_proj_dims": 48,
 }
+TINY_INIT_STD = 0.1
 # Smallest image budget the Gemma 4 image processor accepts (soft tokens per image).
 TINY_IMAGE_SOFT_TOKENS = 70
 # The audio sub-sampler derives its projection width from channels[0] == mel bins.
@@ -118,6 +119,9 @@ def tiny_config(variant: Variant, vocab_size: int, token_ids: dict[str, int]) ->
         cfg["eoa_token_id"] = token_ids[MEDIA_TOKENS["eoa_token"]]
     # As the -it checkpoints: generation stops at <eos> or at the end of the model's turn.
     cfg["eos_token_id"] = [token_ids["<eos>"], token_ids["<turn|>"]]
+    # Wider random init than the published 0.02: with hidden size 64 and a tied, frozen lm_head,
+    # 0.02 caps every logit near 1, so no fine-tune of a tiny model could show its loss falling.
+    cfg["initializer_range"] = text["initializer_range"] = TINY_INIT_STD
     cfg["architectures"] = ["Gemma4ForConditionalGeneration"]
     cfg.pop("transformers_version", None)
     cfg.pop("quantization_config", None)

@@ -1,0 +1,175 @@
+"""Apply, check, save and load LoRA adapters with stock PEFT.
+
+LoRA goes exactly where the TargetPlan says, through PEFT's public
+``target_modules`` (exact module paths) and ``target_parameters`` (MoE experts).
+Tower ``Gemma4ClippableLinear`` wrappers stay in place; only their inner
+``.linear`` is wrapped, so the clamps keep acting and saved keys use the
+official layout that stock PEFT, transformers and vLLM expect (catalog rows 1-3).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from gemma4_tune.engines import deployment_findings
+from gemma4_tune.findings import Finding, FindingError, Severity, finding, register
+from gemma4_tune.io import atomic_directory
+from gemma4_tune.profile import ModelProfile
+from gemma4_tune.targets import TargetPlan, plan_targets
+
+TARGET_NOT_WRAPPED = register("G4T110", Severity.ERROR, "A planned target carries no LoRA", (1, 3, 16))
+WRAPPER_REPLACED = register("G4T111", Severity.ERROR, "A clipped tower linear was replaced or unwrapped", (2,))
+UNPLANNED_LORA = register("G4T112", Severity.ERROR, "LoRA landed on a module outside the plan", (3,))
+PEFT_REJECTED = register("G4T113", Severity.ERROR, "PEFT refused a target module", (1,))
+QUANTIZE_UNAVAILABLE = register("G4T120", Severity.ERROR, "4-bit quantization needs CUDA and bitsandbytes", (18,))
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA hyper-parameters (PEFT names)."""
+
+    rank: int = 16
+    alpha: int | None = None  # default: 2 x rank
+    dropout: float = 0.0
+    use_rslora: bool = False
+
+    @property
+    def lora_alpha(self) -> int:
+        """Alpha actually used."""
+        return self.alpha if self.alpha is not None else 2 * self.rank
+
+
+def lora_config(plan: TargetPlan, settings: LoraSettings) -> Any:
+    """The PEFT ``LoraConfig`` for a plan: exact paths, nothing guessed by name."""
+    from peft import LoraConfig
+
+    if plan.target_parameters and settings.dropout:
+        raise FindingError(finding(PEFT_REJECTED.code, "LoRA dropout is not supported on MoE expert parameters",
+                                   "use --lora-dropout 0 when the plan includes experts"))
+    return LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.dropout,
+        use_rslora=settings.use_rslora,
+        target_modules=plan.target_modules or None,
+        target_parameters=plan.target_parameters or None,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def prepare_model(model: nn.Module, spec: str = "text", settings: LoraSettings | None = None,
+                  profile: ModelProfile | None = None) -> tuple[Any, TargetPlan]:
+    """Plan ``spec`` on ``model``, apply LoRA with PEFT, and prove it landed exactly as planned.
+
+    Returns ``(peft_model, plan)``. Raises FindingError instead of producing an empty,
+    partial or misplaced adapter.
+    """
+    from peft import get_peft_model
+
+    settings = settings or LoraSettings()
+    profile = profile or ModelProfile.from_config(model.config, source="in-memory model", count_parameters=False)
+    plan = plan_targets(model, profile, spec, rank=settings.rank)
+    plan.findings = deployment_findings(settings.rank, plan.groups, {t.name for t in plan.targets
+                                                                      if t.group == "text" and t.kind == "linear"},
+                                        bool(plan.target_parameters))
+    config = lora_config(plan, settings)
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as exc:
+        raise FindingError(finding(PEFT_REJECTED.code, f"PEFT refused the plan: {exc}",
+                                   "report this with `gemma4-tune plan --json`; the plan should only name "
+                                   "nn.Linear modules and expert parameters")) from exc
+    problems = check_lora_placement(peft_model, plan)
+    if problems:
+        raise FindingError(*problems)
+    return peft_model, plan
+
+
+def _base(peft_model: Any) -> nn.Module:
+    return peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+
+
+def check_lora_placement(peft_model: Any, plan: TargetPlan) -> list[Finding]:
+    """Judge by module type: every planned target is a LoRA layer, nothing else is, wrappers intact."""
+    from peft.tuners.lora import LoraLayer, ParamWrapper
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4ClippableLinear
+
+    base = _base(peft_model)
+    modules = dict(base.named_modules())
+    problems: list[Finding] = []
+    planned_modules = set(plan.target_modules)
+    for path in plan.target_modules:
+        if not isinstance(modules.get(path), LoraLayer):
+            problems.append(finding(TARGET_NOT_WRAPPED.code, f"{path} was planned but carries no LoRA",
+                                    "re-run `gemma4-tune plan` on this exact checkpoint; the model structure "
+                                    "differs from the plan"))
+        if path.endswith(".linear"):
+            parent = modules.get(path.rsplit(".", 1)[0])
+            if not isinstance(parent, Gemma4ClippableLinear):
+                problems.append(finding(WRAPPER_REPLACED.code, f"{path.rsplit('.', 1)[0]} is no longer a "
+                                        "Gemma4ClippableLinear: its clamps are gone",
+                                        "never unwrap tower linears; apply LoRA to the inner .linear instead"))
+    wrapped_params: set[str] = set()
+    for path, module in modules.items():
+        if isinstance(module, ParamWrapper):
+            owner = path
+            while owner.endswith(".base_layer"):
+                owner = owner[: -len(".base_layer")]
+            wrapped_params.add(f"{owner}.{module.parameter_name}")
+        elif isinstance(module, LoraLayer) and path not in planned_modules:
+            problems.append(finding(UNPLANNED_LORA.code, f"{path} carries LoRA but is not in the plan",
+                                    "build the adapter through prepare_model so targets are exact paths"))
+    for path in plan.target_parameters:
+        if path not in wrapped_params:
+            problems.append(finding(TARGET_NOT_WRAPPED.code, f"expert parameter {path} was planned but carries "
+                                    "no LoRA", "check that peft supports target_parameters (peft >= 0.17)"))
+    return problems
+
+
+def trainable_by_group(peft_model: Any) -> dict[str, int]:
+    """Counted trainable LoRA parameters per tower (must equal the plan's figures)."""
+    from gemma4_tune.targets import TOWER_GROUPS
+
+    out: dict[str, int] = {}
+    for name, param in _base(peft_model).named_parameters():
+        if not param.requires_grad:
+            continue
+        group = next((g for g, p in TOWER_GROUPS.items() if name.startswith(p + ".")), "text")
+        out[group] = out.get(group, 0) + param.numel()
+    out["total"] = sum(out.values())
+    return out
+
+
+def save_adapter(peft_model: Any, out: Path, *, plan: TargetPlan | None = None, overwrite: bool = False) -> Path:
+    """Save in stock PEFT format, atomically; the plan goes beside it as ``target_plan.json``."""
+    out = Path(out)
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        peft_model.save_pretrained(str(tmp))
+        if plan is not None:
+            (tmp / "target_plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+    return out
+
+
+def check_quantization(quantize: str | None) -> None:
+    """Refuse 4-bit where it cannot run, with the fix (QLoRA needs CUDA + bitsandbytes)."""
+    if quantize in (None, "none"):
+        return
+    if quantize != "4bit":
+        raise FindingError(finding(QUANTIZE_UNAVAILABLE.code, f"unknown quantization {quantize!r}",
+                                   "use --quantize 4bit or leave it out"))
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise FindingError(finding(QUANTIZE_UNAVAILABLE.code, "--quantize 4bit needs a CUDA GPU; none was found",
+                                   "run on a CUDA machine, or drop --quantize to train LoRA in full precision"))
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise FindingError(finding(QUANTIZE_UNAVAILABLE.code, "--quantize 4bit needs bitsandbytes, which is not "
+                                   "installed", "pip install 'bitsandbytes>=0.45'"))
