@@ -1,0 +1,663 @@
+"""Turn conversations into Gemma 4 training batches with exact assistant-only labels.
+
+``Gemma4Batcher.encode`` renders one conversation with the *training* template of its official
+chat-template revision (byte-identical to the official rendering, plus generation markers; catalog
+rows 12 and 13), tokenizes the unexpanded text with offsets to get a per-token assistant mask, runs
+the processor (which expands every ``<|image|>`` into ``<|image>`` + N soft tokens + ``<image|>`` and
+every ``<|audio|>`` into ``<|audio>`` + M soft tokens + ``<audio|>``) and aligns the two id sequences,
+so labels sit exactly on what the model must produce and never on a media or placeholder token.
+
+``collate`` pads right and keeps every processor output key (``mm_token_type_ids`` above all: without
+it the 26B/31B models silently give image tokens a causal mask, catalog row 10). Media tensors are
+concatenated across the batch exactly as ``Gemma4Processor`` does for several samples: one row per
+image (``pixel_values``/``image_position_ids``, patches padded to the same count with position -1),
+one row per audio clip (``input_features``/``input_features_mask``, frames padded with 0/False).
+
+``pack`` does padding-free packing of text-only examples for transformers' position-ids packing
+detection (``masking_utils.find_packed_sequence_indices``): ``position_ids`` restart at 0 for each
+sequence, there is no ``attention_mask`` (its presence switches the detection off), and the first
+label of every sequence is -100 so no sequence is trained to predict the next one's first token
+(catalog row 15). Multimodal examples are never packed with others: ``pack`` puts each one in a row
+of its own (its block-bidirectional image mask is only correct in a row of its own).
+
+Loss normalisation is left to the trainer: ``Gemma4ForConditionalGeneration.accepts_loss_kwargs`` is
+False, so it averages per micro-batch (catalog row 26); ``count_supervised`` gives the token count to
+normalise by across gradient accumulation.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from gemma4_tune.data.chat import REVISIONS, assistant_char_spans, detect_revision
+from gemma4_tune.findings import FindingError, Severity, finding, register
+
+UNKNOWN_REVISION = register("G4T310", Severity.ERROR, "Unknown chat template revision", (12, 13))
+LABEL_ALIGNMENT = register("G4T311", Severity.ERROR, "Labels could not be aligned with the processor output", (12,))
+MEDIA_MISMATCH = register("G4T312", Severity.ERROR, "Media parts and rendered placeholders disagree")
+MEDIA_UNREADABLE = register("G4T313", Severity.ERROR, "A media part cannot be loaded")
+PACK_TOO_LONG = register("G4T314", Severity.ERROR, "Example longer than the packing length", (15,))
+MM_TYPE_IDS_MISSING = register("G4T315", Severity.ERROR, "Media in a batch without mm_token_type_ids", (10,))
+BAD_BATCHER_OPTION = register("G4T316", Severity.ERROR, "Invalid batcher option")
+
+IGNORE_INDEX = -100
+SAMPLING_RATE = 16_000
+
+TRAIN_ON = ("assistant", "all")
+
+# Keys ``encode`` adds beside the processor's tensors; ``collate`` does not pass them to the model.
+META_KEYS = frozenset({"truncated", "num_supervised", "num_sequences"})
+
+# Media tensors (one row per image / audio clip), by modality, and the value their padding takes.
+_MEDIA_KEYS = {
+    "pixel_values": "image",
+    "image_position_ids": "image",
+    "input_features": "audio",
+    "input_features_mask": "audio",
+}
+_PER_TOKEN_PAD = {"attention_mask": 0, "mm_token_type_ids": 0, "labels": IGNORE_INDEX}
+
+
+@runtime_checkable
+class ConversationLike(Protocol):
+    """What ``encode`` needs from a conversation (``gemma4_tune.data.records.Conversation`` has it).
+
+    ``messages`` have content as a list of parts: ``{"type": "text", "text": ...}``,
+    ``{"type": "image", "path": ...}``, ``{"type": "audio", "path": ...}``.
+    """
+
+    messages: list[dict]
+    tools: list[dict] | None
+
+
+def count_supervised(batch: Mapping[str, Any]) -> int:
+    """Number of tokens a causal-LM loss is computed on: labels after the first position that are not -100.
+
+    Sum the per-token loss and divide by this (summed over the micro-batches of one optimizer step)
+    to average per token across gradient accumulation (catalog row 26).
+    """
+    labels = batch["labels"]
+    if not torch.is_tensor(labels):
+        labels = torch.as_tensor(labels)
+    return int((labels[..., 1:] != IGNORE_INDEX).sum())
+
+
+class Gemma4Batcher:
+    """Encode, collate and pack Gemma 4 conversations for training.
+
+    ``revision`` names the official chat-template revision (``v1`` ... ``v5``); None detects it from
+    ``processor.chat_template``. ``train_on="assistant"`` labels what the model produces in model
+    turns; ``"all"`` labels every token but media and placeholders. ``chat_kwargs`` go to the
+    template (``enable_thinking``, ``preserve_thinking``, ...).
+    """
+
+    def __init__(
+        self,
+        processor: Any,
+        *,
+        revision: str | None = None,
+        max_seq_len: int = 2048,
+        train_on: str = "assistant",
+        chat_kwargs: dict | None = None,
+    ) -> None:
+        if train_on not in TRAIN_ON:
+            raise FindingError(finding(
+                BAD_BATCHER_OPTION.code, f"train_on={train_on!r} is not one of {TRAIN_ON}",
+                'use train_on="assistant" (model turns only) or train_on="all"',
+            ))
+        if max_seq_len < 2:
+            raise FindingError(finding(
+                BAD_BATCHER_OPTION.code, f"max_seq_len={max_seq_len} is too small", "use max_seq_len >= 2",
+            ))
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.revision = _resolve_revision(processor, revision)
+        self.max_seq_len = max_seq_len
+        self.train_on = train_on
+        self.chat_kwargs = dict(chat_kwargs or {})
+
+        tok = self.tokenizer
+        self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = {}
+        for name in ("image_token", "boi_token", "eoi_token", "audio_token", "boa_token", "eoa_token", "video_token"):
+            token = getattr(processor, name, None) or getattr(tok, name, None)
+            ids[name] = tok.convert_tokens_to_ids(token) if token else None
+        self.token_ids = ids
+        # placeholder id in the rendered text -> (begin id, end id, modality) of its expanded block
+        self._blocks = {
+            ids["image_token"]: (ids["boi_token"], ids["eoi_token"], "image"),
+        }
+        if ids["audio_token"] is not None:
+            self._blocks[ids["audio_token"]] = (ids["boa_token"], ids["eoa_token"], "audio")
+        self.media_token_ids = frozenset(v for v in ids.values() if v is not None)
+
+    # ------------------------------------------------------------------ encode
+    def render(self, conv: ConversationLike) -> tuple[str, list[tuple[int, int]]]:
+        """Rendered training text of ``conv`` and its assistant character spans."""
+        messages, tools = _messages_and_tools(conv)
+        kwargs = {**dict(self.tokenizer.special_tokens_map), **self.chat_kwargs}
+        return assistant_char_spans(messages, revision=self.revision, tools=tools, **kwargs)
+
+    def encode(self, conv: ConversationLike) -> dict[str, Any]:
+        """One training example: processor outputs (no batch dimension on per-token keys) plus labels.
+
+        Per-token keys (``input_ids``, ``attention_mask``, ``mm_token_type_ids``, ``labels``) are 1-D;
+        media keys keep the processor's one-row-per-image/clip layout. Also ``truncated`` (bool) and
+        ``num_supervised`` (labelled tokens; the first token is never labelled, nothing predicts it).
+        Truncation keeps the start and never cuts a media block: a block the cut would split is
+        dropped whole, with its media and every later one.
+        """
+        messages, _ = _messages_and_tools(conv)
+        text, spans = self.render(conv)
+        images, audios = self._load_media(messages, text)
+
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        plain_ids = list(enc["input_ids"])
+        offsets = enc["offset_mapping"]
+        if self.train_on == "assistant":
+            plain_mask = [_starts_in(start, spans) for start, _ in offsets]
+        else:
+            plain_mask = [True] * len(plain_ids)
+
+        proc_kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt", "add_special_tokens": False}
+        if images:
+            proc_kwargs["images"] = [images]
+        if audios:
+            proc_kwargs["audio"] = audios
+        out = dict(self.processor(**proc_kwargs))
+        input_ids = out["input_ids"]
+        if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+            raise _alignment_error(f"processor returned input_ids of shape {tuple(input_ids.shape)} for one text")
+        seq_len = input_ids.shape[1]
+        expanded = input_ids[0].tolist()
+        mask, blocks = self._align(plain_ids, plain_mask, expanded)
+
+        labels = torch.tensor(expanded, dtype=torch.long)
+        keep = torch.tensor(mask, dtype=torch.bool)
+        keep &= ~torch.isin(labels, torch.tensor(sorted(self.media_token_ids), dtype=torch.long))
+        keep &= labels != self.pad_token_id
+        keep[0] = False
+        labels = torch.where(keep, labels, torch.full_like(labels, IGNORE_INDEX))
+
+        example: dict[str, Any] = {}
+        for key, value in out.items():
+            if not torch.is_tensor(value):
+                continue
+            if key not in _MEDIA_KEYS and value.ndim >= 2 and value.shape[0] == 1 and value.shape[1] == seq_len:
+                example[key] = value[0]
+            else:
+                example[key] = value
+        example["labels"] = labels
+
+        truncated = seq_len > self.max_seq_len
+        if truncated:
+            example = self._truncate(example, blocks, seq_len)
+        example["truncated"] = truncated
+        example["num_supervised"] = int((example["labels"] != IGNORE_INDEX).sum())
+        return example
+
+    def _align(
+        self, plain: list[int], plain_mask: list[bool], expanded: list[int]
+    ) -> tuple[list[bool], list[tuple[int, int, str]]]:
+        """Map the unexpanded token mask onto the processor's ids; return it and the media blocks."""
+        mask = [False] * len(expanded)
+        blocks: list[tuple[int, int, str]] = []
+        j = 0
+        for i, token in enumerate(plain):
+            if token in self._blocks:
+                begin, end, kind = self._blocks[token]
+                if j >= len(expanded) or expanded[j] != begin:
+                    raise _alignment_error(
+                        f"placeholder {token} at text token {i} is not expanded into a {kind} block at id {j} "
+                        f"(found {expanded[j] if j < len(expanded) else 'end of sequence'})"
+                    )
+                k = j + 1
+                while k < len(expanded) and expanded[k] == token:
+                    k += 1
+                if k >= len(expanded) or expanded[k] != end:
+                    raise _alignment_error(f"{kind} block starting at id {j} has no end token")
+                blocks.append((j, k + 1, kind))
+                j = k + 1
+                continue
+            if j >= len(expanded) or expanded[j] != token:
+                raise _alignment_error(
+                    f"text token {i} (id {token}) differs from processor id {j} "
+                    f"({expanded[j] if j < len(expanded) else 'end of sequence'})"
+                )
+            mask[j] = plain_mask[i]
+            j += 1
+        if j != len(expanded):
+            raise _alignment_error(f"processor output has {len(expanded) - j} ids beyond the rendered text")
+        return mask, blocks
+
+    def _truncate(self, example: dict[str, Any], blocks: list[tuple[int, int, str]], seq_len: int) -> dict[str, Any]:
+        cut = self.max_seq_len
+        for start, end, _ in blocks:
+            if start < cut < end:
+                cut = start
+                break
+        kept = {"image": 0, "audio": 0}
+        for _, end, kind in blocks:
+            if end <= cut:
+                kept[kind] += 1
+        result: dict[str, Any] = {}
+        for key, value in example.items():
+            if key in _MEDIA_KEYS:
+                n = kept[_MEDIA_KEYS[key]]
+                if n:
+                    result[key] = value[:n]
+            elif torch.is_tensor(value) and value.ndim >= 1 and value.shape[0] == seq_len:
+                result[key] = value[:cut]
+            elif torch.is_tensor(value) and any(start >= cut for start, _, _ in blocks):
+                raise FindingError(finding(
+                    LABEL_ALIGNMENT.code,
+                    f"cannot truncate processor output {key!r} of shape {tuple(value.shape)} consistently",
+                    "raise max_seq_len so the example fits, or shorten the conversation",
+                ))
+            else:
+                result[key] = value
+        return result
+
+    def _load_media(self, messages: Sequence[Mapping[str, Any]], text: str) -> tuple[list[Any], list[np.ndarray]]:
+        images: list[Any] = []
+        audios: list[np.ndarray] = []
+        for message in messages:
+            content = message.get("content")
+            if not isinstance(content, list):
+                continue
+            for part in content:
+                kind = part.get("type") if isinstance(part, Mapping) else None
+                if kind in ("image", "image_url"):
+                    images.append(_load_image(part))
+                elif kind in ("audio", "input_audio"):
+                    if "audio" not in {b[2] for b in self._blocks.values()}:
+                        raise FindingError(finding(
+                            MEDIA_UNREADABLE.code, "the conversation has audio but the processor has no audio token",
+                            "use a model with an audio tower (E2B, E4B) or drop the audio parts",
+                        ))
+                    audios.append(_load_audio(part))
+                elif kind == "video":
+                    raise FindingError(finding(
+                        MEDIA_UNREADABLE.code, "video parts are not supported for training",
+                        "extract frames as image parts, or drop the video part",
+                    ))
+        placeholders = {
+            "image": (len(images), text.count(str(getattr(self.processor, "image_token", "<|image|>")))),
+        }
+        audio_token = getattr(self.processor, "audio_token", None)
+        if audio_token:
+            placeholders["audio"] = (len(audios), text.count(audio_token))
+        for kind, (parts, rendered) in placeholders.items():
+            if parts != rendered:
+                raise FindingError(finding(
+                    MEDIA_MISMATCH.code,
+                    f"the conversation has {parts} {kind} part(s) but the rendered text has {rendered} {kind} "
+                    "placeholder(s)",
+                    f"remove literal placeholder tokens from message text, and put {kind} parts only where the "
+                    f"chat template {self.revision} renders them",
+                ))
+        return images, audios
+
+    # ----------------------------------------------------------------- collate
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Pad (right) and stack encoded or packed examples into one batch for the model.
+
+        Keeps every processor key. If any example carries ``position_ids`` (``pack`` rows), the batch
+        is in packed form: ``position_ids`` are kept (padding gets its own run restarting at 0) and
+        there is no ``attention_mask``, so transformers detects the packed sequences from positions.
+        """
+        if not examples:
+            raise ValueError("collate needs at least one example")
+        packed = any("position_ids" in ex for ex in examples)
+        lengths = [int(ex["input_ids"].shape[0]) for ex in examples]
+        width = max(lengths)
+        token_keys: list[str] = []
+        media_keys: list[str] = []
+        for ex in examples:
+            for key, value in ex.items():
+                if key in META_KEYS or not torch.is_tensor(value):
+                    continue
+                target = media_keys if key in _MEDIA_KEYS or value.shape[:1] != ex["input_ids"].shape[:1] else token_keys
+                if key not in target:
+                    target.append(key)
+        if packed and "attention_mask" in token_keys:
+            token_keys.remove("attention_mask")
+        if any(_MEDIA_KEYS.get(k) for k in media_keys) and "mm_token_type_ids" not in token_keys:
+            raise FindingError(finding(
+                MM_TYPE_IDS_MISSING.code,
+                "the batch has image or audio inputs but no mm_token_type_ids",
+                "keep every key the Gemma 4 processor returns (encode with Gemma4Batcher); without "
+                "mm_token_type_ids image tokens get a causal mask on 26B/31B",
+            ))
+        for ex in examples:
+            if "mm_token_type_ids" not in ex and any(k in ex for k in _MEDIA_KEYS):
+                raise FindingError(finding(
+                    MM_TYPE_IDS_MISSING.code, "an example with media has no mm_token_type_ids",
+                    "encode examples with Gemma4Batcher, which keeps every processor output",
+                ))
+
+        batch: dict[str, torch.Tensor] = {}
+        for key in token_keys:
+            rows = []
+            for ex, length in zip(examples, lengths):
+                value = ex.get(key)
+                if value is None:
+                    if key == "position_ids":
+                        value = torch.arange(length)
+                    elif key == "attention_mask":
+                        value = torch.ones(length, dtype=torch.long)
+                    else:
+                        value = torch.zeros(length, dtype=_dtype_of(examples, key))
+                pad = width - length
+                if pad:
+                    if key == "position_ids":
+                        tail = torch.arange(pad, dtype=value.dtype)
+                    else:
+                        fill = self.pad_token_id if key == "input_ids" else _PER_TOKEN_PAD.get(key, 0)
+                        tail = torch.full((pad, *value.shape[1:]), fill, dtype=value.dtype)
+                    value = torch.cat([value, tail])
+                rows.append(value)
+            batch[key] = torch.stack(rows)
+        for key in media_keys:
+            parts = [ex[key] for ex in examples if key in ex]
+            batch[key] = _concat_padded(parts, _media_pad_value(key))
+        return batch
+
+    __call__ = collate
+
+    count_supervised = staticmethod(count_supervised)
+
+    # -------------------------------------------------------------------- pack
+    def pack(self, examples: list[dict[str, Any]], max_len: int) -> list[dict[str, Any]]:
+        """Pack text-only examples into rows of at most ``max_len`` tokens (first fit, in order).
+
+        Each row has ``position_ids`` restarting at 0 per sequence, no ``attention_mask``, and the
+        first label of every sequence set to -100; ``collate`` turns rows into a packed batch that
+        transformers' sdpa/eager masks isolate per sequence. Multimodal examples are not packed:
+        each becomes a row of its own in the same form. An example longer than ``max_len`` is
+        finding G4T314.
+        """
+        rows: list[list[dict[str, Any]]] = []
+        used: list[int] = []
+        singles: list[tuple[int, dict[str, Any]]] = []
+        order: list[tuple[str, int]] = []
+        for ex in examples:
+            length = int(ex["input_ids"].shape[0])
+            if length > max_len:
+                raise FindingError(finding(
+                    PACK_TOO_LONG.code, f"an example of {length} tokens does not fit rows of {max_len}",
+                    "pack with max_len >= the batcher's max_seq_len",
+                ))
+            if _is_multimodal(ex):
+                singles.append((len(order), ex))
+                order.append(("single", len(singles) - 1))
+                continue
+            for r, size in enumerate(used):
+                if size + length <= max_len:
+                    rows[r].append(ex)
+                    used[r] += length
+                    break
+            else:
+                rows.append([ex])
+                used.append(length)
+                order.append(("row", len(rows) - 1))
+        result = []
+        for kind, index in order:
+            if kind == "row":
+                result.append(_join(rows[index]))
+            else:
+                result.append(_join([singles[index][1]]))
+        return result
+
+
+# ---------------------------------------------------------------------------- helpers
+def _resolve_revision(processor: Any, revision: str | None) -> str:
+    known = ", ".join(REVISIONS)
+    fix = (
+        f"pass revision= one of {known} (the official Gemma 4 chat-template revision the model was released "
+        "with; `gemma4_tune.data.chat.detect_revision` names the revision of an unmodified official "
+        "template), or restore the model's official chat_template.jinja"
+    )
+    if revision is None:
+        template = getattr(processor, "chat_template", None) or getattr(
+            getattr(processor, "tokenizer", None), "chat_template", None
+        )
+        if isinstance(template, Mapping):
+            template = template.get("default")
+        detected = detect_revision(template) if isinstance(template, str) else None
+        if detected is None:
+            what = "no chat template" if not template else "a chat template that is no official Gemma 4 revision"
+            raise FindingError(finding(UNKNOWN_REVISION.code, f"the processor has {what}", fix))
+        return detected
+    if revision not in REVISIONS:
+        raise FindingError(finding(UNKNOWN_REVISION.code, f"unknown chat template revision {revision!r}", fix))
+    return revision
+
+
+def _messages_and_tools(conv: Any) -> tuple[list[dict], list[dict] | None]:
+    if isinstance(conv, Mapping):
+        messages, tools = conv["messages"], conv.get("tools")
+    else:
+        messages, tools = conv.messages, getattr(conv, "tools", None)
+    return [_plain_text_content(m) for m in messages], tools
+
+
+def _plain_text_content(message: Mapping[str, Any]) -> dict[str, Any]:
+    """A message whose content is one text part (or none) gets it back as a string.
+
+    The official templates render string content and a one-part list differently for
+    system and tool turns (some revisions print the Python list), so text-only content is
+    rendered the way users write it and the templates expect it.
+    """
+    content = message.get("content")
+    if isinstance(content, list) and all(isinstance(p, Mapping) and p.get("type") == "text" for p in content) \
+            and len(content) <= 1:
+        return {**message, "content": content[0]["text"] if content else ""}
+    return dict(message)
+
+
+def _alignment_error(detail: str) -> FindingError:
+    return FindingError(finding(
+        LABEL_ALIGNMENT.code,
+        f"the processor's token ids do not match the rendered conversation: {detail}",
+        "this is a gemma4-tune bug; report it with the conversation, the model's tokenizer and processor config",
+    ))
+
+
+def _starts_in(start: int, spans: Sequence[tuple[int, int]]) -> bool:
+    """Whether a token starting at character ``start`` lies in one of the sorted, disjoint ``spans``."""
+    i = bisect.bisect_right(spans, (start, math.inf)) - 1
+    return i >= 0 and spans[i][0] <= start < spans[i][1]
+
+
+def _is_multimodal(ex: Mapping[str, Any]) -> bool:
+    if any(key in ex for key in _MEDIA_KEYS):
+        return True
+    mm = ex.get("mm_token_type_ids")
+    return bool(mm is not None and (mm != 0).any())
+
+
+def _join(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One packed row: per-token keys concatenated, positions restarting, first labels ignored."""
+    row: dict[str, Any] = {}
+    lengths = [int(p["input_ids"].shape[0]) for p in parts]
+    for key, value in parts[0].items():
+        if key in META_KEYS or key in ("attention_mask", "position_ids") or not torch.is_tensor(value):
+            continue
+        if key in _MEDIA_KEYS or value.shape[:1] != parts[0]["input_ids"].shape[:1]:
+            row[key] = value
+            continue
+        row[key] = torch.cat([p[key] for p in parts])
+    row["position_ids"] = torch.cat([torch.arange(n) for n in lengths])
+    labels = row["labels"].clone()
+    starts = np.cumsum([0, *lengths[:-1]])
+    labels[torch.as_tensor(starts)] = IGNORE_INDEX
+    row["labels"] = labels
+    row["truncated"] = any(bool(p.get("truncated", False)) for p in parts)
+    row["num_supervised"] = int((labels != IGNORE_INDEX).sum())
+    row["num_sequences"] = len(parts)
+    return row
+
+
+def _dtype_of(examples: list[dict[str, Any]], key: str) -> torch.dtype:
+    for ex in examples:
+        if key in ex:
+            return ex[key].dtype
+    return torch.long
+
+
+def _media_pad_value(key: str) -> Any:
+    if key.endswith("position_ids"):
+        return -1
+    if key.endswith("_mask"):
+        return False
+    return 0
+
+
+def _concat_padded(parts: list[torch.Tensor], fill: Any) -> torch.Tensor:
+    """Concatenate along dim 0, padding the other dims at the end to the largest (as the processor does)."""
+    shape = [max(p.shape[d] for p in parts) for d in range(1, parts[0].ndim)]
+    padded = []
+    for p in parts:
+        if list(p.shape[1:]) != shape:
+            out = torch.full((p.shape[0], *shape), fill, dtype=p.dtype)
+            out[(slice(None), *(slice(0, s) for s in p.shape[1:]))] = p
+            p = out
+        padded.append(p)
+    return torch.cat(padded)
+
+
+def _media_path(part: Mapping[str, Any], kind: str) -> Path:
+    value = part.get("path") or part.get(kind) or part.get("url")
+    if isinstance(value, Mapping):
+        value = value.get("path") or value.get("url")
+    if not isinstance(value, (str, Path)):
+        raise FindingError(finding(
+            MEDIA_UNREADABLE.code, f"a {kind} part has no file path: {dict(part)!r:.200}",
+            f'give every {kind} part a local file path: {{"type": "{kind}", "path": "/abs/file"}}',
+        ))
+    text = str(value)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    path = Path(text)
+    if not path.is_file():
+        raise FindingError(finding(
+            MEDIA_UNREADABLE.code, f"{kind} file not found: {text}", "fix the path or drop the record",
+        ))
+    return path
+
+
+def _load_image(part: Mapping[str, Any]) -> Any:
+    from PIL import Image
+
+    inline = part.get("image")
+    if isinstance(inline, Image.Image):
+        return inline.convert("RGB")
+    path = _media_path(part, "image")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as exc:  # PIL raises many types for bad files
+        raise FindingError(finding(
+            MEDIA_UNREADABLE.code, f"cannot read image {path}: {exc}", "convert it to PNG or JPEG, or drop the record",
+        )) from exc
+
+
+def _load_audio(part: Mapping[str, Any]) -> np.ndarray:
+    inline = part.get("array")
+    if isinstance(inline, np.ndarray):
+        rate = int(part.get("sampling_rate", SAMPLING_RATE))
+        return resample(np.asarray(inline, dtype=np.float32), rate, SAMPLING_RATE)
+    path = _media_path(part, "audio")
+    try:
+        samples, rate = read_wav(path)
+    except (ValueError, struct.error, EOFError) as exc:
+        raise FindingError(finding(
+            MEDIA_UNREADABLE.code, f"cannot read audio {path}: {exc}",
+            "convert it to a PCM or float WAV file (16 kHz mono is used as is), or drop the record",
+        )) from exc
+    return resample(samples, rate, SAMPLING_RATE)
+
+
+def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
+    """Mono float32 samples in [-1, 1] and the sample rate of a PCM (8/16/24/32-bit) or float WAV file."""
+    data = Path(path).read_bytes()
+    if len(data) < 12 or data[:4] not in (b"RIFF", b"RIFX") or data[8:12] != b"WAVE":
+        raise ValueError("not a RIFF/WAVE file")
+    if data[:4] == b"RIFX":
+        raise ValueError("big-endian WAV is not supported")
+    stream = io.BytesIO(data[12:])
+    fmt = None
+    payload = None
+    while True:
+        header = stream.read(8)
+        if len(header) < 8:
+            break
+        chunk, size = header[:4], struct.unpack("<I", header[4:])[0]
+        body = stream.read(size)
+        if size % 2:
+            stream.read(1)
+        if chunk == b"fmt ":
+            fmt = body
+        elif chunk == b"data":
+            payload = body
+    if fmt is None or payload is None:
+        raise ValueError("missing fmt or data chunk")
+    tag, channels, rate = struct.unpack("<HHI", fmt[:8])
+    bits = struct.unpack("<H", fmt[14:16])[0]
+    if tag == 0xFFFE and len(fmt) >= 26:  # WAVE_FORMAT_EXTENSIBLE: the sub-format's first two bytes
+        tag = struct.unpack("<H", fmt[24:26])[0]
+    width = bits // 8
+    usable = len(payload) - len(payload) % (width * channels) if width and channels else 0
+    payload = payload[:usable]
+    if tag == 1 and bits == 8:
+        samples = (np.frombuffer(payload, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif tag == 1 and bits == 16:
+        samples = np.frombuffer(payload, dtype="<i2").astype(np.float32) / 32768.0
+    elif tag == 1 and bits == 24:
+        raw = np.frombuffer(payload, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
+        value = raw[:, 0] | (raw[:, 1] << 8) | (raw[:, 2] << 16)
+        value = np.where(value >= 1 << 23, value - (1 << 24), value)
+        samples = value.astype(np.float32) / float(1 << 23)
+    elif tag == 1 and bits == 32:
+        samples = (np.frombuffer(payload, dtype="<i4").astype(np.float64) / 2147483648.0).astype(np.float32)
+    elif tag == 3 and bits in (32, 64):
+        samples = np.frombuffer(payload, dtype="<f4" if bits == 32 else "<f8").astype(np.float32)
+    else:
+        raise ValueError(f"unsupported WAV encoding (format {tag}, {bits} bits)")
+    if channels > 1:
+        samples = samples.reshape(-1, channels).mean(axis=1)
+    return np.ascontiguousarray(samples, dtype=np.float32), int(rate)
+
+
+def resample(samples: np.ndarray, orig: int, new: int) -> np.ndarray:
+    """Band-limited (Hann-windowed sinc) resampling, the algorithm of torchaudio's ``resample``."""
+    samples = np.asarray(samples, dtype=np.float32)
+    if orig == new or samples.size == 0:
+        return samples
+    g = math.gcd(orig, new)
+    orig, new = orig // g, new // g
+    width_zeros, rolloff = 6, 0.99
+    base = min(orig, new) * rolloff
+    width = math.ceil(width_zeros * orig / base)
+    idx = torch.arange(-width, width + orig, dtype=torch.float64)[None, None] / orig
+    t = torch.arange(0, -new, -1, dtype=torch.float64)[:, None, None] / new + idx
+    t = (t * base).clamp(-width_zeros, width_zeros)
+    window = torch.cos(t * math.pi / width_zeros / 2) ** 2
+    t = t * math.pi
+    kernel = torch.where(t == 0, torch.ones_like(t), torch.sin(t) / t) * window * (base / orig)
+    x = torch.from_numpy(samples.astype(np.float64))[None, None]
+    x = torch.nn.functional.pad(x, (width, width + orig))
+    y = torch.nn.functional.conv1d(x, kernel, stride=orig)  # (1, new, frames)
+    y = y.transpose(1, 2).reshape(-1)
+    target = math.ceil(new * samples.shape[0] / orig)
+    return y[:target].numpy().astype(np.float32)
