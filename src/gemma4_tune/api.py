@@ -3,19 +3,130 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from gemma4_tune.adapters import LoraSettings, prepare_model
 from gemma4_tune.catalog import resolve_variant
+from gemma4_tune.config import RunConfig
+from gemma4_tune.findings import FindingError, Severity, finding, has_errors
 from gemma4_tune.io import atomic_directory
+from gemma4_tune.memory import WeightMemory
+from gemma4_tune.preflight import PreflightResult
+from gemma4_tune.profile import ModelProfile
+from gemma4_tune.targets import TargetPlan
+from gemma4_tune.train import TrainResult
+
+__all__ = ["LoraSettings", "RunConfig", "meta_model", "plan", "prepare_model", "run_preflight", "run_training",
+           "tiny_model"]
 
 
 def tiny_model(variant: str, out: str | Path, *, seed: int = 0, template_revision: str = "v5") -> Path:
     """Write a tiny random Gemma 4 shaped like ``variant`` to ``out`` (atomically); return the path."""
     from gemma4_tune.catalog.tiny import build_tiny_model
-    from gemma4_tune.data.chat import official_template
+    from gemma4_tune.data.chat import REVISIONS, official_template
+    from gemma4_tune.data.collate import UNKNOWN_REVISION
 
     spec = resolve_variant(variant)
+    if template_revision not in REVISIONS:
+        raise FindingError(finding(UNKNOWN_REVISION.code, f"unknown chat template revision {template_revision!r}",
+                                   f"use one of {', '.join(REVISIONS)} (v5 is the newest official revision)"))
     template = official_template(template_revision)
     out = Path(out)
     with atomic_directory(out) as tmp:
         build_tiny_model(spec, tmp, seed=seed, chat_template=template)
     return out
+
+
+def meta_model(model: str | Path) -> tuple[Any, ModelProfile]:
+    """The real module tree of ``model`` (directory or catalog id) on the meta device: no weights read."""
+    import torch
+    from transformers import Gemma4ForConditionalGeneration
+
+    profile = ModelProfile.from_pretrained(model)
+    config = profile_config(model)
+    with torch.device("meta"):
+        module = Gemma4ForConditionalGeneration(config)
+    return module, profile
+
+
+def profile_config(model: str | Path) -> Any:
+    """The Gemma4Config of a directory or catalog id."""
+    from transformers import Gemma4Config
+
+    path = Path(model)
+    if path.is_dir():
+        return Gemma4Config.from_pretrained(str(path))
+    data = resolve_variant(str(model)).config
+    return Gemma4Config(**{k: v for k, v in data.items() if k not in ("architectures", "transformers_version")})
+
+
+def plan(model: str | Path, targets: str = "text", *, rank: int = 16,
+         quantize: str | None = None) -> tuple[ModelProfile, TargetPlan, WeightMemory]:
+    """Resolve a target spec on a model without loading weights; with engine notes and memory."""
+    from gemma4_tune.engines import deployment_findings
+    from gemma4_tune.memory import weight_memory
+    from gemma4_tune.targets import plan_targets
+
+    module, profile = meta_model(model)
+    target_plan = plan_targets(module, profile, targets, rank=rank)
+    text_names = {t.name for t in target_plan.targets if t.group == "text" and t.kind == "linear"}
+    target_plan.findings = deployment_findings(rank, target_plan.groups, text_names,
+                                               bool(target_plan.target_parameters))
+    return profile, target_plan, weight_memory(module, quantize)
+
+
+def run_training(cfg: RunConfig) -> TrainResult:
+    """Train, prove the saved adapter reproduces the trained model, and write the report.
+
+    Writes report.json, report.md and loss.png beside the adapter; raises FindingError (after
+    writing the report) when the saved adapter does not reproduce the model or changes nothing.
+    """
+    from gemma4_tune.report import write_report
+    from gemma4_tune.train import library_versions, loss_went_down, train
+    from gemma4_tune.verify.peft import saved_adapter_parity
+
+    result = train(cfg)
+    parity = None
+    if result.adapter is not None:
+        parity = saved_adapter_parity(result.adapter, result.model, result.probe_batch)
+        result.findings += parity.findings()
+    first, last = loss_went_down(result.metrics)
+    summary = {"steps": result.metrics[-1]["step"] if result.metrics else 0, "first loss": round(first, 4),
+               "last loss": round(last, 4), "seconds": result.seconds, "adapter": str(result.adapter or "-"),
+               "resumed from": result.resumed_from or "-"}
+    tables = {}
+    if result.preflight is not None:
+        pf = result.preflight
+        tables["Preflight"] = ("| check | figure |\n|---|---:|\n"
+                               f"| loss on a real batch | {pf.loss:.4f} |\n"
+                               f"| supervised / tokens in the batch | {pf.supervised_in_batch} / "
+                               f"{pf.tokens_in_batch} |\n"
+                               + "".join(f"| LoRA gradient reaching {t} | {g:.3e} |\n"
+                                         for t, g in pf.lora_grad.items())
+                               + f"| seconds | {pf.seconds} |\n\nMasked sample (supervised tokens in ⟦ ⟧):\n\n"
+                               f"```\n{pf.sample}\n```\n")
+    if parity is not None:
+        tables["Verification (PEFT reload)"] = (
+            "| check | figure |\n|---|---:|\n"
+            f"| max logit difference, saved adapter vs trained model | {parity.max_logit_diff:.2e} |\n"
+            f"| greedy-token agreement | {parity.greedy_agreement:.1%} |\n"
+            f"| max logit change made by the adapter | {parity.adapter_effect:.2e} |\n"
+            f"| verdict | {'pass' if parity.ok else 'FAIL'} |\n")
+    write_report(result.out, {"summary": summary, "config": cfg.dump(), "data": result.data,
+                              "plan": {"spec": result.plan.spec, "trainable": result.plan.trainable_by_group(),
+                                       "skipped": len(result.plan.skipped)},
+                              "preflight": result.preflight.to_dict() if result.preflight else None,
+                              "verification": {"peft_reload": parity.to_dict() if parity else None},
+                              "extra_tables": tables, "metrics": result.metrics,
+                              "versions": library_versions()}, result.findings)
+    if has_errors(result.findings):
+        raise FindingError(*[f for f in result.findings if f.severity is Severity.ERROR])
+    result.parity = parity
+    return result
+
+
+def run_preflight(cfg: RunConfig) -> PreflightResult:
+    """Preflight only: data, model, LoRA, one real batch forward and backward; nothing is written."""
+    from gemma4_tune.train import prepare_run, preflight_run
+
+    return preflight_run(cfg, prepare_run(cfg))

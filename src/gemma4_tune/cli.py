@@ -5,6 +5,7 @@ Exit codes: 0 ok, 1 a check failed (findings with errors), 2 usage error.
 
 from __future__ import annotations
 
+import enum
 import traceback
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -12,8 +13,22 @@ from typing import Annotated, NoReturn
 import typer
 
 from gemma4_tune import __version__
-from gemma4_tune.console import err_console, print_json, render_findings, render_profile
-from gemma4_tune.findings import FindingError
+from gemma4_tune.console import (
+    err_console,
+    print_json,
+    render_doctor,
+    render_findings,
+    render_plan,
+    render_preflight,
+    render_profile,
+)
+from gemma4_tune.findings import FindingError, Severity, has_errors
+
+
+class Quantize(str, enum.Enum):
+    """Base-weight quantization for QLoRA."""
+
+    four_bit = "4bit"
 
 app = typer.Typer(
     name="gemma4-tune",
@@ -46,6 +61,21 @@ def _fail(exc: FindingError) -> NoReturn:
     if _state["debug"]:
         err_console.print(traceback.format_exc(), markup=False)
     raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Where the demo writes its model, adapter and figures")] = Path(
+        "runs/demo"),
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """The pipeline on a tiny Gemma 4 built locally: offline, on a laptop CPU."""
+    from gemma4_tune.demo import run_demo
+
+    try:
+        run_demo(out, seed=seed)
+    except FindingError as exc:
+        _fail(exc)
 
 
 @app.command("tiny-model")
@@ -84,8 +114,151 @@ def inspect(
         render_profile(profile)
 
 
+@app.command()
+def plan(
+    model: Annotated[str, typer.Option("--model", help="Model directory or catalog id")],
+    targets: Annotated[str, typer.Option("--targets", help="Comma list of text, text-attention, text-mlp, vision, "
+                                         "audio, or re:<regex over module paths>")] = "text",
+    rank: Annotated[int, typer.Option("--rank", min=1, help="LoRA rank")] = 16,
+    quantize: Annotated[Quantize | None, typer.Option("--quantize", help="Estimate QLoRA memory")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Show which modules and expert parameters get LoRA, per tower and layer, and what each engine needs."""
+    from gemma4_tune.api import plan as make_plan
+
+    try:
+        profile, target_plan, memory = make_plan(model, targets, rank=rank,
+                                                 quantize=quantize.value if quantize else None)
+    except FindingError as exc:
+        _fail(exc)
+    if json_out:
+        print_json({"model": profile.source, "variant": profile.variant, **target_plan.to_dict(),
+                    "memory": memory.to_dict()})
+    else:
+        render_plan(profile, target_plan, memory)
+    if has_errors(target_plan.findings):
+        raise typer.Exit(1)
+
+
+def _train_command(preflight_only: bool):  # noqa: ANN202 - returns a Typer command
+    """`train` and `preflight` take the same arguments; build either command."""
+
+    def command(
+        run_file: Annotated[Path | None, typer.Argument(help="YAML run file with the same keys as the flags")] = None,
+        model: Annotated[str | None, typer.Option("--model", help="Base model directory")] = None,
+        data: Annotated[str | None, typer.Option("--data", help="JSONL file or local datasets directory")] = None,
+        out: Annotated[str | None, typer.Option("--out", help="Run directory (adapter, checkpoints, report)")] = None,
+        targets: Annotated[str | None, typer.Option("--targets", help="LoRA target spec (see `plan`)")] = None,
+        rank: Annotated[int | None, typer.Option("--rank", help="LoRA rank [16]")] = None,
+        alpha: Annotated[int | None, typer.Option("--alpha", help="LoRA alpha [2 x rank]")] = None,
+        lora_dropout: Annotated[float | None, typer.Option("--lora-dropout", help="LoRA dropout [0]")] = None,
+        max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after N optimizer steps")] = None,
+        epochs: Annotated[float | None, typer.Option("--epochs", help="Epochs when --max-steps is not set [1]")] = None,
+        lr: Annotated[float | None, typer.Option("--lr", help="Learning rate [2e-4]")] = None,
+        batch_size: Annotated[int | None, typer.Option("--batch-size", help="Micro-batch size [1]")] = None,
+        grad_accum: Annotated[int | None, typer.Option("--grad-accum", help="Gradient accumulation steps [1]")] = None,
+        max_seq_len: Annotated[int | None, typer.Option("--max-seq-len", help="Truncate examples to N tokens")] = None,
+        save_steps: Annotated[int | None, typer.Option("--save-steps", help="Checkpoint every N steps [50]")] = None,
+        seed: Annotated[int | None, typer.Option("--seed", help="Seed for weights init, data order, dropout")] = None,
+        train_on: Annotated[str | None, typer.Option("--train-on", help="assistant (default) or all")] = None,
+        packing: Annotated[bool | None, typer.Option("--packing/--no-packing", help="Padding-free packing")] = None,
+        skip_invalid: Annotated[bool | None, typer.Option("--skip-invalid", help="Drop bad rows, report them")] = None,
+        template_revision: Annotated[str | None, typer.Option("--template-revision",
+                                                              help="Chat template revision (v1..v5)")] = None,
+        quantize: Annotated[Quantize | None, typer.Option("--quantize", help="QLoRA: 4-bit base weights (CUDA + "
+                                                          "bitsandbytes)")] = None,
+        resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint")] = False,
+        no_preflight: Annotated[bool, typer.Option("--no-preflight", help="Skip preflight (reported as G4T510)")
+                                ] = False,
+        json_out: Annotated[bool, typer.Option("--json", help="preflight: machine-readable output")] = False,
+    ) -> None:
+        from gemma4_tune.api import run_preflight, run_training
+        from gemma4_tune.config import build_config, load_yaml
+
+        flags = {k: v for k, v in dict(model=model, data=data, out=out, targets=targets, rank=rank, alpha=alpha,
+                                       lora_dropout=lora_dropout, max_steps=max_steps, epochs=epochs, lr=lr,
+                                       batch_size=batch_size, grad_accum=grad_accum, max_seq_len=max_seq_len,
+                                       save_steps=save_steps, seed=seed, train_on=train_on, packing=packing,
+                                       skip_invalid=skip_invalid, template_revision=template_revision,
+                                       quantize=quantize.value if quantize else None).items()
+                 if v is not None}
+        if resume:
+            flags["resume"] = True
+        if no_preflight:
+            flags["preflight"] = False
+        try:
+            cfg = load_yaml(run_file, flags) if run_file else build_config(flags)
+            if preflight_only:
+                result = run_preflight(cfg)
+            else:
+                trained = run_training(cfg)
+        except FindingError as exc:
+            _fail(exc)
+        if not preflight_only:
+            render_findings([f for f in trained.findings if f.severity is not Severity.INFO])
+            typer.echo(f"adapter: {trained.adapter}")
+            typer.echo(f"report:  {trained.out / 'report.md'}")
+            return
+        if json_out:
+            print_json(result.to_dict())
+        else:
+            render_preflight(result)
+        if has_errors(result.findings):
+            raise typer.Exit(1)
+
+    return command
+
+
+app.command("train", help="Fine-tune with LoRA (preflight first): writes adapter/, checkpoints/, metrics.jsonl, "
+            "report.json, report.md and loss.png into --out.")(_train_command(preflight_only=False))
+app.command("preflight", help="Load the model, apply LoRA, run one real batch forward and backward and check "
+            "everything that would make training fail silently. Same arguments as train; writes nothing."
+            )(_train_command(preflight_only=True))
+
+
+@app.command()
+def doctor(
+    model: Annotated[str | None, typer.Option("--model", help="Directory or catalog id for a memory estimate")
+                     ] = None,
+    targets: Annotated[str, typer.Option("--targets", help="LoRA target spec")] = "text",
+    rank: Annotated[int, typer.Option("--rank", min=1)] = 16,
+    quantize: Annotated[Quantize | None, typer.Option("--quantize", help="Estimate QLoRA memory")] = None,
+    seq_len: Annotated[int, typer.Option("--max-seq-len", min=1)] = 2048,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 1,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Check Python, torch, CUDA/bf16 and library versions against known Gemma 4 bugs; estimate memory."""
+    from gemma4_tune.doctor import doctor as run_doctor
+
+    try:
+        report = run_doctor(model, targets=targets, rank=rank, quantize=quantize.value if quantize else None,
+                            seq_len=seq_len, batch_size=batch_size) if model else run_doctor()
+    except FindingError as exc:
+        _fail(exc)
+    if json_out:
+        print_json({**report, "findings": [f.to_dict() for f in report["findings"]]})
+    else:
+        render_doctor(report)
+    if has_errors(report["findings"]):
+        raise typer.Exit(1)
+
+
+
+
+def _quiet_libraries() -> None:
+    """Our progress and findings are the output; silence library progress bars and known noise."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def main() -> None:
     """Console-script entry point."""
+    _quiet_libraries()
     try:
         app()
     except Exception:

@@ -95,3 +95,92 @@ def _attention_summary(profile: Any) -> str:
     full = len(profile.layers) - sliding
     dims = sorted({layer.head_dim for layer in profile.layers})
     return f"{sliding} sliding + {full} full; head_dim {'/'.join(map(str, dims))}"
+
+
+def render_plan(profile: Any, plan: Any, memory: Any) -> None:
+    """The human form of ``plan``: per tower and layer range, what gets LoRA and what was skipped."""
+    console.print(f"[bold]Target plan[/] '{plan.spec}' (rank {plan.rank}) on "
+                  f"{profile.variant or profile.source}{' (tiny)' if profile.tiny else ''}")
+    rows: dict[tuple[str, int | None], tuple[list[str], list[str]]] = {}
+    for t in plan.targets:
+        name = t.path.split(f"layers.{t.layer}.", 1)[-1] if t.layer is not None else t.path
+        name = name.removeprefix("self_attn.").removeprefix("mlp.").removesuffix(".linear")
+        if t.kind == "experts":
+            name += f" ({t.num_experts} experts)"
+        rows.setdefault((t.group, t.layer), ([], []))[0].append(name)
+    reasons: dict[int, dict[str, list[str]]] = {}
+    for sk in plan.skipped:
+        reasons.setdefault(sk.layer, {}).setdefault(sk.reason.split(":")[0], []).append(sk.name)
+    table = Table(title="Per layer")
+    for col in ("tower", "layers", "LoRA on", "skipped (why)"):
+        table.add_column(col)
+    merged: list[list[Any]] = []
+    for (group, layer), (names, _) in rows.items():
+        why = "; ".join(f"{', '.join(n)} ({r}, row 8)" for r, n in reasons.get(layer, {}).items()) \
+            if group == "text" else ""
+        key = (group, ", ".join(names), why)
+        if merged and merged[-1][0] == key and layer is not None and merged[-1][2] == layer - 1:
+            merged[-1][2] = layer
+        else:
+            merged.append([key, layer, layer])
+    for (group, names, why), first, last in merged:
+        span = "-" if first is None else (str(first) if first == last else f"{first}-{last}")
+        table.add_row(group, span, names, why)
+    console.print(table)
+    if any(t.kind == "clippable" for t in plan.targets):
+        console.print("[dim]Tower projections are Gemma4ClippableLinear: LoRA goes on their inner .linear, "
+                      "so the clamps stay and keys keep the official layout.[/]")
+    counts = Table(title="Trainable LoRA parameters")
+    counts.add_column("tower")
+    counts.add_column("modules", justify="right")
+    counts.add_column("parameters", justify="right")
+    per_group = plan.trainable_by_group()
+    for group in plan.groups:
+        n = sum(1 for t in plan.targets if t.group == group)
+        counts.add_row(group, str(n), f"{per_group[group]:,}")
+    counts.add_row("[bold]total[/]", str(len(plan.targets)), f"[bold]{per_group['total']:,}[/]")
+    console.print(counts)
+    console.print(f"Memory: {memory.summary()}")
+    render_findings(plan.findings)
+
+
+def render_preflight(result: Any) -> None:
+    """The human form of ``preflight``."""
+    console.print(f"[bold]Preflight[/] ({result.seconds:.1f} s): loss {result.loss:.4f} on a real batch; "
+                  f"{result.supervised_in_batch} supervised of {result.tokens_in_batch} tokens")
+    for tower, grad in result.lora_grad.items():
+        console.print(f"  LoRA gradient reaching {tower:6s} |sum| = {grad:.3e}")
+    if result.sample:
+        console.print("Masked sample (supervised tokens in ⟦ ⟧):", style="bold")
+        console.print(result.sample, markup=False, highlight=False)
+    if result.findings:
+        render_findings(result.findings)
+    else:
+        console.print("[green]no findings[/]")
+
+
+def render_doctor(report: dict[str, Any]) -> None:
+    """The human form of ``doctor``."""
+    table = Table(title="Environment")
+    table.add_column("component")
+    table.add_column("version")
+    for name, version in report["versions"].items():
+        table.add_row(name, version or "[dim]not installed[/]")
+    gpu = report["gpu"]
+    table.add_row("GPU", f"{gpu['name']} ({gpu['total_gib']:.1f} GiB, bf16 {'yes' if gpu['bf16'] else 'no'})"
+                  if gpu["cuda"] else "[dim]no CUDA device (CPU only: fp32, tiny models)[/]")
+    console.print(table)
+    memory = report.get("memory")
+    if memory:
+        mem = Table(title="Training memory estimate (GiB)")
+        mem.add_column("part")
+        mem.add_column("GiB", justify="right")
+        for part in ("weights", "adapter", "gradients", "optimizer", "activations", "logits", "total"):
+            mem.add_row(part, f"{memory[part]:.2f}")
+        console.print(mem)
+        for note in memory["notes"]:
+            console.print(f"  {note}")
+    if report["findings"]:
+        render_findings(report["findings"])
+    else:
+        console.print("[green]no known-bad versions found[/]")

@@ -1,0 +1,208 @@
+"""Trainer callbacks: progress on the terminal, metrics on disk, checkpoints moved into place whole."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from gemma4_tune.console import console
+from gemma4_tune.findings import Severity, finding, register
+
+NON_FINITE = register("G4T403", Severity.ERROR, "Loss or gradient became NaN/inf during training", (19,))
+ZERO_GRADIENT = register("G4T404", Severity.ERROR, "Gradient norm stuck at zero", (12, 21))
+LORA_STALLED = register("G4T405", Severity.ERROR, "LoRA weights are not moving", (21,))
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class TokenCounter:
+    """Counts real (non-pad) tokens that went through the collator: the numerator of tokens/s."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+
+    def add(self, n: int) -> None:
+        """Record one batch's tokens."""
+        self.tokens += n
+
+
+class MetricsCallback(TrainerCallback):
+    """Appends every log line (step, loss, lr, grad norm, tokens, tokens/s) to ``metrics.jsonl``."""
+
+    def __init__(self, path: Path, counter: TokenCounter) -> None:
+        self.path = path
+        self.counter = counter
+        self.started = time.perf_counter()
+        self.tokens_at_start = 0
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        self.started = time.perf_counter()
+        self.tokens_at_start = self.counter.tokens
+        if state.global_step == 0 and self.path.exists():
+            self.path.unlink()
+        elif state.global_step:
+            _truncate_metrics(self.path, state.global_step)
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not logs or "loss" not in logs:
+            return
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs,
+               "tokens": self.counter.tokens,
+               "tokens_per_s": round((self.counter.tokens - self.tokens_at_start) / elapsed, 2)}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop lines logged after the checkpoint we resume from (they will be logged again)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(r + "\n" for r in rows))
+
+
+class ProgressCallback(TrainerCallback):
+    """A rich progress bar: step, loss, tokens/s and ETA."""
+
+    def __init__(self, counter: TokenCounter) -> None:
+        self.counter = counter
+        self.progress: Progress | None = None
+        self.task: Any = None
+        self.loss = float("nan")
+        self.started = 0.0
+        self.tokens_at_start = 0
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=console, transient=False, disable=not console.is_terminal,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step,
+                                           loss="-", tps="-")
+        self.started = time.perf_counter()
+        self.tokens_at_start = self.counter.tokens
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if logs and "loss" in logs:
+            self.loss = float(logs["loss"])
+            if not console.is_terminal:
+                console.print(f"step {state.global_step}/{state.max_steps} loss {self.loss:.4f}")
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        if self.progress is not None:
+            elapsed = max(time.perf_counter() - self.started, 1e-9)
+            tps = (self.counter.tokens - self.tokens_at_start) / elapsed
+            self.progress.update(self.task, completed=state.global_step, loss=f"{self.loss:.4f}", tps=f"{tps:.0f}")
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+class AtomicCheckpointCallback(TrainerCallback):
+    """The Trainer writes ``checkpoint-N`` into a staging folder; once complete it is renamed into place.
+
+    A run killed mid-save therefore never leaves a half-written checkpoint where
+    ``--resume`` looks. Only the newest ``keep`` checkpoints are kept.
+    """
+
+    def __init__(self, staging: Path, final: Path, keep: int) -> None:
+        self.staging = staging
+        self.final = final
+        self.keep = keep
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                **kwargs: Any) -> None:
+        name = f"checkpoint-{state.global_step}"
+        src = self.staging / name
+        if not src.is_dir():
+            return
+        self.final.mkdir(parents=True, exist_ok=True)
+        dst = self.final / name
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(src, dst)
+        for old in complete_checkpoints(self.final)[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """Checkpoints moved into place (complete), oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+class GuardCallback(TrainerCallback):
+    """Stops a run that has stopped learning, before it saves anything broken.
+
+    Non-finite loss or gradient norm, a gradient norm of zero for ``zero_grad_steps`` logged
+    steps in a row, or LoRA weights that have not moved after ``stall_steps`` optimizer
+    steps: training stops, the checkpoint of that step is not written (the last good one
+    stays) and the finding is kept for the report.
+    """
+
+    def __init__(self, model: Any, *, zero_grad_steps: int = 3, stall_steps: int = 2) -> None:
+        self.model = model
+        self.zero_grad_steps = zero_grad_steps
+        self.stall_steps = stall_steps
+        self.zero_grad_run = 0
+        self.start_step = 0
+        self.snapshot: dict[str, Any] = {}
+        self.findings: list[Any] = []
+
+    def _stop(self, control: TrainerControl, code: str, message: str, fix: str) -> None:
+        self.findings.append(finding(code, message, fix))
+        control.should_training_stop = True
+        control.should_save = False
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        self.start_step = state.global_step
+        self.snapshot = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        if self.snapshot and state.global_step - self.start_step == self.stall_steps:
+            moved = max(float((p.detach() - self.snapshot[n]).abs().max())
+                        for n, p in self.model.named_parameters() if n in self.snapshot)
+            self.snapshot = {}
+            if moved == 0.0:
+                self._stop(control, LORA_STALLED.code, f"after {self.stall_steps} optimizer steps no LoRA weight has "
+                           "changed", "raise --lr (it may underflow), check that the optimizer got the LoRA "
+                           "parameters and that gradients are not zero")
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not logs or "loss" not in logs:
+            return
+        loss, grad_norm = logs.get("loss"), logs.get("grad_norm")
+        if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
+            self._stop(control, NON_FINITE.code, f"step {state.global_step}: loss {loss}, gradient norm {grad_norm}",
+                       "lower --lr, use bf16 (never fp16) on GPU or fp32 on CPU, and check the data of that step; "
+                       "--resume continues from the last good checkpoint")
+            return
+        self.zero_grad_run = self.zero_grad_run + 1 if grad_norm == 0 else 0
+        if self.zero_grad_run >= self.zero_grad_steps:
+            self._stop(control, ZERO_GRADIENT.code, f"the gradient norm was 0 for {self.zero_grad_run} steps in a row "
+                       f"(up to step {state.global_step})", "check that labels are not all masked and that LoRA "
+                       "targets are on the path of the loss (gemma4-tune preflight)")

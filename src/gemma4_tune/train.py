@@ -1,0 +1,338 @@
+"""Supervised LoRA fine-tuning of Gemma 4, top to bottom in one readable recipe.
+
+data (validated before any model is loaded) -> model + processor -> LoRA (exact
+plan) -> batches (assistant-only labels, every processor output kept) ->
+transformers Trainer with our loss (per-token across gradient accumulation,
+failure-catalog row 26), progress, metrics and atomic checkpoints -> adapter and
+report written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from gemma4_tune.adapters import LoraSettings, check_quantization, prepare_model, save_adapter
+from gemma4_tune.callbacks import (
+    AtomicCheckpointCallback,
+    GuardCallback,
+    MetricsCallback,
+    ProgressCallback,
+    TokenCounter,
+    complete_checkpoints,
+)
+from gemma4_tune.config import RunConfig
+from gemma4_tune.console import console, err_console
+from gemma4_tune.findings import MODEL_NOT_FOUND, Finding, FindingError, Severity, finding, has_errors, register
+from gemma4_tune.io import ensure_empty_target
+from gemma4_tune.preflight import PreflightResult
+from gemma4_tune.profile import ModelProfile
+from gemma4_tune.targets import TargetPlan
+
+NOTHING_SUPERVISED = register("G4T402", Severity.ERROR, "No supervised tokens after rendering", (12,))
+NO_CHECKPOINT = register("G4T401", Severity.ERROR, "--resume found no complete checkpoint")
+MODALITY_WITHOUT_TOWER = register("G4T406", Severity.ERROR, "Data has a modality this model cannot read")
+
+STAGING = ".staging"
+
+
+@dataclass
+class TrainResult:
+    """What a run produced, with the figures the report shows."""
+
+    out: Path
+    adapter: Path | None  # None when a guard stopped the run
+    plan: TargetPlan
+    data: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    seconds: float
+    findings: list[Finding] = field(default_factory=list)
+    resumed_from: str | None = None
+    model: Any = None  # the trained PeftModel, in memory
+    probe_batch: dict[str, torch.Tensor] = field(default_factory=dict)
+    parity: Any = None  # verify.peft.ReloadParity, set by api.run_training
+    preflight: Any = None  # preflight.PreflightResult, None when skipped
+
+
+def token_mean_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+    """Cross-entropy summed over supervised tokens, divided by the supervised tokens of the whole step.
+
+    The Trainer passes ``num_items_in_batch`` (all micro-batches of one optimizer step) to a
+    ``compute_loss_func``, so every token weighs the same under gradient accumulation, which
+    Gemma 4's own loss does not do (``accepts_loss_kwargs = False``, row 26).
+    """
+    logits = outputs.logits[:, :-1, :].float()
+    target = labels[:, 1:].to(logits.device)
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+                            reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else target.ne(-100).sum()
+    return total / count
+
+
+class _Examples(torch.utils.data.Dataset):
+    """Pre-encoded examples (dicts of tensors)."""
+
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.items[i]
+
+
+def _device_and_dtype() -> tuple[str, torch.dtype]:
+    """bf16 on CUDA, fp32 on CPU; never fp16, which overflows Gemma 4's MLP (row 19)."""
+    if torch.cuda.is_available():
+        return "cuda", torch.bfloat16
+    return "cpu", torch.float32
+
+
+def training_arguments(cfg: RunConfig, staging: Path) -> Any:
+    """The transformers TrainingArguments for a RunConfig."""
+    from transformers import TrainingArguments
+
+    device, dtype = _device_and_dtype()
+    return TrainingArguments(
+        output_dir=str(staging),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        max_steps=cfg.max_steps,
+        num_train_epochs=cfg.epochs,
+        warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type="linear",
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=dtype == torch.bfloat16,
+        use_cpu=device == "cpu",
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        report_to=[],
+        disable_tqdm=True,
+    )
+
+
+def load_model(path: str, quantize: str | None = None) -> tuple[Any, Any]:
+    """Model and processor with transformers' default attention: sdpa for the text and vision
+    towers (never FlashAttention-2, which cannot do the head_dim-512 global layers, row 14) and
+    eager for the audio tower, the only implementation it has."""
+    from transformers import AutoProcessor, Gemma4ForConditionalGeneration
+
+    _, dtype = _device_and_dtype()
+    processor = AutoProcessor.from_pretrained(path)
+    if quantize == "4bit":
+        from transformers import BitsAndBytesConfig
+
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.bfloat16)
+        model = Gemma4ForConditionalGeneration.from_pretrained(path, dtype=dtype, quantization_config=bnb,
+                                                               device_map={"": 0})
+        return model, processor
+    model = Gemma4ForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    return model, processor
+
+
+@dataclass
+class RunSetup:
+    """Everything a run needs before its first step: data, model with LoRA, batches."""
+
+    profile: ModelProfile
+    model: Any  # PeftModel
+    plan: TargetPlan
+    batcher: Any
+    examples: list[dict[str, Any]]
+    probe: dict[str, torch.Tensor]
+    data: dict[str, Any]
+
+
+def prepare_run(cfg: RunConfig) -> RunSetup:
+    """Data (validated before any model is loaded), model and processor, LoRA, encoded examples."""
+    from transformers import set_seed
+
+    from gemma4_tune.data.collate import Gemma4Batcher
+    from gemma4_tune.data.records import load_conversations
+
+    if not Path(cfg.model).is_dir():
+        raise FindingError(finding(MODEL_NOT_FOUND.code, f"--model {cfg.model} is not a local model directory",
+                                   "download the checkpoint first (weights are never fetched at run time) and "
+                                   "pass its directory; `gemma4-tune tiny-model` builds a tiny one to try things"))
+
+    # 1. Data, validated before any model is loaded.
+    conversations, data_report = load_conversations(cfg.data, skip_invalid=cfg.skip_invalid)
+    err_console.print(f"data: {data_report.kept} conversations from {cfg.data}"
+                  + (f" ({sum(data_report.dropped.values())} invalid rows dropped)" if data_report.dropped else ""))
+
+    profile = ModelProfile.from_pretrained(cfg.model, count_parameters=False)
+    missing = [(kind, tower) for kind, tower in (("image", "vision"), ("audio", "audio"))
+               if data_report.modalities.get(kind) and profile.tower(tower) is None]
+    if missing:
+        raise FindingError(*[finding(MODALITY_WITHOUT_TOWER.code, f"{data_report.modalities[kind]} conversations "
+                                     f"have {kind} parts but {profile.variant or cfg.model} has no {tower} tower",
+                                     f"remove the {kind} parts (or those rows), or use a model that has the "
+                                     f"{tower} tower" + (" (E2B or E4B)" if tower == "audio" else ""))
+                             for kind, tower in missing])
+
+    # 2. Model, processor and LoRA exactly where the plan says.
+    check_quantization(cfg.quantize)
+    set_seed(cfg.seed)
+    model, processor = load_model(cfg.model, cfg.quantize)
+    settings = LoraSettings(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout)
+    peft_model, plan = prepare_model(model, cfg.targets, settings, profile=profile)
+
+    # 3. Batches: assistant-only labels, media never labelled, every processor output kept.
+    batcher = Gemma4Batcher(processor, revision=cfg.template_revision, max_seq_len=cfg.max_seq_len,
+                            train_on=cfg.train_on)
+    examples = [batcher.encode(c) for c in conversations]
+    supervised = sum(int(e["num_supervised"]) for e in examples)
+    truncated = sum(bool(e["truncated"]) for e in examples)
+    if supervised == 0:
+        raise FindingError(finding(NOTHING_SUPERVISED.code, "no token is labelled for training after rendering "
+                                   f"and truncation to {cfg.max_seq_len} tokens",
+                                   "raise --max-seq-len, check that assistant turns are not empty, or use "
+                                   "--train-on all"))
+    probe = batcher.collate(_one_per_modality(examples))
+    tokens = sum(int(e["input_ids"].shape[-1]) for e in examples)
+    if cfg.packing:
+        examples = batcher.pack(examples, cfg.max_seq_len)
+    data = {**data_report.to_dict(), "encoded_examples": len(examples), "supervised_tokens": supervised,
+            "tokens": tokens, "supervised_share": round(supervised / max(tokens, 1), 4), "truncated": truncated,
+            "template_revision": batcher.revision, "packing": cfg.packing}
+    return RunSetup(profile, peft_model, plan, batcher, examples, probe, data)
+
+
+def preflight_run(cfg: RunConfig, setup: RunSetup) -> PreflightResult:
+    """The preflight checks on the run's own model and a real batch (one example per modality)."""
+    from gemma4_tune.preflight import masked_sample, run_preflight
+
+    first = setup.examples[0]
+    sample = masked_sample(setup.batcher.tokenizer, first["input_ids"], first["labels"])
+    return run_preflight(setup.model, setup.profile, setup.plan, setup.probe,
+                         dataset_modalities=setup.data["modalities"],
+                         dataset_supervised=setup.data["supervised_tokens"], sample=sample)
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    """Run one training job described by ``cfg``; return where everything went."""
+    from transformers import Trainer
+    from transformers.trainer_callback import PrinterCallback
+
+    from gemma4_tune.preflight import skipped_finding
+
+    started = time.perf_counter()
+    out = Path(cfg.out)
+    checkpoints = out / "checkpoints"
+    resume_from = None
+    if cfg.resume:
+        done = complete_checkpoints(checkpoints)
+        if not done:
+            raise FindingError(finding(NO_CHECKPOINT.code, f"{checkpoints} holds no complete checkpoint",
+                                       "start the run without --resume"))
+        resume_from = str(done[-1])
+    else:
+        ensure_empty_target(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    setup = prepare_run(cfg)
+    peft_model, plan, batcher, examples = setup.model, setup.plan, setup.batcher, setup.examples
+    findings = list(plan.findings)
+    if has_errors(findings):
+        raise FindingError(*[f for f in findings if f.severity is Severity.ERROR])
+    preflight = None
+    if cfg.preflight:
+        preflight = preflight_run(cfg, setup)
+        (out / "preflight.json").write_text(json.dumps(preflight.to_dict(), indent=2) + "\n")
+        findings += preflight.findings
+        console.print(f"preflight: loss {preflight.loss:.4f}, {preflight.supervised_in_batch} supervised of "
+                      f"{preflight.tokens_in_batch} tokens, {len(preflight.findings)} findings "
+                      f"({preflight.seconds:.1f} s)")
+        if has_errors(preflight.findings):
+            raise FindingError(*[f for f in preflight.findings if f.severity is Severity.ERROR])
+    else:
+        findings.append(skipped_finding())
+    data_summary = setup.data
+    counter = TokenCounter()
+
+    def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = batcher.collate(items)
+        counter.add(int(batch["labels"].numel() if "attention_mask" not in batch else batch["attention_mask"].sum()))
+        return batch
+
+    # 4. The Trainer, with our loss, progress, metrics and atomic checkpoints.
+    staging = out / STAGING
+    guard = GuardCallback(peft_model)
+    trainer = Trainer(
+        model=peft_model,
+        args=training_arguments(cfg, staging),
+        train_dataset=_Examples(examples),
+        data_collator=collate,
+        compute_loss_func=token_mean_loss,
+        callbacks=[guard, ProgressCallback(counter), MetricsCallback(out / "metrics.jsonl", counter),
+                   AtomicCheckpointCallback(staging, checkpoints, cfg.save_total_limit)],
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.train(resume_from_checkpoint=resume_from)
+    shutil.rmtree(staging, ignore_errors=True)
+    findings += guard.findings
+
+    # 5. The adapter (stock PEFT format; not when a guard stopped the run) and the run's record.
+    adapter = None if guard.findings else save_adapter(peft_model, out / "adapter", plan=plan, overwrite=True)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    (out / "run.json").write_text(json.dumps({
+        "config": cfg.dump(), "profile": {"variant": setup.profile.variant, "tiny": setup.profile.tiny},
+        "plan": {"spec": plan.spec, "trainable": plan.trainable_by_group(), "skipped": len(plan.skipped)},
+        "data": data_summary, "resumed_from": resume_from, "versions": library_versions(),
+    }, indent=2, default=str) + "\n")
+    return TrainResult(out=out, adapter=adapter, plan=plan, data=data_summary, metrics=metrics,
+                       seconds=round(time.perf_counter() - started, 2), findings=findings,
+                       resumed_from=resume_from, model=peft_model, probe_batch=setup.probe,
+                       preflight=preflight)
+
+
+def _one_per_modality(examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first text-only, image and audio example: a fixed batch to compare models on."""
+    picked: dict[str, dict[str, Any]] = {}
+    for ex in examples:
+        kind = "image" if "pixel_values" in ex else "audio" if "input_features" in ex else "text"
+        picked.setdefault(kind, ex)
+    return list(picked.values())
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that decide behaviour, for reports and manifests."""
+    import accelerate
+    import peft
+    import transformers
+    import trl
+
+    from gemma4_tune import __version__
+
+    return {"gemma4_tune": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "trl": trl.__version__,
+            "accelerate": accelerate.__version__}
+
+
+def loss_went_down(metrics: list[dict[str, Any]], window: int = 3) -> tuple[float, float]:
+    """Mean loss of the first and last ``window`` logged steps."""
+    losses = [m["loss"] for m in metrics if "loss" in m and math.isfinite(m["loss"])]
+    if not losses:
+        return float("nan"), float("nan")
+    w = max(1, min(window, len(losses) // 2))
+    return sum(losses[:w]) / w, sum(losses[-w:]) / w

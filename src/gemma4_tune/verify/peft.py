@@ -1,0 +1,88 @@
+"""PEFT: does the saved adapter reproduce the trained model, and does it change anything?
+
+The saved adapter's logits on a fixed batch must equal the in-memory trained model's, and
+must differ from the base model's: an adapter that changes nothing is a failure too
+(failure-catalog row 4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gemma4_tune.findings import Finding, Severity, finding, register
+
+RELOAD_MISMATCH = register("G4T601", Severity.ERROR, "Saved adapter does not reproduce the trained model", (2, 4))
+ADAPTER_NO_EFFECT = register("G4T602", Severity.ERROR, "Adapter does not change the model's output", (4,))
+
+FP32_LOGIT_TOLERANCE = 1e-5
+
+
+@dataclass
+class ReloadParity:
+    """Figures of one stock reload comparison."""
+
+    max_logit_diff: float
+    greedy_agreement: float
+    adapter_effect: float
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        """Within tolerance and the adapter does something."""
+        return self.max_logit_diff <= self.tolerance and self.adapter_effect > self.tolerance
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {**asdict(self), "ok": self.ok}
+
+    def findings(self) -> list[Finding]:
+        """Errors when the reload differs or the adapter has no effect."""
+        out = []
+        if self.max_logit_diff > self.tolerance:
+            out.append(finding(RELOAD_MISMATCH.code, f"stock PEFT reload differs from the trained model by "
+                               f"{self.max_logit_diff:.2e} in the logits (tolerance {self.tolerance:.0e})",
+                               "check that the adapter directory belongs to this base model and was saved "
+                               "after training (adapter_model.safetensors)"))
+        if not self.adapter_effect > self.tolerance:
+            out.append(finding(ADAPTER_NO_EFFECT.code, f"with the adapter the logits move by at most "
+                               f"{self.adapter_effect:.2e}: it changes nothing",
+                               "check that training ran (metrics.jsonl) and that lora_B is not all zeros"))
+        return out
+
+
+def saved_adapter_parity(adapter_dir: str | Path, trained: Any, batch: dict[str, torch.Tensor]) -> ReloadParity:
+    """Compare ``trained`` (a PeftModel in memory) with the saved adapter loaded by PEFT's own loader.
+
+    The saved files are loaded as a second adapter on the same base weights
+    (``PeftModel.load_adapter``, the loader ``PeftModel.from_pretrained`` uses), so the check
+    costs no second copy of the base model; the base output comes from ``disable_adapter``.
+    """
+    device = next(trained.parameters()).device
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    mask = inputs["attention_mask"].bool() if "attention_mask" in inputs else None
+    was_training = trained.training
+    trained.eval()
+    active = trained.active_adapter
+    with torch.no_grad():
+        ours = trained(**inputs).logits.float()
+        with trained.disable_adapter():
+            plain = trained(**inputs).logits.float()
+        trained.load_adapter(str(adapter_dir), adapter_name="reloaded")
+        try:
+            trained.set_adapter("reloaded")
+            theirs = trained(**inputs).logits.float()
+        finally:
+            trained.set_adapter(active)
+            trained.delete_adapter("reloaded")
+    trained.train(was_training)
+    if mask is None:
+        mask = torch.ones(ours.shape[:2], dtype=torch.bool, device=ours.device)
+    agreement = (ours.argmax(-1) == theirs.argmax(-1))[mask].float().mean().item()
+    dtype = next(p for p in trained.parameters() if p.is_floating_point()).dtype
+    tolerance = FP32_LOGIT_TOLERANCE if dtype == torch.float32 else 5e-2
+    return ReloadParity(max_logit_diff=(ours - theirs)[mask].abs().max().item(), greedy_agreement=agreement,
+                        adapter_effect=(theirs - plain)[mask].abs().max().item(), tolerance=tolerance)
