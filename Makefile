@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup engines demo test test-fast clean
 
 setup: $(STAMP)
 
@@ -14,11 +14,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
 	@touch $(STAMP)
 
+# vLLM lives in its own virtual environment (it pins an older torch and transformers), cached
+# outside the repository in ~/.cache/gemma4-tune/engines; installing it is idempotent.
+engines: setup
+	$(BIN)/gemma4-tune engines install vllm
+
 demo: setup
 	$(BIN)/gemma4-tune demo --out $(DEMO_OUT)
 
-test: setup
-	$(BIN)/python -m pytest
+# The engine tests must run, not skip: GEMMA4_TUNE_REQUIRE_ENGINES turns a missing engine into a failure.
+test: setup engines
+	GEMMA4_TUNE_REQUIRE_ENGINES=1 $(BIN)/python -m pytest
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow and not engine"

@@ -471,7 +471,7 @@ def test_packed_loss_equals_unpacked(request, variant, train_on):
             ids = packed["input_ids"][r, start:end]
             (k,) = [k for k, ex in enumerate(examples) if torch.equal(ex["input_ids"], ids)]
             torch.testing.assert_close(out_p.logits[r, start:end], out_u.logits[k, : end - start],
-                                       atol=2e-5, rtol=1e-4)
+                                       atol=1e-4, rtol=1e-4)  # fp32 sums in another order
             matched += 1
     assert matched == 4
     # negative control: an attention_mask switches transformers' packed-sequence detection off

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,12 @@ from gemma4_tune.profile import ModelProfile
 from gemma4_tune.targets import TargetPlan
 from gemma4_tune.train import TrainResult
 
-__all__ = ["LoraSettings", "RunConfig", "meta_model", "plan", "prepare_model", "run_preflight", "run_training",
-           "tiny_model"]
+__all__ = ["LoraSettings", "RunConfig", "export", "meta_model", "plan", "prepare_model", "run_preflight",
+           "run_training", "tiny_model", "verify"]
 
 
-def tiny_model(variant: str, out: str | Path, *, seed: int = 0, template_revision: str = "v5") -> Path:
+def tiny_model(variant: str, out: str | Path, *, seed: int = 0, template_revision: str = "v5",
+               dtype: str = "float32") -> Path:
     """Write a tiny random Gemma 4 shaped like ``variant`` to ``out`` (atomically); return the path."""
     from gemma4_tune.catalog.tiny import build_tiny_model
     from gemma4_tune.data.chat import REVISIONS, official_template
@@ -33,7 +35,7 @@ def tiny_model(variant: str, out: str | Path, *, seed: int = 0, template_revisio
     template = official_template(template_revision)
     out = Path(out)
     with atomic_directory(out) as tmp:
-        build_tiny_model(spec, tmp, seed=seed, chat_template=template)
+        build_tiny_model(spec, tmp, seed=seed, chat_template=template, dtype=dtype)
     return out
 
 
@@ -130,3 +132,58 @@ def run_preflight(cfg: RunConfig) -> PreflightResult:
     from gemma4_tune.train import prepare_run, preflight_run
 
     return preflight_run(cfg, prepare_run(cfg))
+
+
+def export(base: str | Path, adapter: str | Path, *, merged: str | Path | None = None,
+           engines: tuple[str, ...] = ("transformers", "vllm", "llama.cpp"),
+           shard_size_mb: int = 2000, vllm_adapter: str | Path | None = None) -> dict[str, Any]:
+    """Check the adapter against each engine (refusing a foreign base); with ``merged``, write a
+    streaming-merged checkpoint in the official key layout plus an Ollama Modelfile; with
+    ``vllm_adapter``, a copy that vLLM serves like PEFT on K=V layers."""
+    from gemma4_tune.export.adapter import check_adapter_for_engines
+    from gemma4_tune.export.merge import merge_adapter
+
+    summary = check_adapter_for_engines(base, adapter, list(engines))
+    report: dict[str, Any] = {"base": str(base), "adapter": str(adapter), "engines": list(engines),
+                              "adapter_summary": summary.to_dict(), "findings": summary.findings}
+    if vllm_adapter is not None:
+        from gemma4_tune.verify.vllm import vllm_ready_adapter
+
+        report["vllm_adapter"] = str(vllm_ready_adapter(adapter, base, vllm_adapter))
+    if merged is not None:
+        result = merge_adapter(base, adapter, merged, shard_size_mb=shard_size_mb)
+        report["merged"] = {"path": str(result.out_dir), "tensors_merged": result.tensors_merged,
+                            "tensors_copied": result.tensors_copied, "bytes_written": result.bytes_written,
+                            "shards": result.shards, "seconds": result.seconds, "peak_rss_mb": result.peak_rss_mb}
+    return report
+
+
+def verify(base: str | Path, adapter: str | Path, *, merged: str | Path | None = None,
+           engines: tuple[str, ...] = ("peft", "transformers"), out: str | Path | None = None) -> dict[str, Any]:
+    """Load each artefact as its engine does and compare it with base + adapter in PEFT.
+
+    Writes ``verify.json`` and ``verify.md`` into ``out`` (default: the adapter's parent folder).
+    """
+    from gemma4_tune.export.manifest import check_adapter_matches_base
+    from gemma4_tune.verify.parity import verify_artefacts
+
+    base, adapter = Path(base), Path(adapter)
+    check_adapter_matches_base(adapter, base)
+    results = verify_artefacts(base, adapter, Path(merged) if merged else None, list(engines))
+    report = {"base": str(base), "adapter": str(adapter), "merged": str(merged) if merged else None,
+              "engines": [r.to_dict() for r in results], "ok": all(r.ok for r in results)}
+    out_dir = Path(out) if out else adapter.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "verify.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = ["# gemma4-tune verify", "", f"base `{base}`, adapter `{adapter}`, merged `{merged or '-'}`", "",
+             "| engine | max logit diff | tolerance | greedy agreement | adapter effect | verdict |",
+             "|---|---:|---:|---:|---:|---|"]
+    lines += [f"| {r.engine} | {r.max_logit_diff:.2e} | {r.tolerance:.0e} | {r.greedy_agreement:.1%} | "
+              f"{r.adapter_effect:.2e} | {'pass' if r.ok else 'FAIL'} |" for r in results]
+    findings = [f for r in results for f in r.findings]
+    if findings:
+        lines += ["", "## Findings", ""] + [f"- **{f.code}**: {f.message} — {f.fix}" for f in findings]
+    (out_dir / "verify.md").write_text("\n".join(lines) + "\n")
+    report["findings"] = findings
+    report["paths"] = {"json": str(out_dir / "verify.json"), "markdown": str(out_dir / "verify.md")}
+    return report

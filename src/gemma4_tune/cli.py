@@ -13,7 +13,10 @@ from typing import Annotated, NoReturn
 import typer
 
 from gemma4_tune import __version__
+from rich.table import Table
+
 from gemma4_tune.console import (
+    console,
     err_console,
     print_json,
     render_doctor,
@@ -22,7 +25,15 @@ from gemma4_tune.console import (
     render_preflight,
     render_profile,
 )
-from gemma4_tune.findings import FindingError, Severity, has_errors
+from gemma4_tune.export.adapter import UNKNOWN_ENGINE
+from gemma4_tune.findings import FindingError, Severity, finding, has_errors
+
+
+class TinyDtype(str, enum.Enum):
+    """Weight dtype of a tiny model."""
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
 
 
 class Quantize(str, enum.Enum):
@@ -85,12 +96,14 @@ def tiny_model(
     seed: Annotated[int, typer.Option("--seed", help="Random seed for the weights")] = 0,
     template_revision: Annotated[str, typer.Option("--template-revision",
                                                    help="Official chat template revision to ship (v1..v5)")] = "v5",
+    dtype: Annotated[TinyDtype, typer.Option("--dtype", help="Weight dtype on disk (official checkpoints: "
+                                             "bfloat16)")] = TinyDtype.float32,
 ) -> None:
     """Write a tiny random-weight Gemma 4 with the variant's structure (a few MB)."""
     from gemma4_tune.api import tiny_model as build
 
     try:
-        path = build(variant, out, seed=seed, template_revision=template_revision)
+        path = build(variant, out, seed=seed, template_revision=template_revision, dtype=dtype.value)
     except FindingError as exc:
         _fail(exc)
     typer.echo(f"wrote {path}")
@@ -243,6 +256,123 @@ def doctor(
         raise typer.Exit(1)
 
 
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+@app.command()
+def export(
+    base: Annotated[str, typer.Option("--base", help="Base model directory the adapter was trained on")],
+    adapter: Annotated[str, typer.Option("--adapter", help="Adapter directory (PEFT format)")],
+    merged: Annotated[Path | None, typer.Option("--merged", help="Write a merged checkpoint here (streaming)")
+                      ] = None,
+    engines: Annotated[str, typer.Option("--for", help="Engines to check the adapter for")
+                       ] = "transformers,vllm,llama.cpp",
+    shard_size_mb: Annotated[int, typer.Option("--shard-size-mb", min=1, help="Max size of a merged shard")] = 2000,
+    vllm_adapter: Annotated[Path | None, typer.Option("--vllm-adapter", help="Also write a vLLM-ready copy of "
+                                                      "the adapter (K=V layers, see G4T210)")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Check an adapter against each serving engine; with --merged, write a merged checkpoint in the official
+    key layout (plus an Ollama Modelfile), shard by shard."""
+    from gemma4_tune.api import export as run_export
+
+    try:
+        report = run_export(base, adapter, merged=merged, engines=_split(engines), shard_size_mb=shard_size_mb,
+                            vllm_adapter=vllm_adapter)
+    except FindingError as exc:
+        _fail(exc)
+    findings = report.pop("findings")
+    if json_out:
+        print_json({**report, "findings": [f.to_dict() for f in findings]})
+    else:
+        summary = report["adapter_summary"]
+        console.print(f"adapter {adapter}: rank {summary['rank']}, towers {', '.join(summary['groups'])}, "
+                      f"{summary['tensors']} tensors" + (", MoE experts" if summary["has_experts"] else ""))
+        if "merged" in report:
+            m = report["merged"]
+            console.print(f"merged checkpoint {m['path']}: {m['tensors_merged']} tensors merged, "
+                          f"{m['tensors_copied']} copied, {m['bytes_written'] / 1e6:.1f} MB in {len(m['shards'])} "
+                          f"shard(s), {m['seconds']:.1f} s, peak RSS {m['peak_rss_mb']:.0f} MB")
+        render_findings(findings)
+    if has_errors(findings):
+        raise typer.Exit(1)
+
+
+@app.command()
+def verify(
+    base: Annotated[str, typer.Option("--base", help="Base model directory")],
+    adapter: Annotated[str, typer.Option("--adapter", help="Adapter directory")],
+    merged: Annotated[Path | None, typer.Option("--merged", help="Merged checkpoint to check")] = None,
+    engines: Annotated[str, typer.Option("--engine", help="peft, transformers (the merged checkpoint), vllm")
+                       ] = "peft,transformers",
+    out: Annotated[Path | None, typer.Option("--out", help="Where verify.json/verify.md go [adapter's parent]")
+                   ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Load each artefact the way its engine does and compare it with base + adapter in PEFT; exit 0 only if
+    every comparison passes and the adapter changes the output in every engine."""
+    from gemma4_tune.api import verify as run_verify
+
+    wanted = _split(engines)
+    if merged is None and "transformers" in wanted and engines == "peft,transformers":
+        wanted = ("peft",)
+    try:
+        report = run_verify(base, adapter, merged=merged, engines=wanted, out=out)
+    except FindingError as exc:
+        _fail(exc)
+    findings = report.pop("findings")
+    if json_out:
+        print_json({**report, "findings": [f.to_dict() for f in findings]})
+    else:
+        table = Table(title="Verify: each artefact against base + adapter in PEFT")
+        for col in ("engine", "max |logit diff|", "tolerance", "greedy agreement", "adapter effect", "verdict"):
+            table.add_column(col)
+        for r in report["engines"]:
+            table.add_row(r["engine"], f"{r['max_logit_diff']:.2e}", f"{r['tolerance']:.0e}",
+                          f"{r['greedy_agreement']:.1%}", f"{r['adapter_effect']:.2e}",
+                          "[green]pass[/]" if r["ok"] else "[bold red]FAIL[/]")
+        console.print(table)
+        render_findings(findings)
+        console.print(f"written: {report['paths']['markdown']}")
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+engines_app = typer.Typer(help="Serving engines in their own environments (vLLM).", no_args_is_help=True)
+app.add_typer(engines_app, name="engines")
+
+
+@engines_app.command("install")
+def engines_install(
+    engine: Annotated[str, typer.Argument(help="vllm")],
+    force: Annotated[bool, typer.Option("--force", help="Reinstall even if present")] = False,
+) -> None:
+    """Install an engine into its own virtual environment (outside the repository, cached)."""
+    from gemma4_tune.verify.engine_env import install_vllm
+
+    if engine != "vllm":
+        _fail(FindingError(finding(UNKNOWN_ENGINE.code, f"unknown engine {engine!r}", "use: vllm")))
+    try:
+        path = install_vllm(force=force)
+    except FindingError as exc:
+        _fail(exc)
+    typer.echo(f"vllm environment: {path}")
+
+
+@engines_app.command("status")
+def engines_status(json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Where the engine environments are and whether they are ready."""
+    from gemma4_tune.verify.engine_env import vllm_status
+
+    status = vllm_status(size=True)
+    if json_out:
+        print_json(status)
+    else:
+        for key, value in status.items():
+            console.print(f"{key}: {value}")
 
 
 def _quiet_libraries() -> None:

@@ -3,7 +3,9 @@
 Build a tiny E2B-shaped model (random weights, real structure), generate a small
 text + image + audio chat dataset, plan LoRA on the text, vision and audio towers,
 train, prove the saved adapter reproduces the trained model and changes its output,
-and write the report. ``summary.json`` keeps the figures.
+export a merged checkpoint and verify every artefact in its engine (stock PEFT, stock
+transformers, and a real vLLM when its environment is installed), and write the report.
+``summary.json`` keeps the figures.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from gemma4_tune.config import RunConfig
 from gemma4_tune.console import console, render_findings
+from gemma4_tune.findings import FindingError
 
 DEMO_TARGETS = "text,vision,audio"
 DEMO_STEPS = 80
@@ -24,7 +27,8 @@ def run_demo(out: Path, *, seed: int = 0, steps: int = DEMO_STEPS) -> dict[str, 
     """Run the demo into ``out`` (re-runnable: the model and data are reused, the run is redone)."""
     import shutil
 
-    from gemma4_tune.api import plan, run_training, tiny_model
+    from gemma4_tune.api import export, plan, run_training, tiny_model, verify
+    from gemma4_tune.verify.engine_env import vllm_python
     from gemma4_tune.data.demo_data import write_demo_dataset
     from gemma4_tune.train import loss_went_down
 
@@ -70,12 +74,39 @@ def run_demo(out: Path, *, seed: int = 0, steps: int = DEMO_STEPS) -> dict[str, 
     console.print(f"  max |logit change| made by the adapter: {parity.adapter_effect:.2e}")
     render_findings(result.findings)
 
+    console.rule("[bold]6. Export a merged checkpoint and verify every artefact in its engine")
+    merged = out / "merged"
+    shutil.rmtree(merged, ignore_errors=True)
+    exported = export(model_dir, result.adapter, merged=merged)
+    console.print(f"  merged checkpoint {merged}: {exported['merged']['tensors_merged']} tensors merged, "
+                  f"{exported['merged']['tensors_copied']} copied, {exported['merged']['seconds']:.1f} s; "
+                  f"Ollama Modelfile beside it")
+    engines = ("peft", "transformers") + (("vllm",) if vllm_python() is not None else ())
+    if "vllm" not in engines:
+        console.print("  [dim]vLLM not installed (`gemma4-tune engines install vllm`): checking transformers "
+                      "and PEFT only[/]")
+    verified = verify(model_dir, result.adapter, merged=merged, engines=engines, out=run_dir)
+    parity_rows = []
+    for r in verified["engines"]:
+        parity_rows.append(f"| {r['engine']} | {r['max_logit_diff']:.2e} | {r['tolerance']:.0e} | "
+                           f"{r['greedy_agreement']:.1%} | {r['adapter_effect']:.2e} | "
+                           f"{'pass' if r['ok'] else 'FAIL'} |")
+        console.print(f"  {r['engine']:12s} max |diff| {r['max_logit_diff']:.2e} (tolerance {r['tolerance']:.0e}), "
+                      f"greedy agreement {r['greedy_agreement']:.1%}, adapter effect {r['adapter_effect']:.2e}: "
+                      f"{'pass' if r['ok'] else 'FAIL'}")
+    with (run_dir / "report.md").open("a") as f:
+        f.write("\n## Export and engine parity\n\n| engine | max diff | tolerance | greedy agreement | "
+                "adapter effect | verdict |\n|---|---:|---:|---:|---:|---|\n" + "\n".join(parity_rows) + "\n")
+    if not verified["ok"]:
+        raise FindingError(*verified["findings"])
+
     first, last = loss_went_down(result.metrics, window=10)
     summary = {
         "model": str(model_dir), "data": str(data), "run": str(run_dir), "steps": steps,
         "loss_first_10_steps": round(first, 4), "loss_last_10_steps": round(last, 4),
         "report": str(run_dir / "report.md"), "adapter": str(result.adapter),
-        "verification": parity.to_dict(), "seconds": round(time.perf_counter() - started, 1),
+        "verification": parity.to_dict(), "engines": verified["engines"],
+        "seconds": round(time.perf_counter() - started, 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     console.rule("[bold green]demo finished")

@@ -10,13 +10,14 @@ from collections.abc import Iterable
 
 from gemma4_tune.findings import Finding, Severity, finding, register
 
+ENGINES = ("transformers", "vllm", "llama.cpp")
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_TEXT_MODULES = frozenset({
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
     "per_layer_input_gate", "per_layer_projection", "per_layer_model_projection",
 })
 
-VLLM_TOWER_FLAG = register("G4T201", Severity.WARNING, "vLLM ignores tower LoRA without a flag", (3, 4))
+VLLM_TOWER_FLAG = register("G4T201", Severity.WARNING, "vLLM refuses tower LoRA without a flag", (3, 4))
 VLLM_EXPERTS_DROPPED = register("G4T202", Severity.WARNING, "vLLM drops MoE expert LoRA deltas", (6,))
 VLLM_RANK = register("G4T203", Severity.INFO, "vLLM --max-lora-rank to use")
 LLAMACPP_EXPERTS = register("G4T204", Severity.WARNING, "llama.cpp cannot convert MoE expert LoRA", (22,))
@@ -49,10 +50,10 @@ def deployment_findings(rank: int, groups: Iterable[str], text_module_names: Ite
                            "serve the merged checkpoint"))
     towers = sorted(groups & {"vision", "audio"})
     if towers:
-        out.append(finding(VLLM_TOWER_FLAG.code, f"vLLM applies the {'/'.join(towers)} tower LoRA only with "
-                           "enable_tower_connector_lora=True (experimental); without it the tower delta is "
-                           "silently ignored", "pass --enable-tower-connector-lora to vLLM, or serve the "
-                           "merged checkpoint"))
+        out.append(finding(VLLM_TOWER_FLAG.code, f"vLLM 0.32 refuses the {'/'.join(towers)} tower LoRA "
+                           "(`expected target modules in {...}`) unless enable_tower_connector_lora=True, an "
+                           "experimental flag that did not start on CPU here", "serve the merged checkpoint "
+                           "(gemma4-tune export --merged) for tower fine-tunes; vLLM can serve the text part"))
     if has_experts:
         out.append(finding(VLLM_EXPERTS_DROPPED.code, "vLLM does not map PEFT's expert LoRA keys "
                            "(experts.base_layer.lora_A): the expert deltas would change nothing when served",

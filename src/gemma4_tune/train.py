@@ -32,6 +32,7 @@ from gemma4_tune.callbacks import (
 )
 from gemma4_tune.config import RunConfig
 from gemma4_tune.console import console, err_console
+from gemma4_tune.export.manifest import write_manifest
 from gemma4_tune.findings import MODEL_NOT_FOUND, Finding, FindingError, Severity, finding, has_errors, register
 from gemma4_tune.io import ensure_empty_target
 from gemma4_tune.preflight import PreflightResult
@@ -294,6 +295,8 @@ def train(cfg: RunConfig) -> TrainResult:
 
     # 5. The adapter (stock PEFT format; not when a guard stopped the run) and the run's record.
     adapter = None if guard.findings else save_adapter(peft_model, out / "adapter", plan=plan, overwrite=True)
+    if adapter is not None:
+        write_manifest(adapter, cfg.model, training=cfg.dump(), versions=library_versions())
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     (out / "run.json").write_text(json.dumps({
         "config": cfg.dump(), "profile": {"variant": setup.profile.variant, "tiny": setup.profile.tiny},

@@ -25,8 +25,8 @@ TINY_TEXT = {
     "intermediate_size": 128,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
-    "head_dim": 16,
-    "global_head_dim": 32,
+    "head_dim": 32,  # vLLM's CPU attention supports head sizes 32..512
+    "global_head_dim": 64,
     "sliding_window": 32,
     "max_position_embeddings": 4096,
     "hidden_size_per_layer_input": 16,
@@ -75,9 +75,17 @@ def miniature_layer_types(layer_types: list[str], num_kv_shared_layers: int) -> 
     return tiny, shared
 
 
-def tiny_config(variant: Variant, vocab_size: int, token_ids: dict[str, int]) -> dict[str, Any]:
-    """The variant's published config, shrunk; token ids remapped to the tiny tokenizer."""
+def tiny_config(variant: Variant, vocab_size: int, token_ids: dict[str, int],
+                dtype: str = "float32") -> dict[str, Any]:
+    """The variant's published config, shrunk; token ids remapped to the tiny tokenizer.
+
+    Weights are stored in ``dtype``: float32 by default so that parity checks on tiny models
+    can be exact (official checkpoints are bfloat16; pass that to mirror them).
+    """
     cfg = copy.deepcopy(variant.config)
+    for section in (cfg, *(cfg.get(k) or {} for k in ("text_config", "vision_config", "audio_config"))):
+        if "dtype" in section:
+            section["dtype"] = dtype
     text = cfg["text_config"]
     layer_types, shared = miniature_layer_types(text["layer_types"], text.get("num_kv_shared_layers", 0))
     for key, value in TINY_TEXT.items():
@@ -203,7 +211,8 @@ def _processor_files(out_dir: Path, cfg: dict[str, Any], chat_template: str) -> 
     processor.save_pretrained(str(out_dir))
 
 
-def build_tiny_model(variant: Variant, out_dir: Path, *, seed: int = 0, chat_template: str) -> dict[str, Any]:
+def build_tiny_model(variant: Variant, out_dir: Path, *, seed: int = 0, chat_template: str,
+                     dtype: str = "float32") -> dict[str, Any]:
     """Write a tiny random model of ``variant`` into ``out_dir``; return its config dict.
 
     ``out_dir`` must not exist or be empty; the caller writes through a temporary
@@ -217,7 +226,7 @@ def build_tiny_model(variant: Variant, out_dir: Path, *, seed: int = 0, chat_tem
     from transformers import AutoTokenizer
 
     vocab_size = len(AutoTokenizer.from_pretrained(str(out_dir)))
-    cfg_dict = tiny_config(variant, vocab_size, token_ids)
+    cfg_dict = tiny_config(variant, vocab_size, token_ids, dtype)
     config = Gemma4Config(**{k: v for k, v in cfg_dict.items() if k != "architectures"})
     config.architectures = cfg_dict["architectures"]
     torch.manual_seed(seed)
@@ -261,7 +270,8 @@ def _add_kv_shared_keys(weights: Path, model: Any, generator: Any) -> None:
         extra[f"{prefix}.k_norm.weight"] = torch.ones(per_layer.head_dim)
     if extra:
         tensors = load_file(str(weights))
-        save_file({**tensors, **extra}, str(weights), metadata={"format": "pt"})
+        dtype = tensors[next(iter(tensors))].dtype  # the checkpoint's dtype (bf16, as published)
+        save_file({**tensors, **{k: v.to(dtype) for k, v in extra.items()}}, str(weights), metadata={"format": "pt"})
 
 
 def _add_vllm_fields(config_path: Path, cfg_dict: dict[str, Any]) -> None:

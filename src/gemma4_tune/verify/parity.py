@@ -1,0 +1,223 @@
+"""``verify``: every artefact, loaded the way its engine loads it, against the reference.
+
+Reference: the base model with the adapter in PEFT, in this process. Each engine loads the
+artefact on its own terms: ``peft`` (stock PEFT in a process that never imports
+gemma4-tune), ``transformers`` (the merged checkpoint in stock transformers, same kind of
+process) and ``vllm`` (a real vLLM in its own environment). Each comparison reports the max
+|logit difference| and greedy-token agreement against a threshold for the dtype, and every
+engine must show that the adapter changes the output (failure-catalog row 4).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gemma4_tune.findings import Finding, Severity, finding, register
+
+PARITY_FAILED = register("G4T610", Severity.ERROR, "An artefact does not reproduce the trained model", (2, 4, 7, 17))
+NO_EFFECT_IN_ENGINE = register("G4T611", Severity.ERROR, "The adapter changes nothing in an engine", (4,))
+MERGED_LOAD_REPORT = register("G4T612", Severity.ERROR, "Merged checkpoint does not load cleanly", (2, 7))
+STOCK_RUN_FAILED = register("G4T613", Severity.ERROR, "A stock loader failed")
+MISSING_ARTEFACT = register("G4T614", Severity.ERROR, "Verify was asked for an artefact it was not given")
+
+# Max |logit difference| allowed. fp32: absolute, merge drift is ~2.5e-5 on tiny models (PEFT's own
+# merge_and_unload shows the same). A bf16/fp16 merged checkpoint rounds every merged weight to ~3
+# significant digits, so its bound is relative to the largest reference logit.
+FP32_TOLERANCE = 1e-4
+HALF_RELATIVE_TOLERANCE = 5e-2
+HALF_MIN_GREEDY_AGREEMENT = 0.9
+STOCK_RUNNER = Path(__file__).with_name("stock_runner.py")
+PROMPTS = ["What is the capital of France?", "Write one short sentence about the sea.",
+           "List three colours."]
+
+
+@dataclass
+class EngineResult:
+    """One engine's comparison with the reference."""
+
+    engine: str
+    max_logit_diff: float
+    greedy_agreement: float
+    adapter_effect: float
+    tolerance: float
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """No error findings."""
+        return not any(f.severity is Severity.ERROR for f in self.findings)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        data = asdict(self)
+        data["findings"] = [f.to_dict() for f in self.findings]
+        data["ok"] = self.ok
+        return data
+
+
+def fixed_batch(model_dir: Path) -> dict[str, torch.Tensor]:
+    """The verification prompts (and one image prompt on models with a vision tower), processed."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(model_dir))
+    config = json.loads((model_dir / "config.json").read_text())
+    texts = [processor.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                           tokenize=False) for p in PROMPTS]
+    images = None
+    if config.get("vision_config"):
+        rng = np.random.default_rng(0)
+        picture = Image.fromarray((rng.random((48, 64, 3)) * 255).astype("uint8"))
+        texts.append(processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}],
+            add_generation_prompt=True, tokenize=False))
+        images = [[]] * len(PROMPTS) + [[picture]]
+    kwargs = {"images": images} if images else {}
+    return dict(processor(text=texts, return_tensors="pt", padding=True, padding_side="right", **kwargs))
+
+
+def reference_logits(base: Path, adapter: Path, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Base + adapter in PEFT, fp32, in this process: what every artefact must reproduce."""
+    from peft import PeftModel
+    from transformers import Gemma4ForConditionalGeneration
+
+    model = Gemma4ForConditionalGeneration.from_pretrained(str(base), dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    with torch.no_grad():
+        return model(**batch).logits.float()
+
+
+def checkpoint_is_half(model_dir: Path) -> bool:
+    """Whether the checkpoint stores (some of) its weights in bf16/fp16: merged weights were rounded."""
+    from gemma4_tune.export.manifest import read_checkpoint
+
+    return any(t.dtype in ("BF16", "F16") for t in read_checkpoint(model_dir).values())
+
+
+def _compare(engine: str, got: torch.Tensor, reference: torch.Tensor, base: torch.Tensor,
+             mask: torch.Tensor, half: bool = False) -> EngineResult:
+    diff = float((got - reference)[mask].abs().max())
+    agreement = float((got.argmax(-1) == reference.argmax(-1))[mask].float().mean())
+    effect = float((got - base)[mask].abs().max())
+    tolerance = HALF_RELATIVE_TOLERANCE * float(reference[mask].abs().max()) if half else FP32_TOLERANCE
+    result = EngineResult(engine, diff, agreement, effect, tolerance)
+    if half and agreement < HALF_MIN_GREEDY_AGREEMENT:
+        result.findings.append(finding(PARITY_FAILED.code, f"{engine}: greedy tokens agree on only {agreement:.1%} "
+                                       f"of positions (at least {HALF_MIN_GREEDY_AGREEMENT:.0%} expected)",
+                                       "check that the artefact was exported from this adapter and base"))
+    if diff > tolerance:
+        result.findings.append(finding(PARITY_FAILED.code, f"{engine}: logits differ from the trained model by "
+                                       f"{diff:.3g} (tolerance {tolerance:.0e}), greedy agreement {agreement:.1%}",
+                                       "check that the artefact was exported from this adapter and base; "
+                                       "re-export with `gemma4-tune export`"))
+    if effect <= tolerance:
+        result.findings.append(finding(NO_EFFECT_IN_ENGINE.code, f"{engine}: with the adapter the logits move by at "
+                                       f"most {effect:.3g}: the adapter changes nothing",
+                                       "check that lora_B is not all zeros (was the adapter saved after training?)"))
+    return result
+
+
+def run_stock(base: Path, adapter: Path | None, merged: Path | None, batch: dict[str, torch.Tensor]) -> dict:
+    """Run the stock-loader script in a fresh process that never imports gemma4-tune."""
+    with tempfile.TemporaryDirectory(prefix="g4t-verify-") as tmp:
+        batch_path, out_path, request = Path(tmp) / "batch.pt", Path(tmp) / "out.pt", Path(tmp) / "request.json"
+        torch.save(batch, batch_path)
+        request.write_text(json.dumps({"base": str(base), "adapter": str(adapter) if adapter else None,
+                                       "merged": str(merged) if merged else None, "batch": str(batch_path),
+                                       "out": str(out_path)}))
+        proc = subprocess.run([sys.executable, "-P", str(STOCK_RUNNER), str(request)], capture_output=True,
+                              text=True, timeout=3600)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-2000:])
+        return torch.load(out_path)
+
+
+def verify_artefacts(base: Path, adapter: Path, merged: Path | None, engines: list[str]) -> list[EngineResult]:
+    """Compare each requested engine's view of the artefacts with the reference."""
+    from gemma4_tune.findings import FindingError
+
+    if "transformers" in engines and merged is None:
+        raise FindingError(finding(MISSING_ARTEFACT.code, "--engine transformers checks the merged checkpoint, "
+                                   "but no --merged was given", "pass --merged DIR (make one with "
+                                   "`gemma4-tune export --merged DIR`) or drop transformers from --engine"))
+    batch = fixed_batch(base)
+    mask = batch["attention_mask"].bool()
+    reference = reference_logits(base, adapter, batch)
+    results: list[EngineResult] = []
+    stock_needed = [e for e in engines if e in ("peft", "transformers")]
+    if stock_needed:
+        try:
+            stock = run_stock(base, adapter if "peft" in engines else None,
+                              merged if "transformers" in engines else None, batch)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            results.append(EngineResult(",".join(stock_needed), float("nan"), 0.0, 0.0, 0.0, [finding(
+                STOCK_RUN_FAILED.code, f"the stock loader failed: {exc}", "read the error above; the artefact "
+                "does not load with stock transformers/PEFT")]))
+            stock = None
+        if stock is not None:
+            for engine in stock_needed:
+                half = engine == "transformers" and checkpoint_is_half(merged)
+                result = _compare(engine, stock[engine], reference, stock["base"], mask, half)
+                info = stock.get("merged_loading_info") if engine == "transformers" else None
+                if info and any(info.values()):
+                    result.findings.append(finding(MERGED_LOAD_REPORT.code, f"the merged checkpoint loads with "
+                                                   f"a loading report: { {k: v[:3] for k, v in info.items() if v} }",
+                                                   "re-export it: every official key must be present and named "
+                                                   "as in the base (tower .linear.weight, clamp buffers)"))
+                results.append(result)
+    if "vllm" in engines:
+        results.append(vllm_result(base, adapter))
+    return results
+
+
+def _adapter_has_tower_lora(adapter: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        return any(".vision_tower." in k or ".audio_tower." in k for k in f.keys())
+
+
+def _text_only_copy(adapter: Path, out: Path) -> Path:
+    """The adapter without its vision/audio tower tensors (what vLLM can load without its tower flag)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter, out)
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if ".vision_tower." not in k and ".audio_tower." not in k},
+              str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def vllm_result(base: Path, adapter: Path) -> EngineResult:
+    """A real vLLM (its own environment) against transformers + PEFT on the text prompts."""
+    from transformers import AutoTokenizer
+
+    from gemma4_tune.verify.vllm import hf_reference, k_eq_v_lora_layers, vllm_parity, vllm_ready_adapter
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    # plain text after <bos>: vLLM's check bans placeholder and end-of-turn ids, which chat prompts contain
+    prompts = [tokenizer(p).input_ids for p in PROMPTS]
+    with tempfile.TemporaryDirectory(prefix="g4t-vllm-") as tmp:
+        served, notes = adapter, []
+        if _adapter_has_tower_lora(adapter):  # vLLM 0.32 refuses tower LoRA (G4T201): serve its text part
+            served, notes = _text_only_copy(adapter, Path(tmp) / "adapter-text"), ["text LoRA only"]
+        if k_eq_v_lora_layers(base, served):  # what users deploy on K=V models (G4T210)
+            served, notes = vllm_ready_adapter(served, base, Path(tmp) / "adapter-vllm"), [*notes, "vLLM-ready"]
+        # the reference is always the trained adapter in transformers + PEFT; on text prompts the towers
+        # do not run, so the text part served alone must reproduce it exactly
+        parity = vllm_parity(base, served, prompts,
+                             reference=lambda base_dir, _served, ids, **kw: hf_reference(base_dir, adapter, ids, **kw))
+    name = "vllm" + (f" ({', '.join(notes)})" if notes else "")
+    return EngineResult(name, parity.max_logprob_diff, parity.greedy_agreement, parity.adapter_effect,
+                        parity.tolerance, list(parity.findings))

@@ -1,0 +1,679 @@
+"""vLLM: does the adapter, served by a real vLLM engine, behave like stock transformers + PEFT?
+
+One engine start covers both modes: the same token prompts are generated greedily without and
+with the adapter (``LoRARequest``) by ``vllm_runner.py`` in the vLLM environment
+(``engine_env``). The reference is computed here with stock transformers + PEFT
+(``PeftModel.from_pretrained`` on a fresh base): greedy tokens, and the log-softmax of the
+logits at each generated and each prompt position.
+
+Checks:
+- parity (G4T903): greedy tokens agree at every position (fp32), and vLLM's reported
+  log-probabilities (top-k + chosen token, generated and prompt positions) are within tolerance;
+- effect (G4T902, failure-catalog row 4): the adapter changes vLLM's output at all;
+- environment (G4T904) and engine failures (G4T905: a bad adapter kills the engine, rows 3, 7).
+
+Gemma 4 replaces image/audio/video placeholder ids with pad before embedding, in generated
+tokens too, and vLLM does not (vllm-cpu.md rule 9): both sides ban those ids (and EOS, so every
+sequence has ``max_tokens`` tokens) from generation. Prompts must not contain them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gemma4_tune.engines import vllm_max_lora_rank
+from gemma4_tune.findings import Finding, FindingError, Severity, finding, register
+from gemma4_tune.verify.engine_env import engines_root, require_vllm_python, scratch_environ, vllm_status
+
+ADAPTER_NO_EFFECT = register("G4T902", Severity.ERROR, "Adapter changes nothing in vLLM", (4,))
+PARITY_MISMATCH = register("G4T903", Severity.ERROR, "vLLM output differs from transformers + PEFT", (4, 6, 7))
+ENGINE_FAILED = register("G4T905", Severity.ERROR, "vLLM could not run the model or adapter", (3, 5, 7))
+
+RUNNER = Path(__file__).with_name("vllm_runner.py")
+#: Max |logprob(vLLM) - logprob(transformers)| allowed, by dtype; fp32 measures ~1e-5.
+LOGPROB_TOLERANCE = {"float32": 1e-3, "bfloat16": 1e-1, "float16": 5e-2}
+#: Share of greedy positions that must agree, by dtype (fp32: all of them).
+MIN_AGREEMENT = {"float32": 1.0, "bfloat16": 0.9, "float16": 0.9}
+#: Head sizes vLLM 0.32's CPU attention kernel is built for (``CPUAttentionBackend``).
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+DEFAULT_TIMEOUT_S = 900.0
+
+Log = Callable[[str], None]
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- reference
+
+
+@dataclass
+class RefSequence:
+    """One prompt's greedy continuation in transformers + PEFT, with full log-softmax rows.
+
+    ``logprobs[j]`` is the distribution that chose ``token_ids[j]``; ``prompt_logprobs[i]`` the
+    one at prompt position ``i`` (predicting prompt token ``i + 1``). Both are float64 lists-of-rows
+    (or tensors) of vocabulary width.
+    """
+
+    token_ids: list[int]
+    logprobs: Any
+    prompt_logprobs: Any = None
+
+
+#: ``{"base": [RefSequence per prompt], "lora": [...]}``
+Reference = dict[str, list[RefSequence]]
+ReferenceFn = Callable[..., Reference]
+
+
+def banned_token_ids(base_dir: str | Path) -> list[int]:
+    """Ids neither side may generate: multimodal placeholders (HF embeds them as pad) and EOS."""
+    config = json.loads((Path(base_dir) / "config.json").read_text())
+    text = config.get("text_config") or config
+    banned: set[int] = set()
+    for key in ("image_token_id", "audio_token_id", "video_token_id"):
+        if isinstance(config.get(key), int):
+            banned.add(config[key])
+    eos: Any = config.get("eos_token_id", text.get("eos_token_id"))
+    gen = Path(base_dir) / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id", eos)
+    for tok in eos if isinstance(eos, list) else [eos]:
+        if isinstance(tok, int):
+            banned.add(tok)
+    return sorted(banned)
+
+
+def hf_reference(base_dir: str | Path, adapter_dir: str | Path, prompts: Sequence[Sequence[int]], *,
+                 max_tokens: int = 8, banned: Sequence[int] = (), dtype: str = "float32") -> Reference:
+    """Greedy generation and log-softmax rows from stock transformers + PEFT, without and with the adapter.
+
+    ``PeftModel.from_pretrained`` on a fresh base; the base mode runs under ``disable_adapter()``.
+    ``generate(output_logits=True)`` returns the raw logits (before ``suppress_tokens`` masks the
+    banned ids), which is what vLLM's logprobs are computed from.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import Gemma4ForConditionalGeneration
+
+    torch_dtype = getattr(torch, dtype)
+    base = Gemma4ForConditionalGeneration.from_pretrained(str(base_dir), dtype=torch_dtype)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    pad = base.config.get_text_config().pad_token_id
+
+    def one(prompt: Sequence[int]) -> RefSequence:
+        ids = torch.tensor([list(prompt)], dtype=torch.long)
+        mask = torch.ones_like(ids)
+        with torch.no_grad():
+            prompt_rows = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[0].double(), -1)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
+                                 min_new_tokens=max_tokens, do_sample=False, suppress_tokens=list(banned) or None,
+                                 output_logits=True, return_dict_in_generate=True, pad_token_id=pad,
+                                 eos_token_id=None, temperature=None, top_p=None, top_k=None)
+        rows = torch.log_softmax(torch.stack([step[0] for step in out.logits]).double(), -1)
+        return RefSequence(token_ids=out.sequences[0, ids.shape[1]:].tolist(), logprobs=rows,
+                           prompt_logprobs=prompt_rows[:-1])
+
+    result: Reference = {"lora": [one(p) for p in prompts]}
+    with model.disable_adapter():
+        result["base"] = [one(p) for p in prompts]
+    del model, base
+    return result
+
+
+# --------------------------------------------------------------------------- engine run
+
+
+def _adapter_rank(adapter_dir: Path) -> int:
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    ranks = [int(config.get("r", 8)), *(int(v) for v in (config.get("rank_pattern") or {}).values())]
+    return max(ranks)
+
+
+def _max_model_len(base_dir: Path, prompts: Sequence[Sequence[int]], max_tokens: int) -> int:
+    config = json.loads((base_dir / "config.json").read_text())
+    text = config.get("text_config") or config
+    need = max(len(p) for p in prompts) + max_tokens
+    length = max(128, 1 << math.ceil(math.log2(need)))
+    limit = text.get("max_position_embeddings")
+    return min(length, int(limit)) if limit else length
+
+
+_K_LORA = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.([kv])_proj\.lora_[AB]\.")
+
+
+def _text_lora_keys(adapter_dir: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as handle:
+        return [k for k in handle.keys() if "vision_tower" not in k and "audio_tower" not in k]  # noqa: SIM118
+
+
+def k_eq_v_lora_layers(base_dir: str | Path, adapter_dir: str | Path) -> list[int]:
+    """K=V global layers where the adapter has a k_proj LoRA but no v_proj LoRA.
+
+    On ``attention_k_eq_v`` full-attention layers transformers computes the values with
+    ``k_proj`` (there is no ``v_proj``), so a k_proj LoRA changes keys and values alike.
+    vLLM 0.32 loads k_proj's weight into both the K and V slots of its fused ``qkv_proj``
+    but applies the k_proj LoRA to the K slot only: the values lose the delta, silently.
+    """
+    text = json.loads((Path(base_dir) / "config.json").read_text())
+    text = text.get("text_config") or text
+    if not text.get("attention_k_eq_v"):
+        return []
+    types = text.get("layer_types") or []
+    first_shared = len(types) - int(text.get("num_kv_shared_layers") or 0)
+    full = {i for i, t in enumerate(types[:first_shared]) if t == "full_attention"}
+    seen: dict[str, set[int]] = {"k": set(), "v": set()}
+    for key in _text_lora_keys(Path(adapter_dir)):
+        m = _K_LORA.search(key)
+        if m:
+            seen[m.group(2)].add(int(m.group(1)))
+    return sorted((seen["k"] - seen["v"]) & full)
+
+
+def vllm_ready_adapter(adapter_dir: str | Path, base_dir: str | Path, out: str | Path, *,
+                       overwrite: bool = False) -> Path:
+    """A copy of the adapter that vLLM 0.32 serves like transformers + PEFT on K=V global layers.
+
+    The k_proj LoRA of every layer :func:`k_eq_v_lora_layers` names is copied to ``v_proj``
+    (same A, B, rank and alpha), so vLLM applies it to the V slot of ``qkv_proj`` too. For
+    vLLM only: PEFT cannot load it (those layers have no ``v_proj`` module in transformers).
+    """
+    from safetensors.torch import load_file, save_file
+
+    from gemma4_tune.io import atomic_directory
+
+    adapter_dir, out = Path(adapter_dir), Path(out)
+    layers = set(k_eq_v_lora_layers(base_dir, adapter_dir))
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        shutil.copytree(adapter_dir, tmp, dirs_exist_ok=True)
+        tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+        extra = {}
+        for key, value in tensors.items():
+            m = _K_LORA.search(key)
+            if m and m.group(2) == "k" and int(m.group(1)) in layers and "vision_tower" not in key \
+                    and "audio_tower" not in key:
+                extra[key.replace(".k_proj.lora_", ".v_proj.lora_")] = value.clone()
+        save_file({**tensors, **extra}, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+        targets = config.get("target_modules")
+        if isinstance(targets, list):
+            added = {t.replace(".k_proj", ".v_proj") for t in targets
+                     if t.endswith(".k_proj") and (m := re.search(r"layers\.(\d+)\.", t)) and int(m.group(1)) in layers}
+            config["target_modules"] = sorted(set(targets) | added)
+        for pattern in ("rank_pattern", "alpha_pattern"):
+            values = dict(config.get(pattern) or {})
+            for name, value in list(values.items()):
+                if ".k_proj" in name and (m := re.search(r"layers\.(\d+)\.", name)) and int(m.group(1)) in layers:
+                    values[name.replace(".k_proj", ".v_proj")] = value
+            if values:
+                config[pattern] = values
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "vllm_ready.json").write_text(json.dumps({"source": str(adapter_dir), "k_eq_v_layers_copied_to_v_proj":
+                                                         sorted(layers)}, indent=2) + "\n")
+    return out
+
+
+class _RunnerProcess:
+    """``vllm_runner.py`` running in the vLLM environment; ``wait()`` returns its result JSON."""
+
+    def __init__(self, request: dict[str, Any], *, timeout_s: float, log: Log, keep_dir: bool) -> None:
+        python = require_vllm_python()
+        runs = engines_root() / "scratch" / "runs"
+        runs.mkdir(parents=True, exist_ok=True)
+        self.request, self.timeout_s, self.log, self.keep_dir = request, timeout_s, log, keep_dir
+        self.work = Path(tempfile.mkdtemp(prefix="vllm-run-", dir=runs))
+        shutil.copy2(RUNNER, self.work / "vllm_runner.py")
+        (self.work / "request.json").write_text(json.dumps(request))
+        self.result_path = self.work / "result.json"
+        self.log_path = self.work / "vllm.log"
+        self.cmd = [str(python), "-P", str(self.work / "vllm_runner.py"), str(self.work / "request.json"),
+                    str(self.result_path)]
+        self.tail: deque[str] = deque(maxlen=60)
+        self.start = time.monotonic()
+        self._log_file = open(self.log_path, "w")  # noqa: SIM115 - closed in wait()
+        self.proc = subprocess.Popen(self.cmd, cwd=self.work, env=scratch_environ(), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+        self._reader = threading.Thread(target=self._pump, daemon=True)
+        self._reader.start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            if not self._log_file.closed:
+                self._log_file.write(raw)
+            line = raw.rstrip("\n")
+            if line.strip():
+                self.tail.append(line)
+            if line.startswith("[vllm runner] "):
+                self.log(f"[vllm] {line[len('[vllm runner] '):]}")
+
+    def kill(self) -> None:
+        """Stop the runner and its engine processes (its own process group)."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(timeout=10)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def wait(self) -> dict[str, Any]:
+        """The runner's result, or G4T905 when it failed or ran past its time."""
+        timed_out = False
+        remaining = self.timeout_s - (time.monotonic() - self.start)
+        try:
+            rc = self.proc.wait(timeout=max(remaining, 1.0))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            self.kill()
+            rc = self.proc.wait()
+        # Engine processes the runner left behind (its own session) would hold the pipe open.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        self._reader.join(timeout=10)
+        self._log_file.close()
+        elapsed = time.monotonic() - self.start
+        if timed_out or rc != 0 or not self.result_path.exists():
+            why = f"timed out after {self.timeout_s:.0f} s" if timed_out else f"exited with status {rc}"
+            adapters = [self.request.get("adapter"), *(self.request.get("adapters") or {}).values()]
+            adapters = [a for a in adapters if a]
+            raise FindingError(finding(
+                ENGINE_FAILED.code, f"vLLM {why} serving {self.request['model']}"
+                + (f" with adapter {', '.join(adapters)}" if adapters else "")
+                + ":\n" + "\n".join(_useful_tail(self.tail)) + f"\n(full log: {self.log_path})",
+                "read the engine log for the first error; an adapter vLLM refuses (modules outside its "
+                "list, rank above --max-lora-rank, DoRA, bias) must be re-exported with `gemma4-tune plan` "
+                "targets, or the merged checkpoint served instead", log=str(self.log_path),
+                command=self.cmd, seconds=round(elapsed, 1)))
+        result = json.loads(self.result_path.read_text())
+        result.setdefault("timings", {})["wall_s"] = round(elapsed, 3)
+        self.log(f"[vllm] engine run done in {elapsed:.1f} s (engine start "
+                 f"{result['timings'].get('engine_start_s', 0):.1f} s)")
+        if self.keep_dir:
+            result["work_dir"] = str(self.work)
+        else:
+            shutil.rmtree(self.work, ignore_errors=True)
+        return result
+
+
+def start_vllm(request: dict[str, Any], *, timeout_s: float = DEFAULT_TIMEOUT_S, log: Log | None = None,
+               keep_dir: bool = False) -> _RunnerProcess:
+    """Start ``vllm_runner.py`` with ``request`` in the vLLM environment; ``.wait()`` for its result.
+
+    The runner is copied into a fresh work directory first: run from its place in the package,
+    its directory (holding ``vllm.py`` and ``peft.py``) would shadow the real ``vllm`` and
+    ``peft`` packages on ``sys.path``. vLLM's own log goes to ``vllm.log`` there (kept when the
+    run fails); the runner's progress lines are echoed. Raises G4T904 without an environment.
+    """
+    log = log or _stderr
+    modes = ["base", *(["lora"] if request.get("adapter") else []), *(request.get("adapters") or {})]
+    log(f"[vllm] starting a vLLM engine for {request['model']} (modes {', '.join(modes)}; "
+        f"{len(request['prompts'])} prompts): ~20 s to import, ~30 s to start on CPU, ~25 s more for the "
+        "first request on a fresh machine")
+    return _RunnerProcess(request, timeout_s=timeout_s, log=log, keep_dir=keep_dir)
+
+
+def run_vllm(request: dict[str, Any], *, timeout_s: float = DEFAULT_TIMEOUT_S, log: Log | None = None,
+             keep_dir: bool = False) -> dict[str, Any]:
+    """Run ``vllm_runner.py`` with ``request`` and return its result JSON (see :func:`start_vllm`).
+
+    Raises G4T904 without an environment, G4T905 when the engine fails or runs past ``timeout_s``.
+    """
+    return start_vllm(request, timeout_s=timeout_s, log=log, keep_dir=keep_dir).wait()
+
+
+_WRAPPERS = ("EngineDeadError", "CalledProcessError", "ValidationError")
+
+
+def _useful_tail(lines: Sequence[str], n: int = 4) -> list[str]:
+    """The root-cause error line (vLLM wraps worker errors several times), then the last lines."""
+    lines = list(lines)
+    causes = [line for line in lines if re.search(r"\b\w*(Error|Exception): ", line)
+              and not any(w in line for w in _WRAPPERS)]
+    head = ["cause: " + re.sub(r"^.*?\] ", "", causes[0]).strip()] if causes else []
+    return head + lines[-n:]
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+@dataclass
+class ModeParity:
+    """vLLM against the reference in one mode (``base`` or an adapter)."""
+
+    mode: str
+    positions: int
+    agreeing: int
+    max_logprob_diff: float
+    max_prompt_logprob_diff: float
+    first_divergence: list[int | None]
+
+    @property
+    def greedy_agreement(self) -> float:
+        """Share of generated positions where vLLM chose the reference's token."""
+        return self.agreeing / self.positions if self.positions else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"mode": self.mode, "positions": self.positions, "greedy_agreement": self.greedy_agreement,
+                "max_logprob_diff": self.max_logprob_diff, "max_prompt_logprob_diff": self.max_prompt_logprob_diff,
+                "first_divergence": self.first_divergence}
+
+
+@dataclass
+class VllmParity:
+    """Figures and findings of one adapter's vLLM parity check."""
+
+    vllm_version: str
+    dtype: str
+    adapter: str
+    prompts: int
+    max_tokens: int
+    base: ModeParity
+    lora: ModeParity
+    adapter_effect: float          # max |logprob(adapter) - logprob(base)| in vLLM, same contexts
+    tokens_changed: float          # share of generated tokens vLLM changes with the adapter
+    reference_effect: float        # max |logprob(adapter) - logprob(base)| in transformers + PEFT
+    tolerance: float
+    min_agreement: float
+    k_eq_v_layers: list[int] = field(default_factory=list)  # k_proj LoRA vLLM keeps off V (see below)
+    timings: dict[str, float] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+    result: dict[str, Any] = field(default_factory=dict, repr=False)  # the runner's raw output
+
+    @property
+    def greedy_agreement(self) -> float:
+        """Agreement with the adapter (the served model)."""
+        return self.lora.greedy_agreement
+
+    @property
+    def max_logprob_diff(self) -> float:
+        """Largest logprob difference over both modes, generated and prompt positions."""
+        return max(self.base.max_logprob_diff, self.lora.max_logprob_diff, self.base.max_prompt_logprob_diff,
+                   self.lora.max_prompt_logprob_diff)
+
+    @property
+    def ok(self) -> bool:
+        """No error finding."""
+        return not any(f.severity is Severity.ERROR for f in self.findings)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (without the raw runner output)."""
+        return {
+            "vllm_version": self.vllm_version, "dtype": self.dtype, "adapter": self.adapter, "prompts": self.prompts,
+            "max_tokens": self.max_tokens, "greedy_agreement": self.greedy_agreement,
+            "max_logprob_diff": self.max_logprob_diff, "adapter_effect": self.adapter_effect,
+            "tokens_changed": self.tokens_changed, "reference_effect": self.reference_effect,
+            "tolerance": self.tolerance, "min_agreement": self.min_agreement, "ok": self.ok,
+            "k_eq_v_layers": self.k_eq_v_layers, "modes": {"base": self.base.to_dict(), "adapter": self.lora.to_dict()},
+            "timings": self.timings, "findings": [f.to_dict() for f in self.findings],
+        }
+
+
+def _lp(rows: Any, i: int, tok: int) -> float:
+    value = rows[i][tok]
+    return float(value.item() if hasattr(value, "item") else value)
+
+
+def compare_mode(mode: str, vllm_rows: list[dict[str, Any]], reference: list[RefSequence]) -> ModeParity:
+    """Greedy agreement and logprob differences of one mode.
+
+    Generated positions are compared up to and including the first divergence (after it the
+    two sides continue from different contexts); positions after it count as disagreeing.
+    Every prompt position vLLM reports is compared.
+    """
+    positions = agreeing = 0
+    max_diff = max_prompt_diff = 0.0
+    divergence: list[int | None] = []
+    for got, ref in zip(vllm_rows, reference, strict=True):
+        toks, want = got["token_ids"], list(ref.token_ids)
+        n = max(len(toks), len(want))
+        positions += n
+        first = next((j for j in range(n) if j >= len(toks) or j >= len(want) or toks[j] != want[j]), None)
+        divergence.append(first)
+        agreeing += n if first is None else first
+        upto = min(len(toks), len(want), n if first is None else first + 1)
+        for j in range(upto):
+            for tok, lp in (got["logprobs"][j] or {}).items():
+                max_diff = max(max_diff, abs(float(lp) - _lp(ref.logprobs, j, int(tok))))
+        if got.get("prompt_logprobs") is not None and ref.prompt_logprobs is not None:
+            for i, entry in enumerate(got["prompt_logprobs"][1:]):
+                for tok, lp in (entry or {}).items():
+                    max_prompt_diff = max(max_prompt_diff, abs(float(lp) - _lp(ref.prompt_logprobs, i, int(tok))))
+    return ModeParity(mode, positions, agreeing, max_diff, max_prompt_diff, divergence)
+
+
+def _vllm_effect(base_rows: list[dict[str, Any]], lora_rows: list[dict[str, Any]]) -> tuple[float, float]:
+    """Max logprob change the adapter causes in vLLM (same contexts only), and share of tokens changed."""
+    effect = 0.0
+    changed = total = 0
+    for b, a in zip(base_rows, lora_rows, strict=True):
+        for pb, pa in zip((b.get("prompt_logprobs") or [])[1:], (a.get("prompt_logprobs") or [])[1:], strict=False):
+            for tok in set(pb or {}) & set(pa or {}):
+                effect = max(effect, abs(pb[tok] - pa[tok]))
+        same_context = True
+        for j, (tb, ta) in enumerate(zip(b["token_ids"], a["token_ids"], strict=False)):
+            total += 1
+            if same_context:
+                lb, la = b["logprobs"][j] or {}, a["logprobs"][j] or {}
+                for tok in set(lb) & set(la):
+                    effect = max(effect, abs(lb[tok] - la[tok]))
+            if tb != ta:
+                changed += 1
+                same_context = False
+    return effect, (changed / total if total else 0.0)
+
+
+def _ref_effect(base: list[RefSequence], lora: list[RefSequence]) -> float:
+    """Max logprob change the adapter causes in the reference, on prompt positions and the first generated one."""
+    import torch
+
+    effect = 0.0
+    for b, a in zip(base, lora, strict=True):
+        pairs = [(b.logprobs[:1], a.logprobs[:1])]
+        if b.prompt_logprobs is not None and a.prompt_logprobs is not None:
+            pairs.append((b.prompt_logprobs, a.prompt_logprobs))
+        for rb, ra in pairs:
+            diff = (torch.as_tensor(rb, dtype=torch.float64) - torch.as_tensor(ra, dtype=torch.float64)).abs()
+            if diff.numel():
+                effect = max(effect, float(diff.max()))
+    return effect
+
+
+def compare(result: dict[str, Any], reference: Reference, *, mode: str = "lora", dtype: str = "float32",
+            tolerance: float | None = None, min_agreement: float | None = None,
+            k_eq_v_layers: Sequence[int] = ()) -> VllmParity:
+    """Figures and findings for adapter ``mode`` from a runner result and a reference.
+
+    ``reference`` holds ``"base"`` and ``mode`` (an :func:`hf_reference` result has ``"lora"``).
+    """
+    tolerance = LOGPROB_TOLERANCE.get(dtype, 1e-1) if tolerance is None else tolerance
+    min_agreement = MIN_AGREEMENT.get(dtype, 0.9) if min_agreement is None else min_agreement
+    rows = result["results"]
+    base = compare_mode("base", rows["base"], reference["base"])
+    lora = compare_mode(mode, rows[mode], reference[mode])
+    effect, changed = _vllm_effect(rows["base"], rows[mode])
+    adapters = result.get("adapters") or {"lora": result.get("adapter")}
+    parity = VllmParity(
+        vllm_version=result.get("vllm_version", "?"), dtype=dtype, adapter=str(adapters.get(mode)),
+        prompts=len(rows[mode]), max_tokens=int(result.get("max_tokens", 0)), base=base, lora=lora,
+        adapter_effect=effect, tokens_changed=changed, reference_effect=_ref_effect(reference["base"], reference[mode]),
+        tolerance=tolerance, min_agreement=min_agreement, k_eq_v_layers=list(k_eq_v_layers),
+        timings=dict(result.get("timings", {})), result=result)
+    parity.findings = _findings(parity)
+    return parity
+
+
+def _findings(p: VllmParity) -> list[Finding]:
+    out: list[Finding] = []
+    where = f"vLLM {p.vllm_version}"
+    if p.adapter_effect <= p.tolerance and p.tokens_changed == 0.0:
+        if p.reference_effect > p.tolerance:
+            msg = (f"{where} serves the adapter {p.adapter} but its output is the base model's (logprobs move by "
+                   f"at most {p.adapter_effect:.1e}; in transformers + PEFT they move by {p.reference_effect:.2g})")
+            fix = ("the engine dropped the LoRA deltas: check its log for ignored modules, use a vLLM with the "
+                   "fix for vllm#39815, or serve the merged checkpoint")
+        else:
+            msg = (f"the adapter {p.adapter} changes nothing in {where} (logprobs move by at most "
+                   f"{p.adapter_effect:.1e}), nor in transformers + PEFT")
+            fix = "check that training ran (metrics.jsonl) and that lora_B is not all zeros"
+        out.append(finding(ADAPTER_NO_EFFECT.code, msg, fix, adapter=p.adapter, adapter_effect=p.adapter_effect,
+                           reference_effect=p.reference_effect))
+    for mode in (p.base, p.lora):
+        label = "without the adapter" if mode.mode == "base" else "with the adapter"
+        if mode.greedy_agreement < p.min_agreement:
+            diverged = [i for i, d in enumerate(mode.first_divergence) if d is not None]
+            out.append(finding(PARITY_MISMATCH.code, f"{where} {label} chooses other greedy tokens than "
+                               f"transformers + PEFT: {mode.greedy_agreement:.0%} agreement (prompts "
+                               f"{diverged} diverge at positions {[mode.first_divergence[i] for i in diverged]})",
+                               _parity_fix(mode.mode, p), mode=mode.mode, greedy_agreement=mode.greedy_agreement,
+                               k_eq_v_layers=p.k_eq_v_layers))
+        worst = max(mode.max_logprob_diff, mode.max_prompt_logprob_diff)
+        if worst > p.tolerance:
+            out.append(finding(PARITY_MISMATCH.code, f"{where} {label} differs from transformers + PEFT by "
+                               f"{worst:.2e} in log-probability (tolerance {p.tolerance:.0e}, {p.dtype})",
+                               _parity_fix(mode.mode, p), mode=mode.mode, max_logprob_diff=worst,
+                               k_eq_v_layers=p.k_eq_v_layers))
+    return out
+
+
+def _parity_fix(mode: str, p: VllmParity) -> str:
+    if mode != "base" and p.k_eq_v_layers:
+        return (f"vLLM applies the k_proj LoRA of K=V global layers {p.k_eq_v_layers} to the keys only, while "
+                "transformers applies it to keys and values (they share k_proj): serve the adapter made by "
+                "`gemma4_tune.verify.vllm.vllm_ready_adapter` (k_proj LoRA copied to v_proj there), leave k_proj "
+                "out of the targets on those layers, or serve the merged checkpoint")
+    if mode == "base":
+        return ("the base model itself is served differently: check the checkpoint's key set (KV-shared "
+                "layers, catalog row 7) and the engine log for weights 'not initialized from checkpoint'")
+    return ("compare the adapter's modules with vLLM's supported list (`gemma4-tune plan`): unsupported or "
+            "KV-shared k/v LoRA is silently ignored; otherwise serve the merged checkpoint")
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def _check_cpu_shapes(base_dir: Path) -> None:
+    """Refuse, before starting an engine, head sizes vLLM's CPU attention kernel has no build for."""
+    if (vllm_status().get("flavour") or "cpu") != "cpu":
+        return
+    text = json.loads((base_dir / "config.json").read_text())
+    text = text.get("text_config") or text
+    sizes = {text.get(k) for k in ("head_dim", "global_head_dim") if text.get(k)}
+    bad = sorted(s for s in sizes if s not in VLLM_CPU_HEAD_SIZES)
+    if bad:
+        raise FindingError(finding(
+            ENGINE_FAILED.code, f"vLLM's CPU attention has no kernel for head size {bad} of {base_dir} "
+            f"(it supports {list(VLLM_CPU_HEAD_SIZES)}; the engine would die with `Unsupported CPU attention "
+            "configuration`)", "check on a CUDA machine, or use a model whose head_dim and global_head_dim "
+            "are among the supported sizes", head_sizes=bad))
+
+
+def vllm_parity_many(base_dir: str | Path, adapters: dict[str, str | Path], prompts: list[list[int]], *,
+                     max_tokens: int = 8, reference: dict[str, Reference] | ReferenceFn | None = None,
+                     logprobs: int = 5, prompt_logprobs: int | None = 5, dtype: str = "float32",
+                     timeout_s: float = DEFAULT_TIMEOUT_S, max_lora_rank: int | None = None,
+                     enable_tower_connector_lora: bool = False, tolerance: float | None = None,
+                     log: Log | None = None) -> dict[str, VllmParity]:
+    """:func:`vllm_parity` for several adapters of one base model in one engine start.
+
+    ``reference`` is ``{name: Reference}``, a callable with :func:`hf_reference`'s signature
+    (called per adapter), or None. The reference is computed while the engine starts.
+    """
+    log = log or _stderr
+    base_dir = Path(base_dir)
+    adapters = {str(k): Path(v) for k, v in adapters.items()}
+    if not adapters or "base" in adapters:
+        raise ValueError("give at least one adapter, none named 'base'")
+    prompts = [[int(t) for t in p] for p in prompts]
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("vllm_parity needs at least one non-empty prompt")
+    banned = banned_token_ids(base_dir)
+    placeholders = [i for i, p in enumerate(prompts) if set(p) & set(banned)]
+    if placeholders:
+        raise ValueError(f"prompts {placeholders} contain multimodal placeholder or EOS ids {banned}: "
+                         "a text parity check cannot use them")
+    require_vllm_python()  # G4T904 before any work
+    _check_cpu_shapes(base_dir)
+    ranks = {name: _adapter_rank(path) for name, path in adapters.items()}
+    rank = max_lora_rank or vllm_max_lora_rank(max(ranks.values()))
+    if rank is None:
+        raise ValueError(f"adapter rank {max(ranks.values())} is above vLLM's largest --max-lora-rank")
+    request = {
+        "model": str(base_dir.resolve()), "adapters": {n: str(p.resolve()) for n, p in adapters.items()},
+        "max_lora_rank": rank, "prompts": prompts, "max_tokens": max_tokens, "logprobs": logprobs,
+        "prompt_logprobs": prompt_logprobs, "dtype": dtype,
+        "max_model_len": _max_model_len(base_dir, prompts, max_tokens), "banned_token_ids": banned,
+        "enable_tower_connector_lora": enable_tower_connector_lora,
+    }
+    runner = start_vllm(request, timeout_s=timeout_s, log=log)
+    refs: dict[str, Reference] = {}
+    ref_s = 0.0
+    try:
+        if reference is None or callable(reference):
+            fn = reference or hf_reference
+            start = time.monotonic()
+            for name, path in adapters.items():
+                log(f"[vllm] computing the transformers + PEFT reference for {name} while the engine starts")
+                refs[name] = fn(base_dir, path, prompts, max_tokens=max_tokens, banned=banned, dtype=dtype)
+            ref_s = time.monotonic() - start
+        else:
+            refs = dict(reference)
+        result = runner.wait()
+    except BaseException:
+        runner.kill()
+        raise
+    out: dict[str, VllmParity] = {}
+    for name in adapters:
+        ref = refs[name]
+        ref = {"base": ref["base"], name: ref[name] if name in ref else ref["lora"]}
+        parity = compare(result, ref, mode=name, dtype=dtype, tolerance=tolerance,
+                         k_eq_v_layers=k_eq_v_lora_layers(base_dir, adapters[name]))
+        parity.timings["reference_s"] = round(ref_s, 3)
+        log(f"[vllm] {name}: greedy agreement {parity.greedy_agreement:.0%}, max |logprob diff| "
+            f"{parity.max_logprob_diff:.1e}, adapter effect {parity.adapter_effect:.2g} "
+            f"({len(parity.findings)} findings)")
+        out[name] = parity
+    return out
+
+
+def vllm_parity(base_dir: str | Path, adapter_dir: str | Path, prompts: list[list[int]], *, max_tokens: int = 8,
+                reference: Reference | ReferenceFn | None = None, logprobs: int = 5, prompt_logprobs: int | None = 5,
+                dtype: str = "float32", timeout_s: float = DEFAULT_TIMEOUT_S, max_lora_rank: int | None = None,
+                enable_tower_connector_lora: bool = False, tolerance: float | None = None,
+                log: Log | None = None) -> VllmParity:
+    """Serve ``base_dir`` + ``adapter_dir`` in a real vLLM and compare it with transformers + PEFT.
+
+    ``reference``: a precomputed :data:`Reference` (``{"base": [...], "lora": [...]}``), a callable
+    with :func:`hf_reference`'s signature, or None (:func:`hf_reference`, run while the engine
+    starts). One engine start runs both modes. Raises G4T904 when the vLLM environment is not
+    installed and G4T905 when the engine cannot run; parity and effect problems come back as
+    findings (G4T903, G4T902) on the result.
+    """
+    refs = {"lora": reference} if isinstance(reference, dict) else reference
+    return vllm_parity_many(base_dir, {"lora": adapter_dir}, prompts, max_tokens=max_tokens, reference=refs,
+                            logprobs=logprobs, prompt_logprobs=prompt_logprobs, dtype=dtype, timeout_s=timeout_s,
+                            max_lora_rank=max_lora_rank, enable_tower_connector_lora=enable_tower_connector_lora,
+                            tolerance=tolerance, log=log)["lora"]
