@@ -259,3 +259,13 @@ def test_preflight_command_prints_json_with_the_masked_sample_and_exits_1_on_err
     proc = subprocess.run([*CLI, "preflight", "--model", str(tiny_models["31b"]), "--data", str(demo_data),
                            "--out", "unused"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 1 and "G4T406" in proc.stderr
+
+
+@pytest.mark.slow
+def test_rows_9_20_24_known_bad_versions_stop_preflight(tiny_models, text_data, monkeypatch):
+    import gemma4_tune.doctor as doctor
+
+    setup = setup_run(tiny_models["31b"], text_data)
+    monkeypatch.setattr(doctor, "installed_versions", lambda: {"transformers": "5.5.1", "trl": "1.16.0"})
+    result = preflight(setup)
+    assert "G4T701" in codes(result) and math.isnan(result.loss), "a known-bad transformers stops the batch"

@@ -144,6 +144,14 @@ def targets_carry_lora(ctx: PreflightContext) -> list[Finding]:
 
 
 @check(static=True)
+def versions_are_not_known_bad(ctx: PreflightContext) -> list[Finding]:
+    """Rows 9, 11, 20, 24: installed transformers/TRL against the catalog's known-bad versions."""
+    from gemma4_tune.doctor import version_findings
+
+    return version_findings()
+
+
+@check(static=True)
 def moe_experts_targeted(ctx: PreflightContext) -> list[Finding]:
     """Row 16: on an MoE model, a plan that trains the MLPs but not the experts is almost always a mistake."""
     if ctx.profile.moe is None or ctx.plan.target_parameters:
