@@ -20,7 +20,7 @@ from gemma4_tune.engines import deployment_findings
 from gemma4_tune.findings import Finding, FindingError, Severity, finding, register
 from gemma4_tune.io import atomic_directory
 from gemma4_tune.profile import ModelProfile
-from gemma4_tune.targets import TargetPlan, plan_targets
+from gemma4_tune.targets import TargetPlan, plan_targets, tower_of
 
 TARGET_NOT_WRAPPED = register("G4T110", Severity.ERROR, "A planned target carries no LoRA", (1, 3, 16))
 WRAPPER_REPLACED = register("G4T111", Severity.ERROR, "A clipped tower linear was replaced or unwrapped", (2,))
@@ -134,13 +134,11 @@ def check_lora_placement(peft_model: Any, plan: TargetPlan) -> list[Finding]:
 
 def trainable_by_group(peft_model: Any) -> dict[str, int]:
     """Counted trainable LoRA parameters per tower (must equal the plan's figures)."""
-    from gemma4_tune.targets import TOWER_GROUPS
-
     out: dict[str, int] = {}
     for name, param in _base(peft_model).named_parameters():
         if not param.requires_grad:
             continue
-        group = next((g for g, p in TOWER_GROUPS.items() if name.startswith(p + ".")), "text")
+        group = tower_of(name)
         out[group] = out.get(group, 0) + param.numel()
     out["total"] = sum(out.values())
     return out

@@ -18,7 +18,7 @@ import torch
 
 from gemma4_tune.findings import Finding, Severity, finding, has_errors, register
 from gemma4_tune.profile import ModelProfile
-from gemma4_tune.targets import TargetPlan
+from gemma4_tune.targets import TargetPlan, tower_of
 
 LOSS_NOT_FINITE = register("G4T501", Severity.ERROR, "Loss is not finite on a real batch", (19,))
 TOWER_NO_GRADIENT = register("G4T502", Severity.ERROR, "A planned tower's LoRA gets no gradient", (21,))
@@ -85,10 +85,6 @@ class PreflightResult:
                 "lora_grad": self.lora_grad, "seconds": self.seconds, "sample": self.sample}
 
 
-def _tower_of(name: str) -> str:
-    return "vision" if ".vision_tower." in name else "audio" if ".audio_tower." in name else "text"
-
-
 def _forward_backward(ctx: PreflightContext) -> None:
     """One forward and backward pass with the training loss; gradients of lora_B summed per tower."""
     from gemma4_tune.train import token_mean_loss
@@ -103,7 +99,7 @@ def _forward_backward(ctx: PreflightContext) -> None:
         loss.backward()
     for name, param in model.named_parameters():
         if param.requires_grad and param.grad is not None and "lora_B" in name:
-            tower = _tower_of(name)
+            tower = tower_of(name)
             ctx.lora_grad[tower] = ctx.lora_grad.get(tower, 0.0) + float(param.grad.detach().abs().sum())
 
 

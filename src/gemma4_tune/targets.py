@@ -114,6 +114,11 @@ class TargetPlan:
         }
 
 
+def tower_of(path: str) -> str:
+    """The group a module or parameter path belongs to (with or without PEFT's ``base_model.model.``)."""
+    return next((group for group, prefix in TOWER_GROUPS.items() if f"{prefix}." in path), "text")
+
+
 def parse_spec(spec: str) -> list[str]:
     """Split ``text,vision`` into items; ``re:...`` items are regular expressions over module paths."""
     items = [item.strip() for item in spec.split(",") if item.strip()] if spec else []
@@ -203,7 +208,7 @@ def _pattern_targets(model: nn.Module, pattern: str) -> tuple[list[PlannedTarget
         if isinstance(module, clippable):
             module, path = module.linear, f"{path}.linear"
         if isinstance(module, nn.Linear):
-            group = next((g for g, p in TOWER_GROUPS.items() if path.startswith(p + ".")), "text")
+            group = tower_of(path)
             targets.append(PlannedTarget(path, group, "clippable" if path.endswith(".linear") else "linear",
                                          _layer_index(path), path.rsplit(".", 1)[-1], module.in_features,
                                          module.out_features))
