@@ -341,6 +341,52 @@ def verify(
         raise typer.Exit(1)
 
 
+@app.command()
+def serve(
+    base: Annotated[str, typer.Option("--base", help="Base model directory")],
+    adapters: Annotated[list[str] | None, typer.Option("--adapter", help="Adapter to serve, DIR or NAME=DIR "
+                                                       "(repeatable)")] = None,
+    merged: Annotated[Path | None, typer.Option("--merged", help="Serve this merged checkpoint instead (with "
+                                                "--adapter, --smoke compares it with base + that adapter)")] = None,
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port on 127.0.0.1 (0: any free one)")
+                    ] = 8000,
+    smoke: Annotated[bool, typer.Option("--smoke", help="Send one request per served model, compare it with "
+                                        "transformers + PEFT, then stop")] = False,
+    text_only: Annotated[bool, typer.Option("--text-only", help="Serve only the text part of an adapter with "
+                                            "tower LoRA")] = False,
+    max_model_len: Annotated[int | None, typer.Option("--max-model-len", min=16, help="Context length "
+                                                      "[config's, at most 8192]")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Engine dtype [the checkpoint's]")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable summary at the end")] = False,
+) -> None:
+    """Serve the base model and adapters with vLLM's OpenAI-compatible server on 127.0.0.1 (flags chosen for
+    Gemma 4), print a curl example; with --smoke, check each served model against the trained one and stop."""
+    from gemma4_tune.serve import serve as run_serve
+
+    try:
+        report = run_serve(base, adapters or [], merged=merged, port=port, run_smoke=smoke, text_only=text_only,
+                           dtype=dtype, max_model_len=max_model_len,
+                           log=lambda line: err_console.print(line, markup=False, highlight=False, soft_wrap=True))
+    except FindingError as exc:
+        _fail(exc)
+    findings = report.pop("findings")
+    if json_out:
+        print_json({**report, "findings": [f.to_dict() for f in findings]})
+    elif report.get("smoke"):
+        table = Table(title="Serve smoke: each served model against transformers + PEFT")
+        for col in ("model", "greedy agreement", "max |logprob diff|", "adapter effect", "verdict"):
+            table.add_column(col)
+        for r in report["smoke"]:
+            effect = "-" if r["adapter_effect"] is None else f"{r['adapter_effect']:.2e}"
+            table.add_row(r["model"], f"{r['greedy_agreement']:.1%}", f"{r['max_logprob_diff']:.2e}", effect,
+                          "[green]pass[/]" if r["ok"] else "[bold red]FAIL[/]")
+        console.print(table)
+    if not json_out:
+        render_findings(findings)
+    if has_errors(findings):
+        raise typer.Exit(1)
+
+
 engines_app = typer.Typer(help="Serving engines in their own environments (vLLM).", no_args_is_help=True)
 app.add_typer(engines_app, name="engines")
 

@@ -186,7 +186,7 @@ def _adapter_has_tower_lora(adapter: Path) -> bool:
         return any(".vision_tower." in k or ".audio_tower." in k for k in f.keys())
 
 
-def _text_only_copy(adapter: Path, out: Path) -> Path:
+def text_only_adapter(adapter: Path, out: Path) -> Path:
     """The adapter without its vision/audio tower tensors (what vLLM can load without its tower flag)."""
     import shutil
 
@@ -211,7 +211,7 @@ def vllm_result(base: Path, adapter: Path) -> EngineResult:
     with tempfile.TemporaryDirectory(prefix="g4t-vllm-") as tmp:
         served, notes = adapter, []
         if _adapter_has_tower_lora(adapter):  # vLLM 0.32 refuses tower LoRA (G4T201): serve its text part
-            served, notes = _text_only_copy(adapter, Path(tmp) / "adapter-text"), ["text LoRA only"]
+            served, notes = text_only_adapter(adapter, Path(tmp) / "adapter-text"), ["text LoRA only"]
         if k_eq_v_lora_layers(base, served):  # what users deploy on K=V models (G4T210)
             served, notes = vllm_ready_adapter(served, base, Path(tmp) / "adapter-vllm"), [*notes, "vLLM-ready"]
         # the reference is always the trained adapter in transformers + PEFT; on text prompts the towers

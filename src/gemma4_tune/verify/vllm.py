@@ -302,7 +302,7 @@ class _RunnerProcess:
             raise FindingError(finding(
                 ENGINE_FAILED.code, f"vLLM {why} serving {self.request['model']}"
                 + (f" with adapter {', '.join(adapters)}" if adapters else "")
-                + ":\n" + "\n".join(_useful_tail(self.tail)) + f"\n(full log: {self.log_path})",
+                + ":\n" + "\n".join(useful_tail(self.tail)) + f"\n(full log: {self.log_path})",
                 "read the engine log for the first error; an adapter vLLM refuses (modules outside its "
                 "list, rank above --max-lora-rank, DoRA, bias) must be re-exported with `gemma4-tune plan` "
                 "targets, or the merged checkpoint served instead", log=str(self.log_path),
@@ -347,7 +347,7 @@ def run_vllm(request: dict[str, Any], *, timeout_s: float = DEFAULT_TIMEOUT_S, l
 _WRAPPERS = ("EngineDeadError", "CalledProcessError", "ValidationError")
 
 
-def _useful_tail(lines: Sequence[str], n: int = 4) -> list[str]:
+def useful_tail(lines: Sequence[str], n: int = 4) -> list[str]:
     """The root-cause error line (vLLM wraps worker errors several times), then the last lines."""
     lines = list(lines)
     causes = [line for line in lines if re.search(r"\b\w*(Error|Exception): ", line)
