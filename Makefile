@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup engines demo test test-fast clean
+.PHONY: setup engines browser demo test test-fast clean
 
 setup: $(STAMP)
 
@@ -19,11 +19,16 @@ $(STAMP): pyproject.toml
 engines: setup
 	$(BIN)/gemma4-tune engines install vllm
 
+# The report test renders report.html in Debian's headless chromium (driven through chromedriver).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
+
 demo: setup
 	$(BIN)/gemma4-tune demo --out $(DEMO_OUT)
 
-# The engine tests must run, not skip: GEMMA4_TUNE_REQUIRE_ENGINES turns a missing engine into a failure.
-test: setup engines
+# The engine and browser tests must run, not skip: GEMMA4_TUNE_REQUIRE_ENGINES turns a missing one into a failure.
+test: setup engines browser
 	GEMMA4_TUNE_REQUIRE_ENGINES=1 $(BIN)/python -m pytest
 
 test-fast: setup

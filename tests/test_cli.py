@@ -115,6 +115,9 @@ def test_demo_runs_offline_trains_verifies_and_the_loss_goes_down(tmp_path: Path
     assert summary["loss_last_10_steps"] < 0.6 * summary["loss_first_10_steps"]
     assert summary["verification"]["ok"] and summary["verification"]["max_logit_diff"] <= 1e-5
     report = (tmp_path / "demo" / "run" / "report.md").read_text()
-    assert "## Loss" in report and "Verification (PEFT reload)" in report
+    assert "## Curves" in report and "## Export and verification" in report and "## Samples" in report
+    assert summary["eval_loss_tuned"] < summary["eval_loss_base"]
+    assert summary["eval_accuracy_tuned"] > summary["eval_accuracy_base"]
+    assert "held-out loss" in proc.stdout
     assert (tmp_path / "demo" / "run" / "loss.png").stat().st_size > 1000
     assert summary["seconds"] < 300

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from gemma4_tune.data.demo_data import write_demo_dataset
-from gemma4_tune.data.records import Conversation, load_conversations, split_conversations
+from gemma4_tune.data.records import Conversation, conversation_key, load_conversations, split_conversations
 from gemma4_tune.findings import FindingError
 
 USER = {"role": "user", "content": "Hi?"}
@@ -347,7 +347,8 @@ def test_datasets_dict_without_train_split(tmp_path: Path) -> None:
 
 
 def _convs(n: int) -> list[Conversation]:
-    return [Conversation(messages=[USER, ANSWER], tools=None, source=f"x.jsonl:{i + 1}") for i in range(n)]
+    return [Conversation(messages=[{"role": "user", "content": [{"type": "text", "text": f"question {i}"}]}, ANSWER],
+                         tools=None, source=f"x.jsonl:{i + 1}") for i in range(n)]
 
 
 def test_split_is_seeded_deterministic_disjoint_and_complete() -> None:
@@ -405,3 +406,15 @@ def test_demo_dataset_is_deterministic(tmp_path: Path) -> None:
     for media in sorted((tmp_path / "a" / "media").iterdir()):
         assert media.read_bytes() == (tmp_path / "b" / "media" / media.name).read_bytes()
     assert write_demo_dataset(tmp_path / "c", seed=2, n=12).read_bytes() != first.read_bytes()
+
+
+def test_split_never_puts_a_duplicated_conversation_on_both_sides() -> None:
+    """Issue 10: a row repeated in the file must not be trained on and evaluated on."""
+    other = {"role": "assistant", "content": [{"type": "text", "text": "something else"}]}
+    convs = [Conversation(messages=[USER, ANSWER if i % 3 else other], tools=None, source=f"x.jsonl:{i + 1}")
+             for i in range(30)]
+    for seed in range(20):
+        train, evaluation = split_conversations(convs, 0.2, seed=seed)
+        assert evaluation and train
+        assert not {conversation_key(c) for c in train} & {conversation_key(c) for c in evaluation}
+        assert len(train) + len(evaluation) == 30

@@ -190,3 +190,21 @@ def test_foreground_server_answers_the_printed_curl_and_stops_on_sigterm(tiny_e2
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
     leftover = subprocess.run(["pgrep", "-f", f"--port {port}"], capture_output=True, text=True).stdout.split()
     assert leftover == [], f"vLLM processes still running: {leftover}"
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+@needs_vllm
+def test_merged_checkpoint_served_alone_matches_base_plus_adapter(tiny_e2b: dict[str, Path], tmp_path: Path) -> None:
+    """The fix G4T906 points to: serve the merged checkpoint; --smoke compares it with base + adapter."""
+    from gemma4_tune.api import export
+
+    merged = tmp_path / "merged"
+    export(tiny_e2b["base"], tiny_e2b["text"], merged=merged)
+    proc = _run_serve("--base", str(tiny_e2b["base"]), "--merged", str(merged), "--adapter", str(tiny_e2b["text"]))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["adapters"] == {} and report["served_name"] == "merged"
+    [smoke] = report["smoke"]
+    assert smoke["ok"] and smoke["greedy_agreement"] == 1.0 and smoke["max_logprob_diff"] < 1e-3
+    assert "--enable-lora" not in report["command"]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gemma4_tune.train import token_mean_loss
+from gemma4_tune.loss import token_mean_loss
 
 CLI = [sys.executable, "-c", "from gemma4_tune.cli import main; main()"]
 
@@ -51,7 +51,7 @@ def test_multimodal_e2b_run_writes_adapter_checkpoints_metrics_and_report(tiny_m
                "--targets", "text,vision,audio", "--max-steps", 4, "--save-steps", 2, "--batch-size", 2, "--lr", 5e-3)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/target_plan.json",
-                 "metrics.jsonl", "report.json", "report.md", "loss.png", "run.json",
+                 "metrics.jsonl", "report.json", "report.md", "report.html", "loss.png", "run.json",
                  "checkpoints/checkpoint-4/adapter_model.safetensors"):
         assert (out / name).is_file(), name
     assert not (out / ".staging").exists()
@@ -64,7 +64,7 @@ def test_multimodal_e2b_run_writes_adapter_checkpoints_metrics_and_report(tiny_m
     assert set(report["plan"]["trainable"]) == {"text", "vision", "audio", "total"}
     keys = adapter_tensors(out)
     assert any(".vision_tower." in k for k in keys) and any(".audio_tower." in k for k in keys)
-    assert "## Loss" in (out / "report.md").read_text()
+    assert "## Curves" in (out / "report.md").read_text()
 
 
 @pytest.mark.slow

@@ -80,7 +80,7 @@ def plan(model: str | Path, targets: str = "text", *, rank: int = 16,
 def run_training(cfg: RunConfig) -> TrainResult:
     """Train, prove the saved adapter reproduces the trained model, and write the report.
 
-    Writes report.json, report.md and loss.png beside the adapter; raises FindingError (after
+    Writes report.json, report.md, report.html and loss.png beside the adapter; raises FindingError (after
     writing the report) when the saved adapter does not reproduce the model or changes nothing.
     """
     from gemma4_tune.report import write_report
@@ -96,31 +96,19 @@ def run_training(cfg: RunConfig) -> TrainResult:
     summary = {"steps": result.metrics[-1]["step"] if result.metrics else 0, "first loss": round(first, 4),
                "last loss": round(last, 4), "seconds": result.seconds, "adapter": str(result.adapter or "-"),
                "resumed from": result.resumed_from or "-"}
-    tables = {}
-    if result.preflight is not None:
-        pf = result.preflight
-        tables["Preflight"] = ("| check | figure |\n|---|---:|\n"
-                               f"| loss on a real batch | {pf.loss:.4f} |\n"
-                               f"| supervised / tokens in the batch | {pf.supervised_in_batch} / "
-                               f"{pf.tokens_in_batch} |\n"
-                               + "".join(f"| LoRA gradient reaching {t} | {g:.3e} |\n"
-                                         for t, g in pf.lora_grad.items())
-                               + f"| seconds | {pf.seconds} |\n\nMasked sample (supervised tokens in ⟦ ⟧):\n\n"
-                               f"```\n{pf.sample}\n```\n")
-    if parity is not None:
-        tables["Verification (PEFT reload)"] = (
-            "| check | figure |\n|---|---:|\n"
-            f"| max logit difference, saved adapter vs trained model | {parity.max_logit_diff:.2e} |\n"
-            f"| greedy-token agreement | {parity.greedy_agreement:.1%} |\n"
-            f"| max logit change made by the adapter | {parity.adapter_effect:.2e} |\n"
-            f"| verdict | {'pass' if parity.ok else 'FAIL'} |\n")
-    write_report(result.out, {"summary": summary, "config": cfg.dump(), "data": result.data,
-                              "plan": {"spec": result.plan.spec, "trainable": result.plan.trainable_by_group(),
-                                       "skipped": len(result.plan.skipped)},
-                              "preflight": result.preflight.to_dict() if result.preflight else None,
-                              "verification": {"peft_reload": parity.to_dict() if parity else None},
-                              "extra_tables": tables, "metrics": result.metrics,
-                              "versions": library_versions()}, result.findings)
+    evals = [m for m in result.metrics if "eval_loss" in m]
+    if evals:
+        summary["held-out loss (base -> tuned)"] = f"{evals[0]['eval_loss']:.4f} -> {evals[-1]['eval_loss']:.4f}"
+        summary["held-out token accuracy (base -> tuned)"] = (f"{evals[0]['eval_accuracy']:.1%} -> "
+                                                              f"{evals[-1]['eval_accuracy']:.1%}")
+    result.report = {"summary": summary, "config": cfg.dump(), "data": result.data,
+                     "plan": {"spec": result.plan.spec, "trainable": result.plan.trainable_by_group(),
+                              "skipped": len(result.plan.skipped)},
+                     "preflight": result.preflight.to_dict() if result.preflight else None,
+                     "verification": {"peft_reload": parity.to_dict() if parity else None},
+                     "samples": [s.to_dict() for s in result.samples], "metrics": result.metrics,
+                     "timings": {"run seconds": result.seconds}, "versions": library_versions()}
+    write_report(result.out, result.report, result.findings)
     if has_errors(result.findings):
         raise FindingError(*[f for f in result.findings if f.severity is Severity.ERROR])
     result.parity = parity

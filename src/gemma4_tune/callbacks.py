@@ -206,3 +206,46 @@ class GuardCallback(TrainerCallback):
             self._stop(control, ZERO_GRADIENT.code, f"the gradient norm was 0 for {self.zero_grad_run} steps in a row "
                        f"(up to step {state.global_step})", "check that labels are not all masked and that LoRA "
                        "targets are on the path of the loss (gemma4-tune preflight)")
+
+
+class EvalCallback(TrainerCallback):
+    """Held-out loss and accuracy before the first step (the base model), every ``every`` steps and at the end.
+
+    Each result is appended to ``metrics.jsonl`` as an ``eval_loss`` row and kept in ``results``.
+    """
+
+    def __init__(self, model: Any, batcher: Any, examples: list[dict[str, Any]], *, every: int | None,
+                 batch_size: int, metrics_path: Path, counter: TokenCounter) -> None:
+        self.model, self.batcher, self.examples = model, batcher, examples
+        self.every, self.batch_size = every, batch_size
+        self.path, self.counter = metrics_path, counter
+        self.results: list[Any] = []
+
+    def _run(self, step: int) -> None:
+        from gemma4_tune.evaluate import evaluate
+
+        result = evaluate(self.model, self.batcher, self.examples, batch_size=self.batch_size, step=step)
+        self.results.append(result)
+        with self.path.open("a") as f:
+            f.write(json.dumps(result.to_row(self.counter.tokens)) + "\n")
+        first = self.results[0]
+        change = f" (step {first.step}: {first.loss:.4f}, {first.accuracy:.1%})" if len(self.results) > 1 else ""
+        console.print(f"eval @ step {step}: loss {result.loss:.4f}, accuracy {result.accuracy:.1%} on "
+                      f"{result.tokens} held-out tokens{change}")
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        if self.every is None:
+            self.every = max(1, state.max_steps // 4)
+        if state.global_step == 0:
+            self._run(0)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        if self.every and state.global_step % self.every == 0 and not control.should_training_stop:
+            self._run(state.global_step)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        if not self.results or self.results[-1].step != state.global_step:
+            self._run(state.global_step)

@@ -180,6 +180,16 @@ def _train_command(preflight_only: bool):  # noqa: ANN202 - returns a Typer comm
                                                               help="Chat template revision (v1..v5)")] = None,
         quantize: Annotated[Quantize | None, typer.Option("--quantize", help="QLoRA: 4-bit base weights (CUDA + "
                                                           "bitsandbytes)")] = None,
+        eval_data: Annotated[str | None, typer.Option("--eval-data", help="Held-out JSONL/dataset for eval loss")
+                             ] = None,
+        eval_split: Annotated[float | None, typer.Option("--eval-split", help="Hold out this share of --data's "
+                                                         "conversations (seeded)")] = None,
+        eval_steps: Annotated[int | None, typer.Option("--eval-steps", help="Evaluate every N steps [a quarter "
+                                                       "of the run]")] = None,
+        samples: Annotated[int | None, typer.Option("--samples", help="Held-out prompts answered by base and "
+                                                    "tuned model in the report [4]")] = None,
+        sample_max_tokens: Annotated[int | None, typer.Option("--sample-max-tokens", help="Tokens per sample "
+                                                              "answer [32]")] = None,
         resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint")] = False,
         no_preflight: Annotated[bool, typer.Option("--no-preflight", help="Skip preflight (reported as G4T510)")
                                 ] = False,
@@ -193,7 +203,9 @@ def _train_command(preflight_only: bool):  # noqa: ANN202 - returns a Typer comm
                                        batch_size=batch_size, grad_accum=grad_accum, max_seq_len=max_seq_len,
                                        save_steps=save_steps, seed=seed, train_on=train_on, packing=packing,
                                        skip_invalid=skip_invalid, template_revision=template_revision,
-                                       quantize=quantize.value if quantize else None).items()
+                                       quantize=quantize.value if quantize else None, eval_data=eval_data,
+                                       eval_split=eval_split, eval_steps=eval_steps, samples=samples,
+                                       sample_max_tokens=sample_max_tokens).items()
                  if v is not None}
         if resume:
             flags["resume"] = True
@@ -210,7 +222,7 @@ def _train_command(preflight_only: bool):  # noqa: ANN202 - returns a Typer comm
         if not preflight_only:
             render_findings([f for f in trained.findings if f.severity is not Severity.INFO])
             typer.echo(f"adapter: {trained.adapter}")
-            typer.echo(f"report:  {trained.out / 'report.md'}")
+            typer.echo(f"report:  {trained.out / 'report.html'} ({trained.out / 'report.md'})")
             return
         if json_out:
             print_json(result.to_dict())
@@ -339,6 +351,35 @@ def verify(
         console.print(f"written: {report['paths']['markdown']}")
     if not report["ok"]:
         raise typer.Exit(1)
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[str], typer.Argument(help="Run directories (the --out of `train`), two or more")],
+    out: Annotated[Path, typer.Option("--out", help="Where compare.md/.json/.png go")] = Path("compare"),
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Several runs' metrics in one table and one plot: loss and held-out loss against step and tokens."""
+    from gemma4_tune.compare import compare_runs
+
+    try:
+        report = compare_runs(runs, out)
+    except FindingError as exc:
+        _fail(exc)
+    if json_out:
+        print_json(report)
+        return
+    table = Table(title="Runs")
+    for col in ("run", "steps", "tokens", "final loss", "held-out loss", "held-out accuracy", "tokens/s"):
+        table.add_column(col)
+    for r in report["runs"]:
+        start, end = r["eval_loss_start"], r["eval_loss_end"]
+        acc0, acc1 = r["eval_accuracy_start"], r["eval_accuracy_end"]
+        table.add_row(r["name"], str(r["steps"]), str(r["tokens"]), f"{r['final_loss']:.4f}",
+                      "-" if start is None else f"{start:.4f} -> {end:.4f}",
+                      "-" if acc0 is None else f"{acc0:.1%} -> {acc1:.1%}", f"{r['tokens_per_s']:.0f}")
+    console.print(table)
+    console.print(f"written: {report['markdown']} and {report['plot']}")
 
 
 @app.command()

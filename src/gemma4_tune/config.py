@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gemma4_tune.findings import FindingError, Severity, finding, register
 
@@ -29,6 +29,7 @@ ALIASES = {
     "num_epochs": "epochs",
     "sequence_len": "max_seq_len",
     "lora_target_modules": "targets",
+    "val_set_size": "eval_split",
 }
 
 
@@ -63,6 +64,17 @@ class RunConfig(BaseModel):
     preflight: bool = True
     template_revision: str | None = None
     quantize: Literal["4bit"] | None = None
+    eval_data: str | None = None
+    eval_split: float = Field(0.0, ge=0.0, lt=1.0)
+    eval_steps: int | None = Field(None, ge=1)
+    samples: int = Field(4, ge=0)
+    sample_max_tokens: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> RunConfig:
+        if self.eval_data and self.eval_split:
+            raise ValueError("give --eval-data or --eval-split, not both")
+        return self
 
     def dump(self) -> dict[str, Any]:
         """Plain dict (for reports and manifests)."""

@@ -21,6 +21,7 @@ from gemma4_tune.findings import FindingError
 
 DEMO_TARGETS = "text,vision,audio"
 DEMO_STEPS = 80
+DEMO_EVAL_SPLIT = 0.15
 
 
 def run_demo(out: Path, *, seed: int = 0, steps: int = DEMO_STEPS) -> dict[str, Any]:
@@ -30,6 +31,7 @@ def run_demo(out: Path, *, seed: int = 0, steps: int = DEMO_STEPS) -> dict[str, 
     from gemma4_tune.api import export, plan, run_training, tiny_model, verify
     from gemma4_tune.verify.engine_env import vllm_python
     from gemma4_tune.data.demo_data import write_demo_dataset
+    from gemma4_tune.report import write_report
     from gemma4_tune.train import loss_went_down
 
     out = Path(out)
@@ -63,8 +65,12 @@ def run_demo(out: Path, *, seed: int = 0, steps: int = DEMO_STEPS) -> dict[str, 
     run_dir = out / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = RunConfig(model=str(model_dir), data=str(data), out=str(run_dir), targets=DEMO_TARGETS, rank=8,
-                    max_steps=steps, batch_size=4, lr=1e-2, save_steps=max(steps // 2, 1), seed=seed)
+                    max_steps=steps, batch_size=4, lr=1e-2, save_steps=max(steps // 2, 1), seed=seed,
+                    eval_split=DEMO_EVAL_SPLIT, eval_steps=max(steps // 4, 1), samples=3)
     result = run_training(cfg)
+    evals = [m for m in result.metrics if "eval_loss" in m]
+    console.print(f"  held-out loss {evals[0]['eval_loss']:.3f} (base model) -> {evals[-1]['eval_loss']:.3f} (tuned); "
+                  f"token accuracy {evals[0]['eval_accuracy']:.1%} -> {evals[-1]['eval_accuracy']:.1%}")
 
     console.rule("[bold]5. Verify the saved adapter")
     parity = result.parity
@@ -86,17 +92,16 @@ def run_demo(out: Path, *, seed: int = 0, steps: int = DEMO_STEPS) -> dict[str, 
         console.print("  [dim]vLLM not installed (`gemma4-tune engines install vllm`): checking transformers "
                       "and PEFT only[/]")
     verified = verify(model_dir, result.adapter, merged=merged, engines=engines, out=run_dir)
-    parity_rows = []
     for r in verified["engines"]:
-        parity_rows.append(f"| {r['engine']} | {r['max_logit_diff']:.2e} | {r['tolerance']:.0e} | "
-                           f"{r['greedy_agreement']:.1%} | {r['adapter_effect']:.2e} | "
-                           f"{'pass' if r['ok'] else 'FAIL'} |")
         console.print(f"  {r['engine']:12s} max |diff| {r['max_logit_diff']:.2e} (tolerance {r['tolerance']:.0e}), "
                       f"greedy agreement {r['greedy_agreement']:.1%}, adapter effect {r['adapter_effect']:.2e}: "
                       f"{'pass' if r['ok'] else 'FAIL'}")
-    with (run_dir / "report.md").open("a") as f:
-        f.write("\n## Export and engine parity\n\n| engine | max diff | tolerance | greedy agreement | "
-                "adapter effect | verdict |\n|---|---:|---:|---:|---:|---|\n" + "\n".join(parity_rows) + "\n")
+    report = {**result.report, "verification": {
+        **result.report["verification"], "engines": verified["engines"],
+        "export": {"merged checkpoint": str(merged), "tensors merged": exported["merged"]["tensors_merged"],
+                   "tensors copied": exported["merged"]["tensors_copied"],
+                   "merge seconds": exported["merged"]["seconds"], "Ollama Modelfile": str(merged / "Modelfile")}}}
+    write_report(run_dir, report, result.findings)
     if not verified["ok"]:
         raise FindingError(*verified["findings"])
 
@@ -104,13 +109,15 @@ def run_demo(out: Path, *, seed: int = 0, steps: int = DEMO_STEPS) -> dict[str, 
     summary = {
         "model": str(model_dir), "data": str(data), "run": str(run_dir), "steps": steps,
         "loss_first_10_steps": round(first, 4), "loss_last_10_steps": round(last, 4),
-        "report": str(run_dir / "report.md"), "adapter": str(result.adapter),
+        "report": str(run_dir / "report.html"), "adapter": str(result.adapter),
         "verification": parity.to_dict(), "engines": verified["engines"],
+        "eval_loss_base": evals[0]["eval_loss"], "eval_loss_tuned": evals[-1]["eval_loss"],
+        "eval_accuracy_base": evals[0]["eval_accuracy"], "eval_accuracy_tuned": evals[-1]["eval_accuracy"],
         "seconds": round(time.perf_counter() - started, 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     console.rule("[bold green]demo finished")
     console.print(f"mean loss of the first 10 steps {first:.3f} -> last 10 steps {last:.3f}; "
                   f"{summary['seconds']} s in all")
-    console.print(f"report: {run_dir / 'report.md'} (loss curve {run_dir / 'loss.png'})")
+    console.print(f"report: {run_dir / 'report.html'} ({run_dir / 'report.md'}, curves {run_dir / 'loss.png'})")
     return summary

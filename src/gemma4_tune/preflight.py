@@ -87,7 +87,7 @@ class PreflightResult:
 
 def _forward_backward(ctx: PreflightContext) -> None:
     """One forward and backward pass with the training loss; gradients of lora_B summed per tower."""
-    from gemma4_tune.train import token_mean_loss
+    from gemma4_tune.loss import token_mean_loss
 
     model = ctx.model
     model.train()

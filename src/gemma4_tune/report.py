@@ -1,26 +1,60 @@
-"""Run reports: ``report.json`` for machines, ``report.md`` and a loss-curve PNG for people."""
+"""Run reports: ``report.json`` for machines, ``report.md`` and a self-contained ``report.html`` for people.
+
+Both human formats are rendered from one list of sections, so they always say the same
+thing: result, eval before/after, settings, data, targets, preflight, curves, samples,
+export and verify results, timings and throughput, findings, versions. The curves are one
+PNG (``loss.png``), linked from the markdown and embedded in the HTML.
+"""
 
 from __future__ import annotations
 
+import base64
+import html
 import json
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gemma4_tune.findings import Finding
 
 
+@dataclass
+class Block:
+    """One piece of a section: ``kv`` (rows of label, value), ``table`` (header + rows), ``image``, ``pre``, ``text``."""
+
+    kind: str
+    rows: list[list[Any]] = field(default_factory=list)
+    header: list[str] = field(default_factory=list)
+    text: str = ""
+
+
+Section = tuple[str, list[Block]]
+
+
 def loss_plot(metrics: list[dict[str, Any]], path: Path) -> Path | None:
-    """Training loss against step, as a PNG; None when nothing was logged."""
-    points = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
-    if not points:
+    """Training and held-out loss against step (and held-out accuracy), as a PNG; None when nothing was logged."""
+    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    evals = [(m["step"], m["eval_loss"], m["eval_accuracy"]) for m in metrics if "eval_loss" in m]
+    if not train and not evals:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label="train loss")
+    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(10 if evals else 6, 3.5), dpi=100, squeeze=False)
+    ax = axes[0][0]
+    if train:
+        ax.plot([p[0] for p in train], [p[1] for p in train], marker="o", markersize=3, label="train loss")
+    if evals:
+        ax.plot([p[0] for p in evals], [p[1] for p in evals], marker="s", markersize=5, linestyle="--",
+                label="held-out loss")
+        acc = axes[0][1]
+        acc.plot([p[0] for p in evals], [100 * p[2] for p in evals], marker="s", markersize=5, color="tab:green")
+        acc.set_xlabel("step")
+        acc.set_ylabel("held-out token accuracy (%)")
+        acc.grid(alpha=0.3)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (per supervised token)")
     ax.grid(alpha=0.3)
@@ -31,58 +65,199 @@ def loss_plot(metrics: list[dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
-def write_report(out: Path, sections: dict[str, Any], findings: list[Finding]) -> dict[str, Path]:
-    """Write report.json, report.md and loss.png into ``out``; return their paths."""
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
+    return "-" if value is None else str(value)
+
+
+def _eval_rows(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [m for m in metrics if "eval_loss" in m]
+
+
+def _throughput(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    steps = [m for m in metrics if "loss" in m]
+    if not steps:
+        return {}
+    return {"steps": steps[-1]["step"], "training tokens": steps[-1].get("tokens"),
+            "tokens/s (whole run)": steps[-1].get("tokens_per_s")}
+
+
+def build_sections(sections: dict[str, Any], findings: list[Finding], plot: Path | None) -> list[Section]:
+    """The report's sections, in reading order, from the run's record."""
+    cfg, data, plan = sections.get("config", {}), sections.get("data", {}), sections.get("plan", {})
     metrics = sections.get("metrics", [])
-    plot = loss_plot(metrics, out / "loss.png")
+    out: list[Section] = []
+    if sections.get("summary"):
+        out.append(("Result", [Block("kv", [[k, v] for k, v in sections["summary"].items()])]))
+    evals = _eval_rows(metrics)
+    if evals:
+        first, last = evals[0], evals[-1]
+        out.append(("Held-out evaluation", [
+            Block("text", text=f"{last['eval_tokens']} supervised tokens of {data.get('eval_conversations')} "
+                               f"held-out conversations ({data.get('eval_source')}); loss computed exactly like "
+                               "the training loss. Step 0 is the base model."),
+            Block("table", header=["", f"step {first['step']} (base)", f"step {last['step']} (tuned)", "change"],
+                  rows=[["loss", f"{first['eval_loss']:.4f}", f"{last['eval_loss']:.4f}",
+                         f"{last['eval_loss'] - first['eval_loss']:+.4f}"],
+                        ["token accuracy", f"{first['eval_accuracy']:.1%}", f"{last['eval_accuracy']:.1%}",
+                         f"{100 * (last['eval_accuracy'] - first['eval_accuracy']):+.1f} pt"]]),
+            Block("table", header=["step", "held-out loss", "token accuracy", "training tokens seen"],
+                  rows=[[m["step"], f"{m['eval_loss']:.4f}", f"{m['eval_accuracy']:.1%}", m.get("tokens")]
+                        for m in evals]),
+        ]))
+    if plot:
+        out.append(("Curves", [Block("image", text=plot.name)]))
+    samples = sections.get("samples") or []
+    if samples:
+        where = "held-out" if samples[0].get("held_out") else "training (no held-out data was given)"
+        out.append(("Samples", [
+            Block("text", text=f"Greedy answers to {len(samples)} {where} prompts, by the base model and the "
+                               "tuned model, with the reference answer."),
+            Block("table", header=["kind", "prompt", "reference", "base model", "tuned model"],
+                  rows=[[s["kind"], s["prompt"], s["reference"], s["base"], s["tuned"]] for s in samples]),
+        ]))
+    verification = sections.get("verification") or {}
+    blocks = []
+    reload = verification.get("peft_reload")
+    if reload:
+        blocks.append(Block("table", header=["check (saved adapter in stock PEFT)", "figure"], rows=[
+            ["max logit difference, saved adapter vs trained model", f"{reload['max_logit_diff']:.2e}"],
+            ["greedy-token agreement", f"{reload['greedy_agreement']:.1%}"],
+            ["max logit change made by the adapter", f"{reload['adapter_effect']:.2e}"],
+            ["verdict", "pass" if reload["ok"] else "FAIL"]]))
+    if verification.get("export"):
+        blocks.append(Block("kv", [[k, v] for k, v in verification["export"].items()]))
+    if verification.get("engines"):
+        blocks.append(Block("table", header=["engine", "max diff", "tolerance", "greedy agreement", "adapter effect",
+                                             "verdict"],
+                            rows=[[r["engine"], f"{r['max_logit_diff']:.2e}", f"{r['tolerance']:.0e}",
+                                   f"{r['greedy_agreement']:.1%}", f"{r['adapter_effect']:.2e}",
+                                   "pass" if r["ok"] else "FAIL"] for r in verification["engines"]]))
+    if blocks:
+        out.append(("Export and verification", blocks))
+    out.append(("Settings", [Block("kv", [[k, v] for k, v in cfg.items()])]))
+    out.append(("Data", [Block("kv", [
+        ["conversations (training / held out)", f"{data.get('train_conversations', data.get('kept'))} / "
+                                                f"{data.get('eval_conversations', 0)}"],
+        ["rows dropped as invalid", sum((data.get("dropped") or {}).values())],
+        ["modalities", data.get("modalities")], ["tokens", data.get("tokens")],
+        ["supervised tokens", data.get("supervised_tokens")], ["supervised share", data.get("supervised_share")],
+        ["truncated examples", data.get("truncated")], ["chat template revision", data.get("template_revision")],
+        ["packing", data.get("packing")]])]))
+    out.append(("LoRA targets", [Block("kv", [["spec", plan.get("spec")],
+                                              ["trainable parameters", plan.get("trainable")],
+                                              ["skipped projections", plan.get("skipped")]])]))
+    pf = sections.get("preflight")
+    if pf:
+        out.append(("Preflight", [
+            Block("table", header=["check", "figure"], rows=[
+                ["loss on a real batch", f"{pf['loss']:.4f}"],
+                ["supervised / tokens in the batch", f"{pf['supervised_in_batch']} / {pf['tokens_in_batch']}"],
+                *[[f"LoRA gradient reaching {t}", f"{g:.3e}"] for t, g in pf["lora_grad"].items()],
+                ["seconds", pf["seconds"]]]),
+            Block("text", text="Masked sample (supervised tokens in ⟦ ⟧):"),
+            Block("pre", text=pf["sample"])]))
+    steps = [m for m in metrics if "loss" in m]
+    timing = {**(sections.get("timings") or {}), **_throughput(metrics)}
+    if timing:
+        out.append(("Timings and throughput", [Block("kv", [[k, v] for k, v in timing.items()])]))
+    if steps:
+        out.append(("Steps", [Block("table", header=["step", "loss", "lr", "grad norm", "tokens/s"], rows=[
+            [m["step"], f"{m['loss']:.4f}", f"{m.get('learning_rate', 0):.2e}",
+             f"{m.get('grad_norm', float('nan')):.3f}", f"{m.get('tokens_per_s', 0):.0f}"] for m in steps])]))
+    if findings:
+        out.append(("Findings", [Block("table", header=["code", "severity", "message", "fix"],
+                                       rows=[[f.code, f.severity.value, f.message, f.fix] for f in findings])]))
+    if sections.get("versions"):
+        out.append(("Versions", [Block("kv", [[k, v] for k, v in sections["versions"].items()])]))
+    return out
+
+
+def _md_cell(value: Any) -> str:
+    return _fmt(value).replace("|", "\\|").replace("\n", "<br>")
+
+
+def render_markdown(title: str, sections: list[Section]) -> str:
+    """The sections as GitHub markdown."""
+    parts = [f"# {title}\n"]
+    for name, blocks in sections:
+        parts.append(f"## {name}\n")
+        for block in blocks:
+            if block.kind == "kv":
+                parts.append("| | |\n|---|---|\n" + "".join(f"| {_md_cell(k)} | {_md_cell(v)} |\n"
+                                                           for k, v in block.rows))
+            elif block.kind == "table":
+                parts.append("| " + " | ".join(block.header) + " |\n|" + "---|" * len(block.header) + "\n"
+                             + "".join("| " + " | ".join(_md_cell(c) for c in row) + " |\n" for row in block.rows))
+            elif block.kind == "image":
+                parts.append(f"![curves]({block.text})\n")
+            elif block.kind == "pre":
+                parts.append(f"```\n{block.text}\n```\n")
+            else:
+                parts.append(block.text + "\n")
+    return "\n".join(parts)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#1d2330;line-height:1.45}
+h1{font-size:1.5em;border-bottom:2px solid #d0d7e2;padding-bottom:.3em}h2{font-size:1.15em;margin-top:1.8em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
+th,td{border:1px solid #d0d7e2;padding:.3em .6em;text-align:left;vertical-align:top;max-width:28em;
+overflow-wrap:anywhere}
+th{background:#eef2f7}tr:nth-child(even) td{background:#f8fafc}
+img{max-width:100%;border:1px solid #d0d7e2}pre{background:#f4f6f9;padding:.8em;overflow-x:auto;white-space:pre-wrap}
+.FAIL{color:#b00020;font-weight:bold}.pass{color:#1b7f3b;font-weight:bold}
+"""
+
+
+def _html_cell(value: Any, tag: str = "td") -> str:
+    text = _fmt(value)
+    cls = f' class="{text}"' if text in ("pass", "FAIL") else ""
+    return f"<{tag}{cls}>{html.escape(text)}</{tag}>"
+
+
+def render_html(title: str, sections: list[Section], folder: Path) -> str:
+    """The sections as one self-contained HTML page (images embedded as data URIs)."""
+    parts = [f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    for name, blocks in sections:
+        slug = name.lower().replace(" ", "-")
+        parts.append(f'<section id="{html.escape(slug)}"><h2>{html.escape(name)}</h2>')
+        for block in blocks:
+            if block.kind == "kv":
+                parts.append("<table>" + "".join(f"<tr>{_html_cell(k, 'th')}{_html_cell(v)}</tr>"
+                                                 for k, v in block.rows) + "</table>")
+            elif block.kind == "table":
+                parts.append("<table><thead><tr>" + "".join(_html_cell(h, "th") for h in block.header)
+                             + "</tr></thead><tbody>" + "".join("<tr>" + "".join(_html_cell(c) for c in row)
+                                                                 + "</tr>" for row in block.rows)
+                             + "</tbody></table>")
+            elif block.kind == "image":
+                encoded = base64.b64encode((folder / block.text).read_bytes()).decode()
+                parts.append(f'<img alt="loss and held-out curves" src="data:image/png;base64,{encoded}">')
+            elif block.kind == "pre":
+                parts.append(f"<pre>{html.escape(block.text)}</pre>")
+            else:
+                parts.append(f"<p>{html.escape(block.text)}</p>")
+        parts.append("</section>")
+    parts.append("</body></html>\n")
+    return "".join(parts)
+
+
+def write_report(out: Path, sections: dict[str, Any], findings: list[Finding]) -> dict[str, Path]:
+    """Write report.json, report.md, report.html and loss.png into ``out``; return their paths."""
+    plot = loss_plot(sections.get("metrics", []), out / "loss.png")
     data = {**sections, "findings": [f.to_dict() for f in findings]}
     (out / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
-    (out / "report.md").write_text(_markdown(sections, findings, plot))
-    paths = {"json": out / "report.json", "markdown": out / "report.md"}
+    title = f"gemma4-tune run: {sections.get('config', {}).get('out', out)}"
+    built = build_sections(sections, findings, plot)
+    (out / "report.md").write_text(render_markdown(title, built))
+    (out / "report.html").write_text(render_html(title, built, out))
+    paths = {"json": out / "report.json", "markdown": out / "report.md", "html": out / "report.html"}
     if plot:
         paths["plot"] = plot
     return paths
-
-
-def _table(rows: list[tuple[str, Any]]) -> str:
-    lines = ["| | |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _markdown(sections: dict[str, Any], findings: list[Finding], plot: Path | None) -> str:
-    cfg = sections.get("config", {})
-    data = sections.get("data", {})
-    plan = sections.get("plan", {})
-    summary = sections.get("summary", {})
-    parts = [f"# gemma4-tune run: {cfg.get('out', '')}\n"]
-    if summary:
-        parts.append("## Result\n\n" + _table(list(summary.items())))
-    parts.append("## Settings\n\n" + _table([(k, v) for k, v in cfg.items()]))
-    parts.append("## Data\n\n" + _table([
-        ("conversations", data.get("kept")), ("rows dropped", data.get("dropped") or 0),
-        ("modalities", data.get("modalities")), ("tokens", data.get("tokens")),
-        ("supervised tokens", data.get("supervised_tokens")), ("truncated examples", data.get("truncated")),
-        ("chat template revision", data.get("template_revision")), ("packing", data.get("packing")),
-    ]))
-    parts.append("## LoRA targets\n\n" + _table([
-        ("spec", plan.get("spec")), ("trainable parameters", plan.get("trainable")),
-        ("skipped projections", plan.get("skipped")),
-    ]))
-    if plot:
-        parts.append(f"## Loss\n\n![loss curve]({plot.name})\n")
-    metrics = sections.get("metrics", [])
-    if metrics:
-        rows = ["| step | loss | lr | grad norm | tokens/s |", "|---:|---:|---:|---:|---:|"]
-        rows += [f"| {m['step']} | {m['loss']:.4f} | {m.get('learning_rate', 0):.2e} | "
-                 f"{m.get('grad_norm', float('nan')):.3f} | {m.get('tokens_per_s', 0):.0f} |" for m in metrics]
-        parts.append("## Steps\n\n" + "\n".join(rows) + "\n")
-    for title, table in sections.get("extra_tables", {}).items():
-        parts.append(f"## {title}\n\n{table}\n")
-    if findings:
-        parts.append("## Findings\n\n" + "\n".join(f"- **{f.code}** ({f.severity.value}): {f.message} — {f.fix}"
-                                                 for f in findings) + "\n")
-    versions = sections.get("versions", {})
-    if versions:
-        parts.append("## Versions\n\n" + _table(list(versions.items())))
-    return "\n".join(parts)

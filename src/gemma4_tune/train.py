@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 
 from gemma4_tune.adapters import LoraSettings, check_quantization, prepare_model, save_adapter
 from gemma4_tune.callbacks import (
     AtomicCheckpointCallback,
+    EvalCallback,
     GuardCallback,
     MetricsCallback,
     ProgressCallback,
@@ -32,9 +32,11 @@ from gemma4_tune.callbacks import (
 )
 from gemma4_tune.config import RunConfig
 from gemma4_tune.console import console, err_console
+from gemma4_tune.evaluate import generate_samples, pick_samples
 from gemma4_tune.export.manifest import write_manifest
 from gemma4_tune.findings import MODEL_NOT_FOUND, Finding, FindingError, Severity, finding, has_errors, register
 from gemma4_tune.io import ensure_empty_target
+from gemma4_tune.loss import token_mean_loss
 from gemma4_tune.preflight import PreflightResult
 from gemma4_tune.profile import ModelProfile
 from gemma4_tune.targets import TargetPlan
@@ -42,6 +44,8 @@ from gemma4_tune.targets import TargetPlan
 NOTHING_SUPERVISED = register("G4T402", Severity.ERROR, "No supervised tokens after rendering", (12,))
 NO_CHECKPOINT = register("G4T401", Severity.ERROR, "--resume found no complete checkpoint")
 MODALITY_WITHOUT_TOWER = register("G4T406", Severity.ERROR, "Data has a modality this model cannot read")
+EVAL_OVERLAP = register("G4T407", Severity.WARNING, "Held-out data repeats training conversations")
+EVAL_EMPTY = register("G4T408", Severity.ERROR, "Held-out data has no supervised token")
 
 STAGING = ".staging"
 
@@ -62,21 +66,8 @@ class TrainResult:
     probe_batch: dict[str, torch.Tensor] = field(default_factory=dict)
     parity: Any = None  # verify.peft.ReloadParity, set by api.run_training
     preflight: Any = None  # preflight.PreflightResult, None when skipped
-
-
-def token_mean_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
-    """Cross-entropy summed over supervised tokens, divided by the supervised tokens of the whole step.
-
-    The Trainer passes ``num_items_in_batch`` (all micro-batches of one optimizer step) to a
-    ``compute_loss_func``, so every token weighs the same under gradient accumulation, which
-    Gemma 4's own loss does not do (``accepts_loss_kwargs = False``, row 26).
-    """
-    logits = outputs.logits[:, :-1, :].float()
-    target = labels[:, 1:].to(logits.device)
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
-                            reduction="sum")
-    count = num_items_in_batch if num_items_in_batch is not None else target.ne(-100).sum()
-    return total / count
+    samples: list[Any] = field(default_factory=list)  # evaluate.Sample, base vs tuned answers
+    report: dict[str, Any] = field(default_factory=dict)  # the sections of report.json, set by api.run_training
 
 
 class _Examples(torch.utils.data.Dataset):
@@ -162,6 +153,10 @@ class RunSetup:
     examples: list[dict[str, Any]]
     probe: dict[str, torch.Tensor]
     data: dict[str, Any]
+    train_conversations: list[Any] = field(default_factory=list)
+    eval_conversations: list[Any] = field(default_factory=list)
+    eval_examples: list[dict[str, Any]] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
 
 
 def prepare_run(cfg: RunConfig) -> RunSetup:
@@ -169,23 +164,44 @@ def prepare_run(cfg: RunConfig) -> RunSetup:
     from transformers import set_seed
 
     from gemma4_tune.data.collate import Gemma4Batcher
-    from gemma4_tune.data.records import load_conversations
+    from gemma4_tune.data.records import conversation_key, load_conversations, split_conversations
 
     if not Path(cfg.model).is_dir():
         raise FindingError(finding(MODEL_NOT_FOUND.code, f"--model {cfg.model} is not a local model directory",
                                    "download the checkpoint first (weights are never fetched at run time) and "
                                    "pass its directory; `gemma4-tune tiny-model` builds a tiny one to try things"))
 
-    # 1. Data, validated before any model is loaded.
+    # 1. Data (training and held-out), validated before any model is loaded.
     conversations, data_report = load_conversations(cfg.data, skip_invalid=cfg.skip_invalid)
     err_console.print(f"data: {data_report.kept} conversations from {cfg.data}"
                   + (f" ({sum(data_report.dropped.values())} invalid rows dropped)" if data_report.dropped else ""))
+    findings: list[Finding] = []
+    eval_convs: list[Any] = []
+    eval_source = None
+    if cfg.eval_data:
+        eval_convs, _ = load_conversations(cfg.eval_data, skip_invalid=cfg.skip_invalid)
+        eval_source = cfg.eval_data
+        seen = {conversation_key(c) for c in conversations}
+        repeated = [c.source for c in eval_convs if conversation_key(c) in seen]
+        if repeated:
+            findings.append(finding(EVAL_OVERLAP.code, f"{len(repeated)} of {len(eval_convs)} held-out conversations "
+                                    f"also appear in the training data (e.g. {repeated[0]}): the eval loss will "
+                                    "look better than the model is", "remove them from one of the two files, or "
+                                    "use --eval-split, which keeps identical conversations on one side"))
+    elif cfg.eval_split:
+        conversations, eval_convs = split_conversations(conversations, cfg.eval_split, cfg.seed)
+        eval_source = f"{cfg.eval_split:g} of {cfg.data} (seed {cfg.seed})"
+        err_console.print(f"eval: {len(eval_convs)} conversations held out, {len(conversations)} to train on")
 
     profile = ModelProfile.from_pretrained(cfg.model, count_parameters=False)
+    modalities = dict(data_report.modalities)
+    for conv in eval_convs if cfg.eval_data else []:
+        for kind in [k for k in ("image", "audio") if getattr(conv, f"{k}s")]:
+            modalities[kind] = modalities.get(kind, 0) + 1
     missing = [(kind, tower) for kind, tower in (("image", "vision"), ("audio", "audio"))
-               if data_report.modalities.get(kind) and profile.tower(tower) is None]
+               if modalities.get(kind) and profile.tower(tower) is None]
     if missing:
-        raise FindingError(*[finding(MODALITY_WITHOUT_TOWER.code, f"{data_report.modalities[kind]} conversations "
+        raise FindingError(*[finding(MODALITY_WITHOUT_TOWER.code, f"{modalities[kind]} conversations "
                                      f"have {kind} parts but {profile.variant or cfg.model} has no {tower} tower",
                                      f"remove the {kind} parts (or those rows), or use a model that has the "
                                      f"{tower} tower" + (" (E2B or E4B)" if tower == "audio" else ""))
@@ -202,6 +218,12 @@ def prepare_run(cfg: RunConfig) -> RunSetup:
     batcher = Gemma4Batcher(processor, revision=cfg.template_revision, max_seq_len=cfg.max_seq_len,
                             train_on=cfg.train_on)
     examples = [batcher.encode(c) for c in conversations]
+    eval_examples = [batcher.encode(c) for c in eval_convs]
+    eval_supervised = sum(int(e["num_supervised"]) for e in eval_examples)
+    if eval_convs and eval_supervised == 0:
+        raise FindingError(finding(EVAL_EMPTY.code, f"the {len(eval_convs)} held-out conversations ({eval_source}) "
+                                   "have no labelled token after rendering and truncation", "hold out conversations "
+                                   "with assistant answers, or raise --max-seq-len"))
     supervised = sum(int(e["num_supervised"]) for e in examples)
     truncated = sum(bool(e["truncated"]) for e in examples)
     if supervised == 0:
@@ -215,8 +237,11 @@ def prepare_run(cfg: RunConfig) -> RunSetup:
         examples = batcher.pack(examples, cfg.max_seq_len)
     data = {**data_report.to_dict(), "encoded_examples": len(examples), "supervised_tokens": supervised,
             "tokens": tokens, "supervised_share": round(supervised / max(tokens, 1), 4), "truncated": truncated,
-            "template_revision": batcher.revision, "packing": cfg.packing}
-    return RunSetup(profile, peft_model, plan, batcher, examples, probe, data)
+            "template_revision": batcher.revision, "packing": cfg.packing, "train_conversations": len(conversations),
+            "eval_source": eval_source, "eval_conversations": len(eval_convs), "eval_supervised_tokens": eval_supervised,
+            "eval_truncated": sum(bool(e["truncated"]) for e in eval_examples)}
+    return RunSetup(profile, peft_model, plan, batcher, examples, probe, data, conversations, eval_convs,
+                    eval_examples, findings)
 
 
 def preflight_run(cfg: RunConfig, setup: RunSetup) -> PreflightResult:
@@ -253,7 +278,7 @@ def train(cfg: RunConfig) -> TrainResult:
 
     setup = prepare_run(cfg)
     peft_model, plan, batcher, examples = setup.model, setup.plan, setup.batcher, setup.examples
-    findings = list(plan.findings)
+    findings = [*plan.findings, *setup.findings]
     if has_errors(findings):
         raise FindingError(*[f for f in findings if f.severity is Severity.ERROR])
     preflight = None
@@ -279,14 +304,20 @@ def train(cfg: RunConfig) -> TrainResult:
     # 4. The Trainer, with our loss, progress, metrics and atomic checkpoints.
     staging = out / STAGING
     guard = GuardCallback(peft_model)
+    callbacks = [guard, ProgressCallback(counter), MetricsCallback(out / "metrics.jsonl", counter),
+                 AtomicCheckpointCallback(staging, checkpoints, cfg.save_total_limit)]
+    evaluator = None
+    if setup.eval_examples:
+        evaluator = EvalCallback(peft_model, batcher, setup.eval_examples, every=cfg.eval_steps,
+                                 batch_size=cfg.batch_size, metrics_path=out / "metrics.jsonl", counter=counter)
+        callbacks.append(evaluator)
     trainer = Trainer(
         model=peft_model,
         args=training_arguments(cfg, staging),
         train_dataset=_Examples(examples),
         data_collator=collate,
         compute_loss_func=token_mean_loss,
-        callbacks=[guard, ProgressCallback(counter), MetricsCallback(out / "metrics.jsonl", counter),
-                   AtomicCheckpointCallback(staging, checkpoints, cfg.save_total_limit)],
+        callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)
     trainer.train(resume_from_checkpoint=resume_from)
@@ -297,6 +328,12 @@ def train(cfg: RunConfig) -> TrainResult:
     adapter = None if guard.findings else save_adapter(peft_model, out / "adapter", plan=plan, overwrite=True)
     if adapter is not None:
         write_manifest(adapter, cfg.model, training=cfg.dump(), versions=library_versions())
+    samples = []
+    if cfg.samples and adapter is not None:
+        held_out = bool(setup.eval_conversations)
+        picked = pick_samples(setup.eval_conversations or setup.train_conversations, cfg.samples)
+        console.print(f"samples: generating {len(picked)} answers with the base and the tuned model")
+        samples = generate_samples(peft_model, batcher, picked, held_out=held_out, max_new_tokens=cfg.sample_max_tokens)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     (out / "run.json").write_text(json.dumps({
         "config": cfg.dump(), "profile": {"variant": setup.profile.variant, "tiny": setup.profile.tiny},
@@ -306,7 +343,7 @@ def train(cfg: RunConfig) -> TrainResult:
     return TrainResult(out=out, adapter=adapter, plan=plan, data=data_summary, metrics=metrics,
                        seconds=round(time.perf_counter() - started, 2), findings=findings,
                        resumed_from=resume_from, model=peft_model, probe_batch=setup.probe,
-                       preflight=preflight)
+                       preflight=preflight, samples=samples)
 
 
 def _one_per_modality(examples: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -38,7 +38,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from gemma4_tune.data.chat import REVISIONS, assistant_char_spans, detect_revision
+from gemma4_tune.data.chat import REVISIONS, assistant_char_spans, detect_revision, render
 from gemma4_tune.findings import FindingError, Severity, finding, register
 
 UNKNOWN_REVISION = register("G4T310", Severity.ERROR, "Unknown chat template revision", (12, 13))
@@ -204,6 +204,31 @@ class Gemma4Batcher:
         example["truncated"] = truncated
         example["num_supervised"] = int((example["labels"] != IGNORE_INDEX).sum())
         return example
+
+    def encode_prompt(self, conv: ConversationLike) -> tuple[dict[str, torch.Tensor], str]:
+        """Model inputs (a batch of one) for generating ``conv``'s last assistant turn, and that turn's text.
+
+        The prompt is every message before the last assistant turn, rendered as the official
+        template renders it with ``add_generation_prompt``, with its images and audio.
+        """
+        messages, tools = _messages_and_tools(conv)
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is None or last == 0:
+            raise ValueError("the conversation has no assistant turn after a prompt")
+        prompt = messages[:last]
+        kwargs = {**dict(self.tokenizer.special_tokens_map), **self.chat_kwargs}
+        text = render(prompt, revision=self.revision, tools=tools, add_generation_prompt=True, **kwargs)
+        images, audios = self._load_media(prompt, text)
+        proc_kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt", "add_special_tokens": False}
+        if images:
+            proc_kwargs["images"] = [images]
+        if audios:
+            proc_kwargs["audio"] = audios
+        inputs = {k: v for k, v in dict(self.processor(**proc_kwargs)).items() if torch.is_tensor(v)}
+        answer = messages[last].get("content")
+        if isinstance(answer, list):
+            answer = "".join(p.get("text", "") for p in answer if isinstance(p, Mapping))
+        return inputs, str(answer or "")
 
     def _align(
         self, plain: list[int], plain_mask: list[bool], expanded: list[int]

@@ -17,6 +17,7 @@ content is always a list of parts and media parts carry an absolute ``path``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -382,21 +383,36 @@ def load_conversations(
     return conversations, report
 
 
+def conversation_key(conv: Conversation) -> str:
+    """A digest of what a conversation says (messages and tools, not where it came from)."""
+    payload = json.dumps({"messages": conv.messages, "tools": conv.tools}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
 def split_conversations(
     convs: list[Conversation], eval_fraction: float, seed: int
 ) -> tuple[list[Conversation], list[Conversation]]:
     """Split whole conversations into (train, eval), seeded and deterministic, each in input order.
 
     The eval set gets ``round(len * eval_fraction)`` conversations, at least one when the fraction is
-    positive, and never all of them.
+    positive, and never all of them. Identical conversations (same messages and tools, anywhere in
+    the file) always land on the same side, so a duplicated row cannot leak into the eval set.
     """
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     n = len(convs)
     n_eval = min(max(round(n * eval_fraction), 1 if eval_fraction > 0 else 0), max(n - 1, 0))
-    order = list(range(n))
+    groups: dict[str, list[int]] = {}
+    for i, conv in enumerate(convs):
+        groups.setdefault(conversation_key(conv), []).append(i)
+    order = list(groups.values())
     random.Random(seed).shuffle(order)
-    held_out = set(order[:n_eval])
+    held_out: set[int] = set()
+    for members in order:
+        if len(held_out) >= n_eval:
+            break
+        if len(held_out) + len(members) < n:
+            held_out.update(members)
     train = [c for i, c in enumerate(convs) if i not in held_out]
     evaluation = [c for i, c in enumerate(convs) if i in held_out]
     return train, evaluation
