@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup engines browser demo test test-fast clean
+.PHONY: setup engines browser demo test test-fast clean bench
 
 setup: $(STAMP)
 
@@ -33,6 +33,16 @@ test: setup engines browser
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow and not engine"
+
+# Benchmarks (issue #8): side-by-side ratios written to bench/results/*.json and docs/performance.md.
+# The GPU section runs only where CUDA is present (GEMMA4_BENCH_MODEL=<dir> for real sizes).
+bench: setup
+	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/clippable_lora.py
+	$(BIN)/python bench/merge_memory.py
+	$(BIN)/python bench/preflight_verify.py
+	$(BIN)/python bench/gpu.py
+	$(BIN)/python bench/report.py
 
 clean:
 	rm -rf runs .pytest_cache

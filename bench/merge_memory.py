@@ -1,20 +1,33 @@
-"""Peak memory of the streaming merge on a Gemma 4 checkpoint of at least 2 GB (CPU, fp32).
+"""Streaming merge against PEFT ``merge_and_unload`` + ``save_pretrained``, on a checkpoint of >= 2 GB.
 
 Builds a synthetic Gemma 4 (the 31B-shaped tiny config widened until its safetensors exceed
-2 GB), a rank-16 text LoRA with random factors, then runs `gemma4-tune export --merged` in a
-fresh process and reads its peak RSS. Writes bench/results/merge_memory.json.
+2 GB, fp32) and a rank-16 text LoRA with random factors. Then, each in a fresh process started
+from a small parent that reads ``RUSAGE_CHILDREN`` (a child forked from a parent holding a model
+would count the parent's pages as its own): `gemma4-tune export --merged`, and the baseline a user
+of stock PEFT writes (load base, ``PeftModel.from_pretrained``, ``merge_and_unload``,
+``save_pretrained``). Merge speed is set against ``shutil.copyfile`` of the same shards (the disk's
+limit; the files are in the page cache for every side alike). Writes bench/results/merge_memory.json.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-RESULTS = Path(__file__).parent / "results"
+import common
+
+# A small parent: runs argv[1:], prints its wall time and the children's peak RSS.
+MEASURE = ("import json, resource, subprocess, sys, time; t = time.perf_counter(); "
+           "p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+           "print(json.dumps({'rc': p.returncode, 'seconds': time.perf_counter() - t, "
+           "'peak_rss_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, "
+           "'stdout': p.stdout[-20000:], 'stderr': p.stderr[-3000:]}))")
 
 
 def build(root: Path) -> tuple[Path, Path]:
@@ -47,35 +60,85 @@ def build(root: Path) -> tuple[Path, Path]:
     return base, adapter
 
 
+def peft_merge(base: Path, adapter: Path, out: Path) -> None:
+    """The baseline, as PEFT's docs show it: load, merge_and_unload, save_pretrained."""
+    from peft import PeftModel
+    from transformers import Gemma4ForConditionalGeneration
+
+    model = Gemma4ForConditionalGeneration.from_pretrained(str(base))
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    merged.save_pretrained(str(out), max_shard_size="2GB")
+
+
+def measured(cmd: list[str]) -> dict[str, Any]:
+    """Run ``cmd`` under the small parent; its wall seconds, peak RSS (MB) and output."""
+    proc = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True, check=True)
+    result = json.loads(proc.stdout)
+    if result["rc"]:
+        raise RuntimeError(f"{cmd[:4]} failed:\n{result['stderr']}")
+    return result
+
+
+def copy_seconds(shards: list[Path], dest: Path) -> float:
+    """Seconds to ``shutil.copyfile`` every shard into ``dest`` (then removed)."""
+    dest.mkdir()
+    started = time.perf_counter()
+    for shard in shards:
+        shutil.copyfile(shard, dest / shard.name)
+    seconds = time.perf_counter() - started
+    shutil.rmtree(dest)
+    return seconds
+
+
 def main() -> None:
+    started = common.machine()
+    here = str(Path(__file__).parent)
     with tempfile.TemporaryDirectory(prefix="g4t-bench-merge-") as tmp:
         root = Path(tmp)
-        # Build in another process: a child forked from a parent holding the 2.5 GB model would
-        # report that memory as its own ru_maxrss.
-        subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-                        f"import merge_memory; merge_memory.build(__import__('pathlib').Path({str(root)!r}))"],
+        subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {here!r}); import merge_memory; "
+                        f"merge_memory.build(__import__('pathlib').Path({str(root)!r}))"],
                        check=True, capture_output=True)
         base, adapter = root / "base", root / "adapter"
-        size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
-        started = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", "from gemma4_tune.cli import main; main()", "export",
-                               "--base", str(base), "--adapter", str(adapter), "--merged", str(root / "merged"),
-                               "--json"], capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        merged = json.loads(proc.stdout)["merged"]
-        idle = subprocess.run([sys.executable, "-c", "import resource, gemma4_tune.cli, gemma4_tune.api, torch, "
-                               "transformers; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"],
-                              capture_output=True, text=True, check=True)
-        baseline_mb = float(idle.stdout.strip().splitlines()[-1])
-        result = {"checkpoint_bytes": size, "checkpoint_gb": round(size / 1e9, 3),
-                  "merge_seconds": merged["seconds"], "wall_seconds": round(time.perf_counter() - started, 1),
-                  "peak_rss_mb": merged["peak_rss_mb"], "import_baseline_rss_mb": round(baseline_mb, 1),
-                  "merge_rss_above_imports_mb": round(merged["peak_rss_mb"] - baseline_mb, 1),
-                  "peak_rss_over_model_size": round(merged["peak_rss_mb"] * 1024**2 / size, 3),
-                  "tensors_merged": merged["tensors_merged"], "shards": len(merged["shards"])}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "merge_memory.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+        shards = sorted(base.glob("*.safetensors"))
+        size = sum(p.stat().st_size for p in shards)
+        copies = [copy_seconds(shards, root / "copy")]
+        ours = measured([sys.executable, "-m", "gemma4_tune", "export", "--base", str(base), "--adapter",
+                         str(adapter), "--merged", str(root / "merged"), "--json"])
+        merged = json.loads(ours["stdout"])["merged"]
+        shutil.rmtree(root / "merged")
+        baseline = measured([sys.executable, "-c", f"import sys; sys.path.insert(0, {here!r}); import merge_memory; "
+                             f"from pathlib import Path; merge_memory.peft_merge(Path({str(base)!r}), "
+                             f"Path({str(adapter)!r}), Path({str(root / 'peft-merged')!r}))"])
+        shutil.rmtree(root / "peft-merged")
+        copies.append(copy_seconds(shards, root / "copy"))
+        idle = measured([sys.executable, "-c", "import gemma4_tune.cli, gemma4_tune.api, torch, transformers"])
+    copy_s = common.median(copies)
+    mb = size / 1e6
+    rss_ratio = ours["peak_rss_mb"] / baseline["peak_rss_mb"]
+    time_ratio = ours["seconds"] / baseline["seconds"]
+    speed_ratio = (mb / merged["seconds"]) / (mb / copy_s)
+    common.write_result("merge_memory", started, {
+        "what": "`gemma4-tune export --merged` (streaming) vs PEFT merge_and_unload + save_pretrained, "
+                "each a fresh process; merge speed vs shutil.copyfile of the same shards",
+        "model": {"checkpoint_bytes": size, "checkpoint_gb": round(size / 1e9, 3), "shards": len(shards),
+                  "dtype": "float32", "shape": "31B structure, hidden 1536, intermediate 8192, vocab 262144",
+                  "adapter": "rank 16, text attention + MLP"},
+        "figures": {
+            "streaming": {"peak_rss_mb": round(ours["peak_rss_mb"], 1), "wall_seconds": round(ours["seconds"], 2),
+                          "merge_seconds": round(merged["seconds"], 2),
+                          "merge_mb_per_s": round(mb / merged["seconds"], 1),
+                          "self_reported_peak_rss_mb": merged["peak_rss_mb"],
+                          "tensors_merged": merged["tensors_merged"]},
+            "peft_merge_and_unload": {"peak_rss_mb": round(baseline["peak_rss_mb"], 1),
+                                      "wall_seconds": round(baseline["seconds"], 2)},
+            "copy": {"seconds": [round(c, 2) for c in copies], "mb_per_s": round(mb / copy_s, 1)},
+            "import_only_peak_rss_mb": round(idle["peak_rss_mb"], 1)},
+        "ratios": {"peak_rss": round(rss_ratio, 3), "wall_time": round(time_ratio, 3),
+                   "merge_speed_vs_copy": round(speed_ratio, 3)},
+        "ratio": round(rss_ratio, 3), "ratio_means": "streaming peak RSS / PEFT peak RSS",
+        "goals": {"peak_rss": common.goal(rss_ratio, 0.25, at_least=False),
+                  "wall_time": common.goal(time_ratio, 1.0, at_least=False),
+                  "merge_speed_vs_copy": common.goal(speed_ratio, 0.3, at_least=True)}})
 
 
 if __name__ == "__main__":

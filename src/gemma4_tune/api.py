@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gemma4_tune.adapters import LoraSettings, prepare_model
 from gemma4_tune.catalog import resolve_variant
@@ -12,10 +12,12 @@ from gemma4_tune.config import RunConfig
 from gemma4_tune.findings import FindingError, Severity, finding, has_errors
 from gemma4_tune.io import atomic_directory
 from gemma4_tune.memory import WeightMemory
-from gemma4_tune.preflight import PreflightResult
 from gemma4_tune.profile import ModelProfile
 from gemma4_tune.targets import TargetPlan
-from gemma4_tune.train import TrainResult
+
+if TYPE_CHECKING:  # the Trainer stack costs ~5 s and ~230 MB to import; export and verify never need it
+    from gemma4_tune.preflight import PreflightResult
+    from gemma4_tune.train import TrainResult
 
 __all__ = ["LoraSettings", "RunConfig", "export", "meta_model", "plan", "prepare_model", "run_preflight",
            "run_training", "tiny_model", "verify"]

@@ -298,7 +298,9 @@ def train(cfg: RunConfig) -> TrainResult:
 
     def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = batcher.collate(items)
-        counter.add(int(batch["labels"].numel() if "attention_mask" not in batch else batch["attention_mask"].sum()))
+        # packed rows carry no attention_mask: their real tokens are the non-pad ones
+        real = batch["attention_mask"] if "attention_mask" in batch else batch["input_ids"].ne(batcher.pad_token_id)
+        counter.add(int(real.sum()))
         return batch
 
     # 4. The Trainer, with our loss, progress, metrics and atomic checkpoints.
