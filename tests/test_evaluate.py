@@ -207,3 +207,16 @@ def test_report_html_renders_plot_and_tables_in_headless_chromium(two_runs, tmp_
         assert Image.open(screenshot).size[0] >= 1000
     finally:
         driver.quit()
+
+
+def test_accuracy_counts_only_supervised_positions_with_the_loss_shift() -> None:
+    from gemma4_tune.loss import token_hits
+
+    labels = torch.tensor([[-100, 3, -100, 1, 2]])
+    logits = torch.zeros(1, 5, 4)
+    for t, predicted in enumerate([3, 0, 1, 2, 2]):  # position t predicts labels[t + 1]
+        logits[0, t, predicted] = 1.0
+    # position 0 -> 3 (right), 1 -> masked, 2 -> 1 (right), 3 -> 2 (right); the last position predicts nothing
+    assert int(token_hits(logits, labels)) == 3
+    logits[0, 2] = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    assert int(token_hits(logits, labels)) == 2

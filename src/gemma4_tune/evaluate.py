@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from gemma4_tune.loss import token_sums
+from gemma4_tune.loss import token_hits, token_sums
 
 
 @dataclass
@@ -54,10 +54,11 @@ def evaluate(model: Any, batcher: Any, examples: list[dict[str, Any]], *, batch_
             for i in range(0, len(examples), batch_size):
                 batch = _to(batcher.collate(examples[i:i + batch_size]), device)
                 labels = batch.pop("labels")
-                loss_sum, n, right = token_sums(model(**batch).logits, labels)
+                logits = model(**batch).logits
+                loss_sum, n = token_sums(logits, labels)
                 total += loss_sum.double().cpu()
                 count += int(n)
-                correct += int(right)
+                correct += int(token_hits(logits, labels))
     finally:
         model.train(was_training)
     return EvalResult(step=step, loss=float(total / max(count, 1)), accuracy=correct / max(count, 1), tokens=count,

@@ -10,8 +10,8 @@ from torch.nn import functional as F
 IGNORE_INDEX = -100
 
 
-def token_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy, supervised-token count and correct greedy predictions of one batch.
+def token_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy and supervised-token count of one batch.
 
     Position ``t`` predicts ``labels[t + 1]``; positions labelled ``-100`` (prompts, media,
     padding) count nowhere.
@@ -20,9 +20,13 @@ def token_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
     target = labels[:, 1:].to(logits.device)
     total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX,
                             reduction="sum")
-    supervised = target.ne(IGNORE_INDEX)
-    correct = (logits.argmax(-1).eq(target) & supervised).sum()
-    return total, supervised.sum(), correct
+    return total, target.ne(IGNORE_INDEX).sum()
+
+
+def token_hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """How many supervised positions the greedy prediction gets right (same shift and mask as the loss)."""
+    target = labels[:, 1:].to(logits.device)
+    return (logits[:, :-1, :].argmax(-1).eq(target) & target.ne(IGNORE_INDEX)).sum()
 
 
 def token_mean_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
@@ -32,5 +36,5 @@ def token_mean_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any 
     ``compute_loss_func``, so every token weighs the same under gradient accumulation, which
     Gemma 4's own loss does not do (``accepts_loss_kwargs = False``, row 26).
     """
-    total, count, _ = token_sums(outputs.logits, labels)
+    total, count = token_sums(outputs.logits, labels)
     return total / (num_items_in_batch if num_items_in_batch is not None else count)
