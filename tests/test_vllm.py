@@ -124,6 +124,8 @@ def _assert_parity(parity) -> None:
     assert parity.adapter_effect > 10 * LOGPROB_TOLERANCE["float32"]
     assert parity.ok
     assert json.loads(json.dumps(parity.to_dict()))["ok"] is True
+    print(json.dumps({k: parity.to_dict()[k] for k in ("greedy_agreement", "max_logprob_diff", "adapter_effect",
+                                                        "tokens_changed", "timings")}))
 
 
 @pytest.mark.engine
@@ -132,8 +134,6 @@ def _assert_parity(parity) -> None:
 def test_e2b_text_lora_matches_peft_in_vllm(e2b_runs) -> None:
     parity = e2b_runs["trained"]
     _assert_parity(parity)
-    print(json.dumps({k: parity.to_dict()[k] for k in ("greedy_agreement", "max_logprob_diff", "adapter_effect",
-                                                        "tokens_changed", "timings")}))
 
 
 @pytest.mark.engine
@@ -143,8 +143,6 @@ def test_31b_text_lora_matches_peft_in_vllm(b31_runs) -> None:
     """The vLLM-ready form of a 31B text LoRA serves exactly like the trained adapter in PEFT."""
     parity = b31_runs["vllm_ready"]
     _assert_parity(parity)
-    print(json.dumps({k: parity.to_dict()[k] for k in ("greedy_agreement", "max_logprob_diff", "adapter_effect",
-                                                        "tokens_changed", "timings")}))
 
 
 @pytest.mark.engine

@@ -141,8 +141,7 @@ def plan_serving(base: str | Path, adapters: dict[str, Path], work_dir: Path, *,
     blocking: list[Finding] = []
     ranks = []
     for name, adapter in adapters.items():
-        check_adapter_matches_base(adapter, base)
-        summary = check_adapter_for_engines(base, adapter, ["vllm"])
+        summary = check_adapter_for_engines(base, adapter, ["vllm"])  # refuses a foreign base (G4T801/802)
         ranks.append(summary.rank)
         codes = {f.code for f in summary.findings}
         blocking += [f for f in summary.findings if f.severity is Severity.ERROR]
@@ -352,13 +351,15 @@ class SmokeResult:
 
 
 def smoke(server: VllmServer, base: Path, references: dict[str, Any], prompts: list[list[int]],
-          version: str) -> list[SmokeResult]:
-    """One request per served model, compared with the transformers + PEFT reference of each."""
+          banned: Sequence[int], version: str) -> list[SmokeResult]:
+    """One request per served model, compared with the transformers + PEFT reference of each.
+
+    ``banned`` token ids (placeholders, EOS) are kept out of generation, as in the reference.
+    """
     plan = server.plan
     vocab = json.loads((plan.model / "config.json").read_text())
     vocab = int((vocab.get("text_config") or vocab)["vocab_size"])
-    banned = set(banned_token_ids(plan.model))
-    allowed = [t for t in range(vocab) if t not in banned]
+    allowed = [t for t in range(vocab) if t not in set(banned)]
     out: list[SmokeResult] = []
     if not plan.adapters:
         rows = _complete(server, plan.served_name, prompts, allowed)
@@ -437,9 +438,9 @@ def serve(base: str | Path, adapters: Sequence[str] = (), *, merged: str | Path 
             try:
                 references: dict[str, Any] = {}
                 prompts: list[list[int]] = []
+                banned = banned_token_ids(plan.model)
                 if run_smoke:
                     prompts = smoke_prompts(base)
-                    banned = banned_token_ids(plan.model)
                     log("[serve] computing the transformers + PEFT reference while the server starts")
                     if plan.reference_adapter is not None:
                         references["merged"] = hf_reference(plan.reference_base, plan.reference_adapter, prompts,
@@ -456,7 +457,7 @@ def serve(base: str | Path, adapters: Sequence[str] = (), *, merged: str | Path 
                     on_ready(server)
                 if run_smoke:
                     version = server.request("/version").get("version", "?")
-                    results = smoke(server, base, references, prompts, version)
+                    results = smoke(server, base, references, prompts, banned, version)
                     report["smoke"] = [r.to_dict() for r in results]
                     report["findings"] += [f for r in results for f in r.findings]
                     for r in results:

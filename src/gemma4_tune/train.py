@@ -178,8 +178,10 @@ def prepare_run(cfg: RunConfig) -> RunSetup:
     findings: list[Finding] = []
     eval_convs: list[Any] = []
     eval_source = None
+    modalities = dict(data_report.modalities)
     if cfg.eval_data:
-        eval_convs, _ = load_conversations(cfg.eval_data, skip_invalid=cfg.skip_invalid)
+        eval_convs, eval_report = load_conversations(cfg.eval_data, skip_invalid=cfg.skip_invalid)
+        modalities = {k: n + eval_report.modalities.get(k, 0) for k, n in modalities.items()}
         eval_source = cfg.eval_data
         seen = {conversation_key(c) for c in conversations}
         repeated = [c.source for c in eval_convs if conversation_key(c) in seen]
@@ -194,10 +196,6 @@ def prepare_run(cfg: RunConfig) -> RunSetup:
         err_console.print(f"eval: {len(eval_convs)} conversations held out, {len(conversations)} to train on")
 
     profile = ModelProfile.from_pretrained(cfg.model, count_parameters=False)
-    modalities = dict(data_report.modalities)
-    for conv in eval_convs if cfg.eval_data else []:
-        for kind in [k for k in ("image", "audio") if getattr(conv, f"{k}s")]:
-            modalities[kind] = modalities.get(kind, 0) + 1
     missing = [(kind, tower) for kind, tower in (("image", "vision"), ("audio", "audio"))
                if modalities.get(kind) and profile.tower(tower) is None]
     if missing:

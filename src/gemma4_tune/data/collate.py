@@ -168,12 +168,7 @@ class Gemma4Batcher:
         else:
             plain_mask = [True] * len(plain_ids)
 
-        proc_kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt", "add_special_tokens": False}
-        if images:
-            proc_kwargs["images"] = [images]
-        if audios:
-            proc_kwargs["audio"] = audios
-        out = dict(self.processor(**proc_kwargs))
+        out = self._process(text, images, audios)
         input_ids = out["input_ids"]
         if input_ids.ndim != 2 or input_ids.shape[0] != 1:
             raise _alignment_error(f"processor returned input_ids of shape {tuple(input_ids.shape)} for one text")
@@ -205,6 +200,15 @@ class Gemma4Batcher:
         example["num_supervised"] = int((example["labels"] != IGNORE_INDEX).sum())
         return example
 
+    def _process(self, text: str, images: list[Any], audios: list[np.ndarray]) -> dict[str, Any]:
+        """The processor's outputs for one rendered text and its media (a batch of one)."""
+        kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt", "add_special_tokens": False}
+        if images:
+            kwargs["images"] = [images]
+        if audios:
+            kwargs["audio"] = audios
+        return dict(self.processor(**kwargs))
+
     def encode_prompt(self, conv: ConversationLike) -> tuple[dict[str, torch.Tensor], str]:
         """Model inputs (a batch of one) for generating ``conv``'s last assistant turn, and that turn's text.
 
@@ -219,12 +223,7 @@ class Gemma4Batcher:
         kwargs = {**dict(self.tokenizer.special_tokens_map), **self.chat_kwargs}
         text = render(prompt, revision=self.revision, tools=tools, add_generation_prompt=True, **kwargs)
         images, audios = self._load_media(prompt, text)
-        proc_kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt", "add_special_tokens": False}
-        if images:
-            proc_kwargs["images"] = [images]
-        if audios:
-            proc_kwargs["audio"] = audios
-        inputs = {k: v for k, v in dict(self.processor(**proc_kwargs)).items() if torch.is_tensor(v)}
+        inputs = {k: v for k, v in self._process(text, images, audios).items() if torch.is_tensor(v)}
         answer = messages[last].get("content")
         if isinstance(answer, list):
             answer = "".join(p.get("text", "") for p in answer if isinstance(p, Mapping))
