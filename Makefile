@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup engines browser demo test test-fast clean bench
+.PHONY: setup engines distributed browser demo test test-fast clean bench
 
 setup: $(STAMP)
 
@@ -19,6 +19,16 @@ $(STAMP): pyproject.toml
 engines: setup
 	$(BIN)/gemma4-tune engines install vllm
 
+# DeepSpeed for --distributed zero2/zero3 (the extra `distributed` in pyproject.toml). Its setup.py imports
+# torch, so it is installed without build isolation after its other requirements; about 30 s.
+distributed: $(VENV)/.distributed
+
+$(VENV)/.distributed: $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "hjson>=3.1,<3.2" "msgpack>=1.2,<1.3" \
+		"py-cpuinfo>=9,<10" "einops>=0.8,<0.9"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-build-isolation "deepspeed==0.19.8"
+	@touch $@
+
 # The report test renders report.html in Debian's headless chromium (driven through chromedriver).
 browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
@@ -27,8 +37,8 @@ browser:
 demo: setup
 	$(BIN)/gemma4-tune demo --out $(DEMO_OUT)
 
-# The engine and browser tests must run, not skip: GEMMA4_TUNE_REQUIRE_ENGINES turns a missing one into a failure.
-test: setup engines browser
+# The engine, DeepSpeed and browser tests must run, not skip: GEMMA4_TUNE_REQUIRE_ENGINES turns a missing one into a failure.
+test: setup engines distributed browser
 	GEMMA4_TUNE_REQUIRE_ENGINES=1 $(BIN)/python -m pytest
 
 test-fast: setup

@@ -10,6 +10,7 @@ official layout that stock PEFT, transformers and vLLM expect (catalog rows 1-3)
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,11 +145,39 @@ def trainable_by_group(peft_model: Any) -> dict[str, int]:
     return out
 
 
-def save_adapter(peft_model: Any, out: Path, *, plan: TargetPlan | None = None, overwrite: bool = False) -> Path:
-    """Save in stock PEFT format, atomically; the plan goes beside it as ``target_plan.json``."""
+#: Module names that wrappers insert into parameter paths: FSDP's activation checkpointing, FSDP1, torch.compile.
+WRAPPER_NAMES = re.compile(r"(?:_checkpoint_wrapped_module|_fsdp_wrapped_module|_orig_mod)\.")
+
+
+def adapter_weights(peft_model: Any, state_dict: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The tensors of the adapter file, keyed as PEFT loads them: PEFT's own selection and renaming, then any
+    wrapper module name removed (under FSDP activation checkpointing PEFT would write
+    ``layers.0._checkpoint_wrapped_module.mlp...``, keys that load into nothing)."""
+    from peft import get_peft_model_state_dict
+
+    return {WRAPPER_NAMES.sub("", k): v for k, v in get_peft_model_state_dict(peft_model, state_dict=state_dict).items()}
+
+
+def save_adapter(peft_model: Any, out: Path, *, plan: TargetPlan | None = None, overwrite: bool = False,
+                 state_dict: dict[str, Any] | None = None) -> Path:
+    """Save in stock PEFT format, atomically; the plan goes beside it as ``target_plan.json``.
+
+    ``state_dict`` holds the gathered weights of a model sharded across processes. A tensor that is
+    still partitioned (empty, or a shard) is refused before anything is written (G4T411, row 23).
+    """
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from gemma4_tune.distributed import check_not_empty
+
     out = Path(out)
+    weights = adapter_weights(peft_model, state_dict)
+    check_not_empty(weights, str(out))
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        peft_model.save_pretrained(str(tmp))
+        peft_model.save_pretrained(str(tmp), state_dict=state_dict)
+        if any(WRAPPER_NAMES.search(k) for k in get_peft_model_state_dict(peft_model, state_dict=state_dict)):
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "adapter_model.safetensors"),
+                      metadata={"format": "pt"})
         if plan is not None:
             (tmp / "target_plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
     return out

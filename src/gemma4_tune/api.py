@@ -85,19 +85,34 @@ def run_training(cfg: RunConfig) -> TrainResult:
     Writes report.json, report.md, report.html and loss.png beside the adapter; raises FindingError (after
     writing the report) when the saved adapter does not reproduce the model or changes nothing.
     """
+    from gemma4_tune.distributed import is_main_process
     from gemma4_tune.report import write_report
     from gemma4_tune.train import library_versions, loss_went_down, train
-    from gemma4_tune.verify.peft import saved_adapter_parity
+    from gemma4_tune.verify.peft import saved_adapter_parity, saved_tensor_parity
 
     result = train(cfg)
-    parity = None
-    if result.adapter is not None:
+    if not is_main_process():
+        return result
+    parity = tensors = None
+    if result.adapter is not None and result.trained_state:
+        from gemma4_tune.export.manifest import check_adapter_matches_base
+
+        tensors = saved_tensor_parity(result.adapter, result.model, result.trained_state)
+        result.findings += tensors.findings()
+        try:  # every adapted module must exist in the base: the keys PEFT will load them by
+            check_adapter_matches_base(result.adapter, cfg.model)
+        except FindingError as exc:
+            result.findings += exc.findings
+    elif result.adapter is not None:
         parity = saved_adapter_parity(result.adapter, result.model, result.probe_batch)
         result.findings += parity.findings()
     first, last = loss_went_down(result.metrics)
     summary = {"steps": result.metrics[-1]["step"] if result.metrics else 0, "first loss": round(first, 4),
                "last loss": round(last, 4), "seconds": result.seconds, "adapter": str(result.adapter or "-"),
                "resumed from": result.resumed_from or "-"}
+    if result.distributed:
+        summary["distributed"] = (f"{result.distributed['strategy']} on {result.distributed['world_size']} processes "
+                                  f"({result.distributed['distributed_type']})")
     evals = [m for m in result.metrics if "eval_loss" in m]
     if evals:
         summary["held-out loss (base -> tuned)"] = f"{evals[0]['eval_loss']:.4f} -> {evals[-1]['eval_loss']:.4f}"
@@ -107,7 +122,9 @@ def run_training(cfg: RunConfig) -> TrainResult:
                      "plan": {"spec": result.plan.spec, "trainable": result.plan.trainable_by_group(),
                               "skipped": len(result.plan.skipped)},
                      "preflight": result.preflight.to_dict() if result.preflight else None,
-                     "verification": {"peft_reload": parity.to_dict() if parity else None},
+                     "verification": {"peft_reload": parity.to_dict() if parity else None,
+                                      "saved_tensors": tensors.to_dict() if tensors else None},
+                     "distributed": result.distributed,
                      "samples": [s.to_dict() for s in result.samples], "metrics": result.metrics,
                      "timings": {"run seconds": result.seconds}, "versions": library_versions()}
     write_report(result.out, result.report, result.findings)

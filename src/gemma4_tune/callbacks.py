@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from gemma4_tune.console import console
+from gemma4_tune.distributed import all_reduce, barrier, is_main_process, local_data
 from gemma4_tune.findings import Severity, finding, register
 
 NON_FINITE = register("G4T403", Severity.ERROR, "Loss or gradient became NaN/inf during training", (19,))
@@ -25,14 +26,24 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 class TokenCounter:
-    """Counts real (non-pad) tokens that went through the collator: the numerator of tokens/s."""
+    """Counts real (non-pad) tokens that went through the collator: the numerator of tokens/s.
+
+    ``tokens`` counts this process's batches; ``total`` is the count over all processes at the last
+    ``sync`` (every process must call it at the same point, as ``on_log`` does).
+    """
 
     def __init__(self) -> None:
         self.tokens = 0
+        self.total = 0
 
     def add(self, n: int) -> None:
         """Record one batch's tokens."""
         self.tokens += n
+
+    def sync(self) -> int:
+        """Update and return ``total``, the tokens of all processes so far."""
+        self.total = int(all_reduce(float(self.tokens)))
+        return self.total
 
 
 class MetricsCallback(TrainerCallback):
@@ -47,7 +58,9 @@ class MetricsCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
         self.started = time.perf_counter()
-        self.tokens_at_start = self.counter.tokens
+        self.tokens_at_start = self.counter.sync()
+        if not is_main_process():
+            return
         if state.global_step == 0 and self.path.exists():
             self.path.unlink()
         elif state.global_step:
@@ -57,12 +70,13 @@ class MetricsCallback(TrainerCallback):
                logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if not logs or "loss" not in logs:
             return
+        tokens = self.counter.sync()
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs,
-               "tokens": self.counter.tokens,
-               "tokens_per_s": round((self.counter.tokens - self.tokens_at_start) / elapsed, 2)}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+               "tokens": tokens, "tokens_per_s": round((tokens - self.tokens_at_start) / elapsed, 2)}
+        if is_main_process():
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -95,7 +109,7 @@ class ProgressCallback(TrainerCallback):
         self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step,
                                            loss="-", tps="-")
         self.started = time.perf_counter()
-        self.tokens_at_start = self.counter.tokens
+        self.tokens_at_start = self.counter.total
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -108,7 +122,7 @@ class ProgressCallback(TrainerCallback):
                     **kwargs: Any) -> None:
         if self.progress is not None:
             elapsed = max(time.perf_counter() - self.started, 1e-9)
-            tps = (self.counter.tokens - self.tokens_at_start) / elapsed
+            tps = (self.counter.total - self.tokens_at_start) / elapsed
             self.progress.update(self.task, completed=state.global_step, loss=f"{self.loss:.4f}", tps=f"{tps:.0f}")
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -121,7 +135,8 @@ class AtomicCheckpointCallback(TrainerCallback):
     """The Trainer writes ``checkpoint-N`` into a staging folder; once complete it is renamed into place.
 
     A run killed mid-save therefore never leaves a half-written checkpoint where
-    ``--resume`` looks. Only the newest ``keep`` checkpoints are kept.
+    ``--resume`` looks. Only the newest ``keep`` checkpoints are kept. Under a launcher every
+    process has written its part (DeepSpeed writes one per process) before rank 0 moves it.
     """
 
     def __init__(self, staging: Path, final: Path, keep: int) -> None:
@@ -131,9 +146,11 @@ class AtomicCheckpointCallback(TrainerCallback):
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 **kwargs: Any) -> None:
+        barrier()
         name = f"checkpoint-{state.global_step}"
         src = self.staging / name
-        if not src.is_dir():
+        if not is_main_process() or not src.is_dir():
+            barrier()
             return
         self.final.mkdir(parents=True, exist_ok=True)
         dst = self.final / name
@@ -142,6 +159,7 @@ class AtomicCheckpointCallback(TrainerCallback):
         os.replace(src, dst)
         for old in complete_checkpoints(self.final)[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
+        barrier()
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:
@@ -178,13 +196,16 @@ class GuardCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
         self.start_step = state.global_step
-        self.snapshot = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        self.snapshot = {n: local_data(p).detach().clone() for n, p in self.model.named_parameters()
+                         if p.requires_grad}
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
         if self.snapshot and state.global_step - self.start_step == self.stall_steps:
-            moved = max(float((p.detach() - self.snapshot[n]).abs().max())
-                        for n, p in self.model.named_parameters() if n in self.snapshot)
+            moved = max((float((local_data(p).detach() - self.snapshot[n]).abs().max())
+                         for n, p in self.model.named_parameters() if n in self.snapshot and self.snapshot[n].numel()),
+                        default=0.0)
+            moved = all_reduce(moved, "max")
             self.snapshot = {}
             if moved == 0.0:
                 self._stop(control, LORA_STALLED.code, f"after {self.stall_steps} optimizer steps no LoRA weight has "
@@ -226,8 +247,10 @@ class EvalCallback(TrainerCallback):
 
         result = evaluate(self.model, self.batcher, self.examples, batch_size=self.batch_size, step=step)
         self.results.append(result)
+        if not is_main_process():
+            return
         with self.path.open("a") as f:
-            f.write(json.dumps(result.to_row(self.counter.tokens)) + "\n")
+            f.write(json.dumps(result.to_row(self.counter.total)) + "\n")
         first = self.results[0]
         change = f" (step {first.step}: {first.loss:.4f}, {first.accuracy:.1%})" if len(self.results) > 1 else ""
         console.print(f"eval @ step {step}: loss {result.loss:.4f}, accuracy {result.accuracy:.1%} on "

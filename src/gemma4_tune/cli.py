@@ -36,6 +36,15 @@ class TinyDtype(str, enum.Enum):
     bfloat16 = "bfloat16"
 
 
+class Strategy(str, enum.Enum):
+    """How a run is spread over processes."""
+
+    ddp = "ddp"
+    fsdp2 = "fsdp2"
+    zero2 = "zero2"
+    zero3 = "zero3"
+
+
 class Quantize(str, enum.Enum):
     """Base-weight quantization for QLoRA."""
 
@@ -190,6 +199,17 @@ def _train_command(preflight_only: bool):  # noqa: ANN202 - returns a Typer comm
                                                     "tuned model in the report [4]")] = None,
         sample_max_tokens: Annotated[int | None, typer.Option("--sample-max-tokens", help="Tokens per sample "
                                                               "answer [32]")] = None,
+        distributed: Annotated[Strategy | None, typer.Option("--distributed", help="Train on several processes "
+                                                             "(torchrun): ddp, fsdp2, zero2 or zero3")] = None,
+        nproc: Annotated[int | None, typer.Option("--nproc", help="Processes per node [GPUs on the node, else 1]")
+                         ] = None,
+        nnodes: Annotated[int | None, typer.Option("--nnodes", help="Nodes in the job [1]")] = None,
+        node_rank: Annotated[int | None, typer.Option("--node-rank", help="This node's rank [0]")] = None,
+        master_addr: Annotated[str | None, typer.Option("--master-addr", help="Address of node 0 (several "
+                                                        "nodes)")] = None,
+        master_port: Annotated[int | None, typer.Option("--master-port", help="Port on node 0 [29500]")] = None,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="--distributed: write the launch files and "
+                                              "print the command, start nothing")] = False,
         resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint")] = False,
         no_preflight: Annotated[bool, typer.Option("--no-preflight", help="Skip preflight (reported as G4T510)")
                                 ] = False,
@@ -205,20 +225,31 @@ def _train_command(preflight_only: bool):  # noqa: ANN202 - returns a Typer comm
                                        skip_invalid=skip_invalid, template_revision=template_revision,
                                        quantize=quantize.value if quantize else None, eval_data=eval_data,
                                        eval_split=eval_split, eval_steps=eval_steps, samples=samples,
-                                       sample_max_tokens=sample_max_tokens).items()
+                                       sample_max_tokens=sample_max_tokens,
+                                       distributed=distributed.value if distributed else None, nproc=nproc,
+                                       nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
+                                       master_port=master_port).items()
                  if v is not None}
         if resume:
             flags["resume"] = True
         if no_preflight:
             flags["preflight"] = False
+        from gemma4_tune.distributed import is_main_process, launch, under_launcher
+
         try:
             cfg = load_yaml(run_file, flags) if run_file else build_config(flags)
+            if dry_run and (preflight_only or cfg.distributed is None):
+                raise typer.BadParameter("--dry-run goes with `train --distributed`")
+            if cfg.distributed and not preflight_only and not under_launcher():
+                raise typer.Exit(launch(cfg, dry_run=dry_run, log=typer.echo))
             if preflight_only:
                 result = run_preflight(cfg)
             else:
                 trained = run_training(cfg)
         except FindingError as exc:
             _fail(exc)
+        if not preflight_only and not is_main_process():
+            return
         if not preflight_only:
             render_findings([f for f in trained.findings if f.severity is not Severity.INFO])
             typer.echo(f"adapter: {trained.adapter}")

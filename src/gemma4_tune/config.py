@@ -69,11 +69,19 @@ class RunConfig(BaseModel):
     eval_steps: int | None = Field(None, ge=1)
     samples: int = Field(4, ge=0)
     sample_max_tokens: int = Field(32, ge=1)
+    distributed: Literal["ddp", "fsdp2", "zero2", "zero3"] | None = None
+    nproc: int | None = Field(None, ge=1)
+    nnodes: int = Field(1, ge=1)
+    node_rank: int = Field(0, ge=0)
+    master_addr: str = "127.0.0.1"
+    master_port: int = Field(29500, ge=1, le=65535)
 
     @model_validator(mode="after")
     def _one_eval_source(self) -> RunConfig:
         if self.eval_data and self.eval_split:
             raise ValueError("give --eval-data or --eval-split, not both")
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"--node-rank {self.node_rank} must be below --nnodes {self.nnodes}")
         return self
 
     def dump(self) -> dict[str, Any]:

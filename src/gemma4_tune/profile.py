@@ -52,6 +52,15 @@ class TowerFacts:
     hidden_size: int
     clipped_linears: bool
 
+    @property
+    def layer_class(self) -> str:
+        """The transformers class of one encoder layer: the unit FSDP wraps (row 25)."""
+        return LAYER_CLASSES[self.name]
+
+
+#: The repeated block of each part of Gemma 4, by part: what FSDP wraps and shards as one unit.
+LAYER_CLASSES = {"text": "Gemma4TextDecoderLayer", "vision": "Gemma4VisionEncoderLayer", "audio": "Gemma4AudioLayer"}
+
 
 @dataclass
 class ModelProfile:

@@ -128,6 +128,14 @@ def build_sections(sections: dict[str, Any], findings: list[Finding], plot: Path
             ["greedy-token agreement", f"{reload['greedy_agreement']:.1%}"],
             ["max logit change made by the adapter", f"{reload['adapter_effect']:.2e}"],
             ["verdict", "pass" if reload["ok"] else "FAIL"]]))
+    tensors = verification.get("saved_tensors")
+    if tensors:
+        blocks.append(Block("table", header=["check (saved adapter vs weights gathered from all processes)", "figure"],
+                            rows=[["tensors saved", str(tensors["tensors"])],
+                                  ["max tensor difference", f"{tensors['max_tensor_diff']:.2e}"],
+                                  ["trained tensors missing", str(len(tensors["missing"]))],
+                                  ["max |lora_B|", f"{tensors['max_abs_lora_b']:.2e}"],
+                                  ["verdict", "pass" if tensors["ok"] else "FAIL"]]))
     if verification.get("export"):
         blocks.append(Block("kv", [[k, v] for k, v in verification["export"].items()]))
     if verification.get("engines"):

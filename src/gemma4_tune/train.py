@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import shutil
 import time
@@ -32,6 +33,17 @@ from gemma4_tune.callbacks import (
 )
 from gemma4_tune.config import RunConfig
 from gemma4_tune.console import console, err_console
+from gemma4_tune.distributed import (
+    DistributedPlan,
+    barrier,
+    check_job,
+    check_not_empty,
+    check_wrap_classes,
+    gather_trainable,
+    is_main_process,
+    read_plan,
+    under_launcher,
+)
 from gemma4_tune.evaluate import generate_samples, pick_samples
 from gemma4_tune.export.manifest import write_manifest
 from gemma4_tune.findings import MODEL_NOT_FOUND, Finding, FindingError, Severity, finding, has_errors, register
@@ -68,6 +80,8 @@ class TrainResult:
     preflight: Any = None  # preflight.PreflightResult, None when skipped
     samples: list[Any] = field(default_factory=list)  # evaluate.Sample, base vs tuned answers
     report: dict[str, Any] = field(default_factory=dict)  # the sections of report.json, set by api.run_training
+    distributed: dict[str, Any] | None = None  # the job the processes formed (strategy, world size, type)
+    trained_state: dict[str, torch.Tensor] = field(default_factory=dict)  # gathered LoRA weights (sharded runs)
 
 
 class _Examples(torch.utils.data.Dataset):
@@ -90,12 +104,13 @@ def _device_and_dtype() -> tuple[str, torch.dtype]:
     return "cpu", torch.float32
 
 
-def training_arguments(cfg: RunConfig, staging: Path) -> Any:
-    """The transformers TrainingArguments for a RunConfig."""
+def training_arguments(cfg: RunConfig, staging: Path, dplan: DistributedPlan | None = None) -> Any:
+    """The transformers TrainingArguments for a RunConfig (and, under a launcher, its distributed plan)."""
     from transformers import TrainingArguments
 
     device, dtype = _device_and_dtype()
-    return TrainingArguments(
+    extra = dplan.training_arguments(Path(cfg.out) / "launch") if dplan else {}
+    settings = dict(
         output_dir=str(staging),
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
@@ -118,12 +133,16 @@ def training_arguments(cfg: RunConfig, staging: Path) -> Any:
         report_to=[],
         disable_tqdm=True,
     )
+    return TrainingArguments(**{**settings, **extra})
 
 
-def load_model(path: str, quantize: str | None = None) -> tuple[Any, Any]:
+def load_model(path: str, quantize: str | None = None, *, sharded: bool = False) -> tuple[Any, Any]:
     """Model and processor with transformers' default attention: sdpa for the text and vision
     towers (never FlashAttention-2, which cannot do the head_dim-512 global layers, row 14) and
-    eager for the audio tower, the only implementation it has."""
+    eager for the audio tower, the only implementation it has.
+
+    On GPUs the model goes to this process's GPU, except when FSDP2 or ZeRO-3 will shard it
+    (``sharded``): they move only their shard."""
     from transformers import AutoProcessor, Gemma4ForConditionalGeneration
 
     _, dtype = _device_and_dtype()
@@ -134,12 +153,17 @@ def load_model(path: str, quantize: str | None = None) -> tuple[Any, Any]:
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                  bnb_4bit_compute_dtype=torch.bfloat16)
         model = Gemma4ForConditionalGeneration.from_pretrained(path, dtype=dtype, quantization_config=bnb,
-                                                               device_map={"": 0})
+                                                               device_map={"": _local_gpu()})
         return model, processor
     model = Gemma4ForConditionalGeneration.from_pretrained(path, dtype=dtype)
-    if torch.cuda.is_available():
-        model.to("cuda")
+    if torch.cuda.is_available() and not sharded:
+        model.to(f"cuda:{_local_gpu()}")
     return model, processor
+
+
+def _local_gpu() -> int:
+    """This process's GPU: LOCAL_RANK under a launcher, else 0."""
+    return max(0, int(os.environ.get("LOCAL_RANK", 0)))
 
 
 @dataclass
@@ -159,7 +183,7 @@ class RunSetup:
     findings: list[Finding] = field(default_factory=list)
 
 
-def prepare_run(cfg: RunConfig) -> RunSetup:
+def prepare_run(cfg: RunConfig, *, sharded: bool = False) -> RunSetup:
     """Data (validated before any model is loaded), model and processor, LoRA, encoded examples."""
     from transformers import set_seed
 
@@ -208,7 +232,7 @@ def prepare_run(cfg: RunConfig) -> RunSetup:
     # 2. Model, processor and LoRA exactly where the plan says.
     check_quantization(cfg.quantize)
     set_seed(cfg.seed)
-    model, processor = load_model(cfg.model, cfg.quantize)
+    model, processor = load_model(cfg.model, cfg.quantize, sharded=sharded)
     settings = LoraSettings(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout)
     peft_model, plan = prepare_model(model, cfg.targets, settings, profile=profile)
 
@@ -253,14 +277,38 @@ def preflight_run(cfg: RunConfig, setup: RunSetup) -> PreflightResult:
                          dataset_supervised=setup.data["supervised_tokens"], sample=sample)
 
 
+def _join_launch(cfg: RunConfig) -> DistributedPlan | None:
+    """Under a launcher: this process's part of the plan; rank 0 alone prints. None for a single process."""
+    if cfg.distributed is None:
+        return None
+    from gemma4_tune.distributed import LAUNCH_INVALID
+    from gemma4_tune.patches import patch_accelerate_for_cpu_launch
+
+    if not under_launcher():
+        raise FindingError(finding(LAUNCH_INVALID.code, f"distributed: {cfg.distributed} is set, but this process "
+                                   "was not started by a launcher", "use `gemma4-tune train --distributed ...` "
+                                   "(it starts torchrun), or gemma4_tune.distributed.launch(cfg) from Python"))
+    dplan = read_plan(cfg.out)
+    if dplan.cpu:
+        patch_accelerate_for_cpu_launch()
+    if not is_main_process():
+        console.quiet = err_console.quiet = True
+    return dplan
+
+
 def train(cfg: RunConfig) -> TrainResult:
-    """Run one training job described by ``cfg``; return where everything went."""
+    """Run one training job described by ``cfg``; return where everything went.
+
+    Under a launcher (``--distributed``) every process runs this; rank 0 writes and reports.
+    """
     from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback
 
     from gemma4_tune.preflight import skipped_finding
 
     started = time.perf_counter()
+    dplan = _join_launch(cfg)
+    main = is_main_process()
     out = Path(cfg.out)
     checkpoints = out / "checkpoints"
     resume_from = None
@@ -270,11 +318,11 @@ def train(cfg: RunConfig) -> TrainResult:
             raise FindingError(finding(NO_CHECKPOINT.code, f"{checkpoints} holds no complete checkpoint",
                                        "start the run without --resume"))
         resume_from = str(done[-1])
-    else:
+    elif dplan is None:
         ensure_empty_target(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    setup = prepare_run(cfg)
+    setup = prepare_run(cfg, sharded=bool(dplan and dplan.sharded))
     peft_model, plan, batcher, examples = setup.model, setup.plan, setup.batcher, setup.examples
     findings = [*plan.findings, *setup.findings]
     if has_errors(findings):
@@ -282,7 +330,8 @@ def train(cfg: RunConfig) -> TrainResult:
     preflight = None
     if cfg.preflight:
         preflight = preflight_run(cfg, setup)
-        (out / "preflight.json").write_text(json.dumps(preflight.to_dict(), indent=2) + "\n")
+        if main:
+            (out / "preflight.json").write_text(json.dumps(preflight.to_dict(), indent=2) + "\n")
         findings += preflight.findings
         console.print(f"preflight: loss {preflight.loss:.4f}, {preflight.supervised_in_batch} supervised of "
                       f"{preflight.tokens_in_batch} tokens, {len(preflight.findings)} findings "
@@ -311,39 +360,60 @@ def train(cfg: RunConfig) -> TrainResult:
         evaluator = EvalCallback(peft_model, batcher, setup.eval_examples, every=cfg.eval_steps,
                                  batch_size=cfg.batch_size, metrics_path=out / "metrics.jsonl", counter=counter)
         callbacks.append(evaluator)
+    if dplan is not None:
+        check_wrap_classes(peft_model, dplan)
     trainer = Trainer(
         model=peft_model,
-        args=training_arguments(cfg, staging),
+        args=training_arguments(cfg, staging, dplan),
         train_dataset=_Examples(examples),
         data_collator=collate,
         compute_loss_func=token_mean_loss,
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)
+    job = check_job(trainer, dplan) if dplan is not None else None
+    if job is not None:
+        console.print(f"distributed: {job['world_size']} processes, {job['distributed_type']}")
     trainer.train(resume_from_checkpoint=resume_from)
-    shutil.rmtree(staging, ignore_errors=True)
+    barrier()
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)
     findings += guard.findings
 
-    # 5. The adapter (stock PEFT format; not when a guard stopped the run) and the run's record.
-    adapter = None if guard.findings else save_adapter(peft_model, out / "adapter", plan=plan, overwrite=True)
-    if adapter is not None:
-        write_manifest(adapter, cfg.model, training=cfg.dump(), versions=library_versions())
+    # 5. The adapter (stock PEFT format; not when a guard stopped the run) and the run's record. Under a
+    # launcher every process gathers the partitioned LoRA weights (row 23) and rank 0 writes them.
+    adapter = None
+    trained_state: dict[str, torch.Tensor] = {}
+    if not guard.findings:
+        trained_state = gather_trainable(peft_model) if dplan is not None else {}
+        if trained_state:
+            check_not_empty(trained_state, str(out / "adapter"))
+        if main:
+            adapter = save_adapter(peft_model, out / "adapter", plan=plan, overwrite=True,
+                                   state_dict=trained_state or None)
+            write_manifest(adapter, cfg.model, training=cfg.dump(), versions=library_versions())
+        else:
+            adapter = out / "adapter"
+        barrier()
     samples = []
     if cfg.samples and adapter is not None:
         held_out = bool(setup.eval_conversations)
         picked = pick_samples(setup.eval_conversations or setup.train_conversations, cfg.samples)
         console.print(f"samples: generating {len(picked)} answers with the base and the tuned model")
         samples = generate_samples(peft_model, batcher, picked, held_out=held_out, max_new_tokens=cfg.sample_max_tokens)
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
-    (out / "run.json").write_text(json.dumps({
-        "config": cfg.dump(), "profile": {"variant": setup.profile.variant, "tiny": setup.profile.tiny},
-        "plan": {"spec": plan.spec, "trainable": plan.trainable_by_group(), "skipped": len(plan.skipped)},
-        "data": data_summary, "resumed_from": resume_from, "versions": library_versions(),
-    }, indent=2, default=str) + "\n")
+    metrics = []
+    if main:
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+        (out / "run.json").write_text(json.dumps({
+            "config": cfg.dump(), "profile": {"variant": setup.profile.variant, "tiny": setup.profile.tiny},
+            "plan": {"spec": plan.spec, "trainable": plan.trainable_by_group(), "skipped": len(plan.skipped)},
+            "data": data_summary, "resumed_from": resume_from, "distributed": job, "versions": library_versions(),
+        }, indent=2, default=str) + "\n")
     return TrainResult(out=out, adapter=adapter, plan=plan, data=data_summary, metrics=metrics,
                        seconds=round(time.perf_counter() - started, 2), findings=findings,
                        resumed_from=resume_from, model=peft_model, probe_batch=setup.probe,
-                       preflight=preflight, samples=samples)
+                       preflight=preflight, samples=samples, distributed=job,
+                       trained_state=trained_state if dplan is not None and dplan.sharded else {})
 
 
 def _one_per_modality(examples: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -86,3 +86,53 @@ def saved_adapter_parity(adapter_dir: str | Path, trained: Any, batch: dict[str,
     tolerance = FP32_LOGIT_TOLERANCE if dtype == torch.float32 else 5e-2
     return ReloadParity(max_logit_diff=(ours - theirs)[mask].abs().max().item(), greedy_agreement=agreement,
                         adapter_effect=(theirs - plain)[mask].abs().max().item(), tolerance=tolerance)
+
+
+@dataclass
+class TensorParity:
+    """The saved adapter file against the trained LoRA weights, tensor by tensor (runs sharded across processes,
+    where no process can run the whole model alone to compare logits)."""
+
+    tensors: int
+    max_tensor_diff: float
+    missing: list[str]
+    max_abs_lora_b: float
+
+    @property
+    def ok(self) -> bool:
+        """Every trained tensor saved, bit-for-bit within fp32 rounding, and lora_B not all zero."""
+        return not self.missing and self.max_tensor_diff <= FP32_LOGIT_TOLERANCE and self.max_abs_lora_b > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {**asdict(self), "ok": self.ok}
+
+    def findings(self) -> list[Finding]:
+        """Errors when a tensor is missing or differs, or lora_B is all zeros."""
+        out = []
+        if self.missing or self.max_tensor_diff > FP32_LOGIT_TOLERANCE:
+            what = f"{len(self.missing)} trained tensors are missing (e.g. {self.missing[0]})" if self.missing else \
+                f"saved tensors differ from the trained ones by {self.max_tensor_diff:.2e}"
+            out.append(finding(RELOAD_MISMATCH.code, f"the saved adapter does not hold the trained weights: {what}",
+                               "check that the adapter was saved after training from the gathered weights"))
+        if not self.max_abs_lora_b > 0:
+            out.append(finding(ADAPTER_NO_EFFECT.code, "every lora_B weight is zero: the adapter changes nothing",
+                               "check that training ran (metrics.jsonl) and that the optimizer got the LoRA weights"))
+        return out
+
+
+def saved_tensor_parity(adapter_dir: str | Path, model: Any, trained: dict[str, torch.Tensor]) -> TensorParity:
+    """Compare the saved ``adapter_model.safetensors`` with ``trained`` (full LoRA tensors gathered from all
+    processes), keyed as the adapter file keys them (``adapters.adapter_weights``)."""
+    from safetensors.torch import load_file
+
+    from gemma4_tune.adapters import adapter_weights
+
+    expected = adapter_weights(model, trained)
+    saved = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    missing = sorted(k for k in expected if k not in saved or saved[k].shape != expected[k].shape)
+    common = [k for k in expected if k not in missing]
+    diff = max((float((saved[k].float() - expected[k].float().cpu()).abs().max()) for k in common if saved[k].numel()),
+               default=0.0)
+    lora_b = max((float(saved[k].abs().max()) for k in common if "lora_B" in k and saved[k].numel()), default=0.0)
+    return TensorParity(tensors=len(saved), max_tensor_diff=diff, missing=missing, max_abs_lora_b=lora_b)
