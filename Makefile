@@ -14,10 +14,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
 	@touch $(STAMP)
 
-# vLLM lives in its own virtual environment (it pins an older torch and transformers), cached
+# vLLM lives in its own virtual environment (it pins an older torch and transformers), and llama.cpp
+# (converters from the llama-cpp-python sdist, a prebuilt libllama; about 15 s) beside it, cached
 # outside the repository in ~/.cache/gemma4-tune/engines; installing it is idempotent.
 engines: setup
 	$(BIN)/gemma4-tune engines install vllm
+	$(BIN)/gemma4-tune engines install llama.cpp
 
 # DeepSpeed for --distributed zero2/zero3 (the extra `distributed` in pyproject.toml). Its setup.py imports
 # torch, so it is installed without build isolation after its other requirements; about 30 s.
@@ -39,7 +41,7 @@ demo: setup
 
 # The engine, DeepSpeed and browser tests must run, not skip: GEMMA4_TUNE_REQUIRE_ENGINES turns a missing one into a failure.
 test: setup engines distributed browser
-	GEMMA4_TUNE_REQUIRE_ENGINES=1 $(BIN)/python -m pytest
+	GEMMA4_TUNE_REQUIRE_ENGINES=1 $(BIN)/python -m pytest --durations=30
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow and not engine"

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gemma4_tune.adapters import LoraSettings, prepare_model
 from gemma4_tune.catalog import resolve_variant
 from gemma4_tune.config import RunConfig
-from gemma4_tune.findings import FindingError, Severity, finding, has_errors
+from gemma4_tune.findings import OUTPUT_EXISTS, FindingError, Severity, finding, has_errors
 from gemma4_tune.io import atomic_directory
 from gemma4_tune.memory import WeightMemory
 from gemma4_tune.profile import ModelProfile
@@ -143,13 +144,30 @@ def run_preflight(cfg: RunConfig) -> PreflightResult:
 
 def export(base: str | Path, adapter: str | Path, *, merged: str | Path | None = None,
            engines: tuple[str, ...] = ("transformers", "vllm", "llama.cpp"),
-           shard_size_mb: int = 2000, vllm_adapter: str | Path | None = None) -> dict[str, Any]:
+           shard_size_mb: int = 2000, vllm_adapter: str | Path | None = None, gguf: str | Path | None = None,
+           gguf_type: str = "f32", log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Check the adapter against each engine (refusing a foreign base); with ``merged``, write a
     streaming-merged checkpoint in the official key layout plus an Ollama Modelfile; with
-    ``vllm_adapter``, a copy that vLLM serves like PEFT on K=V layers."""
+    ``vllm_adapter``, a copy that vLLM serves like PEFT on K=V layers; with ``gguf`` (needs
+    ``merged``), the merged model, its tower projector and the text LoRA as GGUF, converted by
+    llama.cpp's own converters, and the Modelfile pointed at the GGUF."""
     from gemma4_tune.export.adapter import check_adapter_for_engines
     from gemma4_tune.export.merge import merge_adapter
 
+    if gguf is not None and merged is None:
+        from gemma4_tune.verify.parity import MISSING_ARTEFACT
+
+        raise FindingError(finding(MISSING_ARTEFACT.code, "--gguf converts the merged checkpoint, but no --merged "
+                                   "was given", "add --merged DIR (the merged checkpoint is written there first)"))
+    if gguf is not None:
+        from gemma4_tune.export.gguf import plan_gguf_export
+        from gemma4_tune.verify.llamacpp_env import require_llamacpp
+
+        if Path(gguf).exists() and any(Path(gguf).iterdir()):
+            raise FindingError(finding(OUTPUT_EXISTS.code, f"{gguf} already exists and is not empty",
+                                       "choose a new --gguf directory, or remove the old one"))
+        require_llamacpp()  # before the merge writes anything
+        plan_gguf_export(base, adapter, base)  # the merge copies the base's towers: refuse a damaged one now (G4T912)
     summary = check_adapter_for_engines(base, adapter, list(engines))
     report: dict[str, Any] = {"base": str(base), "adapter": str(adapter), "engines": list(engines),
                               "adapter_summary": summary.to_dict(), "findings": summary.findings}
@@ -162,30 +180,49 @@ def export(base: str | Path, adapter: str | Path, *, merged: str | Path | None =
         report["merged"] = {"path": str(result.out_dir), "tensors_merged": result.tensors_merged,
                             "tensors_copied": result.tensors_copied, "bytes_written": result.bytes_written,
                             "shards": result.shards, "seconds": result.seconds, "peak_rss_mb": result.peak_rss_mb}
+    if gguf is not None:
+        from gemma4_tune.export.gguf import export_gguf
+
+        converted = export_gguf(merged, gguf, gguf_type, log=log, adapter_dir=adapter, base_dir=base)
+        report["findings"] += converted.pop("findings")
+        report["gguf"] = converted
     return report
 
 
 def verify(base: str | Path, adapter: str | Path, *, merged: str | Path | None = None,
-           engines: tuple[str, ...] = ("peft", "transformers"), out: str | Path | None = None) -> dict[str, Any]:
-    """Load each artefact as its engine does and compare it with base + adapter in PEFT.
+           engines: tuple[str, ...] = ("peft", "transformers"), out: str | Path | None = None,
+           gguf: str | Path | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Load each artefact as its engine does and compare it with base + adapter in PEFT; ``llama.cpp``
+    runs the GGUF files of ``gguf`` (an ``export --gguf`` directory) in a real llama.cpp.
 
     Writes ``verify.json`` and ``verify.md`` into ``out`` (default: the adapter's parent folder).
     """
     from gemma4_tune.export.manifest import check_adapter_matches_base
-    from gemma4_tune.verify.parity import verify_artefacts
+    from gemma4_tune.verify.parity import MISSING_ARTEFACT, verify_artefacts
 
     base, adapter = Path(base), Path(adapter)
     check_adapter_matches_base(adapter, base)
-    results = verify_artefacts(base, adapter, Path(merged) if merged else None, list(engines))
+    if "llama.cpp" in engines and gguf is None:
+        raise FindingError(finding(MISSING_ARTEFACT.code, "--engine llama.cpp checks the GGUF export, but no --gguf "
+                                   "was given", "pass --gguf DIR (make one with `gemma4-tune export --merged M "
+                                   "--gguf DIR`) or drop llama.cpp from --engine"))
+    results = verify_artefacts(base, adapter, Path(merged) if merged else None,
+                               [e for e in engines if e != "llama.cpp"])
+    if "llama.cpp" in engines:
+        from gemma4_tune.verify.llamacpp import engine_results
+
+        results += engine_results(base, adapter, gguf, log=log)
     report = {"base": str(base), "adapter": str(adapter), "merged": str(merged) if merged else None,
+              "gguf": str(gguf) if gguf else None,
               "engines": [r.to_dict() for r in results], "ok": all(r.ok for r in results)}
     out_dir = Path(out) if out else adapter.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "verify.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = ["# gemma4-tune verify", "", f"base `{base}`, adapter `{adapter}`, merged `{merged or '-'}`", "",
+    lines = ["# gemma4-tune verify", "",
+             f"base `{base}`, adapter `{adapter}`, merged `{merged or '-'}`, GGUF `{gguf or '-'}`", "",
              "| engine | max logit diff | tolerance | greedy agreement | adapter effect | verdict |",
              "|---|---:|---:|---:|---:|---|"]
-    lines += [f"| {r.engine} | {r.max_logit_diff:.2e} | {r.tolerance:.0e} | {r.greedy_agreement:.1%} | "
+    lines += [f"| {r.engine} | {r.max_logit_diff:.2e} | {r.rule} | {r.greedy_agreement:.1%} | "
               f"{r.adapter_effect:.2e} | {'pass' if r.ok else 'FAIL'} |" for r in results]
     findings = [f for r in results for f in r.findings]
     if findings:

@@ -45,6 +45,15 @@ class Strategy(str, enum.Enum):
     zero3 = "zero3"
 
 
+class GgufType(str, enum.Enum):
+    """Tensor type of the GGUF files (q8_0 is quantised by llama.cpp's converter)."""
+
+    f32 = "f32"
+    f16 = "f16"
+    bf16 = "bf16"
+    q8_0 = "q8_0"
+
+
 class Quantize(str, enum.Enum):
     """Base-weight quantization for QLoRA."""
 
@@ -316,15 +325,19 @@ def export(
     shard_size_mb: Annotated[int, typer.Option("--shard-size-mb", min=1, help="Max size of a merged shard")] = 2000,
     vllm_adapter: Annotated[Path | None, typer.Option("--vllm-adapter", help="Also write a vLLM-ready copy of "
                                                       "the adapter (K=V layers, see G4T210)")] = None,
+    gguf: Annotated[Path | None, typer.Option("--gguf", help="With --merged: also write GGUF files for llama.cpp "
+                                              "and Ollama here (model, tower mmproj, text LoRA)")] = None,
+    gguf_type: Annotated[GgufType, typer.Option("--gguf-type", help="GGUF tensor type")] = GgufType.f32,
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Check an adapter against each serving engine; with --merged, write a merged checkpoint in the official
-    key layout (plus an Ollama Modelfile), shard by shard."""
+    key layout (plus an Ollama Modelfile), shard by shard; with --gguf, convert it with llama.cpp's converters."""
     from gemma4_tune.api import export as run_export
 
     try:
         report = run_export(base, adapter, merged=merged, engines=_split(engines), shard_size_mb=shard_size_mb,
-                            vllm_adapter=vllm_adapter)
+                            vllm_adapter=vllm_adapter, gguf=gguf, gguf_type=gguf_type.value,
+                            log=lambda line: err_console.print(line, markup=False))
     except FindingError as exc:
         _fail(exc)
     findings = report.pop("findings")
@@ -339,6 +352,13 @@ def export(
             console.print(f"merged checkpoint {m['path']}: {m['tensors_merged']} tensors merged, "
                           f"{m['tensors_copied']} copied, {m['bytes_written'] / 1e6:.1f} MB in {len(m['shards'])} "
                           f"shard(s), {m['seconds']:.1f} s, peak RSS {m['peak_rss_mb']:.0f} MB")
+        if "gguf" in report:
+            g = report["gguf"]
+            for kind, path in g["files"].items():
+                t = g["tensors"][kind]
+                console.print(f"GGUF {kind}: {path} ({t['written']} tensors, {g['seconds'][kind]:.1f} s)")
+            console.print(f"Ollama Modelfile: {g['modelfile']}" + (f" (and {g['repointed_modelfile']} now points "
+                          "at the GGUF)" if g["repointed_modelfile"] else ""))
         render_findings(findings)
     if has_errors(findings):
         raise typer.Exit(1)
@@ -349,8 +369,9 @@ def verify(
     base: Annotated[str, typer.Option("--base", help="Base model directory")],
     adapter: Annotated[str, typer.Option("--adapter", help="Adapter directory")],
     merged: Annotated[Path | None, typer.Option("--merged", help="Merged checkpoint to check")] = None,
-    engines: Annotated[str, typer.Option("--engine", help="peft, transformers (the merged checkpoint), vllm")
-                       ] = "peft,transformers",
+    engines: Annotated[str, typer.Option("--engine", help="peft, transformers (the merged checkpoint), vllm, "
+                                         "llama.cpp (the --gguf files)")] = "peft,transformers",
+    gguf: Annotated[Path | None, typer.Option("--gguf", help="GGUF directory written by `export --gguf`")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Where verify.json/verify.md go [adapter's parent]")
                    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
@@ -363,7 +384,8 @@ def verify(
     if merged is None and "transformers" in wanted and engines == "peft,transformers":
         wanted = ("peft",)
     try:
-        report = run_verify(base, adapter, merged=merged, engines=wanted, out=out)
+        report = run_verify(base, adapter, merged=merged, engines=wanted, out=out, gguf=gguf,
+                            log=lambda line: err_console.print(line, markup=False))
     except FindingError as exc:
         _fail(exc)
     findings = report.pop("findings")
@@ -374,7 +396,7 @@ def verify(
         for col in ("engine", "max |logit diff|", "tolerance", "greedy agreement", "adapter effect", "verdict"):
             table.add_column(col)
         for r in report["engines"]:
-            table.add_row(r["engine"], f"{r['max_logit_diff']:.2e}", f"{r['tolerance']:.0e}",
+            table.add_row(r["engine"], f"{r['max_logit_diff']:.2e}", r["rule"],
                           f"{r['greedy_agreement']:.1%}", f"{r['adapter_effect']:.2e}",
                           "[green]pass[/]" if r["ok"] else "[bold red]FAIL[/]")
         console.print(table)
@@ -459,38 +481,45 @@ def serve(
         raise typer.Exit(1)
 
 
-engines_app = typer.Typer(help="Serving engines in their own environments (vLLM).", no_args_is_help=True)
+engines_app = typer.Typer(help="Serving engines in their own environments (vLLM, llama.cpp).", no_args_is_help=True)
 app.add_typer(engines_app, name="engines")
 
 
 @engines_app.command("install")
 def engines_install(
-    engine: Annotated[str, typer.Argument(help="vllm")],
+    engine: Annotated[str, typer.Argument(help="vllm or llama.cpp")],
     force: Annotated[bool, typer.Option("--force", help="Reinstall even if present")] = False,
 ) -> None:
-    """Install an engine into its own virtual environment (outside the repository, cached)."""
+    """Install an engine outside the repository, cached: vLLM in its own virtual environment; llama.cpp's
+    converters (from the llama-cpp-python sdist) and a prebuilt libllama."""
     from gemma4_tune.verify.engine_env import install_vllm
+    from gemma4_tune.verify.llamacpp_env import install_llamacpp
 
-    if engine != "vllm":
-        _fail(FindingError(finding(UNKNOWN_ENGINE.code, f"unknown engine {engine!r}", "use: vllm")))
+    installers = {"vllm": lambda: install_vllm(force=force), "llama.cpp": lambda: install_llamacpp(force=force).root}
+    if engine not in installers:
+        _fail(FindingError(finding(UNKNOWN_ENGINE.code, f"unknown engine {engine!r}", "use: vllm or llama.cpp")))
     try:
-        path = install_vllm(force=force)
+        path = installers[engine]()
     except FindingError as exc:
         _fail(exc)
-    typer.echo(f"vllm environment: {path}")
+    typer.echo(f"{engine} environment: {path}")
 
 
 @engines_app.command("status")
 def engines_status(json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Where the engine environments are and whether they are ready."""
     from gemma4_tune.verify.engine_env import vllm_status
+    from gemma4_tune.verify.llamacpp_env import llamacpp_status
 
-    status = vllm_status(size=True)
+    status = {"vllm": vllm_status(size=True), "llama.cpp": llamacpp_status()}
     if json_out:
         print_json(status)
     else:
-        for key, value in status.items():
-            console.print(f"{key}: {value}")
+        for engine, values in status.items():
+            console.print(f"[bold]{engine}[/]")
+            for key, value in values.items():
+                if key != "stamp":
+                    console.print(f"  {key}: {value}")
 
 
 def _quiet_libraries() -> None:

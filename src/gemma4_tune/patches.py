@@ -6,6 +6,10 @@ DeepSpeed, ``PartialState._prepare_backend`` returns no backend, so every proces
 ``DistributedType.NO`` with one process, N separate jobs that each see the whole data; and
 ``AcceleratorState`` promotes only accelerator types (``MULTI_GPU``...) to ``FSDP``, so an FSDP2 run
 on CPU silently trains as plain DDP. On GPUs neither patch is applied.
+
+The only other patch is to files, not to code in this process: llama.cpp's prebuilt libraries are
+rebound to glibc < 2.38 at install time (``verify/glibc_compat.py``, beside the engine install it
+serves; tested the same way).
 """
 
 from __future__ import annotations

@@ -141,7 +141,7 @@ def build_sections(sections: dict[str, Any], findings: list[Finding], plot: Path
     if verification.get("engines"):
         blocks.append(Block("table", header=["engine", "max diff", "tolerance", "greedy agreement", "adapter effect",
                                              "verdict"],
-                            rows=[[r["engine"], f"{r['max_logit_diff']:.2e}", f"{r['tolerance']:.0e}",
+                            rows=[[r["engine"], f"{r['max_logit_diff']:.2e}", r.get("rule") or f"{r['tolerance']:.0e}",
                                    f"{r['greedy_agreement']:.1%}", f"{r['adapter_effect']:.2e}",
                                    "pass" if r["ok"] else "FAIL"] for r in verification["engines"]]))
     if blocks:

@@ -28,21 +28,26 @@ MEDIA_TOKENS = {
 }
 VIDEO_TOKEN = "<|video|>"
 
-# Structural tokens of the Gemma 4 chat format (turns, thinking channel, tools).
-CHAT_TOKENS = [
-    "<|turn>",
-    "<turn|>",
-    "<|channel>",
-    "<channel|>",
-    "<|think|>",
-    "<|tool>",
-    "<tool|>",
-    "<|tool_call>",
-    "<tool_call|>",
-    "<|tool_response>",
-    "<tool_response|>",
-    '<|"|>',
-]
+# Named structural tokens of the Gemma 4 chat format (turns, thinking channel, tools): attribute
+# name on the official tokenizer -> token text, as Google's conversion script declares them
+# (``extra_special_tokens``). Declared this way they are special, so converters such as
+# llama.cpp's mark them CONTROL (``<|turn>``, ``<turn|>`` and ``<|think|>`` would otherwise be
+# plain text pieces in a GGUF vocabulary).
+NAMED_TOKENS = {
+    "sot_token": "<|turn>",
+    "eot_token": "<turn|>",
+    "soc_token": "<|channel>",
+    "eoc_token": "<channel|>",
+    "think_token": "<|think|>",
+    "std_token": "<|tool>",
+    "etd_token": "<tool|>",
+    "stc_token": "<|tool_call>",
+    "etc_token": "<tool_call|>",
+    "str_token": "<|tool_response>",
+    "etr_token": "<tool_response|>",
+    "escape_token": '<|"|>',
+}
+CHAT_TOKENS = list(NAMED_TOKENS.values())
 
 SPECIAL_TOKENS = BASE_SPECIALS + list(MEDIA_TOKENS.values()) + [VIDEO_TOKEN] + CHAT_TOKENS
 BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
@@ -88,12 +93,12 @@ def save_tokenizer(out_dir: Path, chat_template: str, vocab_size: int = 1024) ->
     raw.save(str(raw_path))
     hf = GemmaTokenizer(
         tokenizer_file=str(raw_path),
-        extra_special_tokens={**MEDIA_TOKENS},
+        extra_special_tokens={**MEDIA_TOKENS, **NAMED_TOKENS},
         add_bos_token=True,
         add_eos_token=False,
         padding_side="left",
     )
-    hf.add_special_tokens({"additional_special_tokens": [VIDEO_TOKEN, *CHAT_TOKENS]}, replace_extra_special_tokens=False)
+    hf.add_special_tokens({"additional_special_tokens": [VIDEO_TOKEN]}, replace_extra_special_tokens=False)
     hf.chat_template = chat_template
     hf.save_pretrained(str(out_dir))
     return {t: raw.token_to_id(t) for t in SPECIAL_TOKENS}

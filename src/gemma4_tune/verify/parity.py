@@ -49,6 +49,12 @@ class EngineResult:
     adapter_effect: float
     tolerance: float
     findings: list[Finding] = field(default_factory=list)
+    criterion: str = ""  # the pass rule in words where it is not a max |logit diff| (GGUF types: KL)
+
+    @property
+    def rule(self) -> str:
+        """What the comparison had to meet, for tables."""
+        return self.criterion or f"{self.tolerance:.0e}"
 
     @property
     def ok(self) -> bool:
@@ -60,6 +66,7 @@ class EngineResult:
         data = asdict(self)
         data["findings"] = [f.to_dict() for f in self.findings]
         data["ok"] = self.ok
+        data["rule"] = self.rule
         return data
 
 

@@ -1,0 +1,530 @@
+"""GGUF export with llama.cpp's own converters, verified in a real llama.cpp against transformers.
+
+The engine tests need llama.cpp (``gemma4-tune engines install llama.cpp``: converters + prebuilt
+runtime). They skip when it is missing, unless ``GEMMA4_TUNE_REQUIRE_ENGINES`` is set (CI): then
+they fail with G4T911 instead. Converted files are shared per model through module fixtures; each
+conversion takes ~5 s on CPU, a llama.cpp run of the three prompts well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gemma4_tune.export.gguf import (
+    CLIP_BUFFERS,
+    GENERATED_TEXT_TENSORS,
+    TOWER_PREFIXES,
+    check_tensor_count,
+    convert_lora,
+    convert_model,
+    export_gguf,
+    gguf_tensor_count,
+    modelfile_text,
+    plan_gguf_export,
+    repoint_modelfile,
+)
+from gemma4_tune.findings import FindingError
+from gemma4_tune.verify import glibc_compat, llamacpp_env
+from gemma4_tune.verify.llamacpp import TOLERANCES, default_prompts, peft_logits, verify_gguf
+
+REQUIRE = bool(os.environ.get("GEMMA4_TUNE_REQUIRE_ENGINES"))
+needs_llamacpp = pytest.mark.skipif(llamacpp_env.llamacpp_install() is None and not REQUIRE,
+                                    reason="llama.cpp not installed (gemma4-tune engines install llama.cpp); set "
+                                    "GEMMA4_TUNE_REQUIRE_ENGINES=1 to fail instead")
+engine = [pytest.mark.engine, pytest.mark.slow, needs_llamacpp]
+
+
+def _codes(exc: pytest.ExceptionInfo) -> set[str]:
+    return {f.code for f in exc.value.findings}
+
+
+def _text_adapter(base: Path, out: Path, seed: int, spec: str = "text") -> Path:
+    """A rank-8 LoRA with random A and B, made and saved by the toolkit's own path."""
+    import torch
+    from transformers import Gemma4ForConditionalGeneration
+
+    from gemma4_tune.adapters import LoraSettings, prepare_model, save_adapter
+
+    model, plan = prepare_model(Gemma4ForConditionalGeneration.from_pretrained(str(base), dtype=torch.float32),
+                                spec, LoraSettings(rank=8))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return save_adapter(model, out, plan=plan)
+
+
+def _zeroed(adapter: Path, out: Path) -> Path:
+    """The same adapter with every lora_B set to zero: converts and loads everywhere, changes nothing."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter, out)
+    weights = out / "adapter_model.safetensors"
+    tensors = {k: (torch.zeros_like(v) if ".lora_B." in k else v) for k, v in load_file(str(weights)).items()}
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    return out
+
+
+def _unwrapped(src: Path, out: Path) -> Path:
+    """A copy of ``src`` with the row-2 'unwrap' damage: tower ``...linear.weight`` keys renamed to
+    ``...weight`` and the clamp buffers dropped, as a merge that replaced the wrappers saves it."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, out)
+    weights = out / "model.safetensors"
+    tensors = load_file(str(weights))
+    damaged = {}
+    for key, value in tensors.items():
+        if key.startswith(TOWER_PREFIXES) and key.rsplit(".", 1)[-1] in CLIP_BUFFERS:
+            continue
+        if key.startswith(TOWER_PREFIXES) and key.endswith(".linear.weight"):
+            key = key[: -len(".linear.weight")] + ".weight"
+        damaged[key] = value
+    save_file(damaged, str(weights), metadata={"format": "pt"})
+    return out
+
+
+def _merged_case(tiny: Path, root: Path, seed: int) -> dict:
+    from gemma4_tune.export.merge import merge_adapter
+
+    adapter = _text_adapter(tiny, root / "adapter", seed=seed)
+    merged = merge_adapter(tiny, adapter, root / "merged", progress=False).out_dir
+    prompts = default_prompts(tiny)
+    return {"root": root, "base": tiny, "adapter": adapter, "merged": merged, "prompts": prompts,
+            "peft": peft_logits(tiny, adapter, prompts)}
+
+
+@pytest.fixture(scope="module")
+def e2b(tiny_models, tmp_path_factory) -> dict:
+    """Tiny E2B + a random text LoRA, merged; exported to f32 with the adapter (model, mmproj, base, adapter)."""
+    case = _merged_case(tiny_models["e2b"], tmp_path_factory.mktemp("gguf-e2b"), seed=1)
+    case["f32"] = export_gguf(case["merged"], case["root"] / "gguf-f32", "f32", adapter_dir=case["adapter"],
+                              base_dir=case["base"])
+    return case
+
+
+@pytest.fixture(scope="module")
+def b31(tiny_models, tmp_path_factory) -> dict:
+    """Tiny 31B (K=V global layers, vision only) + a random text LoRA, merged; exported to f32 with the adapter."""
+    case = _merged_case(tiny_models["31b"], tmp_path_factory.mktemp("gguf-31b"), seed=2)
+    case["f32"] = export_gguf(case["merged"], case["root"] / "gguf-f32", "f32", adapter_dir=case["adapter"],
+                              base_dir=case["base"])
+    return case
+
+
+def _show(label: str, report: dict) -> None:
+    keep = ("max_logit_diff", "mean_kl", "max_kl", "greedy_agreement", "top1_in_top5")
+    parts = {"model": {k: report["model"][k] for k in keep}} if "model" in report else {}
+    if "adapter" in report:
+        parts["adapter"] = {k: report["adapter"]["adapter"][k] for k in keep}
+        parts["adapter_effect"] = report["adapter"]["adapter_effect"]
+        parts["reference_effect"] = report["adapter"]["reference_effect"]
+    print(label, json.dumps(parts, default=float))
+
+
+def _assert_ok(report: dict) -> None:
+    assert report["ok"], [f.one_line() for f in report["findings"]]
+    assert report["findings"] == [], [f.one_line() for f in report["findings"]]
+
+
+# --------------------------------------------------------------------------- fast: refused before converting
+
+
+def test_row02_unwrapped_checkpoint_is_refused_before_any_conversion(tiny_models, tmp_path, monkeypatch) -> None:
+    damaged = _unwrapped(tiny_models["e2b"], tmp_path / "damaged")
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("a converter ran on a damaged checkpoint")
+
+    monkeypatch.setattr("gemma4_tune.export.gguf.run_converter", no_conversion)
+    monkeypatch.setattr("gemma4_tune.verify.llamacpp_env.require_llamacpp", no_conversion)
+    out = tmp_path / "gguf"
+    with pytest.raises(FindingError) as exc:
+        export_gguf(damaged, out, "f32")
+    assert _codes(exc) == {"G4T912"}
+    f = exc.value.findings[0]
+    assert f.details["n_renamed"] > 0 and "stored as plain `.weight`" in f.message
+    assert "clamp buffers are gone" in f.message and "never unwrap" in f.fix
+    assert not out.exists()
+    assert not list(tmp_path.glob(".gguf*"))  # no temporary directory left either
+
+
+def test_official_layout_passes_the_tower_check(tiny_models) -> None:
+    plan = plan_gguf_export(tiny_models["e2b"])
+    assert plan["mmproj"] and plan["counts"]["clipped_linears"] > 0
+    assert plan["counts"]["towers"] > 0 and plan["findings"] == []
+
+
+def test_tower_lora_adapter_gguf_is_skipped_with_a_warning(tiny_models, tmp_path) -> None:
+    base = tiny_models["e2b"]
+    adapter = _text_adapter(base, tmp_path / "adapter", seed=3, spec="text,vision,audio")
+    plan = plan_gguf_export(base, adapter, base)
+    assert not plan["convert_adapter"]
+    assert [f.code for f in plan["findings"]] == ["G4T914"]
+    assert plan["findings"][0].severity.value == "warning"
+    assert "merged GGUF" in plan["findings"][0].fix
+
+
+def test_adapter_gguf_needs_a_local_base(tiny_models, tmp_path) -> None:
+    base = tiny_models["e2b"]
+    adapter = _text_adapter(base, tmp_path / "adapter", seed=3)
+    with pytest.raises(FindingError) as exc:
+        plan_gguf_export(base, adapter, "google/gemma-4-E2B-it")
+    assert _codes(exc) == {"G4T001"}
+    assert plan_gguf_export(base, adapter, base)["adapter_tensors"] == 72
+
+
+@pytest.fixture(scope="module")
+def moe_adapter(tiny_models, tmp_path_factory) -> Path:
+    """A random LoRA on the tiny 26B-A4B's text modules, MoE experts included."""
+    return _text_adapter(tiny_models["26b-a4b"], tmp_path_factory.mktemp("gguf-moe") / "adapter", seed=4)
+
+
+@pytest.mark.slow
+def test_moe_expert_lora_adapter_gguf_is_skipped_with_g4t204(tiny_models, moe_adapter) -> None:
+    base = tiny_models["26b-a4b"]
+    plan = plan_gguf_export(base, moe_adapter, base)
+    assert not plan["convert_adapter"]
+    assert [f.code for f in plan["findings"]] == ["G4T204"]
+
+
+def test_tiny_tokenizer_declares_the_official_named_tokens(tiny_models) -> None:
+    """Declared special (as Google's tokenizer does), llama.cpp's converter marks them CONTROL."""
+    from transformers import AutoTokenizer
+
+    from gemma4_tune.catalog.tokenizer import NAMED_TOKENS
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_models["e2b"]))
+    config = json.loads((tiny_models["e2b"] / "tokenizer_config.json").read_text())
+    for name, text in NAMED_TOKENS.items():
+        assert getattr(tokenizer, name) == text and config[name] == text
+        assert text in tokenizer.all_special_tokens
+    assert config["sot_token"] == "<|turn>" and config["eot_token"] == "<turn|>"
+
+
+def test_turn_tokens_that_are_not_control_in_the_gguf_are_reported(tiny_models) -> None:
+    """What the old tiny tokenizer produced: ``<|turn>`` as a plain piece, ``<turn|>`` not ending generation."""
+    from gemma4_tune.verify.llamacpp import _token_flags
+
+    flags, findings = _token_flags({"12": {"control": False, "eog": False}, "13": {"control": True, "eog": False}},
+                                   tiny_models["e2b"])
+    assert flags["<|turn>"]["id"] == 12 and flags["<turn|>"]["id"] == 13
+    assert [(f.code, f.severity.value) for f in findings] == [("G4T915", "warning")] * 2
+    assert "would not stop at the end of the model's turn" in findings[1].message
+
+
+def test_repoint_modelfile_points_at_the_gguf_and_is_idempotent(tmp_path) -> None:
+    from gemma4_tune.export.merge import MODELFILE_TEXT
+
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "Modelfile").write_text(MODELFILE_TEXT)
+    gguf = tmp_path / "gguf" / "model-q8_0.gguf"
+    for _ in range(2):
+        path = repoint_modelfile(merged, gguf)
+    lines = path.read_text().splitlines()
+    assert [ln for ln in lines if ln.startswith("FROM ")] == ["FROM ../gguf/model-q8_0.gguf"]
+    assert sum("FROM points at the GGUF" in ln for ln in lines) == 1
+    assert 'PARAMETER stop "<turn|>"' in lines
+    text = modelfile_text("f16", mmproj=True, adapter=False)
+    assert "FROM ./model-f16.gguf" in text and "--mmproj mmproj-f16.gguf" in text
+    assert not [ln for ln in text.splitlines() if ln.startswith("ADAPTER")]  # Ollama dropped ADAPTER (row 22)
+
+
+# --------------------------------------------------------------------------- glibc compatibility patch
+
+
+def _runtime_lib() -> Path:
+    install = llamacpp_env.require_llamacpp()
+    unpatched = install.root / "unpatched" / "libllama.so"
+    return unpatched if unpatched.exists() else install.site / "llama_cpp_py_sync" / "libllama.so"
+
+
+@needs_llamacpp
+def test_upstream_runtime_still_needs_glibc_2_38_and_the_patch_rebinds_it(tmp_path) -> None:
+    """Fails once upstream ships libraries built for an older glibc: then drop ``glibc_compat``."""
+    lib = _runtime_lib()
+    assert glibc_compat.needs_glibc(lib), f"{lib} no longer needs GLIBC_2.38: the glibc patch can go"
+    copy = tmp_path / lib.name
+    shutil.copy2(lib, copy)
+    assert glibc_compat.patch_library(copy) is True
+    assert not glibc_compat.needs_glibc(copy)
+    assert glibc_compat.patch_library(copy) is False  # idempotent
+    dynsym = copy.read_bytes()
+    assert b"__isoc23_strtol" in dynsym  # .dynstr untouched: the symbols now point at its "strtol" tail
+    if glibc_compat.patch_needed():
+        install = llamacpp_env.require_llamacpp()
+        assert install.stamp["glibc_patched"], "the install did not patch its libraries"
+        for name in install.stamp["glibc_patched"]:
+            assert not glibc_compat.needs_glibc(install.site / "llama_cpp_py_sync" / name)
+
+
+@needs_llamacpp
+def test_install_is_stamped_and_idempotent() -> None:
+    install = llamacpp_env.require_llamacpp()
+    assert install.stamp["pins"] == {"llama-cpp-python": llamacpp_env.CONVERTER_VERSION,
+                                     "llama-cpp-py-sync": llamacpp_env.RUNTIME_VERSION}
+    assert install.stamp["install_seconds"] > 0 and set(install.stamp["seconds"]) >= {"download", "runtime"}
+    again = llamacpp_env.install_llamacpp(log=lambda _line: None)
+    assert again.stamp == install.stamp
+    status = llamacpp_env.llamacpp_status()
+    assert status["installed"] and status["llama_cpp_build"] == install.stamp["llama_cpp_build"]
+
+
+def test_failed_install_is_g4t910_and_leaves_nothing(monkeypatch, tmp_path) -> None:
+    import subprocess as sp
+
+    monkeypatch.setenv("GEMMA4_TUNE_ENGINES", str(tmp_path / "engines"))
+
+    def failing_pip(cmd, *, env, log, tail, step):
+        tail.append("ERROR: No matching distribution found for llama-cpp-python==0.3.36")
+        raise sp.CalledProcessError(1, list(cmd))
+
+    monkeypatch.setattr(llamacpp_env, "_run", failing_pip)
+    with pytest.raises(FindingError) as exc:
+        llamacpp_env.install_llamacpp(log=lambda _line: None)
+    assert _codes(exc) == {"G4T910"}
+    assert "No matching distribution" in exc.value.findings[0].message
+    assert sorted(p.name for p in (tmp_path / "engines").iterdir()) == [".llamacpp-install.lock"]
+    assert llamacpp_env.llamacpp_install() is None
+
+
+def test_missing_install_is_g4t911(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("GEMMA4_TUNE_ENGINES", str(tmp_path / "engines"))
+    with pytest.raises(FindingError) as exc:
+        llamacpp_env.require_llamacpp()
+    assert _codes(exc) == {"G4T911"}
+    assert "engines install llama.cpp" in exc.value.findings[0].fix
+
+
+# --------------------------------------------------------------------------- engine: convert and run
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+@needs_llamacpp
+def test_e2b_merged_f32_model_and_mmproj_match_transformers(e2b) -> None:
+    summary = e2b["f32"]
+    assert summary["findings"] == []
+    counts = plan_gguf_export(e2b["merged"])["counts"]
+    assert summary["tensors"]["model"] == {"expected": counts["text"] + GENERATED_TEXT_TENSORS, "written": 108}
+    assert summary["tensors"]["mmproj"] == {"expected": counts["towers"], "written": 217}
+    for name in ("model", "mmproj", "base", "adapter"):
+        assert Path(summary["files"][name]).is_file()
+    modelfile = (Path(summary["out_dir"]) / "Modelfile").read_text()
+    assert "FROM ./model-f32.gguf" in modelfile
+    assert "FROM ../gguf-f32/model-f32.gguf" in (e2b["merged"] / "Modelfile").read_text()
+    report = verify_gguf(summary["out_dir"])  # references computed from the record: merged dir, base + adapter
+    _show("e2b f32", report)
+    _assert_ok(report)
+    assert report["model"]["max_logit_diff"] <= TOLERANCES["f32"].max_logit_diff
+    assert report["model"]["top1_in_top5"] == 1.0
+    assert report["mmproj"]["vision"] and report["mmproj"]["audio"]
+    assert report["vocab"]["<|turn>"]["control"] and report["vocab"]["<turn|>"]["eog"]
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+@needs_llamacpp
+def test_e2b_text_lora_adapter_gguf_matches_peft_and_changes_the_output(e2b) -> None:
+    summary = e2b["f32"]
+    assert summary["tensors"]["adapter"] == {"expected": 72, "written": 72}
+    files = {k: summary["files"][k] for k in ("base", "adapter")}
+    report = verify_gguf(files, prompts=e2b["prompts"], gguf_type="f32", adapter_reference=e2b["peft"])
+    _show("e2b adapter f32", report)
+    _assert_ok(report)
+    part = report["adapter"]
+    assert part["adapter"]["max_logit_diff"] <= TOLERANCES["f32"].max_logit_diff
+    assert part["adapter_effect"] > 0.9 * part["reference_effect"] > 0.1
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+@needs_llamacpp
+def test_adapter_gguf_that_changes_nothing_fails(e2b, tmp_path) -> None:
+    zeroed = _zeroed(e2b["adapter"], tmp_path / "zeroed")
+    out = tmp_path / "adapter-f32.gguf"
+    convert_lora(zeroed, e2b["base"], out, "f32", log=lambda _line: None)
+    files = {"base": e2b["f32"]["files"]["base"], "adapter": out}
+    report = verify_gguf(files, prompts=e2b["prompts"], gguf_type="f32", adapter_reference=e2b["peft"])
+    assert not report["ok"]
+    assert [f.code for f in report["findings"]] == ["G4T611"]
+    assert report["adapter"]["adapter_effect"] < 1e-3
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+@needs_llamacpp
+def test_e2b_merged_q8_0_is_within_its_tolerance(e2b) -> None:
+    summary = export_gguf(e2b["merged"], e2b["root"] / "gguf-q8_0", "q8_0", repoint=False)
+    assert summary["tensors"]["model"]["written"] == 108 and summary["tensors"]["mmproj"]["written"] == 217
+    assert Path(summary["files"]["model"]).stat().st_size < 0.5 * Path(e2b["f32"]["files"]["model"]).stat().st_size
+    report = verify_gguf(summary["out_dir"], e2b["peft"]["adapter"], e2b["prompts"])
+    _show("e2b q8_0", report)
+    _assert_ok(report)
+    assert report["gguf_type"] == "q8_0"
+    assert report["model"]["mean_kl"] <= TOLERANCES["q8_0"].mean_kl
+    assert report["model"]["mean_kl"] > report["model"]["tolerance"]["mean_kl"] * 1e-4  # it did quantise
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+@needs_llamacpp
+def test_31b_merged_f32_model_and_mmproj_match_transformers(b31) -> None:
+    summary = b31["f32"]
+    assert summary["tensors"]["model"]["written"] == summary["tensors"]["model"]["expected"] == 85
+    assert summary["tensors"]["mmproj"]["written"] == summary["tensors"]["mmproj"]["expected"] == 31
+    report = verify_gguf(summary["out_dir"], b31["peft"]["adapter"], b31["prompts"])
+    _show("31b f32", report)
+    _assert_ok(report)
+    assert report["mmproj"]["vision"] and not report["mmproj"]["audio"]
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+@needs_llamacpp
+def test_31b_text_lora_adapter_gguf_matches_peft_on_k_eq_v_layers(b31) -> None:
+    """Unlike vLLM 0.32 (G4T210), llama.cpp applies a k_proj LoRA to the values of K=V global layers too."""
+    from gemma4_tune.verify.vllm import k_eq_v_lora_layers
+
+    assert k_eq_v_lora_layers(b31["base"], b31["adapter"])  # the case vLLM gets wrong is present
+    summary = b31["f32"]
+    assert summary["tensors"]["adapter"]["written"] == summary["tensors"]["adapter"]["expected"] == 80
+    files = {k: summary["files"][k] for k in ("base", "adapter")}
+    report = verify_gguf(files, prompts=b31["prompts"], gguf_type="f32", adapter_reference=b31["peft"])
+    _show("31b adapter f32", report)
+    _assert_ok(report)
+    assert report["adapter"]["adapter_effect"] > 0.9 * report["adapter"]["reference_effect"] > 0.1
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+@needs_llamacpp
+def test_31b_merged_f16_text_is_within_its_tolerance(b31, tmp_path) -> None:
+    out = tmp_path / "model-f16.gguf"
+    convert_model(b31["merged"], out, "f16", log=lambda _line: None)
+    check_tensor_count(out, 85, "model")
+    report = verify_gguf({"model": out}, b31["peft"]["adapter"], b31["prompts"], "f16")
+    _show("31b f16", report)
+    _assert_ok(report)
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+@needs_llamacpp
+def test_26b_a4b_moe_checkpoint_converts_and_matches_transformers(tiny_models, tmp_path) -> None:
+    """What G4T204 tells users to do with MoE expert LoRA: convert the merged (full) checkpoint instead."""
+    summary = export_gguf(tiny_models["26b-a4b"], tmp_path / "gguf", "f32", repoint=False)
+    assert summary["tensors"]["model"]["written"] == summary["tensors"]["model"]["expected"]
+    assert summary["tensors"]["mmproj"]["written"] == summary["tensors"]["mmproj"]["expected"]
+    report = verify_gguf(summary["out_dir"])
+    _show("26b-a4b f32", report)
+    _assert_ok(report)
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+@needs_llamacpp
+def test_row22_converter_failure_is_g4t916_with_the_cause(tiny_models, moe_adapter, tmp_path) -> None:
+    """Why G4T204 skips expert LoRA: convert_lora_to_gguf.py cannot map it (and says so only in a traceback)."""
+    with pytest.raises(FindingError) as exc:
+        convert_lora(moe_adapter, tiny_models["26b-a4b"], tmp_path / "adapter-f32.gguf", "f32", log=lambda _line: None)
+    assert _codes(exc) == {"G4T916"}
+    assert "Can not map tensor" in exc.value.findings[0].message and "experts" in exc.value.findings[0].message
+    assert Path(exc.value.findings[0].details["log"]).is_file()
+    assert not (tmp_path / "adapter-f32.gguf").exists()
+    Path(exc.value.findings[0].details["log"]).unlink()
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+@needs_llamacpp
+def test_row02_unwrapped_checkpoint_converts_silently_so_the_count_check_catches_it(tiny_models, tmp_path) -> None:
+    """Why the pre-check exists: llama.cpp's mmproj converter accepts the damaged keys without an error."""
+    damaged = _unwrapped(tiny_models["e2b"], tmp_path / "damaged")
+    out = tmp_path / "mmproj-f32.gguf"
+    convert_model(damaged, out, "f32", mmproj=True, log=lambda _line: None)
+    expected = plan_gguf_export(tiny_models["e2b"])["counts"]["towers"]
+    assert gguf_tensor_count(out) < expected
+    with pytest.raises(FindingError) as exc:
+        check_tensor_count(out, expected, "mmproj")
+    assert _codes(exc) == {"G4T913"}
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+@needs_llamacpp
+def test_runner_is_standalone(e2b, tmp_path) -> None:
+    """A user with only llama.cpp's binding runs the same script: it imports nothing from gemma4_tune."""
+    import ast
+
+    from gemma4_tune.verify.llamacpp import RUNNER
+
+    tree = ast.parse(RUNNER.read_text())
+    imported = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any(m.startswith("gemma4_tune") for m in imported), imported
+    install = llamacpp_env.require_llamacpp()
+    (tmp_path / "req.json").write_text(json.dumps({"model": e2b["f32"]["files"]["model"], "prompts": [[2, 5, 6]]}))
+    done = subprocess.run([sys.executable, "-P", str(RUNNER), str(tmp_path / "req.json"), str(tmp_path / "res.json")],
+                          env=install.runtime_environ(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "res.json").read_text())
+    assert result["modes"]["base"]["logits"] == "base-logits.npy" and result["n_vocab"] > 0
+    assert (tmp_path / "base-logits.npy").is_file()
+
+
+# --------------------------------------------------------------------------- the command line, end to end
+
+CLI = [sys.executable, "-m", "gemma4_tune"]
+
+
+def test_export_gguf_without_merged_is_refused_before_writing(b31_adapter_only, tmp_path) -> None:
+    base, adapter = b31_adapter_only
+    done = subprocess.run([*CLI, "export", "--base", str(base), "--adapter", str(adapter), "--gguf",
+                           str(tmp_path / "gguf")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "G4T614" in done.stdout + done.stderr and "--merged" in done.stdout + done.stderr
+    assert not (tmp_path / "gguf").exists()
+
+
+@pytest.fixture(scope="module")
+def b31_adapter_only(tiny_models, tmp_path_factory) -> tuple[Path, Path]:
+    base = tiny_models["31b"]
+    return base, _text_adapter(base, tmp_path_factory.mktemp("gguf-cli") / "adapter", seed=3)
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+@needs_llamacpp
+def test_cli_export_gguf_then_verify_in_llama_cpp(b31_adapter_only, tmp_path) -> None:
+    """What a user runs: merge + GGUF in one export, the Modelfile pointed at it, then verify against PEFT."""
+    base, adapter = b31_adapter_only
+    merged, gguf = tmp_path / "merged", tmp_path / "gguf"
+    done = subprocess.run([*CLI, "export", "--base", str(base), "--adapter", str(adapter), "--merged", str(merged),
+                           "--gguf", str(gguf), "--gguf-type", "f16"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in gguf.glob("*.gguf")) == ["adapter-f16.gguf", "base-f16.gguf", "mmproj-f16.gguf",
+                                                            "model-f16.gguf"]
+    froms = [ln for ln in (merged / "Modelfile").read_text().splitlines() if ln.startswith("FROM ")]
+    assert froms == ["FROM ../gguf/model-f16.gguf"]  # issue 9: the Modelfile points at the GGUF
+    assert [ln for ln in (gguf / "Modelfile").read_text().splitlines() if ln.startswith("FROM ")] == [
+        "FROM ./model-f16.gguf"]
+    done = subprocess.run([*CLI, "verify", "--base", str(base), "--adapter", str(adapter), "--engine", "llama.cpp",
+                           "--gguf", str(gguf), "--out", str(tmp_path / "verify"), "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    report = json.loads(done.stdout)
+    rows = {r["engine"]: r for r in report["engines"]}
+    assert len(rows) == 2 and all(r["ok"] for r in rows.values()), rows
+    assert all(r["adapter_effect"] > 0.5 for r in rows.values())  # the fine-tune shows in llama.cpp
+    assert (tmp_path / "verify" / "verify.md").read_text().count("llama.cpp") >= 2
