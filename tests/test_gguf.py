@@ -33,6 +33,7 @@ from gemma4_tune.export.gguf import (
 from gemma4_tune.findings import FindingError
 from gemma4_tune.verify import glibc_compat, llamacpp_env
 from gemma4_tune.verify.llamacpp import TOLERANCES, default_prompts, peft_logits, verify_gguf
+from tests.lora_helpers import random_lora, zeroed_lora_b
 
 REQUIRE = bool(os.environ.get("GEMMA4_TUNE_REQUIRE_ENGINES"))
 needs_llamacpp = pytest.mark.skipif(llamacpp_env.llamacpp_install() is None and not REQUIRE,
@@ -43,35 +44,6 @@ engine = [pytest.mark.engine, pytest.mark.slow, needs_llamacpp]
 
 def _codes(exc: pytest.ExceptionInfo) -> set[str]:
     return {f.code for f in exc.value.findings}
-
-
-def _text_adapter(base: Path, out: Path, seed: int, spec: str = "text") -> Path:
-    """A rank-8 LoRA with random A and B, made and saved by the toolkit's own path."""
-    import torch
-    from transformers import Gemma4ForConditionalGeneration
-
-    from gemma4_tune.adapters import LoraSettings, prepare_model, save_adapter
-
-    model, plan = prepare_model(Gemma4ForConditionalGeneration.from_pretrained(str(base), dtype=torch.float32),
-                                spec, LoraSettings(rank=8))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return save_adapter(model, out, plan=plan)
-
-
-def _zeroed(adapter: Path, out: Path) -> Path:
-    """The same adapter with every lora_B set to zero: converts and loads everywhere, changes nothing."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(adapter, out)
-    weights = out / "adapter_model.safetensors"
-    tensors = {k: (torch.zeros_like(v) if ".lora_B." in k else v) for k, v in load_file(str(weights)).items()}
-    save_file(tensors, str(weights), metadata={"format": "pt"})
-    return out
 
 
 def _unwrapped(src: Path, out: Path) -> Path:
@@ -96,7 +68,7 @@ def _unwrapped(src: Path, out: Path) -> Path:
 def _merged_case(tiny: Path, root: Path, seed: int) -> dict:
     from gemma4_tune.export.merge import merge_adapter
 
-    adapter = _text_adapter(tiny, root / "adapter", seed=seed)
+    adapter = random_lora(tiny, root / "adapter", seed=seed)
     merged = merge_adapter(tiny, adapter, root / "merged", progress=False).out_dir
     prompts = default_prompts(tiny)
     return {"root": root, "base": tiny, "adapter": adapter, "merged": merged, "prompts": prompts,
@@ -166,7 +138,7 @@ def test_official_layout_passes_the_tower_check(tiny_models) -> None:
 
 def test_tower_lora_adapter_gguf_is_skipped_with_a_warning(tiny_models, tmp_path) -> None:
     base = tiny_models["e2b"]
-    adapter = _text_adapter(base, tmp_path / "adapter", seed=3, spec="text,vision,audio")
+    adapter = random_lora(base, tmp_path / "adapter", seed=3, spec="text,vision,audio")
     plan = plan_gguf_export(base, adapter, base)
     assert not plan["convert_adapter"]
     assert [f.code for f in plan["findings"]] == ["G4T914"]
@@ -176,7 +148,7 @@ def test_tower_lora_adapter_gguf_is_skipped_with_a_warning(tiny_models, tmp_path
 
 def test_adapter_gguf_needs_a_local_base(tiny_models, tmp_path) -> None:
     base = tiny_models["e2b"]
-    adapter = _text_adapter(base, tmp_path / "adapter", seed=3)
+    adapter = random_lora(base, tmp_path / "adapter", seed=3)
     with pytest.raises(FindingError) as exc:
         plan_gguf_export(base, adapter, "google/gemma-4-E2B-it")
     assert _codes(exc) == {"G4T001"}
@@ -186,7 +158,7 @@ def test_adapter_gguf_needs_a_local_base(tiny_models, tmp_path) -> None:
 @pytest.fixture(scope="module")
 def moe_adapter(tiny_models, tmp_path_factory) -> Path:
     """A random LoRA on the tiny 26B-A4B's text modules, MoE experts included."""
-    return _text_adapter(tiny_models["26b-a4b"], tmp_path_factory.mktemp("gguf-moe") / "adapter", seed=4)
+    return random_lora(tiny_models["26b-a4b"], tmp_path_factory.mktemp("gguf-moe") / "adapter", seed=4)
 
 
 @pytest.mark.slow
@@ -351,7 +323,7 @@ def test_e2b_text_lora_adapter_gguf_matches_peft_and_changes_the_output(e2b) -> 
 @pytest.mark.slow
 @needs_llamacpp
 def test_adapter_gguf_that_changes_nothing_fails(e2b, tmp_path) -> None:
-    zeroed = _zeroed(e2b["adapter"], tmp_path / "zeroed")
+    zeroed = zeroed_lora_b(e2b["adapter"], tmp_path / "zeroed")
     out = tmp_path / "adapter-f32.gguf"
     convert_lora(zeroed, e2b["base"], out, "f32", log=lambda _line: None)
     files = {"base": e2b["f32"]["files"]["base"], "adapter": out}
@@ -500,7 +472,7 @@ def test_export_gguf_without_merged_is_refused_before_writing(b31_adapter_only, 
 @pytest.fixture(scope="module")
 def b31_adapter_only(tiny_models, tmp_path_factory) -> tuple[Path, Path]:
     base = tiny_models["31b"]
-    return base, _text_adapter(base, tmp_path_factory.mktemp("gguf-cli") / "adapter", seed=3)
+    return base, random_lora(base, tmp_path_factory.mktemp("gguf-cli") / "adapter", seed=3)
 
 
 @pytest.mark.engine

@@ -20,7 +20,8 @@ import pytest
 
 from gemma4_tune.findings import FindingError
 from gemma4_tune.serve import ServePlan, VllmServer, parse_adapters, plan_serving
-from tests.test_vllm import _text_adapter, _vllm_ready_tiny, _zeroed, needs_vllm
+from tests.lora_helpers import random_lora, zeroed_lora_b
+from tests.test_vllm import _vllm_ready_tiny, needs_vllm
 
 CLI = [sys.executable, "-m", "gemma4_tune"]
 
@@ -30,7 +31,7 @@ def tiny31(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """31B-shaped model (K=V global layers) with a text adapter."""
     root = tmp_path_factory.mktemp("serve-31b")
     base = _vllm_ready_tiny("31b", root / "base")
-    return {"base": base, "adapter": _text_adapter(base, root / "run" / "adapter", seed=2)}
+    return {"base": base, "adapter": random_lora(base, root / "run" / "adapter", seed=2)}
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +44,11 @@ def tiny_e2b(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("serve-e2b")
     base = _vllm_ready_tiny("e2b", root / "base")
-    text = _text_adapter(base, root / "text", seed=1)
+    text = random_lora(base, root / "text", seed=1)
     model, plan = prepare_model(Gemma4ForConditionalGeneration.from_pretrained(str(base), dtype=torch.float32),
                                 "text,vision", LoraSettings(rank=8))
     tower = save_adapter(model, root / "tower", plan=plan)
-    return {"base": base, "text": text, "zeroed": _zeroed(text, root / "zeroed"), "tower": tower}
+    return {"base": base, "text": text, "zeroed": zeroed_lora_b(text, root / "zeroed"), "tower": tower}
 
 
 def test_adapter_names_default_to_the_run_folder(tmp_path: Path) -> None:
@@ -93,7 +94,7 @@ def test_moe_expert_lora_is_refused_with_the_merged_fix(tmp_path: Path) -> None:
     from gemma4_tune.api import tiny_model
 
     base = tiny_model("26b-a4b", tmp_path / "base")
-    adapter = _text_adapter(base, tmp_path / "adapter", seed=3)
+    adapter = random_lora(base, tmp_path / "adapter", seed=3)
     with pytest.raises(FindingError) as err:
         plan_serving(base, {"moe": adapter}, tmp_path / "w", flavour="cpu")
     assert [f.code for f in err.value.findings] == ["G4T906"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from gemma4_tune.verify.vllm import (
     vllm_parity_many,
     vllm_ready_adapter,
 )
+from tests.lora_helpers import random_lora, zeroed_lora_b
 
 REQUIRE = bool(os.environ.get("GEMMA4_TUNE_REQUIRE_ENGINES"))
 needs_vllm = pytest.mark.skipif(engine_env.vllm_python() is None and not REQUIRE,
@@ -54,42 +54,13 @@ def _vllm_ready_tiny(variant: str, out: Path) -> Path:
     return tiny_model(variant, out, seed=0)
 
 
-def _text_adapter(base: Path, out: Path, seed: int) -> Path:
-    """A rank-8 text LoRA with random A and B, saved by the toolkit's own path."""
-    import torch
-    from transformers import Gemma4ForConditionalGeneration
-
-    from gemma4_tune.adapters import LoraSettings, prepare_model, save_adapter
-
-    model, plan = prepare_model(Gemma4ForConditionalGeneration.from_pretrained(str(base), dtype=torch.float32),
-                                "text", LoraSettings(rank=8))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return save_adapter(model, out, plan=plan)
-
-
-def _zeroed(adapter: Path, out: Path) -> Path:
-    """The same adapter with every lora_B set to zero: loads everywhere, changes nothing."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(adapter, out)
-    weights = out / "adapter_model.safetensors"
-    tensors = {k: (torch.zeros_like(v) if ".lora_B." in k else v) for k, v in load_file(str(weights)).items()}
-    save_file(tensors, str(weights), metadata={"format": "pt"})
-    return out
-
-
 @pytest.fixture(scope="session")
 def e2b_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """E2B-shaped model: one engine, modes base + trained + zeroed."""
     root = tmp_path_factory.mktemp("vllm-e2b")
     base = _vllm_ready_tiny("e2b", root / "base")
-    trained = _text_adapter(base, root / "trained", seed=1)
-    zeroed = _zeroed(trained, root / "zeroed")
+    trained = random_lora(base, root / "trained", seed=1)
+    zeroed = zeroed_lora_b(trained, root / "zeroed")
     return vllm_parity_many(base, {"trained": trained, "zeroed": zeroed}, PROMPTS, max_tokens=MAX_TOKENS)
 
 
@@ -103,7 +74,7 @@ def b31_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """
     root = tmp_path_factory.mktemp("vllm-31b")
     base = _vllm_ready_tiny("31b", root / "base")
-    adapter = _text_adapter(base, root / "adapter", seed=2)
+    adapter = random_lora(base, root / "adapter", seed=2)
     ready = vllm_ready_adapter(adapter, base, root / "vllm_ready")
     cache: dict = {}
 

@@ -225,9 +225,10 @@ def vllm_status(*, size: bool = False) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _install_lock(root: Path) -> Iterator[None]:
+def install_lock(root: Path, name: str) -> Iterator[None]:
+    """Hold ``root/.<name>-install.lock``: one install of an engine at a time, across processes."""
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".vllm-install.lock", "w") as handle:
+    with open(root / f".{name}-install.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -235,10 +236,10 @@ def _install_lock(root: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _run_streaming(cmd: Sequence[str], *, env: dict[str, str], log: Log, tail: collections.deque[str],
-                   step: str) -> None:
+def run_streaming(cmd: Sequence[str], *, env: dict[str, str], log: Log, tail: collections.deque[str],
+                  step: str) -> None:
     """Run ``cmd``, echoing each output line (pip's progress) and keeping the last lines for a finding."""
-    log(f"[vllm env] {step}: {' '.join(cmd)}")
+    log(step)
     proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             bufsize=1)
     assert proc.stdout is not None
@@ -261,6 +262,11 @@ def _pip_environ() -> dict[str, str]:
     return env
 
 
+def _vllm_step(cmd: Sequence[str], *, env: dict[str, str], log: Log, tail: collections.deque[str],
+               step: str) -> None:
+    run_streaming(cmd, env=env, log=log, tail=tail, step=f"[vllm env] {step}: {' '.join(cmd)}")
+
+
 def install_vllm(force: bool = False, *, flavour: str | None = None, log: Log | None = None) -> Path:
     """Create (or reuse) the vLLM environment and return its python.
 
@@ -275,7 +281,7 @@ def install_vllm(force: bool = False, *, flavour: str | None = None, log: Log | 
     root = engines_root()
     env_dir = vllm_env_dir()
     python = _env_python(env_dir)
-    with _install_lock(root):
+    with install_lock(root, "vllm"):
         stamp = _read_stamp(env_dir)
         if not force and python.exists() and _stamp_current(stamp, flavour):
             log(f"[vllm env] already installed at {env_dir} (vllm {stamp.get('vllm_version')})")
@@ -290,16 +296,16 @@ def install_vllm(force: bool = False, *, flavour: str | None = None, log: Log | 
         pip = [str(python), "-m", "pip"]
         try:
             base_python = getattr(sys, "_base_executable", None) or sys.executable
-            _run_streaming([base_python, "-m", "venv", str(env_dir)], env=pip_env, log=log, tail=tail,
+            _vllm_step([base_python, "-m", "venv", str(env_dir)], env=pip_env, log=log, tail=tail,
                            step="creating the virtual environment")
             extra: list[str] = []
             if flavour == "cpu" and os.environ.get(TORCH_INDEX_VAR):
                 extra = ["--extra-index-url", os.environ[TORCH_INDEX_VAR]]
             for i, specs in enumerate(PINS[flavour], 1):
-                _run_streaming([*pip, "install", *extra, *specs], env=pip_env, log=log, tail=tail,
+                _vllm_step([*pip, "install", *extra, *specs], env=pip_env, log=log, tail=tail,
                                step=f"step {i}/{len(PINS[flavour])}")
             if REMOVE[flavour]:
-                _run_streaming([*pip, "uninstall", "-y", *REMOVE[flavour]], env=pip_env, log=log, tail=tail,
+                _vllm_step([*pip, "uninstall", "-y", *REMOVE[flavour]], env=pip_env, log=log, tail=tail,
                                step="removing CUDA-linked and unused packages")
             if flavour == "cpu" and patch_torchvision(env_dir):
                 log("[vllm env] patched torchvision/_meta_registrations.py (CPU torch, CUDA torchvision)")
@@ -308,7 +314,7 @@ def install_vllm(force: bool = False, *, flavour: str | None = None, log: Log | 
                      "print(json.dumps({'vllm': vllm.__version__, 'torch': torch.__version__, "
                      "'transformers': transformers.__version__}))")
             tail.clear()
-            _run_streaming([str(python), "-c", probe], env=scratch_environ(), log=log, tail=tail,
+            _vllm_step([str(python), "-c", probe], env=scratch_environ(), log=log, tail=tail,
                            step="checking that `from vllm import LLM` works")
             versions = json.loads(next(line for line in reversed(tail) if line.startswith('{"vllm"')))
         except (subprocess.CalledProcessError, OSError, ValueError, StopIteration) as exc:

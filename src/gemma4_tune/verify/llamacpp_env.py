@@ -25,8 +25,6 @@ single rename, under a file lock, so a crash leaves the previous install or none
 from __future__ import annotations
 
 import collections
-import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -35,14 +33,14 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gemma4_tune.findings import FindingError, Severity, finding, register
 from gemma4_tune.verify import glibc_compat
-from gemma4_tune.verify.engine_env import STAMP_NAME, engines_root
+from gemma4_tune.verify.engine_env import STAMP_NAME, engines_root, install_lock, run_streaming
 
 INSTALL_FAILED = register("G4T910", Severity.ERROR, "llama.cpp install failed")
 NOT_INSTALLED = register("G4T911", Severity.ERROR, "llama.cpp not installed")
@@ -65,7 +63,6 @@ INSTALL_FIX = ("check network access to PyPI and free disk space (~150 MB), then
 NOT_INSTALLED_FIX = "run `gemma4-tune engines install llama.cpp` (about 30 s, ~110 MB, outside the project)"
 
 Log = Callable[[str], None]
-_NOISE = "is ignored: it is neither a file nor a directory"
 
 
 def _stderr(line: str) -> None:
@@ -181,32 +178,8 @@ def llamacpp_status() -> dict[str, Any]:
     return status
 
 
-@contextlib.contextmanager
-def _install_lock(root: Path) -> Iterator[None]:
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".llamacpp-install.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _run(cmd: Sequence[str], *, env: dict[str, str], log: Log, tail: collections.deque[str], step: str) -> None:
-    """Run ``cmd``, echoing its output lines and keeping the last ones for a finding."""
-    log(f"[llama.cpp] {step}")
-    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            bufsize=1)
-    assert proc.stdout is not None
-    for raw in proc.stdout:
-        line = raw.rstrip("\n")
-        if not line.strip() or _NOISE in line:
-            continue
-        tail.append(line)
-        log(f"  {line}")
-    rc = proc.wait()
-    if rc != 0:
-        raise subprocess.CalledProcessError(rc, list(cmd))
+    run_streaming(cmd, env=env, log=log, tail=tail, step=f"[llama.cpp] {step}")
 
 
 def _pip_environ(extra_path: Path | None = None) -> dict[str, str]:
@@ -265,7 +238,7 @@ def install_llamacpp(force: bool = False, *, log: Log | None = None) -> LlamaCpp
     """
     log = log or _stderr
     root = llamacpp_dir()
-    with _install_lock(root.parent):
+    with install_lock(root.parent, "llamacpp"):
         stamp = _read_stamp(root)
         if not force and _complete(root, stamp):
             assert stamp is not None

@@ -1,0 +1,35 @@
+"""Adapters made without training, through the toolkit's own path, for the engine tests."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+
+def random_lora(base: Path, out: Path, seed: int, spec: str = "text") -> Path:
+    """A rank-8 LoRA on ``spec`` with random A and B (so it changes the output), saved by the toolkit."""
+    import torch
+    from transformers import Gemma4ForConditionalGeneration
+
+    from gemma4_tune.adapters import LoraSettings, prepare_model, save_adapter
+
+    model, plan = prepare_model(Gemma4ForConditionalGeneration.from_pretrained(str(base), dtype=torch.float32),
+                                spec, LoraSettings(rank=8))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return save_adapter(model, out, plan=plan)
+
+
+def zeroed_lora_b(adapter: Path, out: Path) -> Path:
+    """The same adapter with every lora_B set to zero: converts and loads everywhere, changes nothing (row 4)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter, out)
+    weights = out / "adapter_model.safetensors"
+    tensors = {k: (torch.zeros_like(v) if ".lora_B." in k else v) for k, v in load_file(str(weights)).items()}
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    return out
