@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from gemma4_tune.config import build_config
 from gemma4_tune.distributed import DistributedPlan, plan_distributed
 from gemma4_tune.findings import FindingError
+from gemma4_tune.serve import free_port
 
 CLI = [sys.executable, "-m", "gemma4_tune"]
 REQUIRE = bool(os.environ.get("GEMMA4_TUNE_REQUIRE_ENGINES"))
@@ -138,22 +139,14 @@ _ROW27_PROBE = textwrap.dedent("""
 """)
 
 
-def _free_port() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def test_row27_accelerate_still_loses_the_launch_on_cpu_and_the_patch_restores_it() -> None:
     """If this fails on the unpatched line, accelerate fixed row 27: drop gemma4_tune/patches.py's backend patch."""
     assert not torch.cuda.is_available()
-    plain = subprocess.run([sys.executable, "-c", _ROW27_PROBE, "plain", _free_port()], capture_output=True, text=True,
-                           timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    plain = subprocess.run([sys.executable, "-c", _ROW27_PROBE, "plain", str(free_port())], capture_output=True,
+                           text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert plain.returncode == 0, plain.stderr
     assert plain.stdout.split()[-2:] == ["DistributedType.NO", "None"]
-    patched = subprocess.run([sys.executable, "-c", _ROW27_PROBE, "patched", _free_port()], capture_output=True,
+    patched = subprocess.run([sys.executable, "-c", _ROW27_PROBE, "patched", str(free_port())], capture_output=True,
                              text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert patched.returncode == 0, patched.stderr
     assert patched.stdout.split()[-2:] == ["DistributedType.MULTI_CPU", "gloo"]

@@ -65,32 +65,29 @@ def _unwrapped(src: Path, out: Path) -> Path:
     return out
 
 
-def _merged_case(tiny: Path, root: Path, seed: int) -> dict:
+def _exported_case(tiny: Path, root: Path, seed: int) -> dict:
+    """``tiny`` + a random text LoRA, merged, then exported to f32 with the adapter (model, mmproj where the
+    model has towers, base, adapter), with the PEFT reference on the verify prompts."""
     from gemma4_tune.export.merge import merge_adapter
 
     adapter = random_lora(tiny, root / "adapter", seed=seed)
     merged = merge_adapter(tiny, adapter, root / "merged", progress=False).out_dir
     prompts = default_prompts(tiny)
     return {"root": root, "base": tiny, "adapter": adapter, "merged": merged, "prompts": prompts,
-            "peft": peft_logits(tiny, adapter, prompts)}
+            "peft": peft_logits(tiny, adapter, prompts),
+            "f32": export_gguf(merged, root / "gguf-f32", "f32", adapter_dir=adapter, base_dir=tiny)}
 
 
 @pytest.fixture(scope="module")
 def e2b(tiny_models, tmp_path_factory) -> dict:
-    """Tiny E2B + a random text LoRA, merged; exported to f32 with the adapter (model, mmproj, base, adapter)."""
-    case = _merged_case(tiny_models["e2b"], tmp_path_factory.mktemp("gguf-e2b"), seed=1)
-    case["f32"] = export_gguf(case["merged"], case["root"] / "gguf-f32", "f32", adapter_dir=case["adapter"],
-                              base_dir=case["base"])
-    return case
+    """Tiny E2B (vision + audio towers) exported with a text LoRA."""
+    return _exported_case(tiny_models["e2b"], tmp_path_factory.mktemp("gguf-e2b"), seed=1)
 
 
 @pytest.fixture(scope="module")
 def b31(tiny_models, tmp_path_factory) -> dict:
-    """Tiny 31B (K=V global layers, vision only) + a random text LoRA, merged; exported to f32 with the adapter."""
-    case = _merged_case(tiny_models["31b"], tmp_path_factory.mktemp("gguf-31b"), seed=2)
-    case["f32"] = export_gguf(case["merged"], case["root"] / "gguf-f32", "f32", adapter_dir=case["adapter"],
-                              base_dir=case["base"])
-    return case
+    """Tiny 31B (K=V global layers, vision only) exported with a text LoRA."""
+    return _exported_case(tiny_models["31b"], tmp_path_factory.mktemp("gguf-31b"), seed=2)
 
 
 def _show(label: str, report: dict) -> None:
@@ -185,10 +182,12 @@ def test_tiny_tokenizer_declares_the_official_named_tokens(tiny_models) -> None:
 
 def test_turn_tokens_that_are_not_control_in_the_gguf_are_reported(tiny_models) -> None:
     """What the old tiny tokenizer produced: ``<|turn>`` as a plain piece, ``<turn|>`` not ending generation."""
+    from transformers import AutoTokenizer
+
     from gemma4_tune.verify.llamacpp import _token_flags
 
     flags, findings = _token_flags({"12": {"control": False, "eog": False}, "13": {"control": True, "eog": False}},
-                                   tiny_models["e2b"])
+                                   AutoTokenizer.from_pretrained(str(tiny_models["e2b"])))
     assert flags["<|turn>"]["id"] == 12 and flags["<turn|>"]["id"] == 13
     assert [(f.code, f.severity.value) for f in findings] == [("G4T915", "warning")] * 2
     assert "would not stop at the end of the model's turn" in findings[1].message

@@ -155,7 +155,11 @@ def adapter_weights(peft_model: Any, state_dict: dict[str, Any] | None = None) -
     ``layers.0._checkpoint_wrapped_module.mlp...``, keys that load into nothing)."""
     from peft import get_peft_model_state_dict
 
-    return {WRAPPER_NAMES.sub("", k): v for k, v in get_peft_model_state_dict(peft_model, state_dict=state_dict).items()}
+    return _without_wrapper_names(get_peft_model_state_dict(peft_model, state_dict=state_dict))
+
+
+def _without_wrapper_names(weights: dict[str, Any]) -> dict[str, Any]:
+    return {WRAPPER_NAMES.sub("", k): v for k, v in weights.items()}
 
 
 def save_adapter(peft_model: Any, out: Path, *, plan: TargetPlan | None = None, overwrite: bool = False,
@@ -171,11 +175,12 @@ def save_adapter(peft_model: Any, out: Path, *, plan: TargetPlan | None = None, 
     from gemma4_tune.distributed import check_not_empty
 
     out = Path(out)
-    weights = adapter_weights(peft_model, state_dict)
+    saved = get_peft_model_state_dict(peft_model, state_dict=state_dict)
+    weights = _without_wrapper_names(saved)
     check_not_empty(weights, str(out))
     with atomic_directory(out, overwrite=overwrite) as tmp:
         peft_model.save_pretrained(str(tmp), state_dict=state_dict)
-        if any(WRAPPER_NAMES.search(k) for k in get_peft_model_state_dict(peft_model, state_dict=state_dict)):
+        if weights.keys() != saved.keys():  # PEFT wrote the wrapper names: write the keys it loads instead
             save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "adapter_model.safetensors"),
                       metadata={"format": "pt"})
         if plan is not None:

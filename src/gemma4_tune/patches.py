@@ -14,7 +14,6 @@ serves; tested the same way).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from packaging.version import Version
@@ -37,7 +36,9 @@ def patch_accelerate_for_cpu_launch() -> bool:
     returns whether it is in effect."""
     import torch
 
-    if torch.cuda.is_available() or int(os.environ.get("LOCAL_RANK", -1)) == -1 or not accelerate_is_affected():
+    from gemma4_tune.distributed import under_launcher
+
+    if torch.cuda.is_available() or not under_launcher() or not accelerate_is_affected():
         return False
     from accelerate import state
     from accelerate.utils import DistributedType

@@ -83,8 +83,9 @@ def _env_python(env: Path) -> Path:
     return env / "bin" / "python"
 
 
-def _stamp_path(env: Path) -> Path:
-    return env / STAMP_NAME
+def stamp_path(folder: Path) -> Path:
+    """Where an engine install writes its stamp, last, once it works."""
+    return folder / STAMP_NAME
 
 
 def detect_flavour() -> str:
@@ -100,9 +101,10 @@ def detect_flavour() -> str:
     return "cpu"
 
 
-def _read_stamp(env: Path) -> dict[str, Any] | None:
+def read_stamp(folder: Path) -> dict[str, Any] | None:
+    """An engine install's stamp, or None when there is none (or it is unreadable)."""
     try:
-        return json.loads(_stamp_path(env).read_text())
+        return json.loads(stamp_path(folder).read_text())
     except (OSError, ValueError):
         return None
 
@@ -177,7 +179,7 @@ def vllm_python() -> Path | None:
     """The vLLM environment's python if it is installed and stamped, else None."""
     env = vllm_env_dir()
     python = _env_python(env)
-    if python.exists() and _stamp_current(_read_stamp(env)):
+    if python.exists() and _stamp_current(read_stamp(env)):
         return python
     return None
 
@@ -203,7 +205,7 @@ def _dir_size(path: Path) -> int:
 def vllm_status(*, size: bool = False) -> dict[str, Any]:
     """Where the vLLM environment is, whether it is usable, and what it holds (``size`` walks the tree)."""
     env = vllm_env_dir()
-    stamp = _read_stamp(env)
+    stamp = read_stamp(env)
     python = vllm_python()
     status: dict[str, Any] = {
         "engine": "vllm",
@@ -254,8 +256,8 @@ def run_streaming(cmd: Sequence[str], *, env: dict[str, str], log: Log, tail: co
         raise subprocess.CalledProcessError(rc, list(cmd))
 
 
-def _pip_environ() -> dict[str, str]:
-    env = scratch_environ()
+def quiet_pip(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a pip run inside an engine install: non-interactive, no version check, progress as lines."""
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
     env["PIP_NO_INPUT"] = "1"
     env.setdefault("PIP_PROGRESS_BAR", "off")  # a pipe gets pip's "Downloading ... (N MB)" lines instead
@@ -282,17 +284,17 @@ def install_vllm(force: bool = False, *, flavour: str | None = None, log: Log | 
     env_dir = vllm_env_dir()
     python = _env_python(env_dir)
     with install_lock(root, "vllm"):
-        stamp = _read_stamp(env_dir)
+        stamp = read_stamp(env_dir)
         if not force and python.exists() and _stamp_current(stamp, flavour):
             log(f"[vllm env] already installed at {env_dir} (vllm {stamp.get('vllm_version')})")
             return python
         start = time.monotonic()
-        _stamp_path(env_dir).unlink(missing_ok=True)
+        stamp_path(env_dir).unlink(missing_ok=True)
         if env_dir.exists():
             log(f"[vllm env] removing the previous environment at {env_dir}")
             shutil.rmtree(env_dir)
         tail: collections.deque[str] = collections.deque(maxlen=25)
-        pip_env = _pip_environ()
+        pip_env = quiet_pip(scratch_environ())
         pip = [str(python), "-m", "pip"]
         try:
             base_python = getattr(sys, "_base_executable", None) or sys.executable
@@ -318,7 +320,7 @@ def install_vllm(force: bool = False, *, flavour: str | None = None, log: Log | 
                            step="checking that `from vllm import LLM` works")
             versions = json.loads(next(line for line in reversed(tail) if line.startswith('{"vllm"')))
         except (subprocess.CalledProcessError, OSError, ValueError, StopIteration) as exc:
-            _stamp_path(env_dir).unlink(missing_ok=True)
+            stamp_path(env_dir).unlink(missing_ok=True)
             last = "\n".join(tail)
             raise FindingError(finding(INSTALL_FAILED.code, f"installing vLLM ({flavour}) into {env_dir} failed: "
                                        f"{exc}\n{last}", INSTALL_FIX, pip_tail=list(tail),
@@ -336,7 +338,7 @@ def install_vllm(force: bool = False, *, flavour: str | None = None, log: Log | 
             "installed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "install_seconds": round(elapsed, 1),
         }
-        _stamp_path(env_dir).write_text(json.dumps(record, indent=2) + "\n")
+        stamp_path(env_dir).write_text(json.dumps(record, indent=2) + "\n")
         log(f"[vllm env] installed vllm {versions['vllm']} (torch {versions['torch']}, transformers "
             f"{versions['transformers']}) in {elapsed:.0f} s at {env_dir}")
         return python

@@ -51,6 +51,12 @@ def libc_version() -> tuple[int, ...] | None:
     return tuple(int(p) for p in m.group(1).split(".")) if m else None
 
 
+def libc_version_text() -> str | None:
+    """The running glibc's version as text (``"2.36"``), None on another C library."""
+    version = libc_version()
+    return ".".join(map(str, version)) if version else None
+
+
 def patch_needed() -> bool:
     """True when the running glibc is older than 2.38 (the patch is for those systems only)."""
     version = libc_version()

@@ -50,6 +50,8 @@ MIN_EFFECT_SHARE = 0.5
 #: ... and by at least this much in absolute terms (an adapter that changes nothing fails either way).
 MIN_EFFECT = 1e-3
 _ORDER = ("f32", "f16", "bf16", "q8_0")
+#: Start and end of a chat turn: the GGUF vocabulary must mark both control, and the end as end-of-generation.
+TURN_TOKENS = ("<|turn>", "<turn|>")
 
 Log = Callable[[str], None]
 
@@ -115,11 +117,7 @@ def hf_logits(model_dir: str | Path, prompts: Sequence[Sequence[int]]) -> list[n
     import torch
     from transformers import Gemma4ForConditionalGeneration
 
-    model = Gemma4ForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    try:
-        return _forward(model, prompts)
-    finally:
-        del model
+    return _forward(Gemma4ForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32).eval(), prompts)
 
 
 def peft_logits(base_dir: str | Path, adapter_dir: str | Path, prompts: Sequence[Sequence[int]]) -> dict[str, list]:
@@ -133,7 +131,6 @@ def peft_logits(base_dir: str | Path, adapter_dir: str | Path, prompts: Sequence
     out = {"adapter": _forward(model, prompts)}
     with model.disable_adapter():
         out["base"] = _forward(model, prompts)
-    del model, base
     return out
 
 
@@ -274,13 +271,10 @@ def _type_of(path: Path) -> str | None:
     return next((t for t in _ORDER if stem.endswith(f"-{t}")), None)
 
 
-def _token_flags(tokens: dict[str, Any], tokenizer_dir: Path) -> tuple[dict[str, Any], list[Finding]]:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+def _token_flags(tokens: dict[str, Any], tok: Any) -> tuple[dict[str, Any], list[Finding]]:
     out: dict[str, Any] = {}
     findings: list[Finding] = []
-    for text, need in (("<|turn>", ("control",)), ("<turn|>", ("control", "eog"))):
+    for text, need in zip(TURN_TOKENS, (("control",), ("control", "eog")), strict=True):
         tid = tok.convert_tokens_to_ids(text)
         flags = tokens.get(str(tid)) or {}
         out[text] = {"id": tid, **flags}
@@ -333,16 +327,16 @@ def verify_gguf(gguf: str | Path | dict[str, str | Path], reference: str | Path 
     out: dict[str, Any] = {"gguf_type": gguf_type, "files": {k: str(v) for k, v in files.items()},
                            "prompts": len(prompts), "positions": sum(map(len, prompts)), "timings": {}}
     findings: list[Finding] = []
-    check_ids: list[int] = []
-    if tokenizer_dir is not None:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        check_ids = [tok.convert_tokens_to_ids(t) for t in ("<|turn>", "<turn|>")]
 
     if "model" in files:
+        tok = None
+        if tokenizer_dir is not None:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         request: dict[str, Any] = {"model": str(files["model"]), "prompts": prompts, "n_threads": n_threads,
-                                   "check_token_ids": check_ids}
+                                   "check_token_ids": [tok.convert_tokens_to_ids(t) for t in TURN_TOKENS] if tok
+                                   else []}
         if "mmproj" in files:
             request["mmproj"] = str(files["mmproj"])
         log(f"[llama.cpp] running {files['model'].name}" + (f" + {files['mmproj'].name}" if "mmproj" in files else ""))
@@ -370,8 +364,8 @@ def verify_gguf(gguf: str | Path | dict[str, str | Path], reference: str | Path 
             findings.append(_parity_finding(files["model"].name, figures, "convert again from the merged checkpoint "
                                             "with `gemma4-tune export --gguf`; if it persists, use a higher-precision "
                                             "--gguf-type"))
-        if tokenizer_dir is not None:
-            out["vocab"], vocab_findings = _token_flags(result["vocab"]["tokens"], tokenizer_dir)
+        if tok is not None:
+            out["vocab"], vocab_findings = _token_flags(result["vocab"]["tokens"], tok)
             findings += vocab_findings
         if "mmproj" in files:
             config = json.loads((tokenizer_dir / "config.json").read_text()) if tokenizer_dir else {}

@@ -40,7 +40,14 @@ from typing import Any
 
 from gemma4_tune.findings import FindingError, Severity, finding, register
 from gemma4_tune.verify import glibc_compat
-from gemma4_tune.verify.engine_env import STAMP_NAME, engines_root, install_lock, run_streaming
+from gemma4_tune.verify.engine_env import (
+    engines_root,
+    install_lock,
+    quiet_pip,
+    read_stamp,
+    run_streaming,
+    stamp_path,
+)
 
 INSTALL_FAILED = register("G4T910", Severity.ERROR, "llama.cpp install failed")
 NOT_INSTALLED = register("G4T911", Severity.ERROR, "llama.cpp not installed")
@@ -119,17 +126,6 @@ class LlamaCpp:
         return env
 
 
-def _stamp_path(root: Path) -> Path:
-    return root / STAMP_NAME
-
-
-def _read_stamp(root: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(_stamp_path(root).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _pins() -> dict[str, str]:
     return {CONVERTER_PACKAGE: CONVERTER_VERSION, RUNTIME_PACKAGE: RUNTIME_VERSION}
 
@@ -144,7 +140,7 @@ def _complete(root: Path, stamp: dict[str, Any] | None) -> bool:
 def llamacpp_install() -> LlamaCpp | None:
     """The installed llama.cpp, or None when it is missing, incomplete or from another recipe."""
     root = llamacpp_dir()
-    stamp = _read_stamp(root)
+    stamp = read_stamp(root)
     return LlamaCpp(root, stamp) if stamp is not None and _complete(root, stamp) else None
 
 
@@ -160,7 +156,7 @@ def require_llamacpp() -> LlamaCpp:
 def llamacpp_status() -> dict[str, Any]:
     """Where llama.cpp is, whether it is usable, what it holds and what the install cost."""
     root = llamacpp_dir()
-    stamp = _read_stamp(root)
+    stamp = read_stamp(root)
     install = llamacpp_install()
     status: dict[str, Any] = {
         "engine": "llama.cpp",
@@ -169,7 +165,7 @@ def llamacpp_status() -> dict[str, Any]:
         "exists": root.exists(),
         "stamp": stamp,
         "stale": bool(stamp) and install is None,
-        "glibc": ".".join(str(p) for p in glibc_compat.libc_version() or ()) or None,
+        "glibc": glibc_compat.libc_version_text(),
         "glibc_patch_needed": glibc_compat.patch_needed(),
     }
     if install is not None:
@@ -183,10 +179,7 @@ def _run(cmd: Sequence[str], *, env: dict[str, str], log: Log, tail: collections
 
 
 def _pip_environ(extra_path: Path | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
-    env["PIP_NO_INPUT"] = "1"
-    env.setdefault("PIP_PROGRESS_BAR", "off")
+    env = quiet_pip(dict(os.environ))
     for key in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP"):
         env.pop(key, None)
     if extra_path is not None:
@@ -239,7 +232,7 @@ def install_llamacpp(force: bool = False, *, log: Log | None = None) -> LlamaCpp
     log = log or _stderr
     root = llamacpp_dir()
     with install_lock(root.parent, "llamacpp"):
-        stamp = _read_stamp(root)
+        stamp = read_stamp(root)
         if not force and _complete(root, stamp):
             assert stamp is not None
             log(f"[llama.cpp] already installed at {root} (llama.cpp {stamp.get('llama_cpp_build')})")
@@ -286,7 +279,7 @@ def install_llamacpp(force: bool = False, *, log: Log | None = None) -> LlamaCpp
                         (tmp / "unpatched").mkdir(exist_ok=True)
                         shutil.copy2(lib, tmp / "unpatched" / lib.name)
                 patched = glibc_compat.patch_directory(libs)
-                log(f"[llama.cpp] glibc {'.'.join(map(str, glibc_compat.libc_version() or ()))} < 2.38: rebound "
+                log(f"[llama.cpp] glibc {glibc_compat.libc_version_text()} < 2.38: rebound "
                     f"the __isoc23_* imports of {len(patched)} libraries ({', '.join(patched)})")
             timed("glibc_patch", t)
             t = time.monotonic()
@@ -316,14 +309,14 @@ def install_llamacpp(force: bool = False, *, log: Log | None = None) -> LlamaCpp
             "runtime_version": versions["runtime"],
             "llama_cpp_build": versions["llama_cpp_build"],
             "llama_cpp_commit": versions["llama_cpp_commit"],
-            "glibc": ".".join(str(p) for p in glibc_compat.libc_version() or ()) or None,
+            "glibc": glibc_compat.libc_version_text(),
             "glibc_patched": patched,
             "python": sys.executable,
             "installed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": seconds,
             "install_seconds": round(elapsed, 1),
         }
-        _stamp_path(tmp).write_text(json.dumps(record, indent=2) + "\n")
+        stamp_path(tmp).write_text(json.dumps(record, indent=2) + "\n")
         old = root.with_name(".llama.cpp.old")
         shutil.rmtree(old, ignore_errors=True)
         if root.exists():
