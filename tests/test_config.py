@@ -22,9 +22,9 @@ def test_yaml_keys_map_to_the_flags_and_flags_override(tmp_path: Path) -> None:
 def test_axolotl_keys_are_accepted(tmp_path: Path) -> None:
     run = tmp_path / "run.yaml"
     run.write_text("base_model: m\ndatasets:\n  - path: d.jsonl\noutput_dir: o\nlora_r: 8\nlora_alpha: 16\n"
-                   "micro_batch_size: 2\ngradient_accumulation_steps: 4\nlearning_rate: 0.0001\n")
+                   "micro_batch_size: 2\ngradient_accumulation_steps: 4\nlearning_rate: 0.0001\nadapter: lora\n")
     cfg = load_yaml(run)
-    assert (cfg.model, cfg.data, cfg.rank, cfg.alpha, cfg.batch_size, cfg.grad_accum) == ("m", "d.jsonl", 8, 16, 2, 4)
+    assert (cfg.model, cfg.data[0].path, cfg.rank, cfg.alpha, cfg.batch_size, cfg.grad_accum) == ("m", "d.jsonl", 8, 16, 2, 4)
 
 
 def test_unknown_key_is_refused_with_did_you_mean(tmp_path: Path) -> None:
@@ -33,7 +33,7 @@ def test_unknown_key_is_refused_with_did_you_mean(tmp_path: Path) -> None:
     with pytest.raises(FindingError) as info:
         load_yaml(run)
     (f,) = info.value.findings
-    assert f.code == "G4T005" and "max_step" in f.message and "max_steps" in f.fix
+    assert f.code == "G4T005" and "'max_step' (did you mean 'max_steps'?)" in f.message
 
 
 @pytest.mark.parametrize(("values", "field"), [({"rank": 0}, "rank"), ({"train_on": "everything"}, "train_on"),
@@ -47,7 +47,7 @@ def test_bad_values_name_the_field(values: dict, field: str) -> None:
 def test_missing_required_and_broken_yaml(tmp_path: Path) -> None:
     with pytest.raises(FindingError) as info:
         build_config({"model": "m"})
-    assert {"data", "out"} <= {f.message.split(": ")[1] for f in info.value.findings}
+    assert {"data"} <= {f.message.split(": ")[1] for f in info.value.findings}
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
     with pytest.raises(FindingError, match="not valid YAML"):

@@ -68,14 +68,14 @@ BAD_ROWS = [
     pytest.param('{"messages": [], "tools": [{}]', "truncated JSON", id="truncated-after-value"),
     pytest.param([1, 2], "row: expected a JSON object, got list", id="not-object"),
     pytest.param(
-        {"text": "hello"},
-        'row: needs "messages" or "prompt" and "completion" (found keys: text)',
+        {"body": "hello"},
+        "row: no known format (found keys: body)",
         id="no-messages",
     ),
     pytest.param({"prompt": "Hi?"}, "completion: missing", id="prompt-without-completion"),
     pytest.param(
         {"messages": [USER, ANSWER, {"role": "bot", "content": "x"}]},
-        "messages[2].role: unknown role 'bot' (expected system, user, assistant, tool)",
+        "messages[2].role: unknown role 'bot' (expected one of assistant, function",
         id="unknown-role",
     ),
     pytest.param(
@@ -296,9 +296,9 @@ def test_prompt_completion_rows(tmp_path: Path) -> None:
 
 
 def test_prompt_completion_field_names(tmp_path: Path) -> None:
-    row = {"prompt": [{"role": "user", "content": "x"}], "completion": [{"role": "model", "content": "y"}]}
+    row = {"prompt": [{"role": "user", "content": "x"}], "completion": [{"role": "bot", "content": "y"}]}
     _, message = error_of(write_jsonl(tmp_path / "pc.jsonl", [row]))
-    assert "pc.jsonl:1: completion[0].role: unknown role 'model'" in message
+    assert "pc.jsonl:1: completion[0].role: unknown role 'bot'" in message
 
 
 def test_datasets_directory(media: Path) -> None:
@@ -334,7 +334,7 @@ def test_datasets_directory(media: Path) -> None:
     Dataset.from_list(bad).save_to_disk(media / "bad")
     code, message = error_of(media / "bad")
     assert code == "G4T301"
-    assert message.startswith(f"{media / 'bad'}#1: row: needs")
+    assert message.startswith(f"{media / 'bad'}#1: row: no known format")
 
 
 def test_datasets_dict_without_train_split(tmp_path: Path) -> None:
@@ -343,7 +343,7 @@ def test_datasets_dict_without_train_split(tmp_path: Path) -> None:
     test_only = DatasetDict({"test": Dataset.from_list([{"prompt": "a", "completion": "b"}])})
     test_only.save_to_disk(tmp_path / "dd")
     code, message = error_of(tmp_path / "dd")
-    assert code == "G4T301" and "no 'train' split (found: test)" in message
+    assert code == "G4T307" and "no 'train' split (found: test)" in message
 
 
 def _convs(n: int) -> list[Conversation]:
@@ -371,8 +371,9 @@ def test_split_edges() -> None:
     train, evaluation = split_conversations(_convs(5), 0.01, seed=0)
     assert len(evaluation) == 1 and len(train) == 4
     assert split_conversations(_convs(1), 0.5, seed=0) == (_convs(1), [])
+    assert len(split_conversations(_convs(5), 2, seed=0)[1]) == 2  # a whole number >= 1 is a count
     with pytest.raises(ValueError):
-        split_conversations(_convs(5), 1.0, seed=0)
+        split_conversations(_convs(5), 1.5, seed=0)
 
 
 def test_demo_dataset_loads_with_every_modality(tmp_path: Path) -> None:

@@ -72,7 +72,7 @@ def test_text_only_31b_run_from_yaml_and_loss_goes_down(tiny_models, text_data, 
     out = tmp_path / "run"
     run_file = tmp_path / "run.yaml"
     run_file.write_text(f"base_model: {tiny_models['31b']}\ndata: {text_data}\noutput_dir: {out}\n"
-                        "max_steps: 12\nlearning_rate: 0.01\nmicro_batch_size: 4\nlora_r: 8\n")
+                        "max_steps: 12\nlearning_rate: 0.01\nmicro_batch_size: 4\nlora_r: 8\nadapter: lora\n")
     proc = cli("train", run_file)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from gemma4_tune.console import (
     console,
+    render_mapping,
     err_console,
     print_json,
     render_doctor,
@@ -86,10 +87,14 @@ def _main(
 
 
 def _fail(exc: FindingError) -> NoReturn:
+    """Render the findings; exit 2 when they are all about the command's own settings (a usage error), else 1."""
+    from gemma4_tune.config import BAD_CONFIG
+
     render_findings(exc.findings, stderr=True)
     if _state["debug"]:
         err_console.print(traceback.format_exc(), markup=False)
-    raise typer.Exit(1)
+    usage = all(f.code == BAD_CONFIG.code for f in exc.findings if f.severity is Severity.ERROR)
+    raise typer.Exit(2 if usage and exc.findings else 1)
 
 
 @app.command()
@@ -177,7 +182,7 @@ def _train_command(preflight_only: bool):  # noqa: ANN202 - returns a Typer comm
     def command(
         run_file: Annotated[Path | None, typer.Argument(help="YAML run file with the same keys as the flags")] = None,
         model: Annotated[str | None, typer.Option("--model", help="Base model directory")] = None,
-        data: Annotated[str | None, typer.Option("--data", help="JSONL file or local datasets directory")] = None,
+        data: Annotated[str | None, typer.Option("--data", help="Data file (JSONL, JSON, Parquet, CSV) or save_to_disk directory; docs/formats.md")] = None,
         out: Annotated[str | None, typer.Option("--out", help="Run directory (adapter, checkpoints, report)")] = None,
         targets: Annotated[str | None, typer.Option("--targets", help="LoRA target spec (see `plan`)")] = None,
         rank: Annotated[int | None, typer.Option("--rank", help="LoRA rank [16]")] = None,
@@ -223,9 +228,11 @@ def _train_command(preflight_only: bool):  # noqa: ANN202 - returns a Typer comm
         no_preflight: Annotated[bool, typer.Option("--no-preflight", help="Skip preflight (reported as G4T510)")
                                 ] = False,
         json_out: Annotated[bool, typer.Option("--json", help="preflight: machine-readable output")] = False,
+        explain_config: Annotated[bool, typer.Option("--explain-config", help="Show what each key of the run file "
+                                                     "(ours or Axolotl's) became, then stop")] = False,
     ) -> None:
         from gemma4_tune.api import run_preflight, run_training
-        from gemma4_tune.config import build_config, load_yaml
+        from gemma4_tune.config import ImportedConfig, build_config, read_run_file
 
         flags = {k: v for k, v in dict(model=model, data=data, out=out, targets=targets, rank=rank, alpha=alpha,
                                        lora_dropout=lora_dropout, max_steps=max_steps, epochs=epochs, lr=lr,
@@ -246,7 +253,14 @@ def _train_command(preflight_only: bool):  # noqa: ANN202 - returns a Typer comm
         from gemma4_tune.distributed import is_main_process, launch, under_launcher
 
         try:
-            cfg = load_yaml(run_file, flags) if run_file else build_config(flags)
+            imported = read_run_file(run_file, flags) if run_file else ImportedConfig(build_config(flags))
+            cfg = imported.config
+            if explain_config:
+                render_mapping(imported, json_out=json_out)
+                return
+            render_findings(imported.findings, stderr=True)
+            if not preflight_only and cfg.out is None:
+                raise typer.BadParameter("train needs --out (or output_dir / out in the run file)")
             if dry_run and (preflight_only or cfg.distributed is None):
                 raise typer.BadParameter("--dry-run goes with `train --distributed`")
             if cfg.distributed and not preflight_only and not under_launcher():

@@ -184,3 +184,28 @@ def render_doctor(report: dict[str, Any]) -> None:
         render_findings(report["findings"])
     else:
         console.print("[green]no known-bad versions found[/]")
+
+
+def render_mapping(imported: Any, *, json_out: bool = False) -> None:
+    """``train --explain-config``: each key of a run file and what it became, then the resulting settings."""
+    settings = imported.config.dump()
+    if json_out:
+        print_json({"dialect": imported.dialect, "mapping": imported.mapping, "config": settings,
+                    "findings": [f.to_dict() for f in imported.findings]})
+        return
+    console.print(f"[bold]{imported.dialect} run file[/]: {len(imported.mapping) or len(settings)} keys")
+    if imported.mapping and not console.is_terminal:
+        for row in imported.mapping:
+            console.print(f"  {row['key']} = {row['value']}  [{row['status']}] {row['became']}", markup=False,
+                          soft_wrap=True)
+    elif imported.mapping:
+        table = Table(show_lines=False)
+        for column in ("key", "value", "status", "became"):
+            table.add_column(column, overflow="fold")
+        for row in imported.mapping:
+            table.add_row(row["key"], row["value"], row["status"], row["became"], style=None)
+        console.print(table)
+    console.print("[bold]settings[/]")
+    for key, value in settings.items():
+        console.print(f"  {key}: {value}", markup=False, soft_wrap=True)
+    render_findings(imported.findings)

@@ -85,10 +85,13 @@ class Sample:
 def pick_samples(conversations: list[Any], n: int) -> list[Any]:
     """Up to ``n`` conversations, in file order: the first with an image, the first with audio, then text-only ones.
 
-    Media-only data fills the rest with further media conversations.
+    Media-only data fills the rest with further media conversations. Plain-text rows and conversations that
+    open with the assistant have no prompt to answer and are never picked.
     """
     if n <= 0:
         return []
+    conversations = [c for c in conversations if getattr(c, "text", None) is None
+                     and any(m["role"] == "assistant" for m in c.messages[1:])]
     firsts = [next((c for c in conversations if getattr(c, kind)), None) for kind in ("images", "audios")]
     picked = [c for c in firsts if c is not None][:n]
     text_only = [c for c in conversations if not c.images and not c.audios]

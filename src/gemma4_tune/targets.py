@@ -33,7 +33,7 @@ UNKNOWN_TARGET_GROUP = register("G4T103", Severity.ERROR, "Unknown target group"
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
-GROUPS = ("text", "text-attention", "text-mlp", "vision", "audio")
+GROUPS = ("text", "text-attention", "text-mlp", "text-experts", "vision", "audio", "all")
 TOWER_GROUPS = {"vision": "model.vision_tower", "audio": "model.audio_tower"}
 PATTERN_PREFIX = "re:"
 
@@ -235,6 +235,20 @@ def plan_targets(model: nn.Module, profile: ModelProfile, spec: str = "text", ra
                 errors.append(finding(BAD_TARGET_SPEC.code, f"pattern {item!r} matches {what}",
                                       "match nn.Linear or Gemma4ClippableLinear module paths; see "
                                       "`gemma4-tune plan --json` for the paths of this model"))
+            targets += found
+        elif item == "all":
+            found, sk = _text_targets(model, profile, ATTENTION + MLP, experts=True, group="text")
+            targets += found
+            skipped += sk
+            for tower in TOWER_GROUPS:
+                if profile.tower(tower) is not None:
+                    targets += _tower_targets(model, tower)
+        elif item == "text-experts":
+            found, _ = _text_targets(model, profile, (), experts=True, group="text")
+            if not found:
+                errors.append(finding(BAD_TARGET_SPEC.code, f"target group 'text-experts': this model "
+                                      f"({profile.variant or profile.source}) has no MoE experts",
+                                      "drop 'text-experts' (only the 26B-A4B has experts)"))
             targets += found
         elif item in TOWER_GROUPS:
             if profile.tower(item) is None:

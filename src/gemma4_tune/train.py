@@ -58,6 +58,42 @@ NO_CHECKPOINT = register("G4T401", Severity.ERROR, "--resume found no complete c
 MODALITY_WITHOUT_TOWER = register("G4T406", Severity.ERROR, "Data has a modality this model cannot read")
 EVAL_OVERLAP = register("G4T407", Severity.WARNING, "Held-out data repeats training conversations")
 EVAL_EMPTY = register("G4T408", Severity.ERROR, "Held-out data has no supervised token")
+OPTIMIZER_UNAVAILABLE = register("G4T420", Severity.ERROR, "The optimizer cannot run on this machine")
+
+_OPTIMIZER_NEEDS = (("bnb", "bitsandbytes"), ("paged_", "bitsandbytes"), ("lion_", "bitsandbytes"),
+                    ("adamw_8bit", "bitsandbytes"), ("ademamix", "bitsandbytes"), ("adamw_torch_4bit", "torchao"),
+                    ("adamw_torch_8bit", "torchao"), ("anyprecision", "torchdistx"), ("schedule_free", "schedulefree"))
+
+
+def check_optimizer(name: str) -> None:
+    """Refuse an optimizer whose package or GPU is missing before any model is loaded (G4T420)."""
+    import importlib.util
+
+    package = next((pkg for key, pkg in _OPTIMIZER_NEEDS if key in name), None)
+    if package is None:
+        return
+    gpu = package in ("bitsandbytes", "torchao")
+    missing = [what for what, ok in ((f"the {package} package", importlib.util.find_spec(package) is not None),
+                                     ("a CUDA GPU", not gpu or torch.cuda.is_available())) if not ok]
+    if missing:
+        raise FindingError(finding(OPTIMIZER_UNAVAILABLE.code, f"optimizer {name} needs {' and '.join(missing)}",
+                                   "use optimizer: adamw_torch (or adamw_torch_fused) here, or run on a machine "
+                                   f"that has {' and '.join(missing)}"))
+
+
+def per_epoch_steps(cfg: RunConfig, n_examples: int, world: int = 1) -> tuple[int | None, int | None]:
+    """``(eval_steps, save_steps)`` from ``evals_per_epoch`` / ``saves_per_epoch``, as Axolotl resolves them.
+
+    Axolotl sets the Trainer's fractional step to ``1 / (n * num_epochs)`` of the total; the Trainer rounds
+    ``total * fraction`` up.
+    """
+    per_epoch = max(1, math.ceil(n_examples / (cfg.batch_size * world)) // cfg.grad_accum)
+    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(per_epoch * cfg.epochs)
+
+    def every(n: int | None) -> int | None:
+        return None if n is None else max(1, math.ceil(total / (n * cfg.epochs)))
+
+    return every(cfg.evals_per_epoch), every(cfg.saves_per_epoch)
 
 STAGING = ".staging"
 
@@ -104,8 +140,12 @@ def _device_and_dtype() -> tuple[str, torch.dtype]:
     return "cpu", torch.float32
 
 
-def training_arguments(cfg: RunConfig, staging: Path, dplan: DistributedPlan | None = None) -> Any:
-    """The transformers TrainingArguments for a RunConfig (and, under a launcher, its distributed plan)."""
+def training_arguments(cfg: RunConfig, staging: Path, dplan: DistributedPlan | None = None,
+                       save_steps: int | None = None) -> Any:
+    """The transformers TrainingArguments for a RunConfig (and, under a launcher, its distributed plan).
+
+    ``save_steps`` overrides ``cfg.save_steps`` (``saves_per_epoch`` resolved against the data).
+    """
     from transformers import TrainingArguments
 
     device, dtype = _device_and_dtype()
@@ -117,11 +157,18 @@ def training_arguments(cfg: RunConfig, staging: Path, dplan: DistributedPlan | N
         learning_rate=cfg.lr,
         max_steps=cfg.max_steps,
         num_train_epochs=cfg.epochs,
-        warmup_steps=cfg.warmup_steps,
-        lr_scheduler_type="linear",
+        warmup_steps=cfg.warmup_steps or cfg.warmup_ratio,
+        lr_scheduler_type=cfg.lr_scheduler,
+        optim=cfg.optimizer,
+        optim_args=cfg.optim_args,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_epsilon=cfg.adam_epsilon,
         logging_steps=cfg.logging_steps,
         save_strategy="steps",
-        save_steps=cfg.save_steps,
+        save_steps=save_steps or cfg.save_steps,
         seed=cfg.seed,
         data_seed=cfg.seed,
         bf16=dtype == torch.bfloat16,
@@ -188,7 +235,7 @@ def prepare_run(cfg: RunConfig, *, sharded: bool = False) -> RunSetup:
     from transformers import set_seed
 
     from gemma4_tune.data.collate import Gemma4Batcher
-    from gemma4_tune.data.records import conversation_key, load_conversations, split_conversations
+    from gemma4_tune.data.records import conversation_key, load_conversations, load_datasets, split_conversations
 
     if not Path(cfg.model).is_dir():
         raise FindingError(finding(MODEL_NOT_FOUND.code, f"--model {cfg.model} is not a local model directory",
@@ -196,15 +243,18 @@ def prepare_run(cfg: RunConfig, *, sharded: bool = False) -> RunSetup:
                                    "pass its directory; `gemma4-tune tiny-model` builds a tiny one to try things"))
 
     # 1. Data (training and held-out), validated before any model is loaded.
-    conversations, data_report = load_conversations(cfg.data, skip_invalid=cfg.skip_invalid)
-    err_console.print(f"data: {data_report.kept} conversations from {cfg.data}"
-                  + (f" ({sum(data_report.dropped.values())} invalid rows dropped)" if data_report.dropped else ""))
-    findings: list[Finding] = []
+    conversations, data_report = load_datasets(cfg.sources(), skip_invalid=cfg.skip_invalid)
+    for source in data_report.sources:
+        err_console.print(f"data: {source['summary']}")
+    findings: list[Finding] = list(data_report.findings)
+    if has_errors(findings):
+        raise FindingError(*[f for f in findings if f.severity is Severity.ERROR])
     eval_convs: list[Any] = []
     eval_source = None
     modalities = dict(data_report.modalities)
     if cfg.eval_data:
         eval_convs, eval_report = load_conversations(cfg.eval_data, skip_invalid=cfg.skip_invalid)
+        findings += eval_report.findings
         modalities = {k: n + eval_report.modalities.get(k, 0) for k, n in modalities.items()}
         eval_source = cfg.eval_data
         seen = {conversation_key(c) for c in conversations}
@@ -216,7 +266,7 @@ def prepare_run(cfg: RunConfig, *, sharded: bool = False) -> RunSetup:
                                     "use --eval-split, which keeps identical conversations on one side"))
     elif cfg.eval_split:
         conversations, eval_convs = split_conversations(conversations, cfg.eval_split, cfg.seed)
-        eval_source = f"{cfg.eval_split:g} of {cfg.data} (seed {cfg.seed})"
+        eval_source = f"{cfg.eval_split:g} of {cfg.data_label} (seed {cfg.seed})"
         err_console.print(f"eval: {len(eval_convs)} conversations held out, {len(conversations)} to train on")
 
     profile = ModelProfile.from_pretrained(cfg.model, count_parameters=False)
@@ -231,6 +281,7 @@ def prepare_run(cfg: RunConfig, *, sharded: bool = False) -> RunSetup:
 
     # 2. Model, processor and LoRA exactly where the plan says.
     check_quantization(cfg.quantize)
+    check_optimizer(cfg.optimizer)
     set_seed(cfg.seed)
     model, processor = load_model(cfg.model, cfg.quantize, sharded=sharded)
     settings = LoraSettings(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout)
@@ -272,9 +323,11 @@ def preflight_run(cfg: RunConfig, setup: RunSetup) -> PreflightResult:
 
     first = setup.examples[0]
     sample = masked_sample(setup.batcher.tokenizer, first["input_ids"], first["labels"])
-    return run_preflight(setup.model, setup.profile, setup.plan, setup.probe,
-                         dataset_modalities=setup.data["modalities"],
-                         dataset_supervised=setup.data["supervised_tokens"], sample=sample)
+    result = run_preflight(setup.model, setup.profile, setup.plan, setup.probe,
+                           dataset_modalities=setup.data["modalities"],
+                           dataset_supervised=setup.data["supervised_tokens"], sample=sample)
+    result.findings[:0] = setup.findings
+    return result
 
 
 def _join_launch(cfg: RunConfig) -> DistributedPlan | None:
@@ -332,7 +385,7 @@ def train(cfg: RunConfig) -> TrainResult:
         preflight = preflight_run(cfg, setup)
         if main:
             (out / "preflight.json").write_text(json.dumps(preflight.to_dict(), indent=2) + "\n")
-        findings += preflight.findings
+        findings += preflight.findings[len(setup.findings):]  # preflight repeats the setup's findings first
         console.print(f"preflight: loss {preflight.loss:.4f}, {preflight.supervised_in_batch} supervised of "
                       f"{preflight.tokens_in_batch} tokens, {len(preflight.findings)} findings "
                       f"({preflight.seconds:.1f} s)")
@@ -355,16 +408,17 @@ def train(cfg: RunConfig) -> TrainResult:
     guard = GuardCallback(peft_model)
     callbacks = [guard, ProgressCallback(counter), MetricsCallback(out / "metrics.jsonl", counter),
                  AtomicCheckpointCallback(staging, checkpoints, cfg.save_total_limit)]
+    eval_every, save_every = per_epoch_steps(cfg, len(examples), dplan.world_size if dplan else 1)
     evaluator = None
     if setup.eval_examples:
-        evaluator = EvalCallback(peft_model, batcher, setup.eval_examples, every=cfg.eval_steps,
+        evaluator = EvalCallback(peft_model, batcher, setup.eval_examples, every=cfg.eval_steps or eval_every,
                                  batch_size=cfg.batch_size, metrics_path=out / "metrics.jsonl", counter=counter)
         callbacks.append(evaluator)
     if dplan is not None:
         check_wrap_classes(peft_model, dplan)
     trainer = Trainer(
         model=peft_model,
-        args=training_arguments(cfg, staging, dplan),
+        args=training_arguments(cfg, staging, dplan, save_steps=save_every),
         train_dataset=_Examples(examples),
         data_collator=collate,
         compute_loss_func=token_mean_loss,

@@ -286,3 +286,36 @@ def official_template(revision: str) -> str:
     """Text of the official (published) template for ``revision``."""
     _check_revision(revision)
     return _read(f"gemma4_{revision}.jinja")
+
+
+_PROBE = "\ue000gemma4-tune-probe\ue001"
+END_OF_TURN = "<turn|>"
+
+
+def message_regions(
+    messages: Sequence[Message],
+    *,
+    revision: str,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    **kwargs: Any,
+) -> tuple[str, list[tuple[int, int] | None]]:
+    """Rendered text and, per message, the ``[start, end)`` characters its content occupies in it.
+
+    Each message's content is swapped for a probe string and rendered again: the text before the probe and
+    after it must be the same as in the real rendering, so the content lies between them. None where a
+    message's content is not rendered in one place (the template drops it, or renders it twice).
+    """
+    rendered = render(messages, revision=revision, tools=tools, **kwargs)
+    regions: list[tuple[int, int] | None] = []
+    for i, message in enumerate(messages):
+        probed = render([*messages[:i], {**message, "content": _PROBE}, *messages[i + 1 :]], revision=revision,
+                        tools=tools, **kwargs)
+        at = probed.find(_PROBE)
+        tail = len(probed) - at - len(_PROBE)
+        end = len(rendered) - tail
+        if at < 0 or probed.count(_PROBE) != 1 or end < at or rendered[:at] != probed[:at] \
+                or rendered[end:] != probed[len(probed) - tail :]:
+            regions.append(None)
+            continue
+        regions.append((at, end))
+    return rendered, regions

@@ -38,7 +38,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from gemma4_tune.data.chat import REVISIONS, assistant_char_spans, detect_revision, render
+from gemma4_tune.data.chat import END_OF_TURN, REVISIONS, assistant_char_spans, detect_revision, message_regions, render
 from gemma4_tune.findings import FindingError, Severity, finding, register
 
 UNKNOWN_REVISION = register("G4T310", Severity.ERROR, "Unknown chat template revision", (12, 13))
@@ -48,6 +48,7 @@ MEDIA_UNREADABLE = register("G4T313", Severity.ERROR, "A media part cannot be lo
 PACK_TOO_LONG = register("G4T314", Severity.ERROR, "Example longer than the packing length", (15,))
 MM_TYPE_IDS_MISSING = register("G4T315", Severity.ERROR, "Media in a batch without mm_token_type_ids", (10,))
 BAD_BATCHER_OPTION = register("G4T316", Severity.ERROR, "Invalid batcher option")
+MIXED_TURN_WEIGHTS = register("G4T317", Severity.ERROR, "Messages of one model turn have different weights")
 
 IGNORE_INDEX = -100
 SAMPLING_RATE = 16_000
@@ -142,10 +143,56 @@ class Gemma4Batcher:
 
     # ------------------------------------------------------------------ encode
     def render(self, conv: ConversationLike) -> tuple[str, list[tuple[int, int]]]:
-        """Rendered training text of ``conv`` and its assistant character spans."""
+        """Rendered training text of ``conv`` and the character spans to supervise.
+
+        By default the spans are what the model produces in its turns; a message's ``train`` flag (a
+        ``weight``, ``roles_to_train``) takes its turn out or puts it in. A plain-text row (``text``) is
+        supervised whole, after the ``<bos>`` it is given if it does not start with one.
+        """
+        raw = conv.get("text") if isinstance(conv, Mapping) else getattr(conv, "text", None)
+        if raw is not None:
+            bos = self.tokenizer.bos_token or ""
+            text = raw if not bos or raw.startswith(bos) else bos + raw
+            return text, [(0, len(text))]
         messages, tools = _messages_and_tools(conv)
         kwargs = {**dict(self.tokenizer.special_tokens_map), **self.chat_kwargs}
-        return assistant_char_spans(messages, revision=self.revision, tools=tools, **kwargs)
+        text, spans = assistant_char_spans(messages, revision=self.revision, tools=tools, **kwargs)
+        if any("train" in m for m in messages):
+            spans = self._flagged_spans(messages, tools, kwargs, text, spans)
+        return text, spans
+
+    def _flagged_spans(self, messages: list[dict], tools: list[dict] | None, kwargs: dict[str, Any], text: str,
+                       spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Apply each message's ``train`` flag to the assistant spans (and add flagged non-assistant turns).
+
+        A generation span belongs to the assistant messages between the non-assistant messages around it; a
+        non-assistant message's span is its content and the ``<turn|>`` that closes it.
+        """
+        rendered, regions = message_regions(messages, revision=self.revision, tools=tools, **kwargs)
+        seps = [(i, regions[i]) for i, m in enumerate(messages) if m["role"] != "assistant"]
+        lost = [i for i, region in seps if region is None]
+        if rendered != text or lost:
+            raise _alignment_error(f"cannot locate message {lost[0] if lost else '?'} in the rendered conversation "
+                                   "to apply its weight")
+        kept: list[tuple[int, int]] = []
+        for start, end in spans:
+            before = max((i for i, r in seps if r[1] <= start), default=-1)
+            after = min((i for i, r in seps if r[0] >= end), default=len(messages))
+            flags = {m.get("train", True) for m in messages[before + 1 : after] if m["role"] == "assistant"}
+            if len(flags) > 1:
+                raise FindingError(finding(
+                    MIXED_TURN_WEIGHTS.code,
+                    f"messages {before + 1}-{after - 1} are consecutive assistant messages with different weights, "
+                    "rendered as one model turn: their tokens cannot be told apart",
+                    "give consecutive assistant messages the same weight, or merge them into one message",
+                ))
+            if flags != {False}:
+                kept.append((start, end))
+        for i, region in seps:
+            if messages[i].get("train") and region is not None:
+                close = region[1] + len(END_OF_TURN) if text.startswith(END_OF_TURN, region[1]) else region[1]
+                kept.append((region[0], close))
+        return sorted(kept)
 
     def encode(self, conv: ConversationLike) -> dict[str, Any]:
         """One training example: processor outputs (no batch dimension on per-token keys) plus labels.

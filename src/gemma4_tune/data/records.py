@@ -1,18 +1,17 @@
-"""Training records: load and validate chat data before any model is loaded.
+"""Training records: read every dataset, validate each row, before any model is loaded.
 
-Accepted inputs:
+``files`` reads the rows (JSON Lines, JSON, Parquet, CSV, Arrow, ``save_to_disk`` directories, through
+``datasets``, with a split honoured exactly); ``formats`` reads each row's format (OpenAI chat, ShareGPT,
+Alpaca, prompt/completion, plain text, image/audio columns) into one chat shape; this module validates that
+shape: roles system, user, assistant and tool; content a string or a list of ``text`` / ``image`` / ``audio``
+parts, media paths relative to the file's directory; assistant ``tool_calls`` (OpenAI style) and reasoning,
+tool turns ``tool_call_id`` and ``name``; a per-message ``train`` flag where the data says which turns are
+supervised (a ``weight``, ``roles_to_train``).
 
-- a JSONL file, one conversation a line: ``{"messages": [...], "tools": [...]}`` with roles system,
-  user, assistant and tool; content a string or a list of ``text`` / ``image`` / ``audio`` parts,
-  media paths relative to the file's directory; assistant turns may carry ``tool_calls`` (OpenAI
-  style) and ``reasoning_content``, tool turns ``tool_call_id`` and ``name``;
-- a JSONL file of ``{"prompt": ..., "completion": ...}`` rows (each a string or a list of messages),
-  turned into a user/assistant conversation;
-- a directory written by ``datasets``' ``save_to_disk`` (a DatasetDict's ``train`` split) whose rows
-  have either form; media paths are relative to that directory.
-
-Every problem names the file, the line (or row) and the field. Conversations come back normalised:
-content is always a list of parts and media parts carry an absolute ``path``.
+Every problem names the file, the line (or row) and the field. A file that mixes formats (G4T304), a field
+nothing reads (G4T305: a warning, an error where ignoring it would change what is trained) are findings.
+Conversations come back normalised: content is always a list of parts and media parts carry an absolute
+``path``; a plain-text row is a conversation with ``text`` and no messages.
 """
 
 from __future__ import annotations
@@ -22,23 +21,29 @@ import json
 import os
 import random
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gemma4_tune.findings import FindingError, Severity, finding, register
+from gemma4_tune.data.files import DATA_NOT_FOUND, RowError, read_rows, remote_reference
+from gemma4_tune.data.formats import FORMAT_NAMES, MEANINGFUL_FIELDS, ChatOptions, read_row
+from gemma4_tune.findings import Finding, FindingError, Severity, finding, register
 
 INVALID_ROW = register("G4T301", Severity.ERROR, "Invalid training row")
 NOTHING_TO_LEARN = register("G4T302", Severity.ERROR, "Dataset has nothing to learn", (12,))
-DATA_NOT_FOUND = register("G4T303", Severity.ERROR, "Data file not found")
+MIXED_FORMATS = register("G4T304", Severity.ERROR, "A data file mixes row formats")
+UNREAD_FIELD = register("G4T305", Severity.WARNING, "A data field is not read")
+ARROW_NULLS = register("G4T308", Severity.WARNING, "Null tool-call arguments dropped (Arrow fills missing keys)")
 
 ROLES = ("system", "user", "assistant", "tool")
 PART_TYPES = ("text", "image", "audio")
 MAX_EXAMPLES = 5
+__all__ = ["DATA_NOT_FOUND", "ChatOptions", "Conversation", "DataReport", "DataSource", "load_conversations",
+           "load_datasets", "conversation_key", "split_conversations"]
 
 _FORMAT_HINT = (
-    'each row is {"messages": [{"role": ..., "content": ...}, ...]} or {"prompt": ..., "completion": ...}'
+    'see docs/formats.md: OpenAI {"messages": [...]}, ShareGPT {"conversations": [...]}, Alpaca '
+    '{"instruction", "input", "output"}, {"prompt", "completion"} or {"text"}'
 )
 
 
@@ -47,12 +52,15 @@ class Conversation:
     """One validated, normalised conversation.
 
     ``messages`` content is always a list of parts; image and audio parts carry an absolute
-    ``path``; assistant ``tool_calls`` have their ``arguments`` parsed to dicts.
+    ``path``; assistant ``tool_calls`` have their ``arguments`` parsed to dicts; a message may carry
+    ``train`` (whether its turn is supervised, where the data says so). A plain-text row has ``text``
+    (every token supervised) and no messages.
     """
 
     messages: list[dict]
     tools: list[dict] | None
     source: str
+    text: str | None = None
 
     def _media(self, kind: str) -> list[str]:
         return [part["path"] for m in self.messages for part in m["content"] if part["type"] == kind]
@@ -68,31 +76,54 @@ class Conversation:
         return self._media("audio")
 
 
-@dataclass
-class DataReport:
-    """What loading a dataset found: rows read, kept and dropped (by reason), modalities, turns."""
+@dataclass(frozen=True)
+class DataSource:
+    """One dataset to read: a path, an optional ``datasets`` split (``train[:10%]``) and how to read its rows."""
 
     path: str
+    split: str | None = None
+    options: ChatOptions = field(default_factory=ChatOptions)
+
+
+@dataclass
+class DataReport:
+    """What loading found: rows read, kept and dropped (by reason), formats, modalities, turns, supervision."""
+
+    path: str
+    format: str = ""
     rows: int = 0
     kept: int = 0
+    total_rows: int = 0
+    split: str | None = None
+    reader: str = "datasets"
     dropped: dict[str, int] = field(default_factory=dict)
     examples: list[str] = field(default_factory=list)
     modalities: dict[str, int] = field(default_factory=lambda: {"text": 0, "image": 0, "audio": 0})
     assistant_turns: int = 0
     empty_assistant_turns: int = 0
+    turns_not_supervised: int = 0
+    supervised_roles: dict[str, int] = field(default_factory=dict)
+    text_rows: int = 0
+    unread: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    sources: list[dict] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
-        return asdict(self)
+        data = asdict(self)
+        data["findings"] = [f.to_dict() for f in self.findings]
+        return data
+
+    def summary(self) -> str:
+        """One line a person reads: "ShareGPT, 1,204 rows from data.jsonl (train[:10%] of 12,040)"."""
+        split = f" ({self.split} of {self.total_rows:,})" if self.split else ""
+        dropped = sum(self.dropped.values())
+        extra = f", {dropped} invalid rows dropped" if dropped else ""
+        return f"{self.format}, {self.kept:,} rows from {self.path}{split}{extra}"
 
 
-class _RowError(Exception):
-    """A problem with one row: a reason key (for ``DataReport.dropped``), the field and what is wrong."""
-
-    def __init__(self, reason: str, field_name: str, problem: str) -> None:
-        super().__init__(f"{field_name}: {problem}" if field_name else problem)
-        self.reason = reason
-        self.field = field_name
+_RowError = RowError
 
 
 def _type_name(value: Any) -> str:
@@ -103,6 +134,27 @@ def _type_name(value: Any) -> str:
 def _present(row: dict, key: str) -> bool:
     """True if ``key`` holds a value (datasets fills absent struct fields with None)."""
     return row.get(key) is not None
+
+
+def _media_part(part: dict, kind: str, at: str, base: Path) -> dict:
+    raw = part.get("path")
+    if raw is None:
+        nested = part.get(kind) or part.get("url")
+        raw = (nested.get("url") or nested.get("path")) if isinstance(nested, dict) else nested
+    kind = {"image_url": "image", "input_audio": "audio"}.get(kind, kind)
+    if isinstance(raw, str) and raw.startswith("file://"):
+        raw = raw[len("file://"):]
+    if isinstance(raw, str) and (raw.startswith("data:") or remote_reference(raw) == "URL"):
+        what = "inline data URL" if raw.startswith("data:") else f"URL {raw[:120]}"
+        raise _RowError("remote_media", f"{at}", f"the {kind} is given as an {what}: gemma4-tune never fetches or "
+                        f"decodes media at run time; download it and give a local file path")
+    if not isinstance(raw, str) or not raw:
+        problem = f"an {kind} part needs a file path, got {_type_name(raw)}"
+        raise _RowError("bad_content", f"{at}.path", problem)
+    resolved = os.path.abspath(base / os.path.expanduser(raw))
+    if not os.path.isfile(resolved):
+        raise _RowError("media_not_found", f"{at}.path", f"{kind} file not found: {resolved}")
+    return {"type": kind, "path": resolved}
 
 
 def _parts(content: Any, where: str, role: str, base: Path) -> list[dict]:
@@ -119,7 +171,7 @@ def _parts(content: Any, where: str, role: str, base: Path) -> list[dict]:
         if not isinstance(part, dict):
             raise _RowError("bad_content", at, f"expected a part object, got {_type_name(part)}")
         kind = part.get("type")
-        if kind not in PART_TYPES:
+        if kind not in (*PART_TYPES, "image_url", "input_audio"):
             problem = f"unknown part type {kind!r} (expected {', '.join(PART_TYPES)})"
             raise _RowError("unknown_part_type", f"{at}.type", problem)
         if kind == "text":
@@ -128,18 +180,11 @@ def _parts(content: Any, where: str, role: str, base: Path) -> list[dict]:
                 raise _RowError("bad_content", f"{at}.text", f"expected a string, got {_type_name(text)}")
             parts.append({"type": "text", "text": text})
             continue
-        raw = part.get("path")
-        if not isinstance(raw, str) or not raw:
-            problem = f"an {kind} part needs a file path, got {_type_name(raw)}"
-            raise _RowError("bad_content", f"{at}.path", problem)
-        resolved = os.path.abspath(base / os.path.expanduser(raw))
-        if not os.path.isfile(resolved):
-            raise _RowError("media_not_found", f"{at}.path", f"{kind} file not found: {resolved}")
-        parts.append({"type": kind, "path": resolved})
+        parts.append(_media_part(part, kind, at, base))
     return parts
 
 
-def _tool_calls(calls: Any, where: str) -> list[dict]:
+def _tool_calls(calls: Any, where: str, nulls: Counter[str]) -> list[dict]:
     if not isinstance(calls, list):
         problem = f"expected a list of tool calls, got {_type_name(calls)}"
         raise _RowError("bad_tool_calls", f"{where}.tool_calls", problem)
@@ -168,6 +213,10 @@ def _tool_calls(calls: Any, where: str) -> list[dict]:
             except json.JSONDecodeError as exc:
                 problem = f"not valid JSON ({exc.msg})"
                 raise _RowError("bad_tool_calls", f"{at}.function.arguments", problem) from None
+        elif isinstance(arguments, dict) and "arrow" in nulls:
+            for key in [key for key, value in arguments.items() if value is None]:
+                nulls[key] += 1
+                del arguments[key]
         if not isinstance(arguments, dict):
             problem = f"expected a JSON object, got {_type_name(arguments)}"
             raise _RowError("bad_tool_calls", f"{at}.function.arguments", problem)
@@ -177,7 +226,7 @@ def _tool_calls(calls: Any, where: str) -> list[dict]:
     return out
 
 
-def _message(raw: Any, where: str, base: Path) -> dict:
+def _message(raw: Any, where: str, base: Path, nulls: Counter[str]) -> dict:
     if not isinstance(raw, dict):
         raise _RowError("bad_message", where, f"expected a message object, got {_type_name(raw)}")
     role = raw.get("role")
@@ -189,23 +238,15 @@ def _message(raw: Any, where: str, base: Path) -> dict:
         if role != "assistant":
             problem = f"only assistant turns make tool calls, not {role}"
             raise _RowError("bad_tool_calls", f"{where}.tool_calls", problem)
-        message["tool_calls"] = _tool_calls(raw["tool_calls"], where)
+        message["tool_calls"] = _tool_calls(raw["tool_calls"], where, nulls)
     extras = {"assistant": ("reasoning_content",), "tool": ("tool_call_id", "name")}.get(role, ())
     for key in (k for k in extras if _present(raw, k)):
         if not isinstance(raw[key], str):
             raise _RowError("bad_field", f"{where}.{key}", f"expected a string, got {_type_name(raw[key])}")
         message[key] = raw[key]
+    if "train" in raw:
+        message["train"] = bool(raw["train"])
     return message
-
-
-def _messages_of(value: Any, name: str, default_role: str) -> list[tuple[str, Any]]:
-    """``(field, raw message)`` pairs of a ``messages``/``prompt``/``completion`` value."""
-    if isinstance(value, str) and name != "messages":
-        return [(name, {"role": default_role, "content": value})]
-    if not isinstance(value, list):
-        expected = "a list of messages" if name == "messages" else "a string or a list of messages"
-        raise _RowError("bad_message", name, f"expected {expected}, got {_type_name(value)}")
-    return [(f"{name}[{i}]", m) for i, m in enumerate(value)]
 
 
 def _is_empty(message: dict) -> bool:
@@ -215,27 +256,16 @@ def _is_empty(message: dict) -> bool:
     return not text.strip() and not message.get("tool_calls") and not reasoning.strip()
 
 
-def _conversation(row: Any, source: str, base: Path) -> Conversation:
-    if not isinstance(row, dict):
-        raise _RowError("not_an_object", "row", f"expected a JSON object, got {_type_name(row)}")
-    if _present(row, "messages"):
-        raw = _messages_of(row["messages"], "messages", "user")
-    elif _present(row, "prompt") or _present(row, "completion"):
-        for key in ("prompt", "completion"):
-            if not _present(row, key):
-                raise _RowError("no_messages", key, "missing (prompt/completion rows need both)")
-        raw = _messages_of(row["prompt"], "prompt", "user")
-        raw += _messages_of(row["completion"], "completion", "assistant")
-    else:
-        keys = ", ".join(sorted(k for k in row if _present(row, k))) or "none"
-        problem = f'needs "messages" or "prompt" and "completion" (found keys: {keys})'
-        raise _RowError("no_messages", "row", problem)
+def _conversation(canonical: dict, source: str, base: Path, nulls: Counter[str]) -> Conversation:
+    if "text" in canonical:
+        return Conversation(messages=[], tools=None, source=source, text=canonical["text"])
+    raw = canonical["messages"]
     if not raw:
         raise _RowError("empty_conversation", "messages", "empty conversation")
-    messages = [_message(m, where, base) for where, m in raw]
+    messages = [_message(m, f"messages[{i}]", base, nulls) for i, m in enumerate(raw)]
     if not any(m["role"] == "assistant" for m in messages):
         raise _RowError("no_assistant_turn", "messages", "no assistant turn (nothing to train on)")
-    tools = row.get("tools")
+    tools = canonical.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise _RowError("bad_field", "tools", f"expected a list of tool schemas, got {_type_name(tools)}")
     for k, tool in enumerate(tools or []):
@@ -245,147 +275,195 @@ def _conversation(row: Any, source: str, base: Path) -> Conversation:
     return Conversation(messages=messages, tools=tools or None, source=source)
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    """``(source, row or _RowError)`` for each non-blank line of a JSONL file."""
-    with path.open("rb") as fh:
-        for number, line in enumerate(fh, start=1):
-            source = f"{path}:{number}"
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield source, _RowError("invalid_json", "", f"invalid JSON: not UTF-8 (byte {exc.start + 1})")
-                continue
-            body = text.strip()
-            if not body:
-                continue
-            try:
-                yield source, json.loads(body)
-            except json.JSONDecodeError as exc:
-                truncated = exc.pos >= len(body) or exc.msg.startswith("Unterminated string")
-                what = "truncated JSON (the line ends mid-value)" if truncated else "invalid JSON"
-                yield source, _RowError("invalid_json", "", f"{what}: {exc.msg} (column {exc.colno})")
+def _supervised(message: dict) -> bool:
+    return message.get("train", message["role"] == "assistant")
 
 
-def _dataset_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    """``(source, row)`` for each row of a ``save_to_disk`` directory (a DatasetDict's train split)."""
-    import datasets
-
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except FileNotFoundError:
-        raise FindingError(
-            finding(
-                DATA_NOT_FOUND.code,
-                f"{path} is a directory but not a saved datasets directory "
-                "(no dataset_info.json or dataset_dict.json)",
-                "Pass a JSONL file, or a directory written by Dataset/DatasetDict.save_to_disk.",
-                path=str(path),
-            )
-        ) from None
-    if isinstance(loaded, datasets.DatasetDict):
-        if "train" not in loaded:
-            raise FindingError(
-                finding(
-                    INVALID_ROW.code,
-                    f"{path}: splits: no 'train' split (found: {', '.join(loaded) or 'none'})",
-                    "Save the training rows as the 'train' split, or save that split alone with "
-                    "Dataset.save_to_disk.",
-                    path=str(path),
-                )
-            )
-        loaded = loaded["train"]
-    for index, row in enumerate(loaded):
-        yield f"{path}#{index}", row
+def _count(report: DataReport, conversation: Conversation) -> None:
+    if conversation.text is not None:
+        report.text_rows += 1
+        report.modalities["text"] += 1
+        return
+    kinds = [kind for kind in ("image", "audio") if getattr(conversation, f"{kind}s")]
+    for kind in kinds or ["text"]:
+        report.modalities[kind] += 1
+    for message in conversation.messages:
+        if _supervised(message):
+            report.supervised_roles[message["role"]] = report.supervised_roles.get(message["role"], 0) + 1
+        if message["role"] == "assistant":
+            report.assistant_turns += 1
+            report.empty_assistant_turns += _is_empty(message)
+            report.turns_not_supervised += not _supervised(message)
 
 
-def load_conversations(
-    path: str | Path, *, skip_invalid: bool = False
-) -> tuple[list[Conversation], DataReport]:
-    """Load and validate every conversation in a JSONL file or a saved ``datasets`` directory.
-
-    Without ``skip_invalid`` the first bad row raises ``FindingError`` (G4T301); with it, bad rows are
-    dropped and counted in the report. Raises G4T303 if ``path`` does not exist and G4T302 if nothing
-    is left to learn from (no conversation, or every assistant turn empty).
-    """
-    path = Path(path)
-    if not path.exists():
-        resolved = "" if path.is_absolute() else f" (resolved: {path.absolute()})"
-        raise FindingError(
-            finding(
-                DATA_NOT_FOUND.code,
-                f"data file not found: {path}{resolved}",
-                "Pass an existing JSONL file (one conversation a line) or a save_to_disk directory.",
-                path=str(path),
-            )
+def _file_findings(path: str, formats: Counter[str], firsts: dict[str, str], unread: Counter[str],
+                   unread_at: dict[str, str], nulls: Counter[str]) -> list[Finding]:
+    """G4T304 (raised) for a file of several formats; G4T305 for fields nothing read; G4T308 for dropped nulls."""
+    found: list[Finding] = []
+    if len(formats) > 1:
+        mix = "; ".join(f"{FORMAT_NAMES[name]}: {n} rows, first at {firsts[name]}" for name, n in formats.most_common())
+        # Chat formats all become conversations supervised the same way; plain text is supervised whole.
+        text = "text" in formats
+        mixed = finding(
+            MIXED_FORMATS.code, f"{path} mixes row formats ({mix})" + (
+                ": plain-text rows are supervised on every token, the others on the model's turns only" if text
+                else ""),
+            "convert every row to one format, or split the file by format and list each as its own dataset "
+            "(datasets: [{path: a.jsonl}, {path: b.jsonl}] in YAML)", path=path, formats=dict(formats),
+            severity=Severity.ERROR if text else Severity.WARNING,
         )
-    if path.is_dir():
-        rows, base = _dataset_rows(path), path.absolute()
-    else:
-        rows, base = _jsonl_rows(path), path.absolute().parent
-    report = DataReport(path=str(path))
+        if text:
+            raise FindingError(mixed)
+        found.append(mixed)
+    meaningful = sorted(k for k in unread if k.rsplit(".", 1)[-1] in MEANINGFUL_FIELDS)
+    if unread:
+        listed = ", ".join(f"{k} ({unread[k]} rows, e.g. {unread_at[k]})" for k in sorted(unread))
+        severity = Severity.ERROR if meaningful else Severity.WARNING
+        why = (f"{', '.join(meaningful)} would change what is trained if it were ignored" if meaningful
+               else "their values are not used in training")
+        found.append(finding(
+            UNREAD_FIELD.code, f"{path}: fields not read: {listed}; {why}",
+            "remove them, or map them to what gemma4-tune reads (docs/formats.md: weight 0/1 on a turn, "
+            "images/audios with <image>/<audio> placeholders, field_messages / message_property_mappings in YAML)",
+            severity=severity, path=path, fields=dict(unread),
+        ))
+    nulls.pop("arrow", None)
+    if nulls:
+        keys = ", ".join(f"{k} ({n})" for k, n in sorted(nulls.items()))
+        found.append(finding(
+            ARROW_NULLS.code, f"{path}: tool-call argument keys set to null were dropped: {keys}",
+            "Arrow (datasets) fills keys missing from a row with null, so a real null cannot be told apart; write "
+            "tool-call arguments as JSON strings to keep nulls", path=path,
+        ))
+    return found
+
+
+def _read_source(source: DataSource, skip_invalid: bool, report: DataReport) -> list[Conversation]:
+    rows = read_rows(source.path, source.split)
+    report.total_rows, report.split, report.reader, report.notes = (rows.total_rows, source.split, rows.reader,
+                                                                      list(rows.notes))
     dropped: Counter[str] = Counter()
+    formats: Counter[str] = Counter()
+    firsts: dict[str, str] = {}
+    unread: Counter[str] = Counter()
+    unread_at: dict[str, str] = {}
+    nulls: Counter[str] = Counter({"arrow": 1}) if rows.reader == "datasets" else Counter()
     conversations: list[Conversation] = []
-    for source, row in rows:
+    for where, row in rows.rows:
         report.rows += 1
         try:
-            if isinstance(row, _RowError):
+            if isinstance(row, RowError):
                 raise row
-            conversation = _conversation(row, source, base)
-        except _RowError as err:
-            message = f"{source}: {err}"
+            read = read_row(row, source.options)
+            conversation = _conversation(read.row, where, rows.base, nulls)
+        except RowError as err:
+            message = f"{where}: {err}"
             if not skip_invalid:
-                raise FindingError(
-                    finding(
-                        INVALID_ROW.code,
-                        message,
-                        f"Fix or remove this row ({_FORMAT_HINT}), or pass --skip-invalid (skip_invalid=True in Python) to drop and "
-                        "count bad rows.",
-                        row=source,
-                        field=err.field,
-                        reason=err.reason,
-                    )
-                ) from None
+                raise FindingError(finding(
+                    INVALID_ROW.code, message,
+                    f"fix or remove this row ({_FORMAT_HINT}), or pass --skip-invalid (skip_invalid=True in "
+                    "Python) to drop and count bad rows",
+                    row=where, field=err.field, reason=err.reason,
+                )) from None
             dropped[err.reason] += 1
             if len(report.examples) < MAX_EXAMPLES:
                 report.examples.append(message)
             continue
+        formats[read.format] += 1
+        firsts.setdefault(read.format, where)
+        for key in dict.fromkeys(read.unread):
+            unread[key] += 1
+            unread_at.setdefault(key, where)
         conversations.append(conversation)
-        kinds = [kind for kind in ("image", "audio") if getattr(conversation, f"{kind}s")]
-        for kind in kinds or ["text"]:
-            report.modalities[kind] += 1
-        for message in conversation.messages:
-            if message["role"] == "assistant":
-                report.assistant_turns += 1
-                report.empty_assistant_turns += _is_empty(message)
+        _count(report, conversation)
     report.kept = len(conversations)
     report.dropped = dict(sorted(dropped.items()))
-    if not conversations:
-        raise FindingError(
-            finding(
-                NOTHING_TO_LEARN.code,
-                f"{path}: no usable conversation "
-                f"({report.rows} rows, {sum(dropped.values())} dropped as invalid)",
-                "Add rows with at least one assistant turn; if rows were dropped, fix the problems listed in "
-                "the report's examples.",
-                report=report.to_dict(),
-            )
-        )
+    report.format = ", ".join(FORMAT_NAMES[name] for name in formats) or "no rows"
+    report.findings = _file_findings(source.path, formats, firsts, unread, unread_at, nulls)
+    return conversations
+
+
+def _nothing_to_learn(report: DataReport) -> None:
+    if not report.kept:
+        raise FindingError(finding(
+            NOTHING_TO_LEARN.code,
+            f"{report.path}: no usable conversation ({report.rows} rows, {sum(report.dropped.values())} dropped "
+            "as invalid)",
+            "add rows with at least one assistant turn; if rows were dropped, fix the problems listed in the "
+            "report's examples",
+            report=report.to_dict(),
+        ))
+    if report.text_rows:
+        return
     if report.empty_assistant_turns == report.assistant_turns:
-        raise FindingError(
-            finding(
-                NOTHING_TO_LEARN.code,
-                f"{path}: all {report.assistant_turns} assistant turns are empty, so there is nothing to "
-                "supervise (the loss covers assistant turns only)",
-                "Put the answers the model should learn in the assistant messages' content (or tool_calls).",
-                report=report.to_dict(),
-            )
-        )
+        raise FindingError(finding(
+            NOTHING_TO_LEARN.code,
+            f"{report.path}: all {report.assistant_turns} assistant turns are empty, so there is nothing to "
+            "supervise (the loss covers assistant turns only)",
+            "put the answers the model should learn in the assistant messages' content (or tool_calls)",
+            report=report.to_dict(),
+        ))
+    if not report.supervised_roles:
+        raise FindingError(finding(
+            NOTHING_TO_LEARN.code,
+            f"{report.path}: no turn is supervised ({report.turns_not_supervised} assistant turns have weight 0 "
+            "or a role outside roles_to_train)",
+            "give the turns the model should learn weight 1 (or list their role in roles_to_train)",
+            report=report.to_dict(),
+        ))
+
+
+def load_conversations(
+    path: str | Path, *, skip_invalid: bool = False, split: str | None = None, options: ChatOptions | None = None,
+) -> tuple[list[Conversation], DataReport]:
+    """Load and validate every conversation of one data file or saved ``datasets`` directory.
+
+    Without ``skip_invalid`` the first bad row raises ``FindingError`` (G4T301); with it, bad rows are
+    dropped and counted in the report. Raises G4T303 if ``path`` does not exist, G4T306 for a URL or hub id,
+    G4T304 for a file that mixes formats, G4T305 for a field that would change training but is not read, and
+    G4T302 if nothing is left to learn from. Warnings are in ``report.findings``.
+    """
+    return load_datasets([DataSource(str(path), split, options or ChatOptions())], skip_invalid=skip_invalid)
+
+
+def load_datasets(sources: list[DataSource], *, skip_invalid: bool = False) -> tuple[list[Conversation], DataReport]:
+    """Every dataset of ``sources`` read and validated, concatenated in order, with one report (and one per source)."""
+    conversations: list[Conversation] = []
+    parts: list[DataReport] = []
+    for source in sources:
+        part = DataReport(path=source.path)
+        conversations += _read_source(source, skip_invalid, part)
+        _nothing_to_learn(part)
+        parts.append(part)
+    if len(parts) == 1:
+        report = parts[0]
+        report.sources = [_source_summary(report)]
+        return conversations, report
+    report = DataReport(path=" + ".join(p.path for p in parts), format=", ".join(dict.fromkeys(p.format for p in parts)))
+    for part in parts:
+        for name in ("rows", "kept", "total_rows", "assistant_turns", "empty_assistant_turns", "turns_not_supervised",
+                     "text_rows"):
+            setattr(report, name, getattr(report, name) + getattr(part, name))
+        for name in ("dropped", "modalities", "supervised_roles", "unread"):
+            merged = getattr(report, name)
+            for key, n in getattr(part, name).items():
+                merged[key] = merged.get(key, 0) + n
+        report.examples += part.examples[: MAX_EXAMPLES - len(report.examples)]
+        report.notes += [f"{part.path}: {note}" for note in part.notes]
+        report.findings += part.findings
+        report.sources.append(_source_summary(part))
     return conversations, report
+
+
+def _source_summary(part: DataReport) -> dict:
+    return {"path": part.path, "format": part.format, "rows": part.kept, "total_rows": part.total_rows,
+            "split": part.split, "reader": part.reader, "summary": part.summary()}
 
 
 def conversation_key(conv: Conversation) -> str:
     """A digest of what a conversation says (messages and tools, not where it came from)."""
-    payload = json.dumps({"messages": conv.messages, "tools": conv.tools}, sort_keys=True, default=str)
+    payload = json.dumps({"messages": conv.messages, "tools": conv.tools, "text": conv.text}, sort_keys=True,
+                         default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -394,14 +472,16 @@ def split_conversations(
 ) -> tuple[list[Conversation], list[Conversation]]:
     """Split whole conversations into (train, eval), seeded and deterministic, each in input order.
 
-    The eval set gets ``round(len * eval_fraction)`` conversations, at least one when the fraction is
+    The eval set gets ``round(len * eval_fraction)`` conversations (``eval_fraction`` itself when it is a
+    whole number of at least 1: a count, as Axolotl's ``val_set_size`` reads it), at least one when it is
     positive, and never all of them. Identical conversations (same messages and tools, anywhere in
     the file) always land on the same side, so a duplicated row cannot leak into the eval set.
     """
-    if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    if eval_fraction < 0 or (eval_fraction >= 1 and eval_fraction != int(eval_fraction)):
+        raise ValueError(f"eval_fraction must be a share in [0, 1) or a whole count, got {eval_fraction}")
     n = len(convs)
-    n_eval = min(max(round(n * eval_fraction), 1 if eval_fraction > 0 else 0), max(n - 1, 0))
+    wanted = int(eval_fraction) if eval_fraction >= 1 else round(n * eval_fraction)
+    n_eval = min(max(wanted, 1 if eval_fraction > 0 else 0), max(n - 1, 0))
     groups: dict[str, list[int]] = {}
     for i, conv in enumerate(convs):
         groups.setdefault(conversation_key(conv), []).append(i)

@@ -1,0 +1,377 @@
+"""Axolotl run files, read with Axolotl's meaning of every key (docs/axolotl.md has the table).
+
+Each key is one of:
+
+- **mapped**: set on the RunConfig with the value Axolotl gives it (``lora_target_modules`` a full-path regex
+  or a list of name suffixes, ``val_set_size`` a share or a count, ``datasets[]`` with ``split``,
+  ``field_messages``, ``message_property_mappings``, ``roles_to_train``...); a key Axolotl leaves out takes
+  Axolotl's default (``lr_scheduler: cosine``, ``sequence_len: 512``, ``seed: 42``...);
+- **no effect** here (logging, hub, plugins, kernels, ``strict``): accepted, and reported once, in one finding;
+- **refused** where it contradicts what gemma4-tune guarantees (``fp16``, full fine-tuning, another chat
+  template), with the reason.
+
+A key set to null is absent, as in Axolotl. Unknown keys are one error that lists them all.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Any
+
+from gemma4_tune.findings import Finding, Severity, finding, register
+
+NO_EFFECT = register("G4T006", Severity.WARNING, "Config keys with no effect here")
+READ_DIFFERENTLY = register("G4T007", Severity.INFO, "Config keys read as closely as gemma4-tune allows")
+
+MARKERS = frozenset({"base_model", "datasets", "adapter", "micro_batch_size", "sequence_len", "lora_r",
+                     "gradient_accumulation_steps", "num_epochs", "output_dir", "learning_rate"})
+"""Keys that only Axolotl files have: one of them makes a file an Axolotl config."""
+
+EXPERTS = ("experts.gate_up_proj", "experts.down_proj")
+MAPPED_OPTIMIZERS = frozenset({
+    "adamw_torch", "adamw_torch_fused", "adafactor", "adamw_torch_4bit", "adamw_torch_8bit", "sgd", "adagrad",
+    "adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit", "lion_32bit", "rmsprop",
+    "ademamix", "adamw_anyprecision", "schedule_free_adamw", "stable_adamw",
+})
+SCHEDULERS = frozenset({"linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                        "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"})
+
+_NO_EFFECT: dict[str, str] = {
+    "strict": "command-line overrides are always allowed",
+    "plugins": "Axolotl plugins (Liger, Cut Cross Entropy, kernels) are not used; the loss is computed exactly",
+    "use_kernels": "speed kernel", "use_scattermoe": "speed kernel", "experts_implementation": "speed kernel",
+    "torch_compile": "speed setting", "lora_mlp_kernel": "speed kernel", "lora_qkv_kernel": "speed kernel",
+    "lora_o_kernel": "speed kernel", "fused_attn_kernel": "speed kernel", "dsv4_fp4_grouped_mode": "speed kernel",
+    "moe_bnb_fast": "speed kernel", "moe_dequant_chunk_size": "speed kernel", "cut_cross_entropy": "speed kernel",
+    "activation_offloading": "memory setting not used here",
+    "tf32": "matmul precision is PyTorch's default",
+    "bnb_config_kwargs": "4-bit uses NF4 with double quantization and bf16 compute",
+    "quantize_moe_experts": "MoE experts stay bf16 under 4-bit (bitsandbytes quantizes nn.Linear only, catalog row 18; "
+                            "`gemma4-tune plan --quantize 4bit` shows the memory)",
+    "processor_type": "the model's AutoProcessor is always used",
+    "skip_prepare_dataset": "rows are validated and encoded at the start of every run",
+    "dataset_prepared_path": "rows are validated and encoded at the start of every run",
+    "remove_unused_columns": "every processor output is kept",
+    "pad_to_sequence_len": "batches are padded to their longest example",
+    "shuffle_merged_datasets": "the Trainer shuffles the training rows every epoch",
+    "shuffle_before_merging_datasets": "the Trainer shuffles the training rows every epoch",
+    "ddp_find_unused_parameters": "set automatically when towers train (`--distributed ddp`)",
+    "freeze_mm_modules": "towers are frozen unless --targets names them",
+    "attn_implementation": "sdpa is used on every layer (FlashAttention-2 fails on the head_dim-512 global layers, "
+                           "catalog row 14)",
+    "gemma4_hybrid_attn_impl": "sdpa is used on every layer",
+    "flash_attention": "sdpa is used on every layer", "sdp_attention": "sdpa is used on every layer",
+    "flex_attention": "sdpa is used on every layer",
+    "fsdp_config": "use `--distributed fsdp2 --nproc N` (wrap classes come from the model)",
+    "fsdp_version": "use `--distributed fsdp2 --nproc N`", "fsdp": "use `--distributed fsdp2 --nproc N`",
+    "deepspeed": "use `--distributed zero2` or `zero3` (the DeepSpeed config is written for the model)",
+    "gradient_checkpointing_kwargs": "checkpointing is always non-reentrant",
+    "bf16": "bf16 on CUDA, fp32 on CPU (never fp16, catalog row 19)",
+    "use_wandb": "metrics go to metrics.jsonl and the report",
+    "auto_resume_from_checkpoints": "use --resume",
+}
+_NO_EFFECT_PREFIXES = {"liger_": "Liger kernels are not used", "wandb_": "metrics go to metrics.jsonl and the report",
+                       "hub_": "nothing is pushed to a hub", "mlflow_": "metrics go to metrics.jsonl and the report"}
+
+_DIRECT = {"base_model": "model", "output_dir": "out", "lora_r": "rank", "lora_alpha": "alpha",
+           "lora_dropout": "lora_dropout", "micro_batch_size": "batch_size",
+           "gradient_accumulation_steps": "grad_accum", "num_epochs": "epochs", "max_steps": "max_steps",
+           "sample_packing": "packing", "warmup_steps": "warmup_steps", "warmup_ratio": "warmup_ratio",
+           "weight_decay": "weight_decay", "max_grad_norm": "max_grad_norm", "adam_beta1": "adam_beta1",
+           "adam_beta2": "adam_beta2", "adam_epsilon": "adam_epsilon", "logging_steps": "logging_steps",
+           "seed": "seed", "save_steps": "save_steps", "eval_steps": "eval_steps",
+           "evals_per_epoch": "evals_per_epoch", "saves_per_epoch": "saves_per_epoch",
+           "gradient_checkpointing": "gradient_checkpointing"}
+
+_DEFAULTS = {"lr_scheduler": ("lr_scheduler", "cosine"), "optimizer": ("optimizer", "adamw_torch_fused"),
+             "seed": ("seed", 42), "sequence_len": ("max_seq_len", 512)}
+"""Axolotl's defaults for keys a file leaves out, where ours differ: (our field, Axolotl's value)."""
+
+_DATASET_TYPES = {"chat_template": None, "sharegpt": "sharegpt", "alpaca": "alpaca", "completion": "text"}
+_DATASET_KEYS = frozenset({"path", "type", "split", "field_messages", "message_property_mappings",
+                           "message_field_role", "message_field_content", "roles", "roles_to_train", "train_on_eos",
+                           "message_field_training", "ds_type", "field", "chat_template"})
+_KNOWN = (MARKERS | set(_NO_EFFECT) | set(_DIRECT) | set(_DEFAULTS)
+          | {"load_in_4bit", "load_in_8bit", "lora_target_modules", "lora_target_linear", "lora_target_parameters",
+             "lora_modules_to_save", "optim_args", "train_on_inputs", "fp16", "val_set_size", "chat_template",
+             "chat_template_jinja", "eot_tokens", "special_tokens", "tokens", "resume_from_checkpoint",
+             "image_size", "image_resize_algorithm", "rl", "test_datasets"})
+
+
+def is_axolotl(data: dict[str, Any]) -> bool:
+    """Whether a run file is written for Axolotl (it has one of the keys only Axolotl files have)."""
+    return any(key in MARKERS for key in data)
+
+
+class _Translation:
+    """The values, the key-by-key mapping and the refusals of one Axolotl file."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.values: dict[str, Any] = {}
+        self.rows: list[dict[str, str]] = []
+        self.refused: list[str] = []
+        self.no_effect: list[str] = []
+        self.differs: list[str] = []
+
+    def row(self, key: str, value: Any, status: str, became: str) -> None:
+        self.rows.append({"key": key, "value": _show(value), "status": status, "became": became})
+
+    def map(self, key: str, value: Any, field_name: str, new: Any, note: str = "") -> None:
+        self.values[field_name] = new
+        self.row(key, value, "mapped", f"{field_name} = {_show(new)}" + (f" ({note})" if note else ""))
+
+    def refuse(self, key: str, value: Any, reason: str) -> None:
+        self.refused.append(f"{key}: {reason}")
+        self.row(key, value, "refused", reason)
+
+    def differ(self, key: str, value: Any, field_name: str | None, new: Any, how: str) -> None:
+        if field_name:
+            self.values[field_name] = new
+        self.differs.append(f"{key}: {how}")
+        self.row(key, value, "read differently", (f"{field_name} = {_show(new)}; " if field_name else "") + how)
+
+
+def _show(value: Any) -> str:
+    text = repr(value) if not isinstance(value, str) else value
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _targets(data: dict[str, Any], t: _Translation) -> None:
+    items: list[str] = []
+    modules = data.get("lora_target_modules")
+    if isinstance(modules, str):
+        items.append(f"re:{modules}")
+        t.row("lora_target_modules", modules, "mapped", f"targets re:{_show(modules)} (a regex on the full module "
+              "path, as PEFT matches a string; a Gemma4ClippableLinear match trains its inner .linear)")
+    elif isinstance(modules, list) and modules:
+        names = "|".join(re.escape(str(m)) for m in modules)
+        items.append(f"re:(?:.*\\.)?(?:{names})")
+        t.row("lora_target_modules", modules, "mapped", "targets: every module whose name is or ends with one of "
+              "these names, as PEFT matches a list (tower projections through their inner .linear)")
+    elif modules is not None:
+        t.refuse("lora_target_modules", modules, "expected a regex string or a list of module names")
+    if data.get("lora_target_linear"):
+        items.append("all")
+        t.differ("lora_target_linear", True, None, None, "every text projection, the MoE experts and the towers "
+                 "present (inner .linear, clamps kept); the multimodal embedders are left out, since engines "
+                 "cannot serve LoRA on them (catalog rows 3, 37)")
+    parameters = data.get("lora_target_parameters")
+    if parameters is not None:
+        given = [parameters] if isinstance(parameters, str) else list(parameters)
+        if sorted(given) == sorted(EXPERTS):
+            items.append("text-experts")
+            t.row("lora_target_parameters", parameters, "mapped", "targets text-experts (PEFT target_parameters "
+                  "on every MoE layer's experts.gate_up_proj and experts.down_proj)")
+        else:
+            t.refuse("lora_target_parameters", parameters, f"only the MoE experts ({', '.join(EXPERTS)}, both) can "
+                     "carry parameter LoRA on Gemma 4")
+    if items:
+        t.values["targets"] = ",".join(items)
+    else:
+        t.values["targets"] = "text"
+        t.row("lora_target_modules", None, "default", "targets text (absent: PEFT has no Gemma 4 default, so "
+              "gemma4-tune's own default applies: every text attention and MLP projection and the MoE experts)")
+
+
+def _dataset(entry: Any, where: str, t: _Translation) -> dict[str, Any] | None:
+    if isinstance(entry, str):
+        entry = {"path": entry}
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+        t.refuse(where, entry, "each dataset needs a `path`")
+        return None
+    entry = {k: v for k, v in entry.items() if v is not None}
+    spec: dict[str, Any] = {"path": entry["path"]}
+    for key in sorted(set(entry) - _DATASET_KEYS):
+        t.refuse(f"{where}.{key}", entry[key], "not read here (see docs/axolotl.md for the dataset keys)")
+    kind = entry.get("type", "chat_template")
+    if not isinstance(kind, str) or kind not in _DATASET_TYPES:
+        t.refuse(f"{where}.type", kind, f"dataset type {kind!r} is not read here; use chat_template, alpaca, "
+                 "completion or sharegpt (docs/formats.md)")
+    else:
+        spec["format"] = _DATASET_TYPES[kind]
+        if kind == "alpaca":
+            t.differ(f"{where}.type", kind, None, None, "Alpaca rows are rendered with the Gemma 4 chat template "
+                     "(user: instruction, newline, input; model: output), not Axolotl's Alpaca prompt text")
+        if kind == "completion" and entry.get("field", "text") != "text":
+            t.refuse(f"{where}.field", entry["field"], "a completion dataset is read from its `text` column")
+    if "split" in entry:
+        spec["split"] = str(entry["split"])
+    if "field_messages" in entry:
+        spec["field_messages"] = entry["field_messages"]
+    mappings = dict(entry.get("message_property_mappings") or {})
+    for legacy, ours in (("message_field_role", "role"), ("message_field_content", "content")):
+        if legacy in entry:
+            mappings.setdefault(ours, entry[legacy])
+    unknown = sorted(set(mappings) - {"role", "content"})
+    if unknown:
+        t.refuse(f"{where}.message_property_mappings", mappings, f"only role and content can be mapped, not "
+                 f"{', '.join(unknown)}")
+    spec["message_property_mappings"] = {k: v for k, v in mappings.items() if k in ("role", "content")}
+    if "roles" in entry:
+        spec["roles"] = {ours: [names] if isinstance(names, str) else list(names) for ours, names in
+                         entry["roles"].items()}
+    if "roles_to_train" in entry:
+        spec["roles_to_train"] = list(entry["roles_to_train"])
+    if "message_field_training" in entry:
+        spec["message_field_training"] = entry["message_field_training"]
+    eos = entry.get("train_on_eos", "turn")
+    if eos != "turn":
+        t.refuse(f"{where}.train_on_eos", eos, "gemma4-tune supervises the <turn|> that closes each supervised turn "
+                 "(train_on_eos: turn); `all` and `last` are not read")
+    if "chat_template" in entry:
+        _chat_template(entry["chat_template"], f"{where}.chat_template", t)
+    if "ds_type" in entry:
+        t.row(f"{where}.ds_type", entry["ds_type"], "mapped", "the file type comes from the file's suffix")
+    t.row(where, entry, "mapped", f"data: {_show(spec)}")
+    return spec
+
+
+def _chat_template(value: Any, key: str, t: _Translation) -> None:
+    if value in ("gemma4", "tokenizer_default") or str(value).startswith("tokenizer_default_fallback_"):
+        t.row(key, value, "mapped", "the model's official Gemma 4 template (its revision detected from the "
+              "checkpoint), with generation markers for exact assistant labels")
+    else:
+        t.refuse(key, value, "only the official Gemma 4 template is used (labels and serving must agree, catalog "
+                 "rows 12, 34); use chat_template: gemma4 or tokenizer_default")
+
+
+def translate(data: dict[str, Any], *, source: str) -> tuple[dict[str, Any], list[dict[str, str]], list[Finding]]:
+    """An Axolotl file as RunConfig values, the key-by-key mapping, and the findings to show.
+
+    Refused and unknown keys raise one ``FindingError`` (G4T005) that lists them all.
+    """
+    from gemma4_tune.config import BAD_CONFIG
+    from gemma4_tune.findings import FindingError
+
+    t = _Translation(source)
+    given = {k: v for k, v in data.items() if v is not None}
+    for key in sorted(set(data) - set(given)):
+        t.row(key, None, "absent", "null, so absent (as in Axolotl)")
+    from gemma4_tune.config import RunConfig
+
+    own = {k for k in given if k in RunConfig.model_fields and k not in _KNOWN}
+    unknown = sorted(k for k in given if k not in _KNOWN and k not in own
+                     and not k.startswith(tuple(_NO_EFFECT_PREFIXES)))
+    for key, value in given.items():
+        if key in own:
+            t.values[key] = value
+            t.row(key, value, "mapped", f"{key} = {_show(value)} (a gemma4-tune key)")
+        elif key in _DIRECT:
+            t.map(key, value, _DIRECT[key], value)
+        elif key in _NO_EFFECT or key.startswith(tuple(_NO_EFFECT_PREFIXES)):
+            reason = _NO_EFFECT.get(key) or next(r for p, r in _NO_EFFECT_PREFIXES.items() if key.startswith(p))
+            t.no_effect.append(key)
+            t.row(key, value, "no effect", reason)
+    if "learning_rate" in given:
+        t.map("learning_rate", given["learning_rate"], "lr", float(given["learning_rate"]))
+    sequence_len = given.get("sequence_len")
+    if sequence_len is not None:
+        t.differ("sequence_len", sequence_len, "max_seq_len", sequence_len, "longer examples are truncated (media "
+                 "blocks kept whole) and counted in the report, where Axolotl drops them")
+    _targets(given, t)
+    adapter = given.get("adapter")
+    if adapter not in ("lora", "qlora"):
+        t.refuse("adapter", adapter, "gemma4-tune trains LoRA adapters; without `adapter: lora` (or qlora) Axolotl "
+                 "would fine-tune every weight" if adapter is None else f"adapter {adapter!r} is not LoRA")
+    else:
+        t.row("adapter", adapter, "mapped", "LoRA through PEFT" + (" on 4-bit base weights" if adapter == "qlora"
+                                                                     else ""))
+    if adapter == "qlora" and not given.get("load_in_4bit"):
+        t.refuse("adapter", adapter, "adapter: qlora needs load_in_4bit: true (as in Axolotl)")
+    if given.get("load_in_4bit"):
+        t.map("load_in_4bit", True, "quantize", "4bit", "QLoRA: needs CUDA and bitsandbytes")
+    if given.get("load_in_8bit"):
+        t.refuse("load_in_8bit", True, "8-bit base weights are not supported; use load_in_4bit (QLoRA) or neither")
+    if given.get("lora_modules_to_save"):
+        t.refuse("lora_modules_to_save", given["lora_modules_to_save"], "full copies of embeddings or lm_head are "
+                 "not trained (engines serve LoRA deltas only)")
+    if given.get("fp16"):
+        t.refuse("fp16", True, "fp16 overflows Gemma 4's MLP into NaN (catalog row 19); remove it (bf16 on CUDA)")
+    if given.get("rl"):
+        t.refuse("rl", given["rl"], "preference tuning is not supported yet; supervised fine-tuning only")
+    if given.get("test_datasets"):
+        t.refuse("test_datasets", given["test_datasets"], "give one held-out file as eval_data (--eval-data)")
+    for key in ("special_tokens", "tokens"):
+        if given.get(key):
+            t.refuse(key, given[key], "the vocabulary and special tokens of Gemma 4 are kept as they are")
+    for key in ("chat_template_jinja", "image_size", "image_resize_algorithm", "resume_from_checkpoint"):
+        if key in given:
+            fix = {"resume_from_checkpoint": "use --resume with the same --out",
+                   "chat_template_jinja": "only the official Gemma 4 template is used"}.get(
+                       key, "images are given to the processor as they are; resize them beforehand")
+            t.refuse(key, given[key], fix)
+    if "optimizer" in given:
+        name = given["optimizer"]
+        if name in MAPPED_OPTIMIZERS:
+            t.map("optimizer", name, "optimizer", name)
+        else:
+            t.refuse("optimizer", name, f"not a transformers optimizer that gemma4-tune runs; use one of "
+                     f"{', '.join(sorted(MAPPED_OPTIMIZERS))}")
+    if "lr_scheduler" in given:
+        name = given["lr_scheduler"]
+        if name in SCHEDULERS:
+            t.map("lr_scheduler", name, "lr_scheduler", name)
+        else:
+            t.refuse("lr_scheduler", name, f"use one of {', '.join(sorted(SCHEDULERS))}")
+    if "optim_args" in given:
+        args = given["optim_args"]
+        text = ",".join(f"{k}={v}" for k, v in args.items()) if isinstance(args, dict) else str(args)
+        t.map("optim_args", args, "optim_args", text)
+    inputs = bool(given.get("train_on_inputs", False))
+    if "train_on_inputs" in given:
+        if inputs:
+            t.differ("train_on_inputs", True, "train_on", "all", "every token but media is supervised, turn headers "
+                     "included (Axolotl supervises every turn's content)")
+        else:
+            t.map("train_on_inputs", False, "train_on", "assistant")
+    if "val_set_size" in given:
+        size = float(given["val_set_size"])
+        share = int(size) if size > 1 else size
+        how = f"{int(size)} conversations" if size > 1 else f"a share of {size:g}"
+        t.differ("val_set_size", given["val_set_size"], "eval_split", share, f"{how} held out by a seeded split that "
+                 "keeps identical conversations on one side (Axolotl takes the last rows)")
+    if "chat_template" in given:
+        _chat_template(given["chat_template"], "chat_template", t)
+    eot = given.get("eot_tokens")
+    if eot is None:
+        t.differ("eot_tokens", None, None, None, "absent: Axolotl would supervise <eos>, which rendered chats never "
+                 "contain; gemma4-tune supervises the <turn|> that ends each model turn (catalog row 29)")
+    elif list(eot) == ["<turn|>"]:
+        t.row("eot_tokens", eot, "mapped", "<turn|> is supervised at the end of each supervised turn")
+    else:
+        t.refuse("eot_tokens", eot, "Gemma 4 turns end with <turn|>; that is the token supervised (catalog row 29)")
+    if "datasets" in given:
+        entries = given["datasets"] if isinstance(given["datasets"], list) else [given["datasets"]]
+        specs = [_dataset(entry, f"datasets[{i}]", t) for i, entry in enumerate(entries)]
+        t.values["data"] = [s for s in specs if s is not None]
+    for key, (field_name, value) in _DEFAULTS.items():
+        if key not in given:
+            t.values.setdefault(field_name, value)
+            t.row(key, None, "default", f"{field_name} = {_show(value)} (Axolotl's default)")
+    if "warmup_steps" not in given and "warmup_ratio" not in given:
+        t.values["warmup_ratio"] = 0.03
+        t.row("warmup_ratio", None, "default", "warmup_ratio = 0.03 (Axolotl's default; it caps warmup at 100 steps, "
+              "gemma4-tune does not)")
+    if unknown or t.refused:
+        parts = []
+        if unknown:
+            hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, sorted(_KNOWN), n=1,
+                                                                                    cutoff=0.85)) else k
+                     for k in unknown]
+            parts.append(f"{len(unknown)} unknown key(s): {', '.join(hints)}")
+        if t.refused:
+            parts.append(f"{len(t.refused)} refused: {'; '.join(t.refused)}")
+        raise FindingError(finding(BAD_CONFIG.code, f"{source}: {' — '.join(parts)}",
+                                   "remove or change these keys (docs/axolotl.md lists every key and what it "
+                                   "becomes; `gemma4-tune train FILE --explain-config` shows this file's mapping)",
+                                   mapping=t.rows))
+    notes: list[Finding] = []
+    if t.no_effect:
+        notes.append(finding(NO_EFFECT.code, f"{source}: {len(t.no_effect)} Axolotl keys have no effect here: "
+                             f"{', '.join(t.no_effect)}", "nothing to do; `--explain-config` gives each reason"))
+    if t.differs:
+        notes.append(finding(READ_DIFFERENTLY.code, f"{source}: {'; '.join(t.differs)}",
+                             "nothing to do unless the difference matters to you; see docs/axolotl.md"))
+    return t.values, t.rows, notes

@@ -1,0 +1,248 @@
+"""Users' data formats and files: each read into conversations, with the exact tokens it supervises (issue 15)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from gemma4_tune.data.collate import IGNORE_INDEX, Gemma4Batcher
+from gemma4_tune.data.formats import ChatOptions
+from gemma4_tune.data.records import load_conversations
+from gemma4_tune.findings import FindingError, Severity
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def error_of(path: Path, **kwargs: Any) -> tuple[str, str]:
+    with pytest.raises(FindingError) as info:
+        load_conversations(path, **kwargs)
+    (found,) = info.value.findings
+    return found.code, found.message
+
+
+@pytest.fixture(scope="module")
+def batcher(tiny_models) -> Gemma4Batcher:
+    from transformers import AutoProcessor
+
+    return Gemma4Batcher(AutoProcessor.from_pretrained(str(tiny_models["e2b"])))
+
+
+def supervised(batcher: Gemma4Batcher, conv: Any) -> list[str]:
+    """The decoded runs of labelled tokens of one encoded conversation."""
+    ex = batcher.encode(conv)
+    runs: list[list[int]] = [[]]
+    for token, label in zip(ex["input_ids"].tolist(), ex["labels"].tolist(), strict=True):
+        if label != IGNORE_INDEX:
+            runs[-1].append(token)
+        elif runs[-1]:
+            runs.append([])
+    return [batcher.tokenizer.decode(run) for run in runs if run]
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "blue.png")
+    return tmp_path / "blue.png"
+
+
+# ------------------------------------------------------------------ formats and what they supervise
+@pytest.mark.slow
+def test_openai_weight_zero_turn_is_not_supervised(batcher, tmp_path):
+    row = {"messages": [{"role": "system", "content": "SYS"}, {"role": "user", "content": "U1"},
+                        {"role": "assistant", "content": "A1", "weight": 0}, {"role": "user", "content": "U2"},
+                        {"role": "assistant", "content": "A2", "weight": 1}]}
+    convs, report = load_conversations(write_jsonl(tmp_path / "ft.jsonl", [row]))
+    assert report.format == "OpenAI chat" and report.turns_not_supervised == 1 and not report.findings
+    assert supervised(batcher, convs[0]) == ["A2<turn|>"]
+
+
+@pytest.mark.slow
+def test_openai_tool_calls_and_tool_turns(batcher, tmp_path):
+    call = {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": '{"tz": "UTC"}'}}
+    row = {"messages": [{"role": "user", "content": "Time?"}, {"role": "assistant", "tool_calls": [call]},
+                        {"role": "tool", "tool_call_id": "c1", "content": "NOON"},
+                        {"role": "assistant", "content": "It is noon."}]}
+    convs, _ = load_conversations(write_jsonl(tmp_path / "tools.jsonl", [row]))
+    runs = supervised(batcher, convs[0])
+    assert "".join(runs).count("get_time") == 1 and runs[-1].endswith("It is noon.<turn|>")
+    assert "NOON" not in "".join(runs) and "Time?" not in "".join(runs)
+
+
+@pytest.mark.slow
+def test_sharegpt_roles_to_train_user_and_assistant(batcher, tmp_path):
+    row = {"conversations": [{"from": "system", "value": "SYS"}, {"from": "human", "value": "Q1"},
+                             {"from": "gpt", "value": "R1"}, {"from": "human", "value": "Q2"},
+                             {"from": "gpt", "value": "R2"}]}
+    path = write_jsonl(tmp_path / "sg.jsonl", [row])
+    convs, report = load_conversations(path)
+    assert report.format == "ShareGPT"
+    assert supervised(batcher, convs[0]) == ["R1<turn|>", "R2<turn|>"]
+    convs, report = load_conversations(path, options=ChatOptions(roles_to_train=("user", "assistant")))
+    assert supervised(batcher, convs[0]) == ["Q1<turn|>", "R1<turn|>", "Q2<turn|>", "R2<turn|>"]
+    assert report.supervised_roles == {"user": 2, "assistant": 2}
+
+
+@pytest.mark.slow
+def test_sharegpt_function_call_observation_and_renamed_fields(batcher, tmp_path):
+    row = {"chat": [{"speaker": "human", "text": "Weather?"},
+                    {"speaker": "function_call", "text": '{"name": "weather", "arguments": {"city": "Oslo"}}'},
+                    {"speaker": "observation", "text": "RAINY"}, {"speaker": "gpt", "text": "Rain."}]}
+    options = ChatOptions(field_messages="chat", property_mappings={"role": "speaker", "content": "text"})
+    convs, report = load_conversations(write_jsonl(tmp_path / "fc.jsonl", [row]), options=options)
+    roles = [m["role"] for m in convs[0].messages]
+    assert roles == ["user", "assistant", "tool", "assistant"]
+    assert convs[0].messages[1]["tool_calls"][0]["function"] == {"name": "weather", "arguments": {"city": "Oslo"}}
+    joined = "".join(supervised(batcher, convs[0]))
+    assert "weather" in joined and "Rain.<turn|>" in joined and "RAINY" not in joined
+
+
+@pytest.mark.slow
+def test_alpaca_with_system_and_history(batcher, tmp_path):
+    row = {"instruction": "Translate", "input": "chat", "output": "cat", "system": "Be terse.",
+           "history": [["Hi", "Hello"]]}
+    convs, report = load_conversations(write_jsonl(tmp_path / "alpaca.jsonl", [row]))
+    assert report.format == "Alpaca"
+    messages = convs[0].messages
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert messages[3]["content"] == [{"type": "text", "text": "Translate\nchat"}]
+    assert supervised(batcher, convs[0]) == ["Hello<turn|>", "cat<turn|>"]
+
+
+@pytest.mark.slow
+def test_prompt_completion_and_plain_text(batcher, tmp_path):
+    convs, _ = load_conversations(write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "2+2?", "completion": "4."}]))
+    assert supervised(batcher, convs[0]) == ["4.<turn|>"]
+    convs, report = load_conversations(write_jsonl(tmp_path / "text.jsonl", [{"text": "Once upon a time."}]))
+    assert report.format == "plain text" and report.text_rows == 1
+    assert supervised(batcher, convs[0]) == ["Once upon a time."]  # every token after <bos>
+
+
+@pytest.mark.slow
+def test_images_column_with_placeholders_llava_and_trl(batcher, tmp_path, image):
+    llava = {"messages": [{"role": "user", "content": "<image>What colour?"}, {"role": "assistant", "content": "Blue."}],
+             "images": [image.name]}
+    trl = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+                        {"role": "assistant", "content": [{"type": "text", "text": "Blue."}]}], "images": [str(image)]}
+    for row in (llava, trl):
+        convs, report = load_conversations(write_jsonl(tmp_path / "vis.jsonl", [row]))
+        assert convs[0].images == [str(image)] and report.modalities["image"] == 1 and not report.findings
+        assert supervised(batcher, convs[0]) == ["Blue.<turn|>"]
+        assert "pixel_values" in batcher.encode(convs[0])
+    two = {**llava, "messages": [{"role": "user", "content": "<image><image>?"}, llava["messages"][1]]}
+    code, message = error_of(write_jsonl(tmp_path / "bad.jsonl", [two]))
+    assert code == "G4T301" and "bad.jsonl:1: images: 1 image(s) in 'images' but 2 <image> placeholder" in message
+
+
+@pytest.mark.slow
+def test_consecutive_assistant_messages_with_different_weights_are_refused(batcher, tmp_path):
+    row = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A", "weight": 0},
+                        {"role": "assistant", "content": "B", "weight": 1}]}
+    convs, _ = load_conversations(write_jsonl(tmp_path / "two.jsonl", [row]))
+    with pytest.raises(FindingError) as info:
+        batcher.encode(convs[0])
+    assert info.value.findings[0].code == "G4T317"
+
+
+# ------------------------------------------------------------------ files and splits
+ROWS = [{"instruction": f"Say {i}", "output": f"{i}"} for i in range(20)]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "parquet", "csv", "disk"])
+def test_every_file_kind_and_split_slicing(tmp_path, kind):
+    from datasets import Dataset
+
+    path = tmp_path / f"data.{kind}"
+    if kind == "jsonl":
+        write_jsonl(path, ROWS)
+    elif kind == "json":
+        path.write_text(json.dumps(ROWS))
+    elif kind == "parquet":
+        Dataset.from_list(ROWS).to_parquet(str(path))
+    elif kind == "csv":
+        Dataset.from_list(ROWS).to_csv(str(path), index=False)
+    else:
+        Dataset.from_list(ROWS).save_to_disk(str(path))
+    convs, report = load_conversations(path)
+    assert report.format == "Alpaca" and report.kept == 20
+    head, report = load_conversations(path, split="train[:10%]")
+    assert [c.messages[0]["content"][0]["text"] for c in head] == ["Say 0", "Say 1"]
+    assert report.total_rows == 20 and report.kept == 2 and "train[:10%] of 20" in report.summary()
+    tail, _ = load_conversations(path, split="train[10%:]")
+    assert [c.messages[0]["content"][0]["text"] for c in tail] == [f"Say {i}" for i in range(2, 20)]
+    code, message = error_of(path, split="validation")
+    assert code == "G4T307" and "validation" in message
+
+
+@pytest.mark.parametrize("value", ["https://example.com/data.jsonl", "HuggingFaceH4/llava-instruct-mix-vsft",
+                                   "hf://datasets/x/y"])
+def test_url_or_hub_id_is_refused_and_nothing_is_fetched(value):
+    with pytest.raises(FindingError) as info:
+        load_conversations(value)
+    (found,) = info.value.findings
+    assert found.code == "G4T306" and "never fetches" in found.message and "download" in found.fix
+
+
+def test_media_by_url_is_refused_with_the_url(tmp_path):
+    row = {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]},
+        {"role": "assistant", "content": "A cat."}]}
+    code, message = error_of(write_jsonl(tmp_path / "url.jsonl", [row]))
+    assert code == "G4T301" and "https://example.com/cat.png" in message and "never fetches" in message
+
+
+def test_local_image_url_part_is_read(tmp_path, image):
+    row = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"file://{image}"}}]},
+                        {"role": "assistant", "content": "Blue."}]}
+    convs, _ = load_conversations(write_jsonl(tmp_path / "local.jsonl", [row]))
+    assert convs[0].images == [str(image)]
+
+
+# ------------------------------------------------------------------ nothing dropped without a word
+def test_unread_fields_are_one_warning_with_counts(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "Q", "lang": "en"}, {"role": "assistant", "content": "A"}],
+             "id": i} for i in range(3)]
+    convs, report = load_conversations(write_jsonl(tmp_path / "extra.jsonl", rows))
+    (found,) = report.findings
+    assert found.code == "G4T305" and found.severity is Severity.WARNING
+    assert "id (3 rows" in found.message and "messages[].lang (3 rows" in found.message
+
+
+def test_an_unread_field_that_would_change_training_is_an_error(tmp_path):
+    row = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A", "loss_mask": [0]}]}
+    _, report = load_conversations(write_jsonl(tmp_path / "mask.jsonl", [row]))
+    (found,) = report.findings
+    assert found.code == "G4T305" and found.severity is Severity.ERROR and "messages[].loss_mask" in found.message
+
+
+def test_weight_must_be_zero_or_one(tmp_path):
+    row = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A", "weight": 0.5}]}
+    code, message = error_of(write_jsonl(tmp_path / "w.jsonl", [row]))
+    assert code == "G4T301" and "messages[1].weight: expected 0 or 1" in message
+
+
+def test_all_turns_weight_zero_is_nothing_to_learn(tmp_path):
+    row = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A", "weight": 0}]}
+    code, message = error_of(write_jsonl(tmp_path / "w0.jsonl", [row]))
+    assert code == "G4T302" and "no turn is supervised" in message
+
+
+def test_mixed_formats(tmp_path):
+    chat = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}
+    _, report = load_conversations(write_jsonl(tmp_path / "mix.jsonl", [chat, {"prompt": "P", "completion": "C"}]))
+    (found,) = report.findings
+    assert found.code == "G4T304" and found.severity is Severity.WARNING and "prompt/completion: 1 rows" in found.message
+    code, message = error_of(write_jsonl(tmp_path / "mixtext.jsonl", [chat, {"text": "raw"}]))
+    assert code == "G4T304" and "plain-text rows are supervised on every token" in message
+
+
+def test_preference_rows_are_refused_by_name(tmp_path):
+    row = {"prompt": [{"role": "user", "content": "Q"}], "chosen": "good", "rejected": "bad"}
+    code, message = error_of(write_jsonl(tmp_path / "dpo.jsonl", [{"chosen": row["chosen"], "rejected": "bad"}]))
+    assert code == "G4T301" and "preference row" in message
