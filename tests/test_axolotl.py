@@ -198,3 +198,13 @@ def test_preflight_needs_no_out_and_bad_data_is_a_finding_without_traceback(tiny
     proc = subprocess.run([*base, "--data", str(bad)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 1 and "G4T305" in proc.stderr and "messages[].loss_mask" in proc.stderr
     assert "Traceback" not in proc.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+
+
+def test_axolotl_names_in_our_own_file_get_the_right_did_you_mean(tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text("model: m\ndata: d.jsonl\nmicro_batch_size: 2\nlearnin_rate: 1\n")
+    with pytest.raises(FindingError) as info:
+        load_yaml(run)
+    (found,) = info.value.findings
+    assert "'micro_batch_size' (did you mean 'batch_size'? ('micro_batch_size' is Axolotl's name" in found.message
+    assert "'learnin_rate'" in found.message and "learnin_rate' (did" not in found.message

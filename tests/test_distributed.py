@@ -85,7 +85,7 @@ def test_dry_run_writes_the_launch_files_and_prints_the_command(tiny_models: dic
     run_file = tmp_path / "run.yaml"
     run_file.write_text(yaml.safe_dump({"model": str(tiny_models["e2b"]), "data": str(chat),
                                         "out": str(tmp_path / "run"), "distributed": "zero3", "nproc": 2,
-                                        "micro_batch_size": 2, "gradient_accumulation_steps": 3}))
+                                        "batch_size": 2, "grad_accum": 3}))
     proc = subprocess.run([*CLI, "train", str(run_file), "--dry-run"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "global batch 12 = batch 2 x grad-accum 3 x 2 processes" in proc.stdout

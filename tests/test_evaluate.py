@@ -135,7 +135,7 @@ def test_compare_two_runs_in_one_table_and_plot(two_runs, tmp_path: Path) -> Non
 def test_eval_data_and_eval_split_together_are_refused(tmp_path: Path) -> None:
     proc = cli("preflight", "--model", tmp_path, "--data", tmp_path / "d.jsonl", "--out", tmp_path / "o",
                "--eval-data", tmp_path / "e.jsonl", "--eval-split", 0.1)
-    assert proc.returncode == 1 and "G4T005" in proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "G4T005" in proc.stdout + proc.stderr  # settings: a usage error
     assert "not both" in proc.stdout + proc.stderr
 
 

@@ -26,7 +26,7 @@ READ_DIFFERENTLY = register("G4T007", Severity.INFO, "Config keys read as closel
 
 MARKERS = frozenset({"base_model", "datasets", "adapter", "micro_batch_size", "sequence_len", "lora_r",
                      "gradient_accumulation_steps", "num_epochs", "output_dir", "learning_rate"})
-"""Keys that only Axolotl files have: one of them makes a file an Axolotl config."""
+"""Keys that only Axolotl files have (``base_model``, which Axolotl requires, makes a file Axolotl's)."""
 
 EXPERTS = ("experts.gate_up_proj", "experts.down_proj")
 MAPPED_OPTIMIZERS = frozenset({
@@ -100,8 +100,14 @@ _KNOWN = (MARKERS | set(_NO_EFFECT) | set(_DIRECT) | set(_DEFAULTS)
 
 
 def is_axolotl(data: dict[str, Any]) -> bool:
-    """Whether a run file is written for Axolotl (it has one of the keys only Axolotl files have)."""
-    return any(key in MARKERS for key in data)
+    """Whether a run file is written for Axolotl: it has ``base_model``, which every Axolotl file has."""
+    return "base_model" in data
+
+
+def our_name(key: str) -> str | None:
+    """gemma4-tune's key for an Axolotl key that maps one to one (``micro_batch_size`` -> ``batch_size``)."""
+    return {**_DIRECT, "learning_rate": "lr", "sequence_len": "max_seq_len", "datasets": "data",
+            "val_set_size": "eval_split"}.get(key)
 
 
 class _Translation:

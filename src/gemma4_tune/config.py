@@ -53,7 +53,7 @@ class DatasetSpec(BaseModel):
         ))
 
 
-ALIASES = {"datasets": "data"}
+ALIASES: dict[str, str] = {}
 
 
 class RunConfig(BaseModel):
@@ -162,6 +162,10 @@ class ImportedConfig:
 
 
 def _did_you_mean(key: str) -> str:
+    from gemma4_tune.axolotl import our_name
+
+    if our_name(key):
+        return f"did you mean '{our_name(key)}'? ('{key}' is Axolotl's name; a file with base_model is read as Axolotl's)"
     close = difflib.get_close_matches(key, list(RunConfig.model_fields), n=1, cutoff=0.8)
     return f"did you mean '{close[0]}'?" if close else "see `gemma4-tune train --help` for the keys (or docs/axolotl.md)"
 
