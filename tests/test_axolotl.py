@@ -31,17 +31,22 @@ def data(tmp_path_factory) -> dict[str, Path]:
     """FineTome-shaped ShareGPT rows, and llava-instruct-mix-vsft-shaped rows (messages + images column)."""
     root = tmp_path_factory.mktemp("axolotl-data")
     (root / "finetome.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sharegpt_rows()))
+    from datasets import Dataset, Features, List, Value
+    from datasets import Image as ImageFeature
+
     colours = {"red": (255, 0, 0), "blue": (0, 0, 255)}
     rows = []
-    for i in range(8):
+    for i in range(8):  # llava-instruct-mix-vsft's shape: messages with path-less image parts, images embedded
         name = list(colours)[i % 2]
-        Image.new("RGB", (16, 16), colours[name]).save(root / f"{name}.png")
-        rows.append({"messages": [{"role": "user", "content": [{"type": "image"},
+        rows.append({"messages": [{"role": "user", "content": [{"type": "image", "text": None},
                                                                {"type": "text", "text": "What colour?"}]},
                                   {"role": "assistant", "content": [{"type": "text", "text": f"{name}."}]}],
-                     "images": [f"{name}.png"]})
-    (root / "llava.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {"finetome": root / "finetome.jsonl", "llava": root / "llava.jsonl"}
+                     "images": [Image.new("RGB", (16, 16), colours[name])]})
+    part = {"type": Value("string"), "text": Value("string")}
+    features = Features({"messages": List({"role": Value("string"), "content": List(part)}),
+                         "images": List(ImageFeature())})
+    Dataset.from_list(rows, features=features).to_parquet(str(root / "llava.parquet"))
+    return {"finetome": root / "finetome.jsonl", "llava": root / "llava.parquet"}
 
 
 def localised(name: str, model: str | Path, data: dict[str, Path], out: Path) -> tuple[Path, dict]:
@@ -88,7 +93,7 @@ def test_every_example_maps_each_key_with_axolotls_meaning(name, data, tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["e2b-vision-lora.yaml", "31b-qlora.yaml", "26b-a4b-moe-bnb-lora.yaml"])
+@pytest.mark.parametrize("name", NAMES)
 def test_examples_train_on_tiny_models(name, tiny_models, data, tmp_path):
     """Changed: paths. On this CPU the 8-bit optimizer and 4-bit weights are refused by name; with those two
     overridden for CPU, the run trains and every other setting is the example's."""
@@ -112,6 +117,7 @@ def test_examples_train_on_tiny_models(name, tiny_models, data, tmp_path):
     assert not any(".vision_tower." in m or ".audio_tower." in m for m in plan["target_modules"])
     if name.startswith("e2b"):
         assert result.data["modalities"]["image"] == 8  # train[:100] of 8 rows: all 8, each with its image
+        assert result.data["sources"][0]["format"] == "OpenAI chat"
 
 
 def test_refused_and_unknown_keys_are_one_finding_with_reasons(tmp_path):

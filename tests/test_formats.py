@@ -246,3 +246,21 @@ def test_preference_rows_are_refused_by_name(tmp_path):
     row = {"prompt": [{"role": "user", "content": "Q"}], "chosen": "good", "rejected": "bad"}
     code, message = error_of(write_jsonl(tmp_path / "dpo.jsonl", [{"chosen": row["chosen"], "rejected": "bad"}]))
     assert code == "G4T301" and "preference row" in message
+
+
+def test_images_embedded_in_parquet_are_read_through_the_media_cache(tmp_path, monkeypatch):
+    from datasets import Dataset, Features, List, Value
+    from datasets import Image as ImageFeature
+
+    monkeypatch.setenv("GEMMA4_TUNE_MEDIA_CACHE", str(tmp_path / "cache"))
+    rows = [{"messages": [{"role": "user", "content": "<image>Colour?"}, {"role": "assistant", "content": "Blue."}],
+             "images": [Image.new("RGB", (8, 8), (0, 0, 255))]}] * 2
+    features = Features({"messages": List({"role": Value("string"), "content": Value("string")}),
+                         "images": List(ImageFeature())})
+    Dataset.from_list(rows, features=features).to_parquet(str(tmp_path / "vis.parquet"))
+    convs, report = load_conversations(tmp_path / "vis.parquet")
+    (first,), (second,) = convs[0].images, convs[1].images
+    assert first == second and Path(first).parent == tmp_path / "cache"  # one file per content
+    with Image.open(first) as im:
+        assert im.convert("RGB").getpixel((0, 0)) == (0, 0, 255)
+    assert report.modalities["image"] == 2 and not report.findings

@@ -17,7 +17,9 @@ Nothing is ever fetched: a URL or a hub id where a local path is expected is ref
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,9 +198,48 @@ def _read_file(path: Path, split: str | None) -> RowSource:
             f"datasets.load_dataset({builder!r}, data_files=...))", path=str(path),
         )) from None
     picked = _split_rows(path, table.num_rows, split)
-    rows = table.select(picked) if len(picked) != table.num_rows else table
+    rows = _undecoded(table.select(picked) if len(picked) != table.num_rows else table)
     located = [(f"{path}#{i}", row) for i, row in zip(picked, rows, strict=True)]
     return RowSource(path, builder, base, located, total_rows=table.num_rows, split=split)
+
+
+def _undecoded(table: Any) -> Any:
+    """``table`` with its Image/Audio columns left as ``{"bytes", "path"}`` (no decoding, nothing lost)."""
+    import datasets
+
+    def raw(feature: Any) -> Any:
+        if isinstance(feature, (datasets.Image, datasets.Audio)):
+            return type(feature)(decode=False)
+        if isinstance(feature, (datasets.List, datasets.LargeList)):
+            inner = raw(feature.feature)
+            return type(feature)(inner) if inner is not feature.feature else feature
+        return feature
+
+    for name, feature in table.features.items():
+        if raw(feature) is not feature:
+            table = table.cast_column(name, raw(feature))
+    return table
+
+
+def media_cache() -> Path:
+    """Where embedded media are written so that they can be read by path: ``$GEMMA4_TUNE_MEDIA_CACHE`` or
+    ``~/.cache/gemma4-tune/media``, one file per content hash."""
+    return Path(os.environ.get("GEMMA4_TUNE_MEDIA_CACHE") or Path.home() / ".cache" / "gemma4-tune" / "media")
+
+
+def materialise(data: bytes, kind: str) -> str:
+    """A file holding embedded media bytes (named by their sha256, written once, atomically)."""
+    if kind == "audio" and not data.startswith(b"RIFF"):
+        raise RowError("bad_content", "", "embedded audio that is not WAV cannot be read; convert it to WAV files "
+                       "and list their paths")
+    folder = media_cache()
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{hashlib.sha256(data).hexdigest()}{'.wav' if kind == 'audio' else '.img'}"
+    if not target.is_file():
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(target)
+    return str(target)
 
 
 def _read_directory(path: Path, split: str | None) -> RowSource:
@@ -228,7 +269,7 @@ def _read_directory(path: Path, split: str | None) -> RowSource:
             raise _bad_split(path, spec, "a saved Dataset (not a DatasetDict) has one split, 'train'", ["train"])
         table = loaded
     picked = _split_rows(path, table.num_rows, spec, (name,))
-    rows = table.select(picked) if len(picked) != table.num_rows else table
+    rows = _undecoded(table.select(picked) if len(picked) != table.num_rows else table)
     located = [(f"{path}#{i}", row) for i, row in zip(picked, rows, strict=True)]
     return RowSource(path, "disk", path.absolute(), located, total_rows=table.num_rows, split=split)
 

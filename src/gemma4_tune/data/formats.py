@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gemma4_tune.data.files import RowError
+from gemma4_tune.data.files import RowError, materialise
 
 FORMAT_NAMES = {
     "openai": "OpenAI chat",
@@ -282,13 +282,16 @@ def _media_column(row: Mapping[str, Any], kind: str) -> tuple[str | None, list[A
 
 
 def _media_value(value: Any, where: str, kind: str) -> str:
-    """A path from an ``images``/``audios`` column entry (a string, or a datasets ``{"path", "bytes"}`` dict)."""
+    """A path from an ``images``/``audios`` column entry: a string, or a datasets ``{"bytes", "path"}`` dict whose
+    embedded bytes are written to the media cache (``files.materialise``)."""
     if isinstance(value, Mapping):
+        if value.get("bytes") is not None:
+            try:
+                return materialise(bytes(value["bytes"]), kind)
+            except RowError as err:
+                raise RowError(err.reason, where, str(err)) from None
         if isinstance(value.get("path"), str) and value["path"]:
             return value["path"]
-        if value.get("bytes") is not None:
-            raise RowError("bad_content", where, f"embedded {kind} bytes are not read; save the {kind}s as files "
-                           "and list their paths (e.g. Dataset.cast_column with decode=False, then write each one)")
     if isinstance(value, str) and value:
         return value
     raise RowError("bad_content", where, f"expected a {kind} file path, got {_type_name(value)}")
