@@ -120,4 +120,8 @@ def test_demo_runs_offline_trains_verifies_and_the_loss_goes_down(tmp_path: Path
     assert summary["eval_accuracy_tuned"] > summary["eval_accuracy_base"]
     assert "held-out loss" in proc.stdout
     assert (tmp_path / "demo" / "run" / "loss.png").stat().st_size > 1000
-    assert summary["seconds"] < 300
+    # the work is bounded by what it does, never by wall-clock time (a loaded machine is not a failure):
+    # exactly the planned optimizer steps, each logged once
+    steps = [json.loads(line)["step"] for line in (tmp_path / "demo" / "run" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, summary["steps"] + 1))

@@ -59,7 +59,10 @@ def test_export_merged_then_verify_passes(tiny_models, trained, tmp_path, varian
     result = json.loads(proc.stdout)
     assert result["ok"] and {e["engine"] for e in result["engines"]} == {"peft", "transformers"}
     assert all(e["adapter_effect"] > e["tolerance"] for e in result["engines"])
+    for e in result["engines"]:  # every row says what its verdict rests on
+        assert e["prompts"] == 4 and e["positions"] > 20 and e["modalities"] == ["text", "image"]
     assert (tmp_path / "v" / "verify.md").read_text().count("pass") == 2
+    assert "4 prompts" in (tmp_path / "v" / "verify.md").read_text()
 
 
 @pytest.mark.slow

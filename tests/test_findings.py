@@ -32,3 +32,8 @@ def test_every_registered_code_has_a_documented_section() -> None:
 def test_codes_have_the_stable_format() -> None:
     _import_all()
     assert all(re.fullmatch(r"G4T\d{3}", code) for code in REGISTRY)
+
+
+def test_the_summary_table_lists_every_code() -> None:
+    _import_all()
+    assert set(re.findall(r"^\| (G4T\d{3}) \|", DOCS.read_text(), flags=re.M)) == set(REGISTRY)

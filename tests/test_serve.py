@@ -209,3 +209,25 @@ def test_merged_checkpoint_served_alone_matches_base_plus_adapter(tiny_e2b: dict
     [smoke] = report["smoke"]
     assert smoke["ok"] and smoke["greedy_agreement"] == 1.0 and smoke["max_logprob_diff"] < 1e-3
     assert "--enable-lora" not in report["command"]
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+@needs_vllm
+def test_merged_checkpoint_smoke_without_adapter_says_what_it_did_not_verify(tiny_e2b: dict[str, Path],
+                                                                               tmp_path: Path) -> None:
+    """Issue 16: no made-up agreement. Without --adapter, --smoke measures the merged model against the base
+    only, says parity was not verified (G4T908), and fails a "merged" model that is the base (G4T611)."""
+    from gemma4_tune.api import export
+
+    merged = tmp_path / "merged"
+    export(tiny_e2b["base"], tiny_e2b["text"], merged=merged)
+    proc = _run_serve("--base", str(tiny_e2b["base"]), "--merged", str(merged))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [smoke] = json.loads(proc.stdout)["smoke"]
+    assert smoke["greedy_agreement"] is None and smoke["max_logprob_diff"] is None and smoke["adapter_effect"] > 1e-2
+    assert [f["code"] for f in smoke["findings"]] == ["G4T908"] and "parity not verified" in proc.stderr
+    proc = _run_serve("--base", str(tiny_e2b["base"]), "--merged", str(tiny_e2b["base"]))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    [smoke] = json.loads(proc.stdout)["smoke"]
+    assert {f["code"] for f in smoke["findings"]} == {"G4T908", "G4T611"} and smoke["adapter_effect"] < 1e-3

@@ -198,20 +198,22 @@ def verify(base: str | Path, adapter: str | Path, *, merged: str | Path | None =
     Writes ``verify.json`` and ``verify.md`` into ``out`` (default: the adapter's parent folder).
     """
     from gemma4_tune.export.manifest import check_adapter_matches_base
-    from gemma4_tune.verify.parity import MISSING_ARTEFACT, verify_artefacts
+    from gemma4_tune.verify.parity import MISSING_ARTEFACT, check_engines, require_comparisons, verify_artefacts
 
+    check_engines(engines)
     base, adapter = Path(base), Path(adapter)
     check_adapter_matches_base(adapter, base)
     if "llama.cpp" in engines and gguf is None:
         raise FindingError(finding(MISSING_ARTEFACT.code, "--engine llama.cpp checks the GGUF export, but no --gguf "
                                    "was given", "pass --gguf DIR (make one with `gemma4-tune export --merged M "
                                    "--gguf DIR`) or drop llama.cpp from --engine"))
-    results = verify_artefacts(base, adapter, Path(merged) if merged else None,
-                               [e for e in engines if e != "llama.cpp"])
+    others = [e for e in engines if e != "llama.cpp"]
+    results = verify_artefacts(base, adapter, Path(merged) if merged else None, others) if others else []
     if "llama.cpp" in engines:
         from gemma4_tune.verify.llamacpp import engine_results
 
         results += engine_results(base, adapter, gguf, log=log)
+    require_comparisons(results)
     report = {"base": str(base), "adapter": str(adapter), "merged": str(merged) if merged else None,
               "gguf": str(gguf) if gguf else None,
               "engines": [r.to_dict() for r in results], "ok": all(r.ok for r in results)}
@@ -220,9 +222,9 @@ def verify(base: str | Path, adapter: str | Path, *, merged: str | Path | None =
     (out_dir / "verify.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = ["# gemma4-tune verify", "",
              f"base `{base}`, adapter `{adapter}`, merged `{merged or '-'}`, GGUF `{gguf or '-'}`", "",
-             "| engine | max logit diff | tolerance | greedy agreement | adapter effect | verdict |",
-             "|---|---:|---:|---:|---:|---|"]
-    lines += [f"| {r.engine} | {r.max_logit_diff:.2e} | {r.rule} | {r.greedy_agreement:.1%} | "
+             "| engine | compared | max logit diff | tolerance | greedy agreement | adapter effect | verdict |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    lines += [f"| {r.engine} | {r.compared} | {r.max_logit_diff:.2e} | {r.rule} | {r.greedy_agreement:.1%} | "
               f"{r.adapter_effect:.2e} | {'pass' if r.ok else 'FAIL'} |" for r in results]
     findings = [f for r in results for f in r.findings]
     if findings:

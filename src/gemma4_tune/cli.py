@@ -394,7 +394,13 @@ def verify(
     every comparison passes and the adapter changes the output in every engine."""
     from gemma4_tune.api import verify as run_verify
 
+    from gemma4_tune.verify.parity import ENGINES
+
     wanted = _split(engines)
+    unknown = [e for e in wanted if e not in ENGINES]
+    if unknown or not wanted:
+        raise typer.BadParameter(f"{'unknown engine ' + ', '.join(map(repr, unknown)) if unknown else 'no engine'}"
+                                 f"; use a comma list of {', '.join(ENGINES)}", param_hint="--engine")
     if merged is None and "transformers" in wanted and engines == "peft,transformers":
         wanted = ("peft",)
     try:
@@ -407,10 +413,11 @@ def verify(
         print_json({**report, "findings": [f.to_dict() for f in findings]})
     else:
         table = Table(title="Verify: each artefact against base + adapter in PEFT")
-        for col in ("engine", "max |logit diff|", "tolerance", "greedy agreement", "adapter effect", "verdict"):
+        for col in ("engine", "compared", "max |logit diff|", "tolerance", "greedy agreement", "adapter effect",
+                    "verdict"):
             table.add_column(col)
         for r in report["engines"]:
-            table.add_row(r["engine"], f"{r['max_logit_diff']:.2e}", r["rule"],
+            table.add_row(r["engine"], r["compared"], f"{r['max_logit_diff']:.2e}", r["rule"],
                           f"{r['greedy_agreement']:.1%}", f"{r['adapter_effect']:.2e}",
                           "[green]pass[/]" if r["ok"] else "[bold red]FAIL[/]")
         console.print(table)
@@ -486,7 +493,9 @@ def serve(
             table.add_column(col)
         for r in report["smoke"]:
             effect = "-" if r["adapter_effect"] is None else f"{r['adapter_effect']:.2e}"
-            table.add_row(r["model"], f"{r['greedy_agreement']:.1%}", f"{r['max_logprob_diff']:.2e}", effect,
+            measured = r["greedy_agreement"] is not None
+            table.add_row(r["model"], f"{r['greedy_agreement']:.1%}" if measured else "not verified",
+                          f"{r['max_logprob_diff']:.2e}" if measured else "not verified", effect,
                           "[green]pass[/]" if r["ok"] else "[bold red]FAIL[/]")
         console.print(table)
     if not json_out:

@@ -51,6 +51,7 @@ from gemma4_tune.verify.vllm import (
 
 NOT_SERVABLE = register("G4T906", Severity.ERROR, "vLLM would not serve this adapter as trained", (3, 4, 6))
 PORT_BUSY = register("G4T907", Severity.ERROR, "The server port is already in use")
+SMOKE_UNREFERENCED = register("G4T908", Severity.WARNING, "Smoke check without the trained adapter: parity not verified")
 
 Log = Callable[[str], None]
 SMOKE_MAX_TOKENS = 8
@@ -333,8 +334,8 @@ class SmokeResult:
     """One served mode against the reference."""
 
     model: str
-    greedy_agreement: float
-    max_logprob_diff: float
+    greedy_agreement: float | None  # None: not measured (no reference to compare with)
+    max_logprob_diff: float | None
     adapter_effect: float | None
     findings: list[Finding]
 
@@ -365,7 +366,7 @@ def smoke(server: VllmServer, base: Path, references: dict[str, Any], prompts: l
         rows = _complete(server, plan.served_name, prompts, allowed)
         ref = references.get("merged")
         if ref is None:
-            return [SmokeResult(plan.served_name, 1.0, 0.0, None, [])]
+            return [_unreferenced(plan, rows, references["base"])]
         mode = compare_mode("merged", rows, ref["lora"])
         tolerance = LOGPROB_TOLERANCE.get(plan.dtype, 1e-1)
         min_agreement = MIN_AGREEMENT.get(plan.dtype, 0.9)
@@ -388,6 +389,24 @@ def smoke(server: VllmServer, base: Path, references: dict[str, Any], prompts: l
         out.append(SmokeResult(name, parity.greedy_agreement, parity.max_logprob_diff, parity.adapter_effect,
                                list(parity.findings)))
     return out
+
+
+def _unreferenced(plan: ServePlan, rows: list[dict[str, Any]], base_ref: list[Any]) -> SmokeResult:
+    """A merged checkpoint served without its adapter: only how far it is from the base can be measured."""
+    from gemma4_tune.verify.parity import NO_EFFECT_IN_ENGINE
+
+    mode = compare_mode("merged against the base", rows, base_ref)
+    effect = max(mode.max_logprob_diff, mode.max_prompt_logprob_diff)
+    tolerance = LOGPROB_TOLERANCE.get(plan.dtype, 1e-1)
+    findings = [finding(SMOKE_UNREFERENCED.code, f"{plan.served_name} was compared with the base model only "
+                        f"(it differs by up to {effect:.2e} in logprob, greedy tokens agree on "
+                        f"{mode.greedy_agreement:.0%}): whether it behaves like the trained model was not verified",
+                        "give --adapter (the one it was merged from) so --smoke compares it with base + adapter")]
+    if effect <= tolerance and mode.greedy_agreement == 1.0:
+        findings.append(finding(NO_EFFECT_IN_ENGINE.code, f"{plan.served_name} serves exactly like the base model "
+                                f"(max |logprob diff| {effect:.2e}, within the {plan.dtype} tolerance {tolerance:.0e}): "
+                                "the merge carries no fine-tune", "merge again with `gemma4-tune export --merged`"))
+    return SmokeResult(plan.served_name, None, None, effect, findings)
 
 
 @contextlib.contextmanager
@@ -446,6 +465,9 @@ def serve(base: str | Path, adapters: Sequence[str] = (), *, merged: str | Path 
                         references["merged"] = hf_reference(plan.reference_base, plan.reference_adapter, prompts,
                                                             max_tokens=SMOKE_MAX_TOKENS, banned=banned,
                                                             dtype=plan.dtype)
+                    elif not plan.adapters:
+                        references["base"] = hf_reference(base, None, prompts, max_tokens=SMOKE_MAX_TOKENS,
+                                                          banned=banned, dtype=plan.dtype)["base"]
                     for name, adapter in plan.trained.items():
                         references[name] = hf_reference(base, adapter, prompts, max_tokens=SMOKE_MAX_TOKENS,
                                                         banned=banned, dtype=plan.dtype)
@@ -462,8 +484,10 @@ def serve(base: str | Path, adapters: Sequence[str] = (), *, merged: str | Path 
                     report["findings"] += [f for r in results for f in r.findings]
                     for r in results:
                         effect = "" if r.adapter_effect is None else f", adapter effect {r.adapter_effect:.2g}"
-                        log(f"[serve] smoke {r.model}: greedy agreement {r.greedy_agreement:.0%}, max |logprob diff| "
-                            f"{r.max_logprob_diff:.1e}{effect} — {'pass' if r.ok else 'FAIL'}")
+                        parity = ("parity not verified (no reference)" if r.greedy_agreement is None else
+                                  f"greedy agreement {r.greedy_agreement:.0%}, max |logprob diff| "
+                                  f"{r.max_logprob_diff:.1e}")
+                        log(f"[serve] smoke {r.model}: {parity}{effect} — {'pass' if r.ok else 'FAIL'}")
                 else:
                     log("[serve] serving; Ctrl-C (or SIGTERM) stops the server")
                     assert server.proc is not None

@@ -421,6 +421,12 @@ def verify_gguf(gguf: str | Path | dict[str, str | Path], reference: str | Path 
             findings.append(_parity_finding(f"{files['base'].name} + {files['adapter'].name}", lora_fig,
                                             "serve the merged GGUF (model-<T>.gguf) instead; an adapter GGUF loses "
                                             "what convert_lora_to_gguf.py cannot map"))
+    if "model" not in files and not ("base" in files and "adapter" in files):
+        from gemma4_tune.verify.parity import NOTHING_COMPARED
+
+        findings.append(finding(NOTHING_COMPARED.code, f"{gguf}: no model-<type>.gguf, nor a base-<type>.gguf with "
+                                "an adapter-<type>.gguf, was recognised: nothing was compared",
+                                "pass an `export --gguf` directory, or those .gguf files"))
     out["findings"] = findings
     out["ok"] = not any(f.severity is Severity.ERROR for f in findings)
     return out
@@ -458,18 +464,18 @@ def engine_results(base: str | Path, adapter: str | Path, gguf_dir: str | Path, 
                                 f"model by at most {ours:.3g} (transformers + PEFT: {effect:.3g}): the merged GGUF "
                                 "does not carry the fine-tune", "merge again with `gemma4-tune export --merged` and "
                                 "convert that checkpoint", adapter_effect=ours, reference_effect=effect))
-    results.append(_row(f"llama.cpp {files['model'].name}", report["model"], ours, findings))
+    results.append(_row(f"llama.cpp {files['model'].name}", report["model"], ours, findings, report))
     if "base" in files and "adapter" in files:
         pair = {k: files[k] for k in ("base", "adapter")}
         report = verify_gguf(pair, prompts=prompts, gguf_type=gguf_type, adapter_reference=reference,
                              base_dir=base, adapter_dir=adapter, log=log)
         figures = report["adapter"]
         results.append(_row(f"llama.cpp {files['base'].name} + {files['adapter'].stem}", figures["adapter"],
-                            figures["adapter_effect"], list(report["findings"])))
+                            figures["adapter_effect"], list(report["findings"]), report))
     return results
 
 
-def _row(name: str, figures: dict[str, Any], effect: float, findings: list[Finding]) -> Any:
+def _row(name: str, figures: dict[str, Any], effect: float, findings: list[Finding], report: dict[str, Any]) -> Any:
     from gemma4_tune.verify.parity import EngineResult
 
     tol = figures["tolerance"]
@@ -477,7 +483,9 @@ def _row(name: str, figures: dict[str, Any], effect: float, findings: list[Findi
     if tol["max_logit_diff"]:
         rule = f"{tol['max_logit_diff']:.0e}; {rule}"
     return EngineResult(name, figures["max_logit_diff"], figures["greedy_agreement"], effect,
-                        float(tol["max_logit_diff"] or "nan"), findings, criterion=rule)
+                        float(tol["max_logit_diff"] or "nan"), findings, criterion=rule,
+                        prompts=int(report.get("prompts", 0)), positions=int(report.get("positions", 0)),
+                        modalities=["text"])
 
 
 __all__ = ["GGUF_PARITY_FAILED", "RUN_FAILED", "TOLERANCES", "Tolerance", "engine_results", "coarser",

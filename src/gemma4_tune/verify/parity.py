@@ -27,6 +27,10 @@ NO_EFFECT_IN_ENGINE = register("G4T611", Severity.ERROR, "The adapter changes no
 MERGED_LOAD_REPORT = register("G4T612", Severity.ERROR, "Merged checkpoint does not load cleanly", (2, 7))
 STOCK_RUN_FAILED = register("G4T613", Severity.ERROR, "A stock loader failed")
 MISSING_ARTEFACT = register("G4T614", Severity.ERROR, "Verify was asked for an artefact it was not given")
+UNKNOWN_ENGINE = register("G4T615", Severity.ERROR, "Unknown engine name")
+NOTHING_COMPARED = register("G4T616", Severity.ERROR, "An engine compared nothing")
+
+ENGINES = ("peft", "transformers", "vllm", "llama.cpp")
 
 # Max |logit difference| allowed. fp32: absolute, merge drift is ~2.5e-5 on tiny models (PEFT's own
 # merge_and_unload shows the same). A bf16/fp16 merged checkpoint rounds every merged weight to ~3
@@ -50,6 +54,15 @@ class EngineResult:
     tolerance: float
     findings: list[Finding] = field(default_factory=list)
     criterion: str = ""  # the pass rule in words where it is not a max |logit diff| (GGUF types: KL)
+    prompts: int = 0  # what was compared: prompts, token positions, and the modalities they held
+    positions: int = 0
+    modalities: list[str] = field(default_factory=list)
+
+    @property
+    def compared(self) -> str:
+        """``4 prompts, 75 positions (text, image)``: what the verdict rests on."""
+        kinds = f" ({', '.join(self.modalities)})" if self.modalities else ""
+        return f"{self.prompts} prompts, {self.positions} positions{kinds}"
 
     @property
     def rule(self) -> str:
@@ -67,7 +80,28 @@ class EngineResult:
         data["findings"] = [f.to_dict() for f in self.findings]
         data["ok"] = self.ok
         data["rule"] = self.rule
+        data["compared"] = self.compared
         return data
+
+
+def check_engines(engines: tuple[str, ...] | list[str]) -> None:
+    """Refuse an empty or unknown engine list (G4T615): comparing nothing must never pass."""
+    from gemma4_tune.findings import FindingError
+
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown or not engines:
+        what = f"unknown engine(s) {', '.join(map(repr, unknown))}" if unknown else "no engine was given"
+        raise FindingError(finding(UNKNOWN_ENGINE.code, f"{what}: nothing would be compared",
+                                   f"use a comma list of {', '.join(ENGINES)} (names are lower case)"))
+
+
+def require_comparisons(results: list[EngineResult]) -> None:
+    """Each engine row must rest on something: zero prompts or positions is an error (G4T616), never a pass."""
+    for result in results:
+        if result.prompts <= 0 or result.positions <= 0:
+            result.findings.append(finding(NOTHING_COMPARED.code, f"{result.engine}: compared "
+                                           f"{result.compared}, so it verified nothing",
+                                           "run verify again; if it persists, report it with verify.json"))
 
 
 def fixed_batch(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -111,12 +145,13 @@ def checkpoint_is_half(model_dir: Path) -> bool:
 
 
 def _compare(engine: str, got: torch.Tensor, reference: torch.Tensor, base: torch.Tensor,
-             mask: torch.Tensor, half: bool = False) -> EngineResult:
+             mask: torch.Tensor, half: bool = False, modalities: list[str] | None = None) -> EngineResult:
     diff = float((got - reference)[mask].abs().max())
     agreement = float((got.argmax(-1) == reference.argmax(-1))[mask].float().mean())
     effect = float((got - base)[mask].abs().max())
     tolerance = HALF_RELATIVE_TOLERANCE * float(reference[mask].abs().max()) if half else FP32_TOLERANCE
-    result = EngineResult(engine, diff, agreement, effect, tolerance)
+    result = EngineResult(engine, diff, agreement, effect, tolerance, prompts=int(mask.any(-1).sum()),
+                          positions=int(mask.sum()), modalities=list(modalities or ["text"]))
     if half and agreement < HALF_MIN_GREEDY_AGREEMENT:
         result.findings.append(finding(PARITY_FAILED.code, f"{engine}: greedy tokens agree on only {agreement:.1%} "
                                        f"of positions (at least {HALF_MIN_GREEDY_AGREEMENT:.0%} expected)",
@@ -145,7 +180,10 @@ def run_stock(base: Path, adapter: Path | None, merged: Path | None, batch: dict
                               text=True, timeout=3600)
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr[-2000:])
-        return torch.load(out_path)
+        out = torch.load(out_path)
+        if out.get("foreign_modules"):
+            raise RuntimeError(f"the stock loader's process imported {', '.join(out['foreign_modules'])}")
+        return out
 
 
 def verify_artefacts(base: Path, adapter: Path, merged: Path | None, engines: list[str]) -> list[EngineResult]:
@@ -156,8 +194,10 @@ def verify_artefacts(base: Path, adapter: Path, merged: Path | None, engines: li
         raise FindingError(finding(MISSING_ARTEFACT.code, "--engine transformers checks the merged checkpoint, "
                                    "but no --merged was given", "pass --merged DIR (make one with "
                                    "`gemma4-tune export --merged DIR`) or drop transformers from --engine"))
+    check_engines(engines)
     batch = fixed_batch(base)
     mask = batch["attention_mask"].bool()
+    modalities = ["text", *(["image"] if "pixel_values" in batch else [])]
     reference = reference_logits(base, adapter, batch)
     results: list[EngineResult] = []
     stock_needed = [e for e in engines if e in ("peft", "transformers")]
@@ -173,7 +213,7 @@ def verify_artefacts(base: Path, adapter: Path, merged: Path | None, engines: li
         if stock is not None:
             for engine in stock_needed:
                 half = engine == "transformers" and checkpoint_is_half(merged)
-                result = _compare(engine, stock[engine], reference, stock["base"], mask, half)
+                result = _compare(engine, stock[engine], reference, stock["base"], mask, half, modalities)
                 info = stock.get("merged_loading_info") if engine == "transformers" else None
                 if info and any(info.values()):
                     result.findings.append(finding(MERGED_LOAD_REPORT.code, f"the merged checkpoint loads with "
@@ -227,4 +267,5 @@ def vllm_result(base: Path, adapter: Path) -> EngineResult:
                              reference=lambda base_dir, _served, ids, **kw: hf_reference(base_dir, adapter, ids, **kw))
     name = "vllm" + (f" ({', '.join(notes)})" if notes else "")
     return EngineResult(name, parity.max_logprob_diff, parity.greedy_agreement, parity.adapter_effect,
-                        parity.tolerance, list(parity.findings))
+                        parity.tolerance, list(parity.findings), prompts=parity.prompts,
+                        positions=parity.lora.positions, modalities=["text"])

@@ -1,7 +1,9 @@
 """Load artefacts the way a user without gemma4-tune does, and write their logits.
 
 Standalone: it never imports gemma4_tune (run it with ``python -P`` so this folder is not
-on sys.path). Usage: stock_runner.py REQUEST.json, where the request names the base model,
+on sys.path), and it refuses to compare anything (exit 3) when gemma4_tune, or a tool known to patch
+transformers or PEFT (Unsloth, Axolotl), is imported in its process: its verdict is what a user with only
+transformers and PEFT gets. Usage: stock_runner.py REQUEST.json, where the request names the base model,
 an optional adapter and merged checkpoint, a batch file (torch.save of a dict of tensors)
 and the output file. Output (torch.save): logits of each artefact on the batch.
 """
@@ -12,12 +14,29 @@ import sys
 import torch
 from transformers import Gemma4ForConditionalGeneration
 
+FOREIGN = ("gemma4_tune", "unsloth", "unsloth_zoo", "axolotl")
+
+
+def foreign_modules() -> list[str]:
+    """Imported packages that are not stock transformers/PEFT but change how they load or run models."""
+    return sorted({name.split(".")[0] for name in sys.modules if name.split(".")[0] in FOREIGN})
+
+
+def refuse_if_foreign(when: str) -> None:
+    """Exit 3 (nothing compared) when a foreign package is in this process."""
+    found = foreign_modules()
+    if found:
+        sys.stderr.write(f"stock runner: {', '.join(found)} imported {when}; a stock comparison needs a process "
+                         "with only transformers and PEFT\n")
+        raise SystemExit(3)
+
 
 def main() -> None:
+    refuse_if_foreign("before loading")
     request = json.loads(open(sys.argv[1]).read())
     batch = torch.load(request["batch"])
     dtype = getattr(torch, request.get("dtype", "float32"))
-    out = {"imported_gemma4_tune": False}
+    out = {}
     with torch.no_grad():
         base = Gemma4ForConditionalGeneration.from_pretrained(request["base"], dtype=dtype).eval()
         out["base"] = base(**batch).logits.float()
@@ -32,7 +51,8 @@ def main() -> None:
                                                                           output_loading_info=True)
             out["transformers"] = merged.eval()(**batch).logits.float()
             out["merged_loading_info"] = {k: sorted(map(str, v)) for k, v in info.items()}
-    out["imported_gemma4_tune"] = "gemma4_tune" in sys.modules
+    refuse_if_foreign("while loading")
+    out["foreign_modules"] = foreign_modules()
     torch.save(out, request["out"])
 
 

@@ -101,11 +101,12 @@ def banned_token_ids(base_dir: str | Path) -> list[int]:
     return sorted(banned)
 
 
-def hf_reference(base_dir: str | Path, adapter_dir: str | Path, prompts: Sequence[Sequence[int]], *,
+def hf_reference(base_dir: str | Path, adapter_dir: str | Path | None, prompts: Sequence[Sequence[int]], *,
                  max_tokens: int = 8, banned: Sequence[int] = (), dtype: str = "float32") -> Reference:
     """Greedy generation and log-softmax rows from stock transformers + PEFT, without and with the adapter.
 
-    ``PeftModel.from_pretrained`` on a fresh base; the base mode runs under ``disable_adapter()``.
+    ``PeftModel.from_pretrained`` on a fresh base; the base mode runs under ``disable_adapter()``. Without
+    ``adapter_dir`` only the base mode is computed.
     ``generate(output_logits=True)`` returns the raw logits (before ``suppress_tokens`` masks the
     banned ids), which is what vLLM's logprobs are computed from.
     """
@@ -115,7 +116,7 @@ def hf_reference(base_dir: str | Path, adapter_dir: str | Path, prompts: Sequenc
 
     torch_dtype = getattr(torch, dtype)
     base = Gemma4ForConditionalGeneration.from_pretrained(str(base_dir), dtype=torch_dtype)
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval() if adapter_dir is not None else base.eval()
     pad = base.config.get_text_config().pad_token_id
 
     def one(prompt: Sequence[int]) -> RefSequence:
@@ -131,6 +132,8 @@ def hf_reference(base_dir: str | Path, adapter_dir: str | Path, prompts: Sequenc
         return RefSequence(token_ids=out.sequences[0, ids.shape[1]:].tolist(), logprobs=rows,
                            prompt_logprobs=prompt_rows[:-1])
 
+    if adapter_dir is None:
+        return {"base": [one(p) for p in prompts]}
     result: Reference = {"lora": [one(p) for p in prompts]}
     with model.disable_adapter():
         result["base"] = [one(p) for p in prompts]
