@@ -16,6 +16,7 @@ from gemma4_tune.api import verify
 from gemma4_tune.findings import FindingError
 from gemma4_tune.verify.llamacpp import verify_gguf
 from gemma4_tune.verify.parity import STOCK_RUNNER
+from tests.test_vllm import needs_vllm
 
 CLI = [sys.executable, "-c", "from gemma4_tune.cli import main; main()"]
 
@@ -60,3 +61,82 @@ def test_stock_runner_alone_imports_nothing_foreign():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_an_adapter_that_barely_moves_the_model_is_a_warning_and_one_that_does_nothing_an_error(tiny_models,
+                                                                                                tmp_path):
+    """The effect rule is relative to the parity tolerance, not 'one logit moved by 1e-4' (issue 16, item 3)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tests.lora_helpers import random_lora
+    from gemma4_tune.verify.parity import FP32_TOLERANCE, verify_artefacts
+
+    base = tiny_models["31b"]
+    adapter = random_lora(base, tmp_path / "adapter", seed=5)
+    (full,) = verify_artefacts(base, adapter, None, ["peft"])
+    assert full.ok and not full.findings and full.adapter_effect > 100 * FP32_TOLERANCE
+
+    def scaled(factor: float, name: str) -> Path:
+        import shutil
+
+        out = shutil.copytree(adapter, tmp_path / name)
+        weights = out / "adapter_model.safetensors"
+        save_file({k: v * factor if ".lora_B." in k else v for k, v in load_file(str(weights)).items()},
+                  str(weights), metadata={"format": "pt"})
+        return out
+
+    (barely,) = verify_artefacts(base, scaled(3 * FP32_TOLERANCE / full.adapter_effect, "barely"), None, ["peft"])
+    assert barely.ok and [f.code for f in barely.findings] == ["G4T617"]
+    (nothing,) = verify_artefacts(base, scaled(0.0, "nothing"), None, ["peft"])
+    assert not nothing.ok and [f.code for f in nothing.findings] == ["G4T611"]
+    assert torch.isfinite(torch.tensor(nothing.max_logit_diff))
+
+
+@pytest.mark.slow
+def test_an_adapter_without_manifest_is_said_so_and_still_checked_by_names_and_shapes(tiny_models, tmp_path):
+    """Adapters from stock PEFT, Unsloth or Axolotl have no manifest: never skip the base check in silence."""
+    from gemma4_tune.api import export
+    from gemma4_tune.export.manifest import MANIFEST_NAME
+    from tests.lora_helpers import random_lora
+
+    adapter = random_lora(tiny_models["e2b"], tmp_path / "adapter", seed=2)
+    assert not (adapter / MANIFEST_NAME).exists()  # saved the way stock PEFT saves it
+    report = export(tiny_models["e2b"], adapter, engines=("transformers",))
+    notes = [f for f in report["findings"] if f.code == "G4T807"]
+    assert len(notes) == 1 and "checked by its module names and LoRA shapes only" in notes[0].message
+    with pytest.raises(FindingError) as info:  # another variant's base: caught by the shapes, manifest or not
+        export(tiny_models["31b"], adapter, engines=("transformers",))
+    assert {f.code for f in info.value.findings} == {"G4T802"}
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+@needs_vllm
+def test_a_stock_peft_all_linear_adapter_gets_one_verdict_from_export_verify_and_serve(tiny_models, tmp_path):
+    """Issue 16, item 5 (row 3): PEFT's all-linear reaches the towers and the multimodal embedders. Export says
+    vLLM can serve the text part; verify and serve --text-only serve exactly that part (one rule,
+    engines.part_of) and both pass, where verify used to die on the embedder keys with a raw G4T905."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Gemma4ForConditionalGeneration
+
+    base = tiny_models["e2b"]
+    model = Gemma4ForConditionalGeneration.from_pretrained(str(base), dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
+    peft_model.save_pretrained(str(tmp_path / "all-linear"))
+    adapter = tmp_path / "all-linear"
+    export = subprocess.run([*CLI, "export", "--base", str(base), "--adapter", str(adapter), "--for", "vllm", "--json"],
+                            capture_output=True, text=True, timeout=600)
+    assert export.returncode == 0, export.stderr[-2000:]
+    assert {"G4T201", "G4T807"} <= {f["code"] for f in json.loads(export.stdout)["findings"]}
+    proc = subprocess.run([*CLI, "verify", "--base", str(base), "--adapter", str(adapter), "--engine", "vllm",
+                           "--out", str(tmp_path / "v"), "--json"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = json.loads(proc.stdout)["engines"]
+    assert row["engine"] == "vllm (text LoRA only)" and row["ok"] and row["prompts"] == 3
+    served = subprocess.run([*CLI, "serve", "--base", str(base), "--adapter", str(adapter), "--text-only", "--port",
+                             "0", "--smoke", "--json"], capture_output=True, text=True, timeout=900)
+    assert served.returncode == 0, served.stderr[-3000:]
+    assert all(s["ok"] for s in json.loads(served.stdout)["smoke"])

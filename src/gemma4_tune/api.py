@@ -202,7 +202,7 @@ def verify(base: str | Path, adapter: str | Path, *, merged: str | Path | None =
 
     check_engines(engines)
     base, adapter = Path(base), Path(adapter)
-    check_adapter_matches_base(adapter, base)
+    notes = check_adapter_matches_base(adapter, base)
     if "llama.cpp" in engines and gguf is None:
         raise FindingError(finding(MISSING_ARTEFACT.code, "--engine llama.cpp checks the GGUF export, but no --gguf "
                                    "was given", "pass --gguf DIR (make one with `gemma4-tune export --merged M "
@@ -226,7 +226,7 @@ def verify(base: str | Path, adapter: str | Path, *, merged: str | Path | None =
              "|---|---|---:|---:|---:|---:|---|"]
     lines += [f"| {r.engine} | {r.compared} | {r.max_logit_diff:.2e} | {r.rule} | {r.greedy_agreement:.1%} | "
               f"{r.adapter_effect:.2e} | {'pass' if r.ok else 'FAIL'} |" for r in results]
-    findings = [f for r in results for f in r.findings]
+    findings = [*notes, *(f for r in results for f in r.findings)]
     if findings:
         lines += ["", "## Findings", ""] + [f"- **{f.code}**: {f.message} — {f.fix}" for f in findings]
     (out_dir / "verify.md").write_text("\n".join(lines) + "\n")

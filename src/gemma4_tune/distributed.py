@@ -302,5 +302,5 @@ def check_wrap_classes(model: Any, dplan: DistributedPlan) -> None:
     if missing:
         raise FindingError(finding(WRAP_CLASS_MISSING.code, f"FSDP would wrap {', '.join(missing)}, which this model "
                                    "does not have (`Could not find the transformer layer class`)",
-                                   "rerun `gemma4-tune train --distributed fsdp2` so the plan is made for this model, "
-                                   "or remove the class from OUT/launch/fsdp.json"))
+                                   "rerun `gemma4-tune train --distributed fsdp2` so the plan is made for this model "
+                                   "(the wrap classes are read from OUT/launch/plan.json)"))

@@ -171,9 +171,16 @@ class Gemma4Batcher:
         rendered, regions = message_regions(messages, revision=self.revision, tools=tools, **kwargs)
         seps = [(i, regions[i]) for i, m in enumerate(messages) if m["role"] != "assistant"]
         lost = [i for i, region in seps if region is None]
-        if rendered != text or lost:
-            raise _alignment_error(f"cannot locate message {lost[0] if lost else '?'} in the rendered conversation "
-                                   "to apply its weight")
+        if lost:
+            i = lost[0]
+            raise FindingError(finding(
+                LABEL_ALIGNMENT.code,
+                f"message {i} ({messages[i]['role']}) is not rendered by the chat template {self.revision} in one "
+                "place (a tool result with no tool call before it is dropped), so its weight cannot be applied",
+                "give that message the tool call it answers, or remove it (or its weight)",
+            ))
+        if rendered != text:
+            raise _alignment_error("the conversation renders differently twice in a row")
         kept: list[tuple[int, int]] = []
         for start, end in spans:
             before = max((i for i, r in seps if r[1] <= start), default=-1)

@@ -12,13 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gemma4_tune.engines import ENGINES, deployment_findings
+from gemma4_tune.engines import ENGINES, deployment_findings, part_of
 from gemma4_tune.export.manifest import checked_adapter
 from gemma4_tune.findings import Finding, FindingError, Severity, finding, register
 from gemma4_tune.profile import ModelProfile
 
-VLLM_FEATURE_REJECTED = register("G4T207", Severity.ERROR, "vLLM rejects an adapter feature (DoRA, bias, "
-                                 "modules_to_save)", (3,))
 KV_SHARED_LORA_IGNORED = register("G4T208", Severity.WARNING, "LoRA on k/v of KV-shared layers is ignored", (8,))
 UNKNOWN_ENGINE = register("G4T209", Severity.ERROR, "Unknown target engine")
 VLLM_K_EQ_V = register("G4T210", Severity.WARNING, "vLLM keeps k_proj LoRA off the values of K=V layers", (4,))
@@ -44,42 +42,25 @@ class AdapterSummary:
                 "findings": [f.to_dict() for f in self.findings]}
 
 
-def _group(base_key: str) -> str:
-    if base_key.startswith("model.vision_tower.") or base_key.startswith("model.embed_vision."):
-        return "vision"
-    if base_key.startswith("model.audio_tower.") or base_key.startswith("model.embed_audio."):
-        return "audio"
-    return "text"
-
-
 def check_adapter_for_engines(base: str | Path, adapter: str | Path, engines: list[str]) -> AdapterSummary:
     """Map the adapter onto the base (refusing a foreign base) and list what each engine will do with it."""
     unknown = [e for e in engines if e not in ENGINES]
     if unknown:
         raise FindingError(finding(UNKNOWN_ENGINE.code, f"unknown engine(s): {', '.join(unknown)}",
                                    f"use one or more of {', '.join(ENGINES)}"))
-    checked = checked_adapter(adapter, base)
-    config = checked.layout.config
+    checked = checked_adapter(adapter, base)  # refuses DoRA, bias and modules_to_save for every engine (G4T803)
     deltas = [d for ds in checked.layout.deltas.values() for d in ds]
     rank = max(d.rank for d in deltas)
-    groups = sorted({_group(d.base_key) for d in deltas}, key=["text", "vision", "audio"].index)
+    groups = sorted({part_of(d.base_key) for d in deltas}, key=["text", "vision", "audio"].index)
     text_modules = sorted({d.base_key.removesuffix(".weight").rsplit(".", 1)[-1] for d in deltas
-                           if d.kind == "linear" and _group(d.base_key) == "text"})
+                           if d.kind == "linear" and part_of(d.base_key) == "text"})
     has_experts = any(d.kind == "experts" for d in deltas)
-    findings: list[Finding] = []
+    findings: list[Finding] = list(checked.notes)
     if "vllm" in engines or "llama.cpp" in engines:
         all_findings = deployment_findings(rank, groups, text_modules, has_experts)
         wanted = {"vllm": ("G4T201", "G4T202", "G4T203", "G4T205", "G4T206"), "llama.cpp": ("G4T204",)}
         codes = {c for e in engines for c in wanted.get(e, ())}
         findings += [f for f in all_findings if f.code in codes]
-    if "vllm" in engines:
-        rejected = [name for name, bad in (("use_dora", config.get("use_dora")),
-                                           (f"bias={config.get('bias')}", config.get("bias", "none") != "none"),
-                                           ("modules_to_save", config.get("modules_to_save"))) if bad]
-        if rejected:
-            findings.append(finding(VLLM_FEATURE_REJECTED.code, f"vLLM refuses adapters with {', '.join(rejected)}",
-                                    "train a plain LoRA (no DoRA, bias 'none', no modules_to_save), or serve "
-                                    "the merged checkpoint"))
     if "vllm" in engines:
         from gemma4_tune.verify.vllm import k_eq_v_lora_layers
 
@@ -92,7 +73,7 @@ def check_adapter_for_engines(base: str | Path, adapter: str | Path, engines: li
                                     "duplicated onto v_proj; vLLM only)"))
     profile = ModelProfile.from_pretrained(base, count_parameters=False)
     shared = {layer.index for layer in profile.layers if layer.kv_sharing == "reuse"}
-    ignored = sorted({d.base_key for d in deltas if d.kind == "linear" and _group(d.base_key) == "text"
+    ignored = sorted({d.base_key for d in deltas if d.kind == "linear" and part_of(d.base_key) == "text"
                       and re.search(r"\.self_attn\.(k_proj|v_proj)\.", d.base_key)
                       and (m := _LAYER.search(d.base_key)) and int(m.group(1)) in shared})
     if ignored:

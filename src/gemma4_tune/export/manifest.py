@@ -42,6 +42,7 @@ ADAPTER_DOES_NOT_FIT = register("G4T802", Severity.ERROR, "Adapter does not fit 
 UNSUPPORTED_ADAPTER = register("G4T803", Severity.ERROR, "Adapter uses a feature the merge does not implement")
 BASE_UNREADABLE = register("G4T804", Severity.ERROR, "Base checkpoint has no readable safetensors weights")
 ADAPTER_INCOMPLETE = register("G4T805", Severity.ERROR, "Adapter directory is incomplete or empty", (23,))
+NO_MANIFEST = register("G4T807", Severity.INFO, "Adapter has no gemma4-tune manifest: base checked by names and shapes")
 
 MANIFEST_NAME = "gemma4_tune_manifest.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -584,6 +585,16 @@ class CheckedAdapter:
     fingerprint: dict[str, Any]
     manifest: dict[str, Any] | None
 
+    @property
+    def notes(self) -> list[Finding]:
+        """What the user should know about how the adapter was checked (G4T807 without a manifest)."""
+        if self.manifest is not None:
+            return []
+        return [finding(NO_MANIFEST.code, f"{self.layout.adapter_dir} has no {MANIFEST_NAME} (it was made by stock "
+                        "PEFT, Unsloth, Axolotl or another tool): that it belongs to this base is checked by its module "
+                        "names and LoRA shapes only, not by the base's fingerprint",
+                        "nothing to do if you know the base; adapters trained with gemma4-tune record it")]
+
 
 def checked_adapter(adapter_dir: str | Path, base_dir: str | Path) -> CheckedAdapter:
     """``check_adapter_matches_base`` that also hands back what it read (the merge builds on it)."""
@@ -599,10 +610,10 @@ def checked_adapter(adapter_dir: str | Path, base_dir: str | Path) -> CheckedAda
     return CheckedAdapter(layout, base, fingerprint, manifest)
 
 
-def check_adapter_matches_base(adapter_dir: str | Path, base_dir: str | Path) -> None:
+def check_adapter_matches_base(adapter_dir: str | Path, base_dir: str | Path) -> list[Finding]:
     """Raise FindingError unless the adapter belongs to (G4T801) and fits (G4T802/803/805) this base.
 
     G4T801 needs the adapter's manifest; the fit checks (every adapted module exists in the base with
-    the shapes its LoRA factors need) run with or without one.
+    the shapes its LoRA factors need) run with or without one, and without one G4T807 (info) says so.
     """
-    checked_adapter(adapter_dir, base_dir)
+    return checked_adapter(adapter_dir, base_dir).notes

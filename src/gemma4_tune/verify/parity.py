@@ -29,6 +29,12 @@ STOCK_RUN_FAILED = register("G4T613", Severity.ERROR, "A stock loader failed")
 MISSING_ARTEFACT = register("G4T614", Severity.ERROR, "Verify was asked for an artefact it was not given")
 UNKNOWN_ENGINE = register("G4T615", Severity.ERROR, "Unknown engine name")
 NOTHING_COMPARED = register("G4T616", Severity.ERROR, "An engine compared nothing")
+BARELY_MOVES = register("G4T617", Severity.WARNING, "The adapter barely moves the model", (4,))
+
+#: An adapter effect above the parity tolerance but below this many tolerances, or below this share of the
+#: reference's logit scale, is reported as barely moving the model (a warning: too little training, a tiny lr).
+BARELY_TOLERANCES = 10
+BARELY_SCALE = 1e-3
 
 ENGINES = ("peft", "transformers", "vllm", "llama.cpp")
 
@@ -84,6 +90,26 @@ class EngineResult:
         return data
 
 
+def effect_findings(engine: str, effect: float, tolerance: float, scale: float = 0.0) -> list[Finding]:
+    """Whether the adapter changes ``engine``'s output: an error when the change is within the parity tolerance
+    (it cannot be told from noise: the adapter does nothing), a warning when it is within a small factor of it or
+    a tiny share of the logit ``scale``. The one rule every engine's verdict uses (row 4)."""
+    if effect <= tolerance:
+        return [finding(NO_EFFECT_IN_ENGINE.code, f"{engine}: with the adapter the output moves by at most "
+                        f"{effect:.3g}, within the parity tolerance {tolerance:.0e}: the adapter changes nothing",
+                        "check that lora_B is not all zeros (was the adapter saved after training?)",
+                        adapter_effect=effect, tolerance=tolerance)]
+    floor = max(BARELY_TOLERANCES * tolerance, BARELY_SCALE * scale)
+    if effect < floor:
+        return [finding(BARELY_MOVES.code, f"{engine}: the adapter moves the output by only {effect:.3g} (under "
+                        f"{floor:.2g}: {BARELY_TOLERANCES} x the parity tolerance {tolerance:.0e}"
+                        + (f", or {BARELY_SCALE:g} of the logit scale {scale:.3g}" if scale else "") + ")",
+                        "check that training ran long enough to change the model (metrics.jsonl, the report's "
+                        "samples); a very small learning rate or few steps leave the adapter near zero",
+                        adapter_effect=effect, floor=floor)]
+    return []
+
+
 def check_engines(engines: tuple[str, ...] | list[str]) -> None:
     """Refuse an empty or unknown engine list (G4T615): comparing nothing must never pass."""
     from gemma4_tune.findings import FindingError
@@ -98,7 +124,7 @@ def check_engines(engines: tuple[str, ...] | list[str]) -> None:
 def require_comparisons(results: list[EngineResult]) -> None:
     """Each engine row must rest on something: zero prompts or positions is an error (G4T616), never a pass."""
     for result in results:
-        if result.prompts <= 0 or result.positions <= 0:
+        if (result.prompts <= 0 or result.positions <= 0) and result.ok:  # a failed row already says why
             result.findings.append(finding(NOTHING_COMPARED.code, f"{result.engine}: compared "
                                            f"{result.compared}, so it verified nothing",
                                            "run verify again; if it persists, report it with verify.json"))
@@ -161,10 +187,7 @@ def _compare(engine: str, got: torch.Tensor, reference: torch.Tensor, base: torc
                                        f"{diff:.3g} (tolerance {tolerance:.0e}), greedy agreement {agreement:.1%}",
                                        "check that the artefact was exported from this adapter and base; "
                                        "re-export with `gemma4-tune export`"))
-    if effect <= tolerance:
-        result.findings.append(finding(NO_EFFECT_IN_ENGINE.code, f"{engine}: with the adapter the logits move by at "
-                                       f"most {effect:.3g}: the adapter changes nothing",
-                                       "check that lora_B is not all zeros (was the adapter saved after training?)"))
+    result.findings += effect_findings(engine, effect, tolerance, float(reference[mask].abs().max()))
     return result
 
 
@@ -229,19 +252,24 @@ def verify_artefacts(base: Path, adapter: Path, merged: Path | None, engines: li
 def _adapter_has_tower_lora(adapter: Path) -> bool:
     from safetensors import safe_open
 
+    from gemma4_tune.engines import part_of
+
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
-        return any(".vision_tower." in k or ".audio_tower." in k for k in f.keys())
+        return any(part_of(k) != "text" for k in f.keys())
 
 
 def text_only_adapter(adapter: Path, out: Path) -> Path:
-    """The adapter without its vision/audio tower tensors (what vLLM can load without its tower flag)."""
+    """The adapter without its tower and multimodal-embedder tensors (what vLLM loads without its tower flag);
+    the same split (``engines.part_of``) that export reports and serve --text-only serves."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
+    from gemma4_tune.engines import part_of
+
     shutil.copytree(adapter, out)
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
-    save_file({k: v for k, v in tensors.items() if ".vision_tower." not in k and ".audio_tower." not in k},
+    save_file({k: v for k, v in tensors.items() if part_of(k) == "text"},
               str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     return out
 
@@ -250,6 +278,7 @@ def vllm_result(base: Path, adapter: Path) -> EngineResult:
     """A real vLLM (its own environment) against transformers + PEFT on the text prompts."""
     from transformers import AutoTokenizer
 
+    from gemma4_tune.findings import FindingError
     from gemma4_tune.verify.vllm import hf_reference, k_eq_v_lora_layers, vllm_parity, vllm_ready_adapter
 
     tokenizer = AutoTokenizer.from_pretrained(str(base))
@@ -261,11 +290,14 @@ def vllm_result(base: Path, adapter: Path) -> EngineResult:
             served, notes = text_only_adapter(adapter, Path(tmp) / "adapter-text"), ["text LoRA only"]
         if k_eq_v_lora_layers(base, served):  # what users deploy on K=V models (G4T210)
             served, notes = vllm_ready_adapter(served, base, Path(tmp) / "adapter-vllm"), [*notes, "vLLM-ready"]
+        name = "vllm" + (f" ({', '.join(notes)})" if notes else "")
         # the reference is always the trained adapter in transformers + PEFT; on text prompts the towers
         # do not run, so the text part served alone must reproduce it exactly
-        parity = vllm_parity(base, served, prompts,
-                             reference=lambda base_dir, _served, ids, **kw: hf_reference(base_dir, adapter, ids, **kw))
-    name = "vllm" + (f" ({', '.join(notes)})" if notes else "")
+        try:
+            parity = vllm_parity(base, served, prompts, reference=lambda base_dir, _served, ids, **kw:
+                                 hf_reference(base_dir, adapter, ids, **kw))
+        except FindingError as exc:  # the engine refused or died: a failed row in the table, not a crash
+            return EngineResult(name, float("nan"), 0.0, 0.0, 0.0, list(exc.findings))
     return EngineResult(name, parity.max_logprob_diff, parity.greedy_agreement, parity.adapter_effect,
                         parity.tolerance, list(parity.findings), prompts=parity.prompts,
                         positions=parity.lora.positions, modalities=["text"])

@@ -544,6 +544,11 @@ def _findings(p: VllmParity) -> list[Finding]:
             fix = "check that training ran (metrics.jsonl) and that lora_B is not all zeros"
         out.append(finding(ADAPTER_NO_EFFECT.code, msg, fix, adapter=p.adapter, adapter_effect=p.adapter_effect,
                            reference_effect=p.reference_effect))
+    else:  # does the adapter itself (in transformers + PEFT, same units) barely move the model?
+        from gemma4_tune.verify.parity import effect_findings
+
+        out += [f for f in effect_findings(f"{where} (transformers + PEFT reference)", p.reference_effect, p.tolerance)
+                if f.severity is Severity.WARNING]
     for mode in (p.base, p.lora):
         label = "without the adapter" if mode.mode == "base" else "with the adapter"
         if mode.greedy_agreement < p.min_agreement:
