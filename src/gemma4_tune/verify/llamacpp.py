@@ -69,11 +69,14 @@ class Tolerance:
     max_logit_diff: float | None = None  # absolute, only where rounding does not dominate (f32)
 
 
+#: Measured on the four tiny variants, merged and base + adapter GGUF (docs/verify.md, within 10x of the worst
+#: right conversion): f32 KL 9.6e-7, |logit diff| 2.1e-2; f16 KL 5.5e-4; bf16 KL 2.9e-3; q8_0 KL 7.6e-3, top-1 in
+#: top-5 97.3% (the 26B-A4B MoE at q8_0 measures 73% and fails: its experts do not survive 8-bit).
 TOLERANCES: dict[str, Tolerance] = {
-    "f32": Tolerance(mean_kl=1e-4, min_top1_in_top5=1.0, max_logit_diff=5e-2),
+    "f32": Tolerance(mean_kl=5e-6, min_top1_in_top5=1.0, max_logit_diff=5e-2),
     "f16": Tolerance(mean_kl=1e-3, min_top1_in_top5=1.0),
     "bf16": Tolerance(mean_kl=1e-2, min_top1_in_top5=0.98),
-    "q8_0": Tolerance(mean_kl=1e-1, min_top1_in_top5=0.9),
+    "q8_0": Tolerance(mean_kl=5e-2, min_top1_in_top5=0.95),
 }
 
 

@@ -38,10 +38,11 @@ BARELY_SCALE = 1e-3
 
 ENGINES = ("peft", "transformers", "vllm", "llama.cpp")
 
-# Max |logit difference| allowed. fp32: absolute, merge drift is ~2.5e-5 on tiny models (PEFT's own
-# merge_and_unload shows the same). A bf16/fp16 merged checkpoint rounds every merged weight to ~3
-# significant digits, so its bound is relative to the largest reference logit.
-FP32_TOLERANCE = 1e-4
+# Max |logit difference| allowed (docs/verify.md; bench/verify_tolerances.py measures it, tests/test_tolerances.py
+# keeps it within 10x). fp32: absolute; a right merged checkpoint measures at most 6.7e-5 (31B) over the four
+# variants. A bf16/fp16 merged checkpoint rounds every merged weight to ~3 significant digits, so its bound is
+# relative to the largest reference logit (not measured on CPU: merged checkpoints are written in fp32 here).
+FP32_TOLERANCE = 2e-4
 HALF_RELATIVE_TOLERANCE = 5e-2
 HALF_MIN_GREEDY_AGREEMENT = 0.9
 STOCK_RUNNER = Path(__file__).with_name("stock_runner.py")

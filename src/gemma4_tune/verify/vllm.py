@@ -46,8 +46,9 @@ PARITY_MISMATCH = register("G4T903", Severity.ERROR, "vLLM output differs from t
 ENGINE_FAILED = register("G4T905", Severity.ERROR, "vLLM could not run the model or adapter", (3, 5, 7))
 
 RUNNER = Path(__file__).with_name("vllm_runner.py")
-#: Max |logprob(vLLM) - logprob(transformers)| allowed, by dtype; fp32 measures ~1e-5.
-LOGPROB_TOLERANCE = {"float32": 1e-3, "bfloat16": 1e-1, "float16": 5e-2}
+#: Max |logprob(vLLM) - logprob(transformers)| allowed, by dtype. fp32 measures at most 3.1e-5 (31B, vLLM-ready
+#: copy; docs/verify.md); bf16/fp16 are not measured on this CPU build (they need a GPU).
+LOGPROB_TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-1, "float16": 5e-2}
 #: Share of greedy positions that must agree, by dtype (fp32: all of them).
 MIN_AGREEMENT = {"float32": 1.0, "bfloat16": 0.9, "float16": 0.9}
 #: Head sizes vLLM 0.32's CPU attention kernel is built for (``CPUAttentionBackend``).
