@@ -539,8 +539,8 @@ def test_row02_unwrapped_tower_adapter_is_refused_with_the_reason(tmp_path):
     save_file(lora, adapter / "adapter_model.safetensors")
     with pytest.raises(FindingError) as exc:
         check_adapter_matches_base(adapter, base)
-    assert _codes(exc) == {"G4T802"}
-    assert "row 2" in exc.value.findings[0].message
+    assert _codes(exc) == {"G4T808"}  # one finding with the count and the repair, not a G4T802 per module
+    assert "row-2" in exc.value.findings[0].message and "gemma4-tune repair" in exc.value.findings[0].fix
 
 
 def test_shape_mismatch_unknown_tensors_and_empty_tensors_are_refused(tmp_path):

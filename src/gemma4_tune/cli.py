@@ -428,6 +428,44 @@ def verify(
 
 
 @app.command()
+def repair(
+    base: Annotated[str, typer.Option("--base", help="The official base checkpoint the artefact was made from")],
+    out: Annotated[Path, typer.Option("--out", help="Where the repaired adapter or checkpoint goes (new directory)")],
+    adapter: Annotated[Path | None, typer.Option("--adapter", help="An adapter made on unwrapped towers; with "
+                                                 "--merged, the adapter it was merged from (to verify against)")] = None,
+    merged: Annotated[Path | None, typer.Option("--merged", help="A merged checkpoint saved from unwrapped towers")
+                      ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Put an artefact made with the "unwrap" fix (row 2) back into the official layout, exactly, and verify it:
+    an adapter's tower factors onto the inner .linear, or a merged checkpoint's renamed keys back (clamp buffers
+    and KV-shared keys from the base). What cannot be repaired exactly is refused with the reason."""
+    from gemma4_tune.export.repair import repair_adapter, repair_merged
+
+    if merged is None and adapter is None:
+        raise typer.BadParameter("give --adapter (an adapter to repair) or --merged (a checkpoint to repair)")
+    try:
+        report = repair_merged(base, merged, out, adapter) if merged else repair_adapter(base, adapter, out)
+    except FindingError as exc:
+        _fail(exc)
+    findings = report.pop("findings")
+    if json_out:
+        print_json({**report, "findings": [f.to_dict() for f in findings]})
+        return
+    if merged:
+        typer.echo(f"repaired {out}: {report['renamed']} keys renamed back to .linear, {report['from_base']} clamp "
+                   "and KV-shared keys taken from the base")
+    else:
+        typer.echo(f"repaired {out}: {report['renamed_modules']} modules moved onto their inner .linear "
+                   f"(e.g. {report['example']})")
+    verified = report["verify"]
+    if "max_logit_diff" in verified:
+        typer.echo(f"verified against base + adapter in PEFT: max |logit diff| {verified['max_logit_diff']:.2e}, "
+                   f"adapter effect {verified['adapter_effect']:.2e} ({verified['compared']})")
+    render_findings(findings)
+
+
+@app.command()
 def compare(
     runs: Annotated[list[str], typer.Argument(help="Run directories (the --out of `train`), two or more")],
     out: Annotated[Path, typer.Option("--out", help="Where compare.md/.json/.png go")] = Path("compare"),

@@ -42,6 +42,7 @@ ADAPTER_DOES_NOT_FIT = register("G4T802", Severity.ERROR, "Adapter does not fit 
 UNSUPPORTED_ADAPTER = register("G4T803", Severity.ERROR, "Adapter uses a feature the merge does not implement")
 BASE_UNREADABLE = register("G4T804", Severity.ERROR, "Base checkpoint has no readable safetensors weights")
 ADAPTER_INCOMPLETE = register("G4T805", Severity.ERROR, "Adapter directory is incomplete or empty", (23,))
+UNWRAPPED_ADAPTER = register("G4T808", Severity.ERROR, "Adapter was made on unwrapped towers", (2,))
 NO_MANIFEST = register("G4T807", Severity.INFO, "Adapter has no gemma4-tune manifest: base checked by names and shapes")
 
 MANIFEST_NAME = "gemma4_tune_manifest.json"
@@ -403,9 +404,6 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<ab>lora_A|lora_B)\.weight$")
 def _hint(module: str, base: dict[str, TensorInfo]) -> str:
     if module.endswith(".linear") and f"{module[: -len('.linear')]}.weight" in base:
         return " (the base has no .linear wrapper here: the adapter was made for another model)"
-    if f"{module}.linear.weight" in base:
-        return (" (the base keeps the official Gemma4ClippableLinear layout `.linear.weight`; this adapter was made "
-                "on an unwrapped tower, row 2)")
     return ""
 
 
@@ -497,6 +495,7 @@ def resolve_adapter(adapter_dir: str | Path, base_dir: str | Path,
                                        "merge into the base the adapter was trained on (adapter_config.json "
                                        f"names {config.get('base_model_name_or_path')!r})"))
 
+    unwrapped: list[str] = []
     for module in sorted(pairs):
         ab = pairs[module]
         if set(ab) != {"lora_A", "lora_B"}:
@@ -534,6 +533,9 @@ def resolve_adapter(adapter_dir: str | Path, base_dir: str | Path,
         else:
             base_key, current_key, kind = f"{module}.weight", module, "linear"
         info = base.get(base_key)
+        if info is None and f"{module}.linear.weight" in base:
+            unwrapped.append(module)
+            continue
         if info is None:
             misfit(f"the adapter changes {module}, but the base has no tensor {base_key}{_hint(module, base)}")
             continue
@@ -570,6 +572,13 @@ def resolve_adapter(adapter_dir: str | Path, base_dir: str | Path,
         scaling = alpha_cfg / math.sqrt(r_cfg) if use_rslora else alpha_cfg / r_cfg
         layout.deltas.setdefault(base_key, []).append(LoraDelta(base_key, a.name, b.name, kind, r_cfg,
                                                                 float(alpha_cfg), scaling, num_experts, transposed))
+    if unwrapped:
+        layout.findings.append(finding(
+            UNWRAPPED_ADAPTER.code, f"{len(unwrapped)} modules of {adapter_dir} were trained on unwrapped towers (the "
+            f"popular row-2 'unwrap' fix): the adapter names them as plain linears (e.g. {unwrapped[0]}) where this "
+            "base keeps the Gemma4ClippableLinear and its inner .linear",
+            f"repair it exactly (the factors are the inner linear's own): gemma4-tune repair --base {base_dir} "
+            f"--adapter {adapter_dir} --out REPAIRED", modules=len(unwrapped)))
     if not layout.deltas and not layout.findings:
         layout.findings.append(finding(ADAPTER_INCOMPLETE.code, f"{layout.weights} holds no LoRA factors",
                                        "re-save the adapter from the trained model"))
