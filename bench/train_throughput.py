@@ -7,7 +7,10 @@ Each run is a fresh process; the runs are interleaved A B C C B A A B C so that 
 machine's load hits every side alike. Tokens/s counts real (non-pad) tokens only, over the training loop
 (from the Trainer's ``on_train_begin`` to its last logged step; loading, preflight and the report
 are outside it). Packing's loss equality is checked directly: the same examples, padded and packed,
-through the same LoRA model, give the same summed token loss.
+through the same LoRA model, give the same summed token loss. Whether the two trainers see the same
+batches is measured, not assumed: with lora_B at zero (PEFT's initialisation) the first step's loss is the
+base model's loss on the first batch, so equal batches give equal first-step losses; both are recorded with
+both trainable-parameter counts (``same_work``).
 
 Writes bench/results/train_throughput.json and bench/results/packing.json.
 """
@@ -55,13 +58,15 @@ def run_ours(model: Path, data: Path, out: Path, *, packing: bool) -> dict[str, 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     rows = [r for r in rows if "loss" in r and "tokens_per_s" in r]
     elapsed = [r["tokens"] / r["tokens_per_s"] for r in rows]
-    data = json.loads((out / "run.json").read_text())["data"]
+    record = json.loads((out / "run.json").read_text())
+    data = record["data"]
     tokens = data["tokens"]  # real tokens of every example; one epoch trains each once
     return {"tokens": tokens, "seconds": round(elapsed[-1], 3), "tokens_per_s": round(tokens / elapsed[-1], 2),
             "steps": len(rows), "first_loss": rows[0]["loss"], "mean_loss": sum(r["loss"] for r in rows) / len(rows),
             "step_seconds": [round(b - a, 3) for a, b in zip([0.0, *elapsed], elapsed)],
             "collator_tokens": rows[-1]["tokens"], "wall_seconds": round(wall, 1),
-            "encoded_rows": data["encoded_examples"]}
+            "encoded_rows": data["encoded_examples"],
+            "trainable_parameters": record["plan"]["trainable"]["total"]}
 
 
 def run_trl(model: Path, data: Path, out: Path, *, bf16: bool = False) -> dict[str, Any]:
@@ -147,11 +152,19 @@ def main() -> None:
     dataset = {**described, "encoded_rows": runs["ours"][0]["encoded_rows"],
                "packed_rows": runs["packed"][0]["encoded_rows"], "real_tokens": runs["ours"][0]["tokens"]}
     ratio = sides["ours"]["tokens_per_s"] / sides["trl"]["tokens_per_s"]
+    first = {side: sorted({r["first_loss"] for r in runs[key]}) for side, key in (("gemma4_tune", "ours"),
+                                                                                    ("trl_sft", "trl"))}
+    params = {side: sorted({r["trainable_parameters"] for r in runs[key]}) for side, key in (("gemma4_tune", "ours"),
+                                                                                           ("trl_sft", "trl"))}
+    diff = abs(first["gemma4_tune"][0] - first["trl_sft"][0])
+    same_work = {"first_step_loss": first, "first_step_loss_diff": diff, "trainable_parameters": params,
+                 "tokens": [sides["ours"]["tokens"], sides["trl"]["tokens"]],
+                 "same_batches": diff <= 1e-6 and params["gemma4_tune"] == params["trl_sft"]}
     common.write_result("train_throughput", started, {
         "what": "tokens/s of `gemma4-tune train` vs TRL SFTTrainer + PEFT LoraConfig (no packing)",
         "model": shape, "data": dataset, "settings": settings,
         "figures": {"gemma4_tune": sides["ours"], "trl_sft": sides["trl"]},
-        "runs": {"gemma4_tune": runs["ours"], "trl_sft": runs["trl"]},
+        "runs": {"gemma4_tune": runs["ours"], "trl_sft": runs["trl"]}, "same_work": same_work,
         "ratio": round(ratio, 3), "ratio_means": "gemma4-tune tokens/s / TRL tokens/s",
         "goal": common.goal(ratio, 1.0, at_least=True)})
     ratio = sides["packed"]["tokens_per_s"] / sides["ours"]["tokens_per_s"]

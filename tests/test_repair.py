@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gemma4_tune.findings import FindingError
+from tests.test_vllm import needs_vllm
 
 CLI = [sys.executable, "-c", "from gemma4_tune.cli import main; main()"]
 CLIP = ("input_min", "input_max", "output_min", "output_max")
@@ -127,3 +128,16 @@ def test_what_cannot_be_repaired_exactly_is_refused(tiny_models, tmp_path):
     assert [f.code for f in report["findings"]] == ["G4T811"] and report["verify"]["loading_report"] is not None
     assert not any(report["verify"]["loading_report"].values())
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+@needs_vllm
+def test_the_repaired_adapter_passes_verify_in_peft_and_a_real_vllm(tiny_models, unwrapped_adapter, tmp_path):
+    from gemma4_tune.api import verify
+    from gemma4_tune.export.repair import repair_adapter
+
+    repaired = repair_adapter(tiny_models["e2b"], unwrapped_adapter, tmp_path / "repaired")["adapter"]
+    report = verify(tiny_models["e2b"], repaired, engines=("peft", "vllm"), out=tmp_path / "v")
+    assert report["ok"], [f.one_line() for f in report["findings"]]
+    assert [e["engine"] for e in report["engines"]] == ["peft", "vllm (text LoRA only)"]

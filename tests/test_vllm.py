@@ -56,12 +56,22 @@ def _vllm_ready_tiny(variant: str, out: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def e2b_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """E2B-shaped model: one engine, modes base + trained + zeroed."""
+    """E2B-shaped model: one engine, modes base + trained + zeroed + dropped.
+
+    ``dropped`` is row 4's central case, for real: vLLM serves an artefact whose deltas are gone while the
+    reference is the trained adapter in transformers + PEFT (as when an engine or a copy drops them).
+    """
     root = tmp_path_factory.mktemp("vllm-e2b")
     base = _vllm_ready_tiny("e2b", root / "base")
     trained = random_lora(base, root / "trained", seed=1)
     zeroed = zeroed_lora_b(trained, root / "zeroed")
-    return vllm_parity_many(base, {"trained": trained, "zeroed": zeroed}, PROMPTS, max_tokens=MAX_TOKENS)
+    dropped = zeroed_lora_b(trained, root / "dropped")
+
+    def reference(base_dir, served, prompts, **kw):
+        return hf_reference(base_dir, trained if Path(served) == dropped else served, prompts, **kw)
+
+    return vllm_parity_many(base, {"trained": trained, "zeroed": zeroed, "dropped": dropped}, PROMPTS,
+                            max_tokens=MAX_TOKENS, reference=reference)
 
 
 @pytest.fixture(scope="session")
@@ -149,13 +159,26 @@ def test_zeroed_lora_b_is_caught(e2b_runs) -> None:
 @pytest.mark.engine
 @pytest.mark.slow
 @needs_vllm
+def test_row04_vllm_serving_without_the_deltas_peft_applies_is_caught(e2b_runs) -> None:
+    """Row 4 against a real vLLM: its output is the base model's while PEFT's moves; comparing with PEFT says so."""
+    parity = e2b_runs["dropped"]
+    codes = [f.code for f in parity.findings]
+    assert "G4T902" in codes and not parity.ok, [f.one_line() for f in parity.findings]
+    (dropped,) = [f for f in parity.findings if f.code == "G4T902"]
+    assert "dropped the LoRA deltas" in dropped.fix and parity.reference_effect > 100 * parity.tolerance
+    assert parity.adapter_effect <= LOGPROB_TOLERANCE["float32"] and parity.tokens_changed == 0.0
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+@needs_vllm
 def test_runner_output_schema(e2b_runs) -> None:
     result = e2b_runs["trained"].result
     assert result["schema"] == 1
     assert result["vllm_version"].startswith("0.")
-    assert result["modes"] == ["base", "trained", "zeroed"]
-    assert set(result["adapters"]) == {"trained", "zeroed"}
-    assert {"import_s", "engine_start_s", "base_s", "trained_s", "zeroed_s", "total_s", "wall_s"} <= set(
+    assert result["modes"] == ["base", "trained", "zeroed", "dropped"]
+    assert set(result["adapters"]) == {"trained", "zeroed", "dropped"}
+    assert {"import_s", "engine_start_s", "base_s", "trained_s", "zeroed_s", "dropped_s", "total_s", "wall_s"} <= set(
         result["timings"])
     banned = {5, 8, 11, 1, 13}  # tiny tokenizer: image, audio, video placeholders and both EOS ids
     for mode in result["modes"]:

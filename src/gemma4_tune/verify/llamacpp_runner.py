@@ -189,6 +189,9 @@ def main(argv: list[str]) -> int:
         req = json.load(handle)
     out_dir = os.path.dirname(os.path.abspath(argv[2]))
     result = run(req, out_dir)
+    if "gemma4_tune" in sys.modules:  # a verdict of "llama.cpp alone" must not rest on our code in its process
+        print("llamacpp_runner: gemma4_tune is imported in this process; refusing to report", file=sys.stderr)
+        return 3
     tmp = argv[2] + ".tmp"
     with open(tmp, "w") as handle:
         json.dump(result, handle)

@@ -242,8 +242,10 @@ def verify_artefacts(base: Path, adapter: Path, merged: Path | None, engines: li
                 if info and any(info.values()):
                     result.findings.append(finding(MERGED_LOAD_REPORT.code, f"the merged checkpoint loads with "
                                                    f"a loading report: { {k: v[:3] for k, v in info.items() if v} }",
-                                                   "re-export it: every official key must be present and named "
-                                                   "as in the base (tower .linear.weight, clamp buffers)"))
+                                                   "re-export it (every official key must be present and named "
+                                                   "as in the base: tower .linear.weight, clamp buffers); one saved "
+                                                   "from unwrapped towers is put back exactly by `gemma4-tune repair "
+                                                   f"--base {base} --merged {merged} --adapter {adapter} --out DIR`"))
                 results.append(result)
     if "vllm" in engines:
         results.append(vllm_result(base, adapter))

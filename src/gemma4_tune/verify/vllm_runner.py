@@ -179,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     with open(argv[0]) as handle:
         req = json.load(handle)
     result = run(req)
+    if "gemma4_tune" in sys.modules:  # a verdict of "vLLM alone" must not rest on our code in its process
+        print("vllm_runner: gemma4_tune is imported in this process; refusing to report", file=sys.stderr)
+        return 3
     tmp = argv[1] + ".tmp"
     with open(tmp, "w") as handle:
         json.dump(result, handle)
