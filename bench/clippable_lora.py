@@ -13,6 +13,7 @@ Writes bench/results/clippable_lora.json.
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from typing import Any
 
@@ -20,21 +21,13 @@ import torch
 
 import common
 
+sys.path.insert(0, str(common.BENCH.parent / "tests"))
+from lora_helpers import unwrap_clippable  # noqa: E402 - the one implementation of the unwrap fix
+
 RANK = 16
 IMAGES = 1
 WARMUP = 2
 ROUNDS = 10
-
-
-def unwrap_clippable(model: torch.nn.Module) -> int:
-    """Replace every ``Gemma4ClippableLinear`` by its inner ``nn.Linear`` (in place); return how many."""
-    from transformers.models.gemma4.modeling_gemma4 import Gemma4ClippableLinear
-
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, Gemma4ClippableLinear)]
-    for name, module in found:
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, module.linear)
-    return len(found)
 
 
 def vision_inputs(config: Any, images: int) -> dict[str, torch.Tensor]:

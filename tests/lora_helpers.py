@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def random_lora(base: Path, out: Path, seed: int, spec: str = "text") -> Path:
@@ -33,3 +37,15 @@ def zeroed_lora_b(adapter: Path, out: Path) -> Path:
     tensors = {k: (torch.zeros_like(v) if ".lora_B." in k else v) for k, v in load_file(str(weights)).items()}
     save_file(tensors, str(weights), metadata={"format": "pt"})
     return out
+
+
+def unwrap_clippable(model: "torch.nn.Module") -> int:
+    """The popular "unwrap" fix (catalog row 2), for making the wrong artefacts and baselines it produces:
+    replace every ``Gemma4ClippableLinear`` by its inner ``nn.Linear`` (in place, clamps gone); return how many."""
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4ClippableLinear
+
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, Gemma4ClippableLinear)]
+    for name, module in found:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, module.linear)
+    return len(found)

@@ -14,21 +14,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gemma4_tune.findings import FindingError
+from tests.lora_helpers import unwrap_clippable
 from tests.test_vllm import needs_vllm
 
 CLI = [sys.executable, "-c", "from gemma4_tune.cli import main; main()"]
 CLIP = ("input_min", "input_max", "output_min", "output_max")
-
-
-def _unwrap(model: torch.nn.Module) -> int:
-    """The popular fix: replace every Gemma4ClippableLinear by its inner Linear (clamps gone)."""
-    from transformers.models.gemma4.modeling_gemma4 import Gemma4ClippableLinear
-
-    wrappers = [(name, m) for name, m in model.named_modules() if isinstance(m, Gemma4ClippableLinear)]
-    for name, module in wrappers:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, module.linear)
-    return len(wrappers)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +28,7 @@ def unwrapped_adapter(tiny_models, tmp_path_factory) -> Path:
     from transformers import Gemma4ForConditionalGeneration
 
     model = Gemma4ForConditionalGeneration.from_pretrained(str(tiny_models["e2b"]), dtype=torch.float32)
-    assert _unwrap(model) > 0
+    assert unwrap_clippable(model) > 0
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     out = tmp_path_factory.mktemp("unwrap") / "adapter"
     peft_model.save_pretrained(str(out))

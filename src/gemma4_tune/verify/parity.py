@@ -41,9 +41,10 @@ ENGINES = ("peft", "transformers", "vllm", "llama.cpp")
 # Max |logit difference| allowed (docs/verify.md; bench/verify_tolerances.py measures it, tests/test_tolerances.py
 # keeps it within 10x). fp32: absolute; a right merged checkpoint measures at most 6.7e-5 (31B) over the four
 # variants. A bf16/fp16 merged checkpoint rounds every merged weight to ~3 significant digits, so its bound is
-# relative to the largest reference logit (not measured on CPU: merged checkpoints are written in fp32 here).
+# relative to the largest reference logit: right bf16 merges of the dense variants measure up to 8.0% (E2B) and
+# 94.4% greedy agreement; the 26B-A4B measures 28% and 88.9% (rounding flips expert routing) and fails.
 FP32_TOLERANCE = 2e-4
-HALF_RELATIVE_TOLERANCE = 5e-2
+HALF_RELATIVE_TOLERANCE = 0.15
 HALF_MIN_GREEDY_AGREEMENT = 0.9
 STOCK_RUNNER = Path(__file__).with_name("stock_runner.py")
 PROMPTS = ["What is the capital of France?", "Write one short sentence about the sea.",
