@@ -38,7 +38,12 @@ needs_llamacpp = pytest.mark.skipif(llamacpp_env.llamacpp_install() is None and 
 
 #: ERROR codes no test can induce, with the reason. Keep it empty where possible: a code listed here
 #: and named by a test as well fails the meta-test (the exemption is stale).
-EXEMPT: dict[str, str] = {}
+EXEMPT: dict[str, str] = {
+    "G4T311": "internal consistency check: fires only when the processor's ids or the template's rendering disagree "
+              "with the toolkit's own rendering (a gemma4-tune or template bug). The one data path that reached it, a "
+              "weighted tool result with no tool call before it, is refused at load since (G4T301, "
+              "test_formats.py::test_a_tool_result_without_its_tool_call_is_refused)",
+}
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -133,23 +138,6 @@ def test_g4t209_unknown_engine_in_export_and_engines_install(e2b: Path, e2b_adap
 
 
 # --------------------------------------------------------------------------- G4T3xx / G4T4xx: data and training
-
-
-@pytest.mark.slow
-def test_g4t311_weighted_tool_turn_the_template_drops_cannot_be_labelled(e2b: Path, tmp_path: Path) -> None:
-    """A tool result with no tool call before it is not rendered by the official template, so its
-    ``weight`` cannot be applied: the labels cannot be aligned with the rendered conversation."""
-    from gemma4_tune.api import run_preflight
-    from gemma4_tune.config import build_config
-
-    data = _write_jsonl(tmp_path / "tool.jsonl", [{"messages": [
-        {"role": "user", "content": "Hi"},
-        {"role": "tool", "content": "RESULT", "weight": 1},
-        {"role": "assistant", "content": "Hello."}]}])
-    with pytest.raises(FindingError) as exc:
-        run_preflight(build_config({"model": str(e2b), "data": str(data)}))
-    assert codes(exc) == ["G4T311"]
-    assert "message 1 (tool) is not rendered by the chat template" in exc.value.findings[0].message
 
 
 @pytest.mark.slow

@@ -76,9 +76,11 @@ def test_row02_unwrap_renamed_merged_checkpoint_fails_verify(tiny_models, traine
                if not k.endswith(("input_min", "input_max", "output_min", "output_max"))}
     save_file(renamed, str(weights), metadata={"format": "pt"})
     proc = cli("verify", "--base", tiny_models["e2b"], "--adapter", trained["e2b"] / "adapter", "--merged", merged,
-               "--engine", "transformers", "--out", tmp_path / "v")
+               "--engine", "transformers", "--out", tmp_path / "v", "--json")
     assert proc.returncode == 1
-    assert "G4T612" in proc.stdout + proc.stderr
+    (row,) = json.loads(proc.stdout)["engines"]
+    assert [f["code"] for f in row["findings"]] == ["G4T612"]  # one clear finding: the cause, with the repair
+    assert "gemma4-tune repair" in row["findings"][0]["fix"]
 
 
 @pytest.mark.slow

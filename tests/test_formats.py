@@ -264,3 +264,11 @@ def test_images_embedded_in_parquet_are_read_through_the_media_cache(tmp_path, m
     with Image.open(first) as im:
         assert im.convert("RGB").getpixel((0, 0)) == (0, 0, 255)
     assert report.modalities["image"] == 2 and not report.findings
+
+
+def test_a_tool_result_without_its_tool_call_is_refused(tmp_path):
+    """The official templates (v1, v3-v5) drop such a message without a word: refused at load, not trained blind."""
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "tool", "content": "RESULT"},
+                        {"role": "assistant", "content": "Hello."}]}
+    code, message = error_of(write_jsonl(tmp_path / "orphan.jsonl", [row]))
+    assert code == "G4T301" and "messages[1]: a tool result with no assistant tool call before it" in message

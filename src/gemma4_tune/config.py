@@ -1,7 +1,7 @@
 """RunConfig: every training knob, from CLI flags or a YAML file that maps 1:1 to them.
 
 Unknown keys of our own YAML are refused (with a did-you-mean only when one key is close). A file written
-for Axolotl (``base_model``, ``datasets``, ``adapter``...) is read by ``axolotl.translate`` with Axolotl's
+for Axolotl (one with ``base_model``, which Axolotl requires) is read by ``axolotl.translate`` with Axolotl's
 meaning of every key; what it became is ``ImportedConfig.mapping`` (``train --explain-config``).
 """
 
@@ -51,9 +51,6 @@ class DatasetSpec(BaseModel):
             roles_to_train=tuple(self.roles_to_train) if self.roles_to_train is not None else None,
             training_field=self.message_field_training, format=self.format,
         ))
-
-
-ALIASES: dict[str, str] = {}
 
 
 class RunConfig(BaseModel):
@@ -174,7 +171,7 @@ def build_config(values: dict[str, Any], *, source: str = "flags") -> RunConfig:
     """Validate a dict of settings into a RunConfig, turning every problem into a finding."""
     normalised: dict[str, Any] = {}
     for key, value in values.items():
-        name = ALIASES.get(key, key).replace("-", "_")
+        name = key.replace("-", "_")
         if name == "targets" and isinstance(value, list):
             value = ",".join(value)
         normalised[name] = value

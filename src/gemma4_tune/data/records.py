@@ -263,6 +263,14 @@ def _conversation(canonical: dict, source: str, base: Path, nulls: Counter[str])
     if not raw:
         raise _RowError("empty_conversation", "messages", "empty conversation")
     messages = [_message(m, f"messages[{i}]", base, nulls) for i, m in enumerate(raw)]
+    answering = False  # inside the tool results of an assistant turn that made tool calls
+    for i, message in enumerate(messages):
+        if message["role"] == "tool" and not answering:
+            raise _RowError("orphan_tool_result", f"messages[{i}]", "a tool result with no assistant tool call "
+                            "before it: the official Gemma 4 templates (v1, v3-v5) drop it without a word, so the "
+                            "model would never see it (and OpenAI's format refuses it); add the assistant turn "
+                            "with its tool_calls, or remove the tool message")
+        answering = message["role"] == "tool" or bool(message.get("tool_calls"))
     if not any(m["role"] == "assistant" for m in messages):
         raise _RowError("no_assistant_turn", "messages", "no assistant turn (nothing to train on)")
     tools = canonical.get("tools")
