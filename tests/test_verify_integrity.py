@@ -140,3 +140,16 @@ def test_a_stock_peft_all_linear_adapter_gets_one_verdict_from_export_verify_and
                              "0", "--smoke", "--json"], capture_output=True, text=True, timeout=900)
     assert served.returncode == 0, served.stderr[-3000:]
     assert all(s["ok"] for s in json.loads(served.stdout)["smoke"])
+
+
+def test_nan_logits_fail_parity_and_effect_instead_of_passing():
+    """NaN compares false both ways: a NaN difference or effect must fail, never slip past `>` checks."""
+    import torch
+
+    from gemma4_tune.verify.parity import _compare
+
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    reference, base = torch.zeros(1, 3, 5), torch.ones(1, 3, 5)
+    got = reference.clone()
+    got[0, 0, 0] = float("nan")
+    assert {f.code for f in _compare("x", got, reference, base, mask).findings} == {"G4T610", "G4T611"}

@@ -96,7 +96,7 @@ def effect_findings(engine: str, effect: float, tolerance: float, scale: float =
     """Whether the adapter changes ``engine``'s output: an error when the change is within the parity tolerance
     (it cannot be told from noise: the adapter does nothing), a warning when it is within a small factor of it or
     a tiny share of the logit ``scale``. The one rule every engine's verdict uses (row 4)."""
-    if effect <= tolerance:
+    if not (effect > tolerance):  # within the tolerance, or NaN: nothing shown to change
         return [finding(NO_EFFECT_IN_ENGINE.code, f"{engine}: with the adapter the output moves by at most "
                         f"{effect:.3g}, within the parity tolerance {tolerance:.0e}: the adapter changes nothing",
                         "check that lora_B is not all zeros (was the adapter saved after training?)",
@@ -184,7 +184,7 @@ def _compare(engine: str, got: torch.Tensor, reference: torch.Tensor, base: torc
         result.findings.append(finding(PARITY_FAILED.code, f"{engine}: greedy tokens agree on only {agreement:.1%} "
                                        f"of positions (at least {HALF_MIN_GREEDY_AGREEMENT:.0%} expected)",
                                        "check that the artefact was exported from this adapter and base"))
-    if diff > tolerance:
+    if not (diff <= tolerance):  # NaN compares false everywhere: a NaN difference must fail, never pass
         result.findings.append(finding(PARITY_FAILED.code, f"{engine}: logits differ from the trained model by "
                                        f"{diff:.3g} (tolerance {tolerance:.0e}), greedy agreement {agreement:.1%}",
                                        "check that the artefact was exported from this adapter and base; "
