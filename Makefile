@@ -54,6 +54,7 @@ bench: setup
 	$(BIN)/python bench/merge_memory.py
 	$(BIN)/python bench/preflight_verify.py
 	$(BIN)/python bench/verify_tolerances.py
+	$(BIN)/python bench/under_load.py
 	$(BIN)/python bench/gpu.py
 	$(BIN)/python bench/report.py
 

@@ -9,7 +9,7 @@ from typing import Any
 import common
 
 DOC = common.BENCH.parent / "docs" / "performance.md"
-ORDER = ("train_throughput", "packing", "clippable_lora", "merge_memory", "preflight_verify", "gpu")
+ORDER = ("train_throughput", "packing", "clippable_lora", "merge_memory", "preflight_verify", "under_load", "gpu")
 
 
 def load() -> dict[str, dict[str, Any]]:
@@ -33,6 +33,13 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[str]:
             continue
         if r.get("skipped"):
             rows.append(f"| {name} | skipped: {r['skipped']} | - | - | - |")
+            continue
+        if name == "under_load":
+            for setting, v in r["settings"].items():
+                rows.append(_row(f"LoRA steps beside {r['hogs']} busy processes / idle, {setting} (threads: "
+                                 f"{v['idle_threads'][0]} idle, {v['loaded_threads'][0]} beside them)",
+                                 f"{v['loaded_median_s']:.2f} vs {v['idle_median_s']:.2f} s",
+                                 round(v["loaded_over_idle"], 2), None))
             continue
         f = r["figures"]
         if name == "train_throughput":
@@ -197,7 +204,7 @@ def render(results: dict[str, dict[str, Any]]) -> str:
            "(`bench/gpu.py`, bf16) runs too; `GEMMA4_BENCH_MODEL=<checkpoint dir> make bench` measures it on a "
            "real Gemma 4 instead of the CPU-sized one. Scripts: `bench/train_throughput.py` (gemma4-tune vs "
            "TRL, packing; the TRL side is `bench/trl_baseline.py`), `bench/clippable_lora.py`, "
-           "`bench/merge_memory.py`, `bench/preflight_verify.py`, `bench/verify_tolerances.py` (the verify tolerances, docs/verify.md), `bench/gpu.py`; `bench/report.py` writes "
+           "`bench/merge_memory.py`, `bench/preflight_verify.py`, `bench/verify_tolerances.py` (the verify tolerances, docs/verify.md), `bench/under_load.py` (threads on a busy machine), `bench/gpu.py`; `bench/report.py` writes "
            "this page.", "",
            f"Versions: {', '.join(f'{k} {val}' for k, val in v.items())}.", "",
            "| benchmark | figures | ratio | goal | verdict |", "|---|---|---:|---|---|",

@@ -220,3 +220,28 @@ def test_accuracy_counts_only_supervised_positions_with_the_loss_shift() -> None
     assert int(token_hits(logits, labels)) == 3
     logits[0, 2] = torch.tensor([0.0, 0.0, 0.0, 1.0])
     assert int(token_hits(logits, labels)) == 2
+
+
+def test_samples_say_whether_the_tuned_model_stops_at_its_end_of_turn(e2b_lora) -> None:
+    """Catalog row 29: a model that never learned <turn|> rambles to the token budget; the samples record it."""
+    from gemma4_tune.data.chat import END_OF_TURN
+    from gemma4_tune.evaluate import generate_samples, pick_samples
+
+    model, batcher, convs = e2b_lora
+    picked = [c for c in pick_samples(convs, 3) if not c.images and not c.audios][:1]
+    stops = [batcher.tokenizer.convert_tokens_to_ids(END_OF_TURN), batcher.tokenizer.eos_token_id]
+    head = model.get_output_embeddings()
+
+    def run(push: float) -> bool:
+        def hook(_module, _inputs, logits):  # what training does to the end-of-turn logit, exaggerated
+            logits[..., stops] += push
+            return logits
+
+        handle = head.register_forward_hook(hook)
+        try:
+            [sample] = generate_samples(model, batcher, picked, held_out=True, max_new_tokens=4)
+        finally:
+            handle.remove()
+        return sample.tuned_stopped
+
+    assert run(100.0) and not run(-100.0)

@@ -272,3 +272,70 @@ def test_a_tool_result_without_its_tool_call_is_refused(tmp_path):
                         {"role": "assistant", "content": "Hello."}]}
     code, message = error_of(write_jsonl(tmp_path / "orphan.jsonl", [row]))
     assert code == "G4T301" and "messages[1]: a tool result with no assistant tool call before it" in message
+
+
+# ------------------------------------------------------------------ absurd rows and empty media (issue 22)
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def test_rows_nested_absurdly_deep_are_findings_with_the_row(tmp_path):
+    ok = json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]})
+    deep = ok[:-1] + f', "extra": {_nested(100_000)}}}'
+    (tmp_path / "deep.jsonl").write_text(f"{ok}\n{deep}\n")
+    code, message = error_of(tmp_path / "deep.jsonl")
+    assert code == "G4T301" and message.startswith(f"{tmp_path / 'deep.jsonl'}:2: ") and "more than 100" in message
+    convs, report = load_conversations(tmp_path / "deep.jsonl", skip_invalid=True)
+    assert len(convs) == 1 and report.dropped == {"too_deep": 1}
+    (tmp_path / "deep.json").write_text(f"[{ok}, {deep}]")
+    code, message = error_of(tmp_path / "deep.json")
+    assert code == "G4T307" and "nested more than 100 levels deep" in message
+    (tmp_path / "shallow.json").write_text(f"[{ok}, {ok[:-1]}, \"extra\": {_nested(150)}}}]")
+    code, message = error_of(tmp_path / "shallow.json")
+    assert code == "G4T301" and message.startswith(f"{tmp_path / 'shallow.json'}#1: ")
+
+
+def test_tool_call_arguments_nested_absurdly_deep_name_the_field(tmp_path):
+    arguments = '{"a": ' * 100_000 + "1" + "}" * 100_000
+    row = {"messages": [{"role": "user", "content": "Hi"},
+                        {"role": "assistant", "tool_calls": [{"type": "function",
+                                                              "function": {"name": "f", "arguments": arguments}}]},
+                        {"role": "tool", "content": "r", "name": "f"}, {"role": "assistant", "content": "Done."}]}
+    code, message = error_of(write_jsonl(tmp_path / "tools.jsonl", [row]))
+    assert code == "G4T301" and "messages[1].tool_calls[0].function.arguments: lists and objects nested" in message
+
+
+def _wav(path: Path, samples: int) -> Path:
+    import wave
+
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16_000)
+        w.writeframes(b"\x10\x00" * samples)
+    return path
+
+
+@pytest.mark.slow
+def test_empty_media_are_g4t313_with_the_row(batcher, tmp_path):
+    for samples, heard in ((0, "0 samples (0 ms"), (100, "100 samples (6 ms"), (400, None)):
+        wav = _wav(tmp_path / f"clip{samples}.wav", samples)
+        row = {"messages": [{"role": "user", "content": [{"type": "audio", "path": str(wav)}]},
+                            {"role": "assistant", "content": "Silence."}]}
+        (conv,), _ = load_conversations(write_jsonl(tmp_path / "audio.jsonl", [row]))
+        if heard is None:  # 25 ms is one audio frame: read
+            assert batcher.encode(conv)["num_supervised"] > 0
+            continue
+        with pytest.raises(FindingError) as info:
+            batcher.encode(conv)
+        (found,) = info.value.findings
+        assert found.code == "G4T313" and found.message.startswith(f"{tmp_path / 'audio.jsonl'}:1: audio {wav}")
+        assert heard in found.message and "less than one audio frame" in found.message
+    empty = Image.new("RGB", (0, 0))
+    conv = {"source": "inline.jsonl:3", "messages": [
+        {"role": "user", "content": [{"type": "image", "image": empty}, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Nothing."}]}]}
+    with pytest.raises(FindingError) as info:
+        batcher.encode(conv)
+    (found,) = info.value.findings
+    assert found.code == "G4T313" and found.message == "inline.jsonl:3: an inline image is empty (0x0 pixels)"

@@ -214,20 +214,13 @@ def test_merged_checkpoint_served_alone_matches_base_plus_adapter(tiny_e2b: dict
 @pytest.mark.engine
 @pytest.mark.slow
 @needs_vllm
-def test_merged_checkpoint_smoke_without_adapter_says_what_it_did_not_verify(tiny_e2b: dict[str, Path],
-                                                                               tmp_path: Path) -> None:
+def test_merged_checkpoint_smoke_without_adapter_says_what_it_did_not_verify(tiny_e2b: dict[str, Path]) -> None:
     """Issue 16: no made-up agreement. Without --adapter, --smoke measures the merged model against the base
-    only, says parity was not verified (G4T908), and fails a "merged" model that is the base (G4T611)."""
-    from gemma4_tune.api import export
-
-    merged = tmp_path / "merged"
-    export(tiny_e2b["base"], tiny_e2b["text"], merged=merged)
-    proc = _run_serve("--base", str(tiny_e2b["base"]), "--merged", str(merged))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    [smoke] = json.loads(proc.stdout)["smoke"]
-    assert smoke["greedy_agreement"] is None and smoke["max_logprob_diff"] is None and smoke["adapter_effect"] > 1e-2
-    assert [f["code"] for f in smoke["findings"]] == ["G4T908"] and "parity not verified" in proc.stderr
+    only, says parity was not verified (G4T908), and fails a "merged" model that is the base (G4T611). One
+    server start: the base served as its own "merge" shows both (a real merge passes in the tests above)."""
     proc = _run_serve("--base", str(tiny_e2b["base"]), "--merged", str(tiny_e2b["base"]))
     assert proc.returncode == 1, proc.stderr[-3000:]
     [smoke] = json.loads(proc.stdout)["smoke"]
+    assert smoke["greedy_agreement"] is None and smoke["max_logprob_diff"] is None
+    assert "parity not verified" in proc.stderr
     assert {f["code"] for f in smoke["findings"]} == {"G4T908", "G4T611"} and smoke["adapter_effect"] < 1e-3

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,7 +10,14 @@ from gemma4_tune.adapters import LoraSettings, prepare_model
 from gemma4_tune.catalog import resolve_variant
 from gemma4_tune.config import RunConfig
 from gemma4_tune.findings import OUTPUT_EXISTS, FindingError, Severity, finding, has_errors
-from gemma4_tune.io import atomic_directory
+from gemma4_tune.io import (
+    atomic_directory,
+    check_free_space,
+    check_writable,
+    output_errors,
+    write_json,
+    write_text_atomic,
+)
 from gemma4_tune.memory import WeightMemory
 from gemma4_tune.profile import ModelProfile
 from gemma4_tune.targets import TargetPlan
@@ -37,7 +43,8 @@ def tiny_model(variant: str, out: str | Path, *, seed: int = 0, template_revisio
                                    f"use one of {', '.join(REVISIONS)} (v5 is the newest official revision)"))
     template = official_template(template_revision)
     out = Path(out)
-    with atomic_directory(out) as tmp:
+    check_writable(out, "--out", whole=True)
+    with output_errors(out, "the tiny model"), atomic_directory(out) as tmp:
         build_tiny_model(spec, tmp, seed=seed, chat_template=template, dtype=dtype)
     return out
 
@@ -88,10 +95,12 @@ def run_training(cfg: RunConfig) -> TrainResult:
     """
     from gemma4_tune.distributed import is_main_process
     from gemma4_tune.report import write_report
-    from gemma4_tune.train import library_versions, loss_went_down, train
+    from gemma4_tune.train import STAGING, library_versions, loss_went_down, train
     from gemma4_tune.verify.peft import saved_adapter_parity, saved_tensor_parity
 
-    result = train(cfg)
+    out = Path(cfg.out)
+    with output_errors(out, "the run's checkpoints, adapter and records", cleanup=[out / STAGING]):
+        result = train(cfg)
     if not is_main_process():
         return result
     parity = tensors = None
@@ -128,7 +137,8 @@ def run_training(cfg: RunConfig) -> TrainResult:
                      "distributed": result.distributed,
                      "samples": [s.to_dict() for s in result.samples], "metrics": result.metrics,
                      "timings": {"run seconds": result.seconds}, "versions": library_versions()}
-    write_report(result.out, result.report, result.findings)
+    with output_errors(result.out, "the run's report"):
+        write_report(result.out, result.report, result.findings)
     if has_errors(result.findings):
         raise FindingError(*[f for f in result.findings if f.severity is Severity.ERROR])
     result.parity = parity
@@ -152,8 +162,11 @@ def export(base: str | Path, adapter: str | Path, *, merged: str | Path | None =
     ``merged``), the merged model, its tower projector and the text LoRA as GGUF, converted by
     llama.cpp's own converters, and the Modelfile pointed at the GGUF."""
     from gemma4_tune.export.adapter import check_adapter_for_engines
-    from gemma4_tune.export.merge import merge_adapter
+    from gemma4_tune.export.merge import merge_adapter, merged_size
 
+    for path, option in ((merged, "--merged"), (gguf, "--gguf"), (vllm_adapter, "--vllm-adapter")):
+        if path is not None:
+            check_writable(path, option, whole=True)
     if gguf is not None and merged is None:
         from gemma4_tune.verify.parity import MISSING_ARTEFACT
 
@@ -167,14 +180,24 @@ def export(base: str | Path, adapter: str | Path, *, merged: str | Path | None =
             raise FindingError(finding(OUTPUT_EXISTS.code, f"{gguf} already exists and is not empty",
                                        "choose a new --gguf directory, or remove the old one"))
         require_llamacpp()  # before the merge writes anything
-        plan_gguf_export(base, adapter, base)  # the merge copies the base's towers: refuse a damaged one now (G4T912)
+        # the merge copies the base's towers: refuse a damaged one now (G4T912)
+        gguf_plan = plan_gguf_export(base, adapter, base)
     summary = check_adapter_for_engines(base, adapter, list(engines))
     report: dict[str, Any] = {"base": str(base), "adapter": str(adapter), "engines": list(engines),
                               "adapter_summary": summary.to_dict(), "findings": summary.findings}
+    if merged is not None:  # the merge and the GGUF files, counted together when they share a disk
+        from gemma4_tune.export.gguf import gguf_size
+
+        needs = [(Path(merged), merged_size(base), "the merged checkpoint")]
+        if gguf is not None:
+            needs.append((Path(gguf), gguf_size(base, gguf_type, with_base=gguf_plan["convert_adapter"]),
+                          "the GGUF files"))
+        check_free_space(needs)
     if vllm_adapter is not None:
         from gemma4_tune.verify.vllm import vllm_ready_adapter
 
-        report["vllm_adapter"] = str(vllm_ready_adapter(adapter, base, vllm_adapter))
+        with output_errors(vllm_adapter, "the vLLM-ready adapter"):
+            report["vllm_adapter"] = str(vllm_ready_adapter(adapter, base, vllm_adapter))
     if merged is not None:
         result = merge_adapter(base, adapter, merged, shard_size_mb=shard_size_mb)
         report["merged"] = {"path": str(result.out_dir), "tensors_merged": result.tensors_merged,
@@ -197,12 +220,15 @@ def verify(base: str | Path, adapter: str | Path, *, merged: str | Path | None =
 
     Writes ``verify.json`` and ``verify.md`` into ``out`` (default: the adapter's parent folder).
     """
-    from gemma4_tune.export.manifest import check_adapter_matches_base
+    from gemma4_tune.export.manifest import check_adapter_matches_base, check_served_template
     from gemma4_tune.verify.parity import MISSING_ARTEFACT, check_engines, require_comparisons, verify_artefacts
 
     check_engines(engines)
     base, adapter = Path(base), Path(adapter)
+    out_dir = Path(out) if out else adapter.parent
+    check_writable(out_dir, "--out")  # before any model is loaded (G4T021)
     notes = check_adapter_matches_base(adapter, base)
+    notes += check_served_template(adapter, [base, merged])  # G4T812 warns, G4T813 stops (catalog row 34)
     if "llama.cpp" in engines and gguf is None:
         raise FindingError(finding(MISSING_ARTEFACT.code, "--engine llama.cpp checks the GGUF export, but no --gguf "
                                    "was given", "pass --gguf DIR (make one with `gemma4-tune export --merged M "
@@ -217,9 +243,6 @@ def verify(base: str | Path, adapter: str | Path, *, merged: str | Path | None =
     report = {"base": str(base), "adapter": str(adapter), "merged": str(merged) if merged else None,
               "gguf": str(gguf) if gguf else None,
               "engines": [r.to_dict() for r in results], "ok": all(r.ok for r in results)}
-    out_dir = Path(out) if out else adapter.parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "verify.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = ["# gemma4-tune verify", "",
              f"base `{base}`, adapter `{adapter}`, merged `{merged or '-'}`, GGUF `{gguf or '-'}`", "",
              "| engine | compared | max logit diff | tolerance | greedy agreement | adapter effect | verdict |",
@@ -229,7 +252,10 @@ def verify(base: str | Path, adapter: str | Path, *, merged: str | Path | None =
     findings = [*notes, *(f for r in results for f in r.findings)]
     if findings:
         lines += ["", "## Findings", ""] + [f"- **{f.code}**: {f.message} — {f.fix}" for f in findings]
-    (out_dir / "verify.md").write_text("\n".join(lines) + "\n")
+    with output_errors(out_dir, "verify.json and verify.md"):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / "verify.json", report)
+        write_text_atomic(out_dir / "verify.md", "\n".join(lines) + "\n")
     report["findings"] = findings
     report["paths"] = {"json": str(out_dir / "verify.json"), "markdown": str(out_dir / "verify.md")}
     return report

@@ -16,6 +16,7 @@ A key set to null is absent, as in Axolotl. Unknown keys are one error that list
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from typing import Any
 
@@ -139,6 +140,22 @@ class _Translation:
         self.row(key, value, "read differently", (f"{field_name} = {_show(new)}; " if field_name else "") + how)
 
 
+def _strings(value: Any) -> bool:
+    """Whether ``value`` is a list of strings."""
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _finite(value: Any) -> float | None:
+    """A finite number given as a number or a numeric string (YAML reads unquoted 1e-4 as one); else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _show(value: Any) -> str:
     text = repr(value) if not isinstance(value, str) else value
     return text if len(text) <= 100 else text[:97] + "..."
@@ -165,8 +182,8 @@ def _targets(data: dict[str, Any], t: _Translation) -> None:
                  "cannot serve LoRA on them (catalog rows 3, 37)")
     parameters = data.get("lora_target_parameters")
     if parameters is not None:
-        given = [parameters] if isinstance(parameters, str) else list(parameters)
-        if sorted(given) == sorted(EXPERTS):
+        given = [parameters] if isinstance(parameters, str) else parameters if isinstance(parameters, list) else []
+        if _strings(given) and sorted(given) == sorted(EXPERTS):
             items.append("text-experts")
             t.row("lora_target_parameters", parameters, "mapped", "targets text-experts (PEFT target_parameters "
                   "on every MoE layer's experts.gate_up_proj and experts.down_proj)")
@@ -206,7 +223,12 @@ def _dataset(entry: Any, where: str, t: _Translation) -> dict[str, Any] | None:
         spec["split"] = str(entry["split"])
     if "field_messages" in entry:
         spec["field_messages"] = entry["field_messages"]
-    mappings = dict(entry.get("message_property_mappings") or {})
+    mappings = entry.get("message_property_mappings") or {}
+    if not isinstance(mappings, dict):
+        t.refuse(f"{where}.message_property_mappings", mappings, "expected a mapping such as {role: from, content: "
+                 "value}")
+        mappings = {}
+    mappings = dict(mappings)
     for legacy, ours in (("message_field_role", "role"), ("message_field_content", "content")):
         if legacy in entry:
             mappings.setdefault(ours, entry[legacy])
@@ -215,11 +237,19 @@ def _dataset(entry: Any, where: str, t: _Translation) -> dict[str, Any] | None:
         t.refuse(f"{where}.message_property_mappings", mappings, f"only role and content can be mapped, not "
                  f"{', '.join(unknown)}")
     spec["message_property_mappings"] = {k: v for k, v in mappings.items() if k in ("role", "content")}
-    if "roles" in entry:
-        spec["roles"] = {ours: [names] if isinstance(names, str) else list(names) for ours, names in
-                         entry["roles"].items()}
+    roles = entry.get("roles")
+    if roles is not None:
+        listed = {ours: [names] if isinstance(names, str) else names for ours, names in roles.items()} \
+            if isinstance(roles, dict) else {}
+        if isinstance(roles, dict) and all(_strings(names) for names in listed.values()):
+            spec["roles"] = listed
+        else:
+            t.refuse(f"{where}.roles", roles, "expected a mapping of role to its names, e.g. {user: [human]}")
     if "roles_to_train" in entry:
-        spec["roles_to_train"] = list(entry["roles_to_train"])
+        if _strings(entry["roles_to_train"]):
+            spec["roles_to_train"] = list(entry["roles_to_train"])
+        else:
+            t.refuse(f"{where}.roles_to_train", entry["roles_to_train"], "expected a list of roles, e.g. [assistant]")
     if "message_field_training" in entry:
         spec["message_field_training"] = entry["message_field_training"]
     eos = entry.get("train_on_eos", "turn")
@@ -270,8 +300,8 @@ def translate(data: dict[str, Any], *, source: str) -> tuple[dict[str, Any], lis
             reason = _NO_EFFECT.get(key) or next(r for p, r in _NO_EFFECT_PREFIXES.items() if key.startswith(p))
             t.no_effect.append(key)
             t.row(key, value, "no effect", reason)
-    if "learning_rate" in given:
-        t.map("learning_rate", given["learning_rate"], "lr", float(given["learning_rate"]))
+    if "learning_rate" in given:  # as given: RunConfig reads YAML's unquoted 1e-4 (a string) and refuses non-numbers
+        t.map("learning_rate", given["learning_rate"], "lr", given["learning_rate"])
     sequence_len = given.get("sequence_len")
     if sequence_len is not None:
         t.differ("sequence_len", sequence_len, "max_seq_len", sequence_len, "longer examples are truncated (media "
@@ -310,14 +340,14 @@ def translate(data: dict[str, Any], *, source: str) -> tuple[dict[str, Any], lis
             t.refuse(key, given[key], fix)
     if "optimizer" in given:
         name = given["optimizer"]
-        if name in MAPPED_OPTIMIZERS:
+        if isinstance(name, str) and name in MAPPED_OPTIMIZERS:
             t.map("optimizer", name, "optimizer", name)
         else:
             t.refuse("optimizer", name, f"not a transformers optimizer that gemma4-tune runs; use one of "
                      f"{', '.join(sorted(MAPPED_OPTIMIZERS))}")
     if "lr_scheduler" in given:
         name = given["lr_scheduler"]
-        if name in SCHEDULERS:
+        if isinstance(name, str) and name in SCHEDULERS:
             t.map("lr_scheduler", name, "lr_scheduler", name)
         else:
             t.refuse("lr_scheduler", name, f"use one of {', '.join(sorted(SCHEDULERS))}")
@@ -333,18 +363,22 @@ def translate(data: dict[str, Any], *, source: str) -> tuple[dict[str, Any], lis
         else:
             t.map("train_on_inputs", False, "train_on", "assistant")
     if "val_set_size" in given:
-        size = float(given["val_set_size"])
-        share = int(size) if size > 1 else size
-        how = f"{int(size)} conversations" if size > 1 else f"a share of {size:g}"
-        t.differ("val_set_size", given["val_set_size"], "eval_split", share, f"{how} held out by a seeded split that "
-                 "keeps identical conversations on one side (Axolotl takes the last rows)")
+        size = _finite(given["val_set_size"])
+        if size is None or size < 0:
+            t.refuse("val_set_size", given["val_set_size"], "expected a share below 1 (0.05) or a count of "
+                     "conversations (200)")
+        else:
+            share = int(size) if size > 1 else size
+            how = f"{int(size)} conversations" if size > 1 else f"a share of {size:g}"
+            t.differ("val_set_size", given["val_set_size"], "eval_split", share, f"{how} held out by a seeded split "
+                     "that keeps identical conversations on one side (Axolotl takes the last rows)")
     if "chat_template" in given:
         _chat_template(given["chat_template"], "chat_template", t)
     eot = given.get("eot_tokens")
     if eot is None:
         t.differ("eot_tokens", None, None, None, "absent: Axolotl would supervise <eos>, which rendered chats never "
                  "contain; gemma4-tune supervises the <turn|> that ends each model turn (catalog row 29)")
-    elif list(eot) == ["<turn|>"]:
+    elif eot == ["<turn|>"]:
         t.row("eot_tokens", eot, "mapped", "<turn|> is supervised at the end of each supervised turn")
     else:
         t.refuse("eot_tokens", eot, "Gemma 4 turns end with <turn|>; that is the token supervised (catalog row 29)")

@@ -16,11 +16,13 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from gemma4_tune.console import console
 from gemma4_tune.distributed import all_reduce, barrier, is_main_process, local_data
-from gemma4_tune.findings import Severity, finding, register
+from gemma4_tune.findings import Finding, Severity, finding, register
+from gemma4_tune.io import json_text, write_text_atomic
 
 NON_FINITE = register("G4T403", Severity.ERROR, "Loss or gradient became NaN/inf during training", (19,))
 ZERO_GRADIENT = register("G4T404", Severity.ERROR, "Gradient norm stuck at zero", (12, 21))
 LORA_STALLED = register("G4T405", Severity.ERROR, "LoRA weights are not moving", (21,))
+CHECKPOINT_SKIPPED = register("G4T416", Severity.WARNING, "--resume skipped damaged or foreign checkpoint folders")
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -76,15 +78,22 @@ class MetricsCallback(TrainerCallback):
                "tokens": tokens, "tokens_per_s": round((tokens - self.tokens_at_start) / elapsed, 2)}
         if is_main_process():
             with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json_text(row, indent=None) + "\n")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop lines logged after the checkpoint we resume from (they will be logged again)."""
+    """On resume, drop lines logged after the checkpoint we resume from (they will be logged again), and a last
+    line cut short by the kill (or full disk) that stopped the run; rewritten atomically."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(r + "\n" for r in rows))
+    lines = [line for line in path.read_text().splitlines() if line]
+    if lines:
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:  # only the line being written when the process died can be cut
+            lines.pop()
+    rows = [line for line in lines if json.loads(line)["step"] <= step]
+    write_text_atomic(path, "".join(r + "\n" for r in rows))
 
 
 class ProgressCallback(TrainerCallback):
@@ -162,12 +171,72 @@ class AtomicCheckpointCallback(TrainerCallback):
         barrier()
 
 
-def complete_checkpoints(folder: Path) -> list[Path]:
-    """Checkpoints moved into place (complete), oldest first."""
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete checkpoint to resume from, or None when it is one.
+
+    Cheap, from headers and directories only: the name ``checkpoint-<step>``, a ``trainer_state.json``
+    at that step, an ``adapter_model.safetensors`` whose header covers the file exactly, and every
+    ``*.pt``/``*.pth``/``*.bin`` a readable zip archive (what ``torch.save`` writes; a cut file loses
+    the archive's directory, which is at its end).
+    """
+    import zipfile
+
+    from gemma4_tune.export.manifest import ADAPTER_WEIGHTS, tensors_in_file
+
+    match = CHECKPOINT_RE.match(path.name)
+    if not path.is_dir():
+        return "not a folder"
+    if match is None:
+        return "not named checkpoint-<step>"
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except FileNotFoundError:
+        return "no trainer_state.json"
+    except (OSError, ValueError) as exc:
+        return f"trainer_state.json is not valid JSON ({exc})"
+    if not isinstance(state, dict) or state.get("global_step") != int(match.group(1)):
+        return f"trainer_state.json is not at step {match.group(1)}"
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        return f"no {ADAPTER_WEIGHTS}"
+    try:
+        tensors_in_file(path / ADAPTER_WEIGHTS)
+    except (OSError, ValueError) as exc:
+        return f"{ADAPTER_WEIGHTS}: {exc}"
+    for archive in sorted(p for p in path.rglob("*") if p.suffix in (".pt", ".pth", ".bin") and p.is_file()):
+        try:
+            zipfile.ZipFile(archive).close()
+        except (OSError, zipfile.BadZipFile) as exc:
+            return f"{archive.relative_to(path)} is not a complete torch file ({exc})"
+    return None
+
+
+def scan_checkpoints(folder: Path) -> tuple[list[Path], dict[str, str]]:
+    """Complete checkpoints oldest first, and every other entry of ``folder`` with why it is no checkpoint."""
     if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
-    return [p for _, p in sorted(found)]
+        return [], {}
+    found, skipped = [], {}
+    for path in sorted(folder.iterdir()):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            found.append((int(CHECKPOINT_RE.match(path.name).group(1)), path))
+        else:
+            skipped[path.name] = problem
+    return [p for _, p in sorted(found)], skipped
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints (see ``checkpoint_problem``), oldest first."""
+    return scan_checkpoints(folder)[0]
+
+
+def skipped_checkpoints_finding(folder: Path, skipped: dict[str, str], resume_from: Path) -> Finding:
+    """G4T416: what in ``folder`` is not a complete checkpoint and why, and the one the run resumes from."""
+    listed = "; ".join(f"{name}: {why}" for name, why in skipped.items())
+    return finding(CHECKPOINT_SKIPPED.code, f"{folder} holds {len(skipped)} folder(s) that are not complete "
+                   f"checkpoints, skipped ({listed}); resuming from {resume_from.name}, the last complete one",
+                   "nothing to do if that is the checkpoint you want; remove the damaged folders to silence this "
+                   "(a checkpoint-N that is damaged is rewritten when the run reaches step N again)",
+                   skipped=skipped, resumed_from=resume_from.name)
 
 
 class GuardCallback(TrainerCallback):
@@ -250,7 +319,7 @@ class EvalCallback(TrainerCallback):
         if not is_main_process():
             return
         with self.path.open("a") as f:
-            f.write(json.dumps(result.to_row(self.counter.total)) + "\n")
+            f.write(json_text(result.to_row(self.counter.total), indent=None) + "\n")
         first = self.results[0]
         change = f" (step {first.step}: {first.loss:.4f}, {first.accuracy:.1%})" if len(self.results) > 1 else ""
         console.print(f"eval @ step {step}: loss {result.loss:.4f}, accuracy {result.accuracy:.1%} on "

@@ -77,22 +77,34 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+#: Commands that run models in this process: torch gets the cores that are idle when they start (threads.py).
+_MODEL_COMMANDS = frozenset({"train", "preflight", "export", "verify", "compare", "serve", "repair", "demo"})
+
+
 @app.callback()
 def _main(
+    ctx: typer.Context,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks for errors.")] = False,
 ) -> None:
     _state["debug"] = debug
+    if ctx.invoked_subcommand in _MODEL_COMMANDS:
+        from gemma4_tune.threads import use_idle_cores
+
+        use_idle_cores()
 
 
 def _fail(exc: FindingError) -> NoReturn:
-    """Render the findings; exit 2 when they are all about the command's own settings (a usage error), else 1."""
+    """Render the findings; exit 0 when none is an error (nothing to do, G4T415), 2 when the errors are all
+    about the command's own settings (a usage error), else 1."""
     from gemma4_tune.config import BAD_CONFIG
 
     render_findings(exc.findings, stderr=True)
     if _state["debug"]:
         err_console.print(traceback.format_exc(), markup=False)
+    if exc.findings and not has_errors(exc.findings):
+        raise typer.Exit(0)
     usage = all(f.code == BAD_CONFIG.code for f in exc.findings if f.severity is Severity.ERROR)
     raise typer.Exit(2 if usage and exc.findings else 1)
 
@@ -263,6 +275,10 @@ def _train_command(preflight_only: bool):  # noqa: ANN202 - returns a Typer comm
                 raise typer.BadParameter("train needs --out (or output_dir / out in the run file)")
             if dry_run and (preflight_only or cfg.distributed is None):
                 raise typer.BadParameter("--dry-run goes with `train --distributed`")
+            if not preflight_only:
+                from gemma4_tune.io import check_writable
+
+                check_writable(cfg.out, "--out")  # before the launcher or the model (G4T021)
             if cfg.distributed and not preflight_only and not under_launcher():
                 raise typer.Exit(launch(cfg, dry_run=dry_run, log=typer.echo))
             if preflight_only:
@@ -599,9 +615,16 @@ def main() -> None:
     _quiet_libraries()
     try:
         app()
-    except Exception:
+    except Exception as exc:
         if _state["debug"]:
             raise
+        from gemma4_tune.io import write_error
+
+        # a full disk or read-only filesystem met outside a guarded write is still a finding, not an internal error
+        found = write_error(exc, exc.filename or ".", "the command's output") if isinstance(exc, OSError) else None
+        if found is not None:
+            render_findings([found], stderr=True)
+            raise SystemExit(1) from None
         err_console.print("[bold red]internal error[/] (run again with --debug for the traceback):")
         err_console.print(traceback.format_exc().strip().splitlines()[-1], markup=False)
         raise SystemExit(1) from None

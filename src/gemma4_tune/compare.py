@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gemma4_tune.findings import FindingError, Severity, finding, register
+from gemma4_tune.io import atomic_file, write_json, write_text_atomic
 
 NOT_A_RUN = register("G4T409", Severity.ERROR, "Not a training run directory")
 
@@ -52,7 +53,7 @@ def _name(run: Path, taken: set[str]) -> str:
 def summarize(run: Path, name: str) -> tuple[RunSummary, list[dict[str, Any]]]:
     """One run's summary and its metric rows."""
     metrics = read_metrics(run)
-    losses = [m for m in metrics if "loss" in m and math.isfinite(m["loss"])]
+    losses = [m for m in metrics if m.get("loss") is not None and math.isfinite(m["loss"])]
     evals = [m for m in metrics if "eval_loss" in m]
     config: dict[str, Any] = {}
     if (run / "run.json").is_file():
@@ -95,7 +96,8 @@ def compare_plot(runs: list[tuple[RunSummary, list[dict[str, Any]]]], path: Path
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return path
 
@@ -125,7 +127,7 @@ def compare_runs(runs: list[str | Path], out: str | Path) -> dict[str, Any]:
                      f"{_opt(s.eval_accuracy_start, '.1%')} -> {_opt(s.eval_accuracy_end, '.1%')} | "
                      f"{s.tokens_per_s:.0f} | {settings} |")
     lines += ["", f"![loss curves]({plot.name})", ""]
-    (out / "compare.md").write_text("\n".join(lines))
+    write_text_atomic(out / "compare.md", "\n".join(lines))
     report = {"runs": [s.to_dict() for s in rows], "plot": str(plot), "markdown": str(out / "compare.md")}
-    (out / "compare.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out / "compare.json", report)
     return report

@@ -8,18 +8,52 @@ meaning of every key; what it became is ``ImportedConfig.mapping`` (``train --ex
 from __future__ import annotations
 
 import difflib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator,
+                      model_validator)
 
 from gemma4_tune.data.formats import FORMATS, ChatOptions
 from gemma4_tune.data.records import DataSource
 from gemma4_tune.findings import Finding, FindingError, Severity, finding, register
 
 BAD_CONFIG = register("G4T005", Severity.ERROR, "Invalid run configuration")
+
+MAX_LR = 1.0
+"""Adam moves every LoRA weight by about the learning rate each step: above 1 the adapter turns to noise (the loss of
+a tiny model stops falling) or overflows (``lr: 1e30`` made it inf at step 2, stopped only then by G4T403)."""
+MAX_SEED = 2**32 - 1
+"""The largest seed numpy's ``np.random.seed`` (called by transformers' ``set_seed``) accepts."""
+
+
+def _no_bool(value: Any) -> Any:
+    """YAML reads ``true``/``yes`` as a boolean: refuse it where a number is meant (pydantic would make it 1)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number, got a boolean")
+    return value
+
+
+Whole = Annotated[int, Strict()]
+"""A whole number, never a boolean, a float or a string."""
+Number = Annotated[float, BeforeValidator(_no_bool), Field(allow_inf_nan=False)]
+"""A finite number (a string such as YAML's unquoted ``1e-4`` is read as one), never a boolean."""
+Flag = Annotated[bool, Strict()]
+"""true or false, never 0/1 or a string."""
+
+_ALLOWED = {
+    "max_steps": "-1 (train for --epochs) or a whole number >= 1",
+    "lr": f"a finite number > 0 and <= {MAX_LR:g} (Adam moves each LoRA weight by about lr per step, so above 1 "
+          "the adapter turns to noise or overflows; usual values are 1e-5 to 1e-3)",
+    "seed": f"a whole number from 0 to {MAX_SEED} (what numpy and transformers' set_seed accept)",
+    "epochs": "a finite number > 0",
+    "targets": "a string or a list of strings (e.g. text,vision or [text, vision])",
+    "data": "a path, or a list of paths and dataset mappings (docs/formats.md)",
+}
 
 
 class DatasetSpec(BaseModel):
@@ -62,50 +96,66 @@ class RunConfig(BaseModel):
     data: list[DatasetSpec]
     out: str | None = None
     targets: str = "text"
-    rank: int = Field(16, ge=1)
-    alpha: int | None = Field(None, ge=1)
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    max_steps: int = Field(-1, ge=-1)
-    epochs: float = Field(1.0, gt=0)
-    lr: float = Field(2e-4, gt=0)
-    batch_size: int = Field(1, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    max_seq_len: int = Field(2048, ge=16)
-    save_steps: int = Field(50, ge=1)
-    save_total_limit: int = Field(2, ge=1)
-    seed: int = 0
+    rank: Whole = Field(16, ge=1)
+    alpha: Whole | None = Field(None, ge=1)
+    lora_dropout: Number = Field(0.0, ge=0.0, lt=1.0)
+    max_steps: Whole = Field(-1, ge=-1)
+    epochs: Number = Field(1.0, gt=0)
+    lr: Number = Field(2e-4, gt=0, le=MAX_LR)
+    batch_size: Whole = Field(1, ge=1)
+    grad_accum: Whole = Field(1, ge=1)
+    max_seq_len: Whole = Field(2048, ge=16)
+    save_steps: Whole = Field(50, ge=1)
+    save_total_limit: Whole = Field(2, ge=1)
+    seed: Whole = Field(0, ge=0, le=MAX_SEED)
     train_on: Literal["assistant", "all"] = "assistant"
-    packing: bool = False
-    skip_invalid: bool = False
-    gradient_checkpointing: bool = True
-    warmup_steps: int = Field(0, ge=0)
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    packing: Flag = False
+    skip_invalid: Flag = False
+    gradient_checkpointing: Flag = True
+    warmup_steps: Whole = Field(0, ge=0)
+    warmup_ratio: Number = Field(0.0, ge=0.0, lt=1.0)
     optimizer: str = "adamw_torch"
     lr_scheduler: str = "linear"
-    weight_decay: float = Field(0.0, ge=0.0)
-    max_grad_norm: float = Field(1.0, ge=0.0)
-    adam_beta1: float = Field(0.9, gt=0.0, lt=1.0)
-    adam_beta2: float = Field(0.999, gt=0.0, lt=1.0)
-    adam_epsilon: float = Field(1e-8, gt=0.0)
+    weight_decay: Number = Field(0.0, ge=0.0)
+    max_grad_norm: Number = Field(1.0, ge=0.0)
+    adam_beta1: Number = Field(0.9, gt=0.0, lt=1.0)
+    adam_beta2: Number = Field(0.999, gt=0.0, lt=1.0)
+    adam_epsilon: Number = Field(1e-8, gt=0.0)
     optim_args: str | None = None
-    evals_per_epoch: int | None = Field(None, ge=1)
-    saves_per_epoch: int | None = Field(None, ge=1)
-    logging_steps: int = Field(1, ge=1)
-    resume: bool = False
-    preflight: bool = True
+    evals_per_epoch: Whole | None = Field(None, ge=1)
+    saves_per_epoch: Whole | None = Field(None, ge=1)
+    logging_steps: Whole = Field(1, ge=1)
+    resume: Flag = False
+    preflight: Flag = True
     template_revision: str | None = None
     quantize: Literal["4bit"] | None = None
     eval_data: str | None = None
-    eval_split: float = Field(0.0, ge=0.0)
-    eval_steps: int | None = Field(None, ge=1)
-    samples: int = Field(4, ge=0)
-    sample_max_tokens: int = Field(32, ge=1)
+    eval_split: Number = Field(0.0, ge=0.0)
+    eval_steps: Whole | None = Field(None, ge=1)
+    samples: Whole = Field(4, ge=0)
+    sample_max_tokens: Whole = Field(32, ge=1)
     distributed: Literal["ddp", "fsdp2", "zero2", "zero3"] | None = None
-    nproc: int | None = Field(None, ge=1)
-    nnodes: int = Field(1, ge=1)
-    node_rank: int = Field(0, ge=0)
+    nproc: Whole | None = Field(None, ge=1)
+    nnodes: Whole = Field(1, ge=1)
+    node_rank: Whole = Field(0, ge=0)
     master_addr: str = "127.0.0.1"
-    master_port: int = Field(29500, ge=1, le=65535)
+    master_port: Whole = Field(29500, ge=1, le=65535)
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _target_names(cls, value: Any) -> Any:
+        if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
+            return ",".join(value)
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError("expected a string or a non-empty list of strings")
+        return value
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("0 steps trains nothing")
+        return value
 
     @field_validator("data", mode="before")
     @classmethod
@@ -167,14 +217,12 @@ def _did_you_mean(key: str) -> str:
     return f"did you mean '{close[0]}'?" if close else "see `gemma4-tune train --help` for the keys (or docs/axolotl.md)"
 
 
-def build_config(values: dict[str, Any], *, source: str = "flags") -> RunConfig:
-    """Validate a dict of settings into a RunConfig, turning every problem into a finding."""
-    normalised: dict[str, Any] = {}
-    for key, value in values.items():
-        name = key.replace("-", "_")
-        if name == "targets" and isinstance(value, list):
-            value = ",".join(value)
-        normalised[name] = value
+def build_config(values: dict[str, Any], *, source: str = "flags", names: dict[str, str] | None = None) -> RunConfig:
+    """Validate a dict of settings into a RunConfig, turning every problem into a finding.
+
+    ``names`` gives the key the user wrote for a field (an Axolotl file's ``learning_rate`` for ``lr``).
+    """
+    normalised = {key.replace("-", "_"): value for key, value in values.items()}
     unknown = [k for k in normalised if k not in RunConfig.model_fields]
     if unknown:
         listed = ", ".join(f"'{k}' ({_did_you_mean(k)})" if "did you mean" in _did_you_mean(k) else f"'{k}'"
@@ -185,11 +233,23 @@ def build_config(values: dict[str, Any], *, source: str = "flags") -> RunConfig:
     try:
         return RunConfig(**normalised)
     except ValidationError as exc:
-        raise FindingError(*[
-            finding(BAD_CONFIG.code, f"{source}: {'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}",
-                    "fix the value (see `gemma4-tune train --help`)")
-            for err in exc.errors()
-        ]) from None
+        raise FindingError(*[_invalid(err, source, names or {}) for err in exc.errors()]) from None
+
+
+def _invalid(err: Any, source: str, names: dict[str, str]) -> Finding:
+    """One pydantic error as a G4T005 finding: the key, the value given, what is wrong and what is allowed."""
+    loc = [str(part) for part in err["loc"]]
+    key = ".".join(loc) or "config"
+    if loc and loc[0] in names:
+        key = ".".join([f"{names[loc[0]]} ({loc[0]})", *loc[1:]])
+    problem = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
+    if err["type"] == "missing" or not loc:
+        return finding(BAD_CONFIG.code, f"{source}: {key}: {problem}", "see `gemma4-tune train --help`", key=key)
+    allowed = _allowed(loc[0]) if len(loc) == 1 else None
+    value = err["input"]
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    return finding(BAD_CONFIG.code, f"{source}: {key}: {problem} (given: {shown})",
+                   f"give {key} {allowed}" if allowed else "fix the value (see `gemma4-tune train --help`)", key=key)
 
 
 def load_yaml(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -210,11 +270,45 @@ def read_run_file(path: str | Path, overrides: dict[str, Any] | None = None) -> 
     except yaml.YAMLError as exc:
         raise FindingError(finding(BAD_CONFIG.code, f"{path} is not valid YAML: {exc}", "fix the YAML syntax")) \
             from None
+    except RecursionError:
+        raise FindingError(finding(BAD_CONFIG.code, f"{path} nests lists or mappings too deep to read",
+                                   "write the run file as flat `key: value` lines")) from None
     if not isinstance(data, dict):
         raise FindingError(finding(BAD_CONFIG.code, f"{path} must hold a mapping of keys to values",
                                    "write `key: value` lines, e.g. `model: runs/tiny-e2b`"))
     if axolotl.is_axolotl(data):
         values, mapping, notes = axolotl.translate(data, source=str(path))
-        config = build_config({**values, **(overrides or {})}, source=str(path))
+        names = {ours: key for key in data if (ours := axolotl.our_name(key)) not in (None, key, *(overrides or {}))}
+        config = build_config({**values, **(overrides or {})}, source=str(path), names=names)
         return ImportedConfig(config, "Axolotl", mapping, notes)
     return ImportedConfig(build_config({**data, **(overrides or {})}, source=str(path)))
+
+
+_KINDS = {int: "a whole number", float: "a finite number", bool: "true or false", str: "a string"}
+_BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+
+
+def _allowed(name: str) -> str | None:
+    """What a key of RunConfig accepts, in words (``a whole number >= 1, or null``)."""
+    if name in _ALLOWED:
+        return _ALLOWED[name]
+    info = RunConfig.model_fields.get(name)
+    if info is None:
+        return None
+    bounds = " and ".join(f"{word} {getattr(m, attr):g}" for m in info.metadata for attr, word in _BOUNDS
+                          if hasattr(m, attr))
+    return ", or ".join(f"{kind} {bounds}" if bounds and kind in _KINDS.values() else kind
+                        for kind in _kinds(info.annotation))
+
+
+def _kinds(annotation: Any) -> list[str]:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return [f"one of {', '.join(map(str, typing.get_args(annotation)))}"]
+    if origin is Annotated:
+        return _kinds(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return [kind for arg in typing.get_args(annotation) for kind in _kinds(arg)]
+    if annotation is type(None):
+        return ["null"]
+    return [_KINDS.get(annotation, getattr(annotation, "__name__", str(annotation)))]

@@ -6,22 +6,93 @@ train, prove the saved adapter reproduces the trained model and changes its outp
 export a merged checkpoint and verify every artefact in its engine (stock PEFT, stock
 transformers, and a real vLLM when its environment is installed), and write the report.
 ``summary.json`` keeps the figures.
+
+The demo writes a marker file (``.gemma4-tune-demo``) into a new or empty ``--out``. Run again
+into the same folder, it reuses the model and data and replaces only its own earlier ``run`` and
+``merged`` folders; anything it did not write is never deleted (G4T004, see :func:`demo_outputs`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 from gemma4_tune.config import RunConfig
 from gemma4_tune.console import console, render_findings
-from gemma4_tune.findings import FindingError
+from gemma4_tune.findings import OUTPUT_EXISTS, FindingError, finding
+from gemma4_tune.io import check_writable, write_json
 
 DEMO_TARGETS = "text,vision,audio"
 DEMO_STEPS = 80
 DEMO_EVAL_SPLIT = 0.15
+DEMO_MARKER = ".gemma4-tune-demo"
+#: What `train`, its report and the demo's `verify` write into a run directory (a run killed before the demo
+#: recorded what it wrote holds only these).
+RUN_ENTRIES = frozenset({"adapter", "checkpoints", ".staging", "launch", "metrics.jsonl", "run-start.json",
+                         "run.json", "preflight.json", "report.json", "report.md", "report.html", "loss.png",
+                         "verify.json", "verify.md", "train.lock"})
+REPLACED = ("run", "merged")
+
+
+def _written_by_us(name: str, known: frozenset[str]) -> bool:
+    """``name`` is one of ``known``, or the temporary or old copy an atomic write makes of one (``.x.tmp-*``,
+    ``.x.old``)."""
+    return name in known or re.sub(r"^\.(.+?)\.(tmp-.*|old)$", r"\1", name) in known
+
+
+def _foreign(folder: Path, known: frozenset[str]) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if not _written_by_us(p.name, known))
+
+
+def demo_outputs(out: Path) -> list[Path]:
+    """The folders a demo into ``out`` will replace: its own earlier ``run`` and ``merged``, nothing else.
+
+    Refuses (G4T004), before any work starts: a non-empty ``out`` without the demo's marker, and a
+    ``run`` or ``merged`` folder holding anything the demo did not write. What it wrote is what its
+    marker recorded at the end of the earlier demo, what a run writes (:data:`RUN_ENTRIES`) and what
+    the merged checkpoint's record lists.
+    """
+    from gemma4_tune.export.merge import MERGE_RECORD
+
+    out = Path(out)
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return []
+    if not (out / DEMO_MARKER).is_file():
+        raise FindingError(finding(OUTPUT_EXISTS.code, f"{out} is not empty and was not written by "
+                                   "`gemma4-tune demo` (it has no .gemma4-tune-demo marker): nothing in it is "
+                                   "replaced", "give --out a new or empty folder (or an earlier demo's folder)"))
+    written = json.loads((out / DEMO_MARKER).read_text()).get("written", {})
+    replaced = []
+    for name in REPLACED:
+        folder = out / name
+        if not folder.exists():
+            continue
+        known = RUN_ENTRIES if name == "run" else frozenset()
+        record = folder / MERGE_RECORD
+        if name == "merged" and record.is_file():
+            known = frozenset(json.loads(record.read_text()).get("files", []))
+        known |= frozenset(written.get(name, []))
+        foreign = _foreign(folder, known) if folder.is_dir() else [folder.name]
+        if foreign:
+            raise FindingError(finding(OUTPUT_EXISTS.code, f"{folder} holds what the demo did not write "
+                                       f"({', '.join(foreign[:5])}): the demo would replace that folder",
+                                       f"move those files out of {folder}, or give --out a new folder"))
+        replaced.append(folder)
+    return replaced
+
+
+def _marker(written: dict[str, list[str]]) -> dict[str, Any]:
+    return {"kind": "gemma4_tune.demo", "note": "written by `gemma4-tune demo`: a later demo here replaces only "
+            "its own run/ and merged/ (the files listed under `written`)", "written": written}
+
+
+def _record_written(out: Path) -> None:
+    """Note in the marker what this demo wrote into the folders a later demo replaces."""
+    write_json(out / DEMO_MARKER, _marker({name: sorted(p.name for p in (out / name).iterdir())
+                                           for name in REPLACED if (out / name).is_dir()}))
 
 
 def run_demo(out: Path, *, seed: int = 0, steps: int = DEMO_STEPS) -> dict[str, Any]:
@@ -35,7 +106,11 @@ def run_demo(out: Path, *, seed: int = 0, steps: int = DEMO_STEPS) -> dict[str, 
     from gemma4_tune.train import loss_went_down
 
     out = Path(out)
+    check_writable(out, "--out")
+    replaced = demo_outputs(out)
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / DEMO_MARKER).is_file():
+        write_json(out / DEMO_MARKER, _marker({}))
     started = time.perf_counter()
 
     console.rule("[bold]1. A tiny Gemma 4 E2B (random weights, the real structure)")
@@ -63,7 +138,8 @@ def run_demo(out: Path, *, seed: int = 0, steps: int = DEMO_STEPS) -> dict[str, 
 
     console.rule(f"[bold]4. Train {steps} steps")
     run_dir = out / "run"
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if run_dir in replaced:
+        shutil.rmtree(run_dir)
     cfg = RunConfig(model=str(model_dir), data=str(data), out=str(run_dir), targets=DEMO_TARGETS, rank=8,
                     max_steps=steps, batch_size=4, lr=1e-2, save_steps=max(steps // 2, 1), seed=seed,
                     eval_split=DEMO_EVAL_SPLIT, eval_steps=max(steps // 4, 1), samples=3)
@@ -82,7 +158,8 @@ def run_demo(out: Path, *, seed: int = 0, steps: int = DEMO_STEPS) -> dict[str, 
 
     console.rule("[bold]6. Export a merged checkpoint and verify every artefact in its engine")
     merged = out / "merged"
-    shutil.rmtree(merged, ignore_errors=True)
+    if merged in replaced:
+        shutil.rmtree(merged)
     exported = export(model_dir, result.adapter, merged=merged)
     console.print(f"  merged checkpoint {merged}: {exported['merged']['tensors_merged']} tensors merged, "
                   f"{exported['merged']['tensors_copied']} copied, {exported['merged']['seconds']:.1f} s; "
@@ -102,6 +179,7 @@ def run_demo(out: Path, *, seed: int = 0, steps: int = DEMO_STEPS) -> dict[str, 
                    "tensors copied": exported["merged"]["tensors_copied"],
                    "merge seconds": exported["merged"]["seconds"], "Ollama Modelfile": str(merged / "Modelfile")}}}
     write_report(run_dir, report, result.findings)
+    _record_written(out)
     if not verified["ok"]:
         raise FindingError(*verified["findings"])
 
@@ -115,7 +193,7 @@ def run_demo(out: Path, *, seed: int = 0, steps: int = DEMO_STEPS) -> dict[str, 
         "eval_accuracy_base": evals[0]["eval_accuracy"], "eval_accuracy_tuned": evals[-1]["eval_accuracy"],
         "seconds": round(time.perf_counter() - started, 1),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary)
     console.rule("[bold green]demo finished")
     console.print(f"mean loss of the first 10 steps {first:.3f} -> last 10 steps {last:.3f}; "
                   f"{summary['seconds']} s in all")

@@ -185,14 +185,32 @@ def read_plan(out: str | Path) -> DistributedPlan:
 def launch(cfg: Any, *, dry_run: bool = False, log: Any = print) -> int:
     """Plan, write the launch files and start torchrun (or, with ``dry_run``, print what would run).
 
-    Returns torchrun's exit status (0 for a dry run).
+    Returns torchrun's exit status (0 for a dry run). Node 0's launcher holds the run directory's lock
+    for the whole job (G4T417 for a second run on it); its processes know it by ``LOCK_ENV``.
     """
+    from gemma4_tune.rundir import LOCK_ENV, check_not_in_use, lock_run_dir, release_run_dir
+
     out = Path(cfg.out)
+    holds_lock = cfg.node_rank == 0 and not dry_run
+    if holds_lock:
+        check_not_in_use(out)
     leftovers = [p.name for p in out.iterdir() if p.name != LAUNCH_DIR] if out.is_dir() else []
     if leftovers and not cfg.resume and cfg.node_rank == 0:
         raise FindingError(finding(OUTPUT_EXISTS.code, f"{out} already exists and is not empty ({leftovers[0]}...)",
                                    "choose a new --out directory, or remove the old one"))
     dplan = plan_distributed(cfg)
+    if not holds_lock:
+        return _start(cfg, dplan, dry_run=dry_run, log=log)
+    lock_run_dir(out)
+    try:
+        return _start(cfg, dplan, dry_run=dry_run, log=log, extra_env={LOCK_ENV: str(os.getpid())})
+    finally:
+        release_run_dir(out)
+
+
+def _start(cfg: Any, dplan: DistributedPlan, *, dry_run: bool, log: Any,
+           extra_env: dict[str, str] | None = None) -> int:
+    """Write the launch files, print the plan and run torchrun (unless ``dry_run``)."""
     run_file = write_launch_files(cfg, dplan)
     cmd = dplan.command(run_file.resolve())
     env = dplan.environment()
@@ -207,7 +225,7 @@ def launch(cfg: Any, *, dry_run: bool = False, log: Any = print) -> int:
     log("command: " + " ".join(f"{k}={v}" for k, v in env.items()) + (" " if env else "") + " ".join(cmd))
     if dry_run:
         return 0
-    return subprocess.run(cmd, env={**os.environ, **env}, check=False).returncode
+    return subprocess.run(cmd, env={**os.environ, **env, **(extra_env or {})}, check=False).returncode
 
 
 # -- inside the processes -----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from gemma4_tune.data.chat import END_OF_TURN
 from gemma4_tune.loss import token_hits, token_sums
 
 
@@ -76,6 +77,8 @@ class Sample:
     base: str
     tuned: str
     held_out: bool
+    tuned_stopped: bool = False  # the tuned model ended its answer with <turn|> (or EOS) within the token budget
+    base_stopped: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -120,10 +123,15 @@ def generate_samples(model: Any, batcher: Any, conversations: list[Any], *, held
     was_training = model.training
     model.eval()
 
-    def answer(inputs: dict[str, torch.Tensor]) -> str:
+    stops = {tokenizer.convert_tokens_to_ids(END_OF_TURN), tokenizer.eos_token_id}
+
+    def answer(inputs: dict[str, torch.Tensor]) -> tuple[str, bool]:
+        """The greedy answer, and whether it ended on its own (catalog row 29: the model learned to stop)."""
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
                              top_p=None, top_k=None, pad_token_id=batcher.pad_token_id)
-        return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        new_ids = out[0, inputs["input_ids"].shape[1]:].tolist()
+        text = tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+        return text, any(t in stops for t in new_ids)
 
     samples = []
     try:
@@ -131,11 +139,12 @@ def generate_samples(model: Any, batcher: Any, conversations: list[Any], *, held
             for conv in conversations:
                 inputs, reference = batcher.encode_prompt(conv)
                 inputs = _to(inputs, device)
-                tuned = answer(inputs)
+                tuned, tuned_stopped = answer(inputs)
                 with model.disable_adapter():
-                    base = answer(inputs)
+                    base, base_stopped = answer(inputs)
                 kind = "image" if conv.images else "audio" if conv.audios else "text"
-                samples.append(Sample(kind, conv.source, _last_user_text(conv), reference, base, tuned, held_out))
+                samples.append(Sample(kind, conv.source, _last_user_text(conv), reference, base, tuned, held_out,
+                                      tuned_stopped, base_stopped))
     finally:
         model.train(was_training)
     return samples

@@ -157,10 +157,17 @@ def moe_experts_targeted(ctx: PreflightContext) -> list[Finding]:
                     "use --targets text (it adds experts.gate_up_proj/down_proj through target_parameters)")]
 
 
+def _supervised(ctx: PreflightContext) -> int:
+    return int(ctx.batch["labels"][:, 1:].ne(-100).sum())
+
+
 @check(static=False)
 def loss_is_finite(ctx: PreflightContext) -> list[Finding]:
-    """Row 19: NaN/inf on the first batch never trains into something useful."""
-    if ctx.loss is not None and torch.isfinite(ctx.loss):
+    """Row 19: NaN/inf on the first batch never trains into something useful.
+
+    A batch with no supervised token has a 0/0 loss: G4T504 says so, not this check.
+    """
+    if (ctx.loss is not None and torch.isfinite(ctx.loss)) or not _supervised(ctx):
         return []
     return [finding(LOSS_NOT_FINITE.code, f"the loss on the first batch is {float(ctx.loss)}",
                     "train in bf16 on GPU or fp32 on CPU (never fp16); check the data for empty examples")]
@@ -168,8 +175,12 @@ def loss_is_finite(ctx: PreflightContext) -> list[Finding]:
 
 @check(static=False)
 def towers_get_gradients(ctx: PreflightContext) -> list[Finding]:
-    """Row 21: a tower in the plan whose LoRA gets no gradient learns nothing; lora_B's gradient is the signal."""
+    """Row 21: a tower in the plan whose LoRA gets no gradient learns nothing; lora_B's gradient is the signal.
+
+    Without a supervised token in the batch (G4T504) or a finite loss (G4T501) no tower gets one: not checked.
+    """
     out = []
+    trained = _supervised(ctx) and ctx.loss is not None and bool(torch.isfinite(ctx.loss))
     present = {"text": True, "vision": "pixel_values" in ctx.batch, "audio": "input_features" in ctx.batch}
     for tower in ctx.plan.groups:
         if tower != "text" and not ctx.dataset_modalities.get("image" if tower == "vision" else "audio"):
@@ -178,7 +189,7 @@ def towers_get_gradients(ctx: PreflightContext) -> list[Finding]:
                                f"{kind} — its LoRA would stay at zero", f"drop {tower} from --targets, or add "
                                f"{kind} examples"))
             continue
-        if present.get(tower) and not ctx.lora_grad.get(tower, 0.0) > 0:
+        if trained and present.get(tower) and not ctx.lora_grad.get(tower, 0.0) > 0:
             out.append(finding(TOWER_NO_GRADIENT.code, f"the {tower} tower's LoRA got no gradient from a batch "
                                f"with {tower} inputs", "check that the tower is not frozen or detached (no "
                                "torch.no_grad around it) and that its targets are the inner .linear modules"))
@@ -188,7 +199,7 @@ def towers_get_gradients(ctx: PreflightContext) -> list[Finding]:
 @check(static=False)
 def batch_is_supervised(ctx: PreflightContext) -> list[Finding]:
     """Row 12: a batch (or dataset) with no labelled token trains nothing."""
-    supervised = int(ctx.batch["labels"][:, 1:].ne(-100).sum())
+    supervised = _supervised(ctx)
     if supervised and ctx.dataset_supervised:
         return []
     return [finding(NO_SUPERVISED_IN_BATCH.code, f"supervised tokens: {supervised} in the first batch, "

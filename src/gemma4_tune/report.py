@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gemma4_tune.findings import Finding
+from gemma4_tune.io import atomic_file, write_json, write_text_atomic
 
 
 @dataclass
@@ -34,8 +34,8 @@ Section = tuple[str, list[Block]]
 
 def loss_plot(metrics: list[dict[str, Any]], path: Path) -> Path | None:
     """Training and held-out loss against step (and held-out accuracy), as a PNG; None when nothing was logged."""
-    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
-    evals = [(m["step"], m["eval_loss"], m["eval_accuracy"]) for m in metrics if "eval_loss" in m]
+    train = [(m["step"], _value(m["loss"])) for m in metrics if "loss" in m]
+    evals = [(m["step"], _value(m["eval_loss"]), m["eval_accuracy"]) for m in metrics if "eval_loss" in m]
     if not train and not evals:
         return None
     import matplotlib
@@ -60,9 +60,20 @@ def loss_plot(metrics: list[dict[str, Any]], path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return path
+
+
+def _value(value: float | None) -> float:
+    """A figure read back from strict JSON, where a NaN was written as null."""
+    return float("nan") if value is None else float(value)
+
+
+def _num(value: float | None, spec: str) -> str:
+    """``value`` formatted by ``spec``; ``nan`` for a missing (null in JSON) or non-finite figure."""
+    return "nan" if value is None or not math.isfinite(value) else format(value, spec)
 
 
 def _fmt(value: Any) -> str:
@@ -100,12 +111,12 @@ def build_sections(sections: dict[str, Any], findings: list[Finding], plot: Path
                                f"held-out conversations ({data.get('eval_source')}); loss computed exactly like "
                                "the training loss. Step 0 is the base model."),
             Block("table", header=["", f"step {first['step']} (base)", f"step {last['step']} (tuned)", "change"],
-                  rows=[["loss", f"{first['eval_loss']:.4f}", f"{last['eval_loss']:.4f}",
-                         f"{last['eval_loss'] - first['eval_loss']:+.4f}"],
+                  rows=[["loss", _num(first["eval_loss"], ".4f"), _num(last["eval_loss"], ".4f"),
+                         _num(_value(last["eval_loss"]) - _value(first["eval_loss"]), "+.4f")],
                         ["token accuracy", f"{first['eval_accuracy']:.1%}", f"{last['eval_accuracy']:.1%}",
                          f"{100 * (last['eval_accuracy'] - first['eval_accuracy']):+.1f} pt"]]),
             Block("table", header=["step", "held-out loss", "token accuracy", "training tokens seen"],
-                  rows=[[m["step"], f"{m['eval_loss']:.4f}", f"{m['eval_accuracy']:.1%}", m.get("tokens")]
+                  rows=[[m["step"], _num(m["eval_loss"], ".4f"), f"{m['eval_accuracy']:.1%}", m.get("tokens")]
                         for m in evals]),
         ]))
     if plot:
@@ -115,9 +126,12 @@ def build_sections(sections: dict[str, Any], findings: list[Finding], plot: Path
         where = "held-out" if samples[0].get("held_out") else "training (no held-out data was given)"
         out.append(("Samples", [
             Block("text", text=f"Greedy answers to {len(samples)} {where} prompts, by the base model and the "
-                               "tuned model, with the reference answer."),
-            Block("table", header=["kind", "prompt", "reference", "base model", "tuned model"],
-                  rows=[[s["kind"], s["prompt"], s["reference"], s["base"], s["tuned"]] for s in samples]),
+                               "tuned model, with the reference answer. \"stops\": the tuned answer ended with "
+                               f"<turn|> within the token budget ({sum(bool(s.get('tuned_stopped')) for s in samples)}"
+                               f" of {len(samples)})."),
+            Block("table", header=["kind", "prompt", "reference", "base model", "tuned model", "stops"],
+                  rows=[[s["kind"], s["prompt"], s["reference"], s["base"], s["tuned"],
+                         "yes" if s.get("tuned_stopped") else "no"] for s in samples]),
         ]))
     verification = sections.get("verification") or {}
     blocks = []
@@ -174,8 +188,8 @@ def build_sections(sections: dict[str, Any], findings: list[Finding], plot: Path
         out.append(("Timings and throughput", [Block("kv", [[k, v] for k, v in timing.items()])]))
     if steps:
         out.append(("Steps", [Block("table", header=["step", "loss", "lr", "grad norm", "tokens/s"], rows=[
-            [m["step"], f"{m['loss']:.4f}", f"{m.get('learning_rate', 0):.2e}",
-             f"{m.get('grad_norm', float('nan')):.3f}", f"{m.get('tokens_per_s', 0):.0f}"] for m in steps])]))
+            [m["step"], _num(m["loss"], ".4f"), _num(m.get("learning_rate", 0), ".2e"),
+             _num(m.get("grad_norm"), ".3f"), _num(m.get("tokens_per_s", 0), ".0f")] for m in steps])]))
     if findings:
         out.append(("Findings", [Block("table", header=["code", "severity", "message", "fix"],
                                        rows=[[f.code, f.severity.value, f.message, f.fix] for f in findings])]))
@@ -260,11 +274,11 @@ def write_report(out: Path, sections: dict[str, Any], findings: list[Finding]) -
     """Write report.json, report.md, report.html and loss.png into ``out``; return their paths."""
     plot = loss_plot(sections.get("metrics", []), out / "loss.png")
     data = {**sections, "findings": [f.to_dict() for f in findings]}
-    (out / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    write_json(out / "report.json", data)
     title = f"gemma4-tune run: {sections.get('config', {}).get('out', out)}"
     built = build_sections(sections, findings, plot)
-    (out / "report.md").write_text(render_markdown(title, built))
-    (out / "report.html").write_text(render_html(title, built, out))
+    write_text_atomic(out / "report.md", render_markdown(title, built))
+    write_text_atomic(out / "report.html", render_html(title, built, out))
     paths = {"json": out / "report.json", "markdown": out / "report.md", "html": out / "report.html"}
     if plot:
         paths["plot"] = plot

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -33,7 +34,7 @@ from typing import Any
 
 from gemma4_tune.engines import vllm_max_lora_rank
 from gemma4_tune.findings import Finding, FindingError, Severity, finding, register
-from gemma4_tune.verify.parity import text_only_adapter
+from gemma4_tune.verify.parity import non_finite_finding, text_only_adapter, worst
 from gemma4_tune.verify.engine_env import engines_root, require_vllm_python, scratch_environ, vllm_status
 from gemma4_tune.verify.vllm import (
     ENGINE_FAILED,
@@ -45,6 +46,7 @@ from gemma4_tune.verify.vllm import (
     compare_mode,
     hf_reference,
     k_eq_v_lora_layers,
+    unjudged_finding,
     useful_tail,
     vllm_ready_adapter,
 )
@@ -123,13 +125,15 @@ def plan_serving(base: str | Path, adapters: dict[str, Path], work_dir: Path, *,
                  max_model_len: int | None = None, served_name: str | None = None) -> ServePlan:
     """Check every adapter for vLLM and decide what to serve; raises the findings that block serving."""
     from gemma4_tune.export.adapter import check_adapter_for_engines
-    from gemma4_tune.export.manifest import check_adapter_matches_base
+    from gemma4_tune.export.manifest import check_adapter_matches_base, check_served_template
 
     base = Path(base)
     flavour = flavour or vllm_status().get("flavour") or "cpu"
     model = Path(merged) if merged else base
     plan = ServePlan(model=model.resolve(), served_name=served_name or model.resolve().name,
                      dtype=dtype or _config_dtype(model), max_model_len=max_model_len or _default_max_model_len(model))
+    for adapter in adapters.values():  # G4T812 warns, G4T813 stops: the template it was trained with (row 34)
+        plan.findings += check_served_template(adapter, [model])
     if merged:
         if len(adapters) > 1:
             raise FindingError(finding(NOT_SERVABLE.code, "a merged checkpoint is served alone; give at most one "
@@ -368,17 +372,20 @@ def smoke(server: VllmServer, base: Path, references: dict[str, Any], prompts: l
         if ref is None:
             return [_unreferenced(plan, rows, references["base"])]
         mode = compare_mode("merged", rows, ref["lora"])
-        tolerance = LOGPROB_TOLERANCE.get(plan.dtype, 1e-1)
-        min_agreement = MIN_AGREEMENT.get(plan.dtype, 0.9)
-        worst = max(mode.max_logprob_diff, mode.max_prompt_logprob_diff)
-        findings = []
-        if mode.greedy_agreement < min_agreement or worst > tolerance:
+        gap = worst((mode.max_logprob_diff, mode.max_prompt_logprob_diff))
+        findings = _non_finite(plan, mode)
+        if not findings and plan.dtype not in LOGPROB_TOLERANCE:
+            findings.append(unjudged_finding(f"vLLM serving {plan.served_name}", plan.dtype, mode.greedy_agreement,
+                                             gap))
+        tolerance = LOGPROB_TOLERANCE.get(plan.dtype, math.inf)
+        min_agreement = MIN_AGREEMENT.get(plan.dtype, 0.0)
+        if not findings and (mode.greedy_agreement < min_agreement or not (gap <= tolerance)):
             findings.append(finding(PARITY_MISMATCH.code, f"the served merged checkpoint differs from base + adapter "
                                     f"in transformers + PEFT: greedy agreement {mode.greedy_agreement:.0%}, max "
-                                    f"|logprob diff| {worst:.2e} (tolerance {tolerance:.0e}, {plan.dtype})",
+                                    f"|logprob diff| {gap:.2e} (tolerance {tolerance:.0e}, {plan.dtype})",
                                     "re-export the merged checkpoint from this adapter and base "
                                     "(gemma4-tune export --merged) and run gemma4-tune verify on it"))
-        return [SmokeResult(plan.served_name, mode.greedy_agreement, worst, None, findings)]
+        return [SmokeResult(plan.served_name, mode.greedy_agreement, gap, None, findings)]
     base_rows = _complete(server, plan.served_name, prompts, allowed)
     for name in plan.adapters:
         result = {"vllm_version": version, "max_tokens": SMOKE_MAX_TOKENS, "adapters": {name: str(plan.adapters[name])},
@@ -391,13 +398,25 @@ def smoke(server: VllmServer, base: Path, references: dict[str, Any], prompts: l
     return out
 
 
+def _non_finite(plan: ServePlan, mode: Any) -> list[Finding]:
+    """G4T618 when the served model returned NaN or +inf logprobs: then no figure of the smoke check means anything."""
+    if not mode.non_finite:
+        return []
+    return [non_finite_finding(f"vLLM serving {plan.served_name}", mode.non_finite, mode.values,
+                               "the checkpoint holds NaN or infinite weights: export it again from the trained "
+                               "adapter (`gemma4-tune export --merged`) and check it with `gemma4-tune verify`")]
+
+
 def _unreferenced(plan: ServePlan, rows: list[dict[str, Any]], base_ref: list[Any]) -> SmokeResult:
     """A merged checkpoint served without its adapter: only how far it is from the base can be measured."""
     from gemma4_tune.verify.parity import NO_EFFECT_IN_ENGINE
 
     mode = compare_mode("merged against the base", rows, base_ref)
-    effect = max(mode.max_logprob_diff, mode.max_prompt_logprob_diff)
-    tolerance = LOGPROB_TOLERANCE.get(plan.dtype, 1e-1)
+    effect = worst((mode.max_logprob_diff, mode.max_prompt_logprob_diff))
+    tolerance = LOGPROB_TOLERANCE.get(plan.dtype, 0.0)  # no measured bound: only an exact copy of the base fails
+    broken = _non_finite(plan, mode)
+    if broken:
+        return SmokeResult(plan.served_name, None, None, None, broken)
     findings = [finding(SMOKE_UNREFERENCED.code, f"{plan.served_name} was compared with the base model only "
                         f"(it differs by up to {effect:.2e} in logprob, greedy tokens agree on "
                         f"{mode.greedy_agreement:.0%}): whether it behaves like the trained model was not verified",

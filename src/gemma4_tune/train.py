@@ -16,6 +16,7 @@ import platform
 import shutil
 import time
 from dataclasses import dataclass, field
+from itertools import compress
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,8 @@ from gemma4_tune.callbacks import (
     MetricsCallback,
     ProgressCallback,
     TokenCounter,
-    complete_checkpoints,
+    scan_checkpoints,
+    skipped_checkpoints_finding,
 )
 from gemma4_tune.config import RunConfig
 from gemma4_tune.console import console, err_console
@@ -47,10 +49,18 @@ from gemma4_tune.distributed import (
 from gemma4_tune.evaluate import generate_samples, pick_samples
 from gemma4_tune.export.manifest import write_manifest
 from gemma4_tune.findings import MODEL_NOT_FOUND, Finding, FindingError, Severity, finding, has_errors, register
-from gemma4_tune.io import ensure_empty_target
+from gemma4_tune.io import check_writable, ensure_empty_target, write_json
 from gemma4_tune.loss import token_mean_loss
 from gemma4_tune.preflight import PreflightResult
 from gemma4_tune.profile import ModelProfile
+from gemma4_tune.rundir import (
+    check_not_in_use,
+    check_resume,
+    lock_run_dir,
+    release_run_dir,
+    run_record,
+    write_run_start,
+)
 from gemma4_tune.targets import TargetPlan
 
 NOTHING_SUPERVISED = register("G4T402", Severity.ERROR, "No supervised tokens after rendering", (12,))
@@ -234,8 +244,9 @@ def prepare_run(cfg: RunConfig, *, sharded: bool = False) -> RunSetup:
     """Data (validated before any model is loaded), model and processor, LoRA, encoded examples."""
     from transformers import set_seed
 
-    from gemma4_tune.data.collate import Gemma4Batcher
+    from gemma4_tune.data.collate import Gemma4Batcher, keep_supervised
     from gemma4_tune.data.records import conversation_key, load_conversations, load_datasets, split_conversations
+    from gemma4_tune.data.template_checks import template_findings
 
     if not Path(cfg.model).is_dir():
         raise FindingError(finding(MODEL_NOT_FOUND.code, f"--model {cfg.model} is not a local model directory",
@@ -291,6 +302,7 @@ def prepare_run(cfg: RunConfig, *, sharded: bool = False) -> RunSetup:
     batcher = Gemma4Batcher(processor, revision=cfg.template_revision, max_seq_len=cfg.max_seq_len,
                             train_on=cfg.train_on)
     examples = [batcher.encode(c) for c in conversations]
+    findings += template_findings(batcher, conversations, examples)  # G4T320-G4T323 (catalog rows 13, 29, 35)
     eval_examples = [batcher.encode(c) for c in eval_convs]
     eval_supervised = sum(int(e["num_supervised"]) for e in eval_examples)
     if eval_convs and eval_supervised == 0:
@@ -304,15 +316,25 @@ def prepare_run(cfg: RunConfig, *, sharded: bool = False) -> RunSetup:
                                    f"and truncation to {cfg.max_seq_len} tokens",
                                    "raise --max-seq-len, check that assistant turns are not empty, or use "
                                    "--train-on all"))
+    # Rows cut to --max-seq-len are one G4T318; rows left with no supervised token are dropped (G4T319).
+    keep, length_findings = keep_supervised([*examples, *eval_examples], [c.source for c in [*conversations,
+                                            *eval_convs]], cfg.max_seq_len, held_out=len(eval_examples))
+    findings += length_findings
+    eval_truncated = sum(bool(e["truncated"]) for e in eval_examples)
+    train_keep, eval_keep = keep[:len(examples)], keep[len(examples):]
+    unsupervised = {"train": train_keep.count(False), "eval": eval_keep.count(False)}
+    conversations, examples = list(compress(conversations, train_keep)), list(compress(examples, train_keep))
+    eval_convs, eval_examples = list(compress(eval_convs, eval_keep)), list(compress(eval_examples, eval_keep))
     probe = batcher.collate(_one_per_modality(examples))
     tokens = sum(int(e["input_ids"].shape[-1]) for e in examples)
     if cfg.packing:
         examples = batcher.pack(examples, cfg.max_seq_len)
     data = {**data_report.to_dict(), "encoded_examples": len(examples), "supervised_tokens": supervised,
             "tokens": tokens, "supervised_share": round(supervised / max(tokens, 1), 4), "truncated": truncated,
-            "template_revision": batcher.revision, "packing": cfg.packing, "train_conversations": len(conversations),
-            "eval_source": eval_source, "eval_conversations": len(eval_convs), "eval_supervised_tokens": eval_supervised,
-            "eval_truncated": sum(bool(e["truncated"]) for e in eval_examples)}
+            "unsupervised_dropped": unsupervised["train"], "template_revision": batcher.revision,
+            "packing": cfg.packing, "train_conversations": len(conversations), "eval_source": eval_source,
+            "eval_conversations": len(eval_convs), "eval_supervised_tokens": eval_supervised,
+            "eval_truncated": eval_truncated, "eval_unsupervised_dropped": unsupervised["eval"]}
     return RunSetup(profile, peft_model, plan, batcher, examples, probe, data, conversations, eval_convs,
                     eval_examples, findings)
 
@@ -352,8 +374,17 @@ def _join_launch(cfg: RunConfig) -> DistributedPlan | None:
 def train(cfg: RunConfig) -> TrainResult:
     """Run one training job described by ``cfg``; return where everything went.
 
-    Under a launcher (``--distributed``) every process runs this; rank 0 writes and reports.
+    Under a launcher (``--distributed``) every process runs this; rank 0 writes and reports. The run
+    directory is locked from the first check to the end (G4T417 for a second run on it).
     """
+    try:
+        return _train(cfg)
+    finally:
+        release_run_dir(cfg.out)
+
+
+def _train(cfg: RunConfig) -> TrainResult:
+    """``train`` without the release of the run directory's lock."""
     from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback
 
@@ -363,28 +394,39 @@ def train(cfg: RunConfig) -> TrainResult:
     dplan = _join_launch(cfg)
     main = is_main_process()
     out = Path(cfg.out)
+    check_writable(out, "--out")  # before any model is loaded (G4T021)
     checkpoints = out / "checkpoints"
+    if main:
+        check_not_in_use(out)  # G4T417, before anything is read
     resume_from = None
+    resume_notes: list[Finding] = []
+    record = run_record(cfg, dplan.world_size if dplan else 1)  # what a resume must match (files only)
     if cfg.resume:
-        done = complete_checkpoints(checkpoints)
+        done, skipped = scan_checkpoints(checkpoints)
         if not done:
-            raise FindingError(finding(NO_CHECKPOINT.code, f"{checkpoints} holds no complete checkpoint",
-                                       "start the run without --resume"))
+            why = f" ({'; '.join(f'{name}: {reason}' for name, reason in skipped.items())})" if skipped else ""
+            raise FindingError(finding(NO_CHECKPOINT.code, f"{checkpoints} holds no complete checkpoint{why}",
+                                       "start the run without --resume (in a new --out)"))
+        if skipped:
+            resume_notes.append(skipped_checkpoints_finding(checkpoints, skipped, done[-1]))
+        check_resume(out, record, done[-1])  # G4T414 (other settings), G4T415 (nothing left to train)
         resume_from = str(done[-1])
     elif dplan is None:
         ensure_empty_target(out)
     out.mkdir(parents=True, exist_ok=True)
+    if main:
+        lock_run_dir(out)  # held until train() returns; freed by the OS if the process dies
 
     setup = prepare_run(cfg, sharded=bool(dplan and dplan.sharded))
     peft_model, plan, batcher, examples = setup.model, setup.plan, setup.batcher, setup.examples
-    findings = [*plan.findings, *setup.findings]
+    findings = [*resume_notes, *plan.findings, *setup.findings]
     if has_errors(findings):
         raise FindingError(*[f for f in findings if f.severity is Severity.ERROR])
     preflight = None
     if cfg.preflight:
         preflight = preflight_run(cfg, setup)
         if main:
-            (out / "preflight.json").write_text(json.dumps(preflight.to_dict(), indent=2) + "\n")
+            write_json(out / "preflight.json", preflight.to_dict())
         findings += preflight.findings[len(setup.findings):]  # preflight repeats the setup's findings first
         console.print(f"preflight: loss {preflight.loss:.4f}, {preflight.supervised_in_batch} supervised of "
                       f"{preflight.tokens_in_batch} tokens, {len(preflight.findings)} findings "
@@ -428,6 +470,8 @@ def train(cfg: RunConfig) -> TrainResult:
     job = check_job(trainer, dplan) if dplan is not None else None
     if job is not None:
         console.print(f"distributed: {job['world_size']} processes, {job['distributed_type']}")
+    if main and resume_from is None:
+        write_run_start(out, record)
     trainer.train(resume_from_checkpoint=resume_from)
     barrier()
     if main:
@@ -445,7 +489,8 @@ def train(cfg: RunConfig) -> TrainResult:
         if main:
             adapter = save_adapter(peft_model, out / "adapter", plan=plan, overwrite=True,
                                    state_dict=trained_state or None)
-            write_manifest(adapter, cfg.model, training=cfg.dump(), versions=library_versions())
+            write_manifest(adapter, cfg.model, training=cfg.dump(), versions=library_versions(),
+                           template_revision=batcher.revision)
         else:
             adapter = out / "adapter"
         barrier()
@@ -458,11 +503,11 @@ def train(cfg: RunConfig) -> TrainResult:
     metrics = []
     if main:
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
-        (out / "run.json").write_text(json.dumps({
+        write_json(out / "run.json", {
             "config": cfg.dump(), "profile": {"variant": setup.profile.variant, "tiny": setup.profile.tiny},
             "plan": {"spec": plan.spec, "trainable": plan.trainable_by_group(), "skipped": len(plan.skipped)},
             "data": data_summary, "resumed_from": resume_from, "distributed": job, "versions": library_versions(),
-        }, indent=2, default=str) + "\n")
+        })
     return TrainResult(out=out, adapter=adapter, plan=plan, data=data_summary, metrics=metrics,
                        seconds=round(time.perf_counter() - started, 2), findings=findings,
                        resumed_from=resume_from, model=peft_model, probe_batch=setup.probe,
@@ -495,7 +540,7 @@ def library_versions() -> dict[str, str]:
 
 def loss_went_down(metrics: list[dict[str, Any]], window: int = 3) -> tuple[float, float]:
     """Mean loss of the first and last ``window`` logged steps."""
-    losses = [m["loss"] for m in metrics if "loss" in m and math.isfinite(m["loss"])]
+    losses = [m["loss"] for m in metrics if m.get("loss") is not None and math.isfinite(m["loss"])]
     if not losses:
         return float("nan"), float("nan")
     w = max(1, min(window, len(losses) // 2))

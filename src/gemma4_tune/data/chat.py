@@ -10,7 +10,8 @@ Some revisions render a finished assistant turn inconsistently with their own ge
 (catalog row 13). The training templates keep that rendering (byte identity wins);
 ``KNOWN_PROMPT_MISMATCHES`` records each case and ``prompt_mismatch`` finds one in a conversation.
 Most revisions also drop reasoning from some assistant turns (``REASONING_RENDERED``), so it is never
-trained; ``dropped_reasoning`` finds those turns.
+trained; ``dropped_reasoning`` finds those turns. ``detect_revision`` and ``template_sha256`` name the
+revision of a template (an adapter's manifest records the one it was trained with, catalog row 34).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def _normalise(template: str) -> str:
     return template.rstrip()
 
 
-def _sha256(template: str) -> str:
+def template_sha256(template: str) -> str:
+    """sha256 of a chat template's text with trailing whitespace stripped (how revisions are told apart)."""
     return hashlib.sha256(_normalise(template).encode("utf-8")).hexdigest()
 
 
@@ -45,7 +47,7 @@ def _read(name: str) -> str:
     return (_TEMPLATES / name).read_text(encoding="utf-8")
 
 
-OFFICIAL_REVISIONS: dict[str, str] = {rev: _sha256(_read(f"gemma4_{rev}.jinja")) for rev in REVISIONS}
+OFFICIAL_REVISIONS: dict[str, str] = {rev: template_sha256(_read(f"gemma4_{rev}.jinja")) for rev in REVISIONS}
 """Revision name -> sha256 of the official template text with trailing whitespace stripped."""
 
 
@@ -56,7 +58,7 @@ def _check_revision(revision: str) -> None:
 
 def detect_revision(chat_template: str) -> str | None:
     """Name of the official revision that ``chat_template`` is (ignoring trailing whitespace), else None."""
-    digest = _sha256(chat_template)
+    digest = template_sha256(chat_template)
     return next((rev for rev, known in OFFICIAL_REVISIONS.items() if known == digest), None)
 
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from gemma4_tune.data.chat import END_OF_TURN, REVISIONS, assistant_char_spans, detect_revision, message_regions, render
-from gemma4_tune.findings import FindingError, Severity, finding, register
+from gemma4_tune.findings import Finding, FindingError, Severity, finding, register
 
 UNKNOWN_REVISION = register("G4T310", Severity.ERROR, "Unknown chat template revision", (12, 13))
 LABEL_ALIGNMENT = register("G4T311", Severity.ERROR, "Labels could not be aligned with the processor output", (12,))
@@ -49,6 +49,8 @@ PACK_TOO_LONG = register("G4T314", Severity.ERROR, "Example longer than the pack
 MM_TYPE_IDS_MISSING = register("G4T315", Severity.ERROR, "Media in a batch without mm_token_type_ids", (10,))
 BAD_BATCHER_OPTION = register("G4T316", Severity.ERROR, "Invalid batcher option")
 MIXED_TURN_WEIGHTS = register("G4T317", Severity.ERROR, "Messages of one model turn have different weights")
+ROWS_TRUNCATED = register("G4T318", Severity.WARNING, "Rows truncated to --max-seq-len")
+ROWS_UNSUPERVISED = register("G4T319", Severity.WARNING, "Rows with no supervised token left are not trained on")
 
 IGNORE_INDEX = -100
 SAMPLING_RATE = 16_000
@@ -56,7 +58,7 @@ SAMPLING_RATE = 16_000
 TRAIN_ON = ("assistant", "all")
 
 # Keys ``encode`` adds beside the processor's tensors; ``collate`` does not pass them to the model.
-META_KEYS = frozenset({"truncated", "num_supervised", "num_sequences"})
+META_KEYS = frozenset({"truncated", "full_length", "num_supervised", "num_sequences"})
 
 # Media tensors (one row per image / audio clip), by modality, and the value their padding takes.
 _MEDIA_KEYS = {
@@ -90,6 +92,51 @@ def count_supervised(batch: Mapping[str, Any]) -> int:
     if not torch.is_tensor(labels):
         labels = torch.as_tensor(labels)
     return int((labels[..., 1:] != IGNORE_INDEX).sum())
+
+
+def keep_supervised(examples: Sequence[Mapping[str, Any]], sources: Sequence[str], max_seq_len: int, *,
+                    held_out: int = 0) -> tuple[list[bool], list[Finding]]:
+    """Which encoded ``examples`` to keep (those with a supervised token), and what to tell the user.
+
+    One G4T318 counts the rows cut to ``max_seq_len`` (with the longest); one G4T319 counts the rows left
+    with no supervised token, which are dropped: each would be a step of zero loss and zero gradient.
+    ``sources`` name the rows (``file:line``); the last ``held_out`` examples are held-out rows, counted apart.
+    """
+    train = len(examples) - held_out
+
+    def counted(indices: list[int], singular: str, plural: str) -> str:
+        kept = sum(i < train for i in indices)
+        text = f"{kept} of {train} training rows"
+        if len(indices) > kept:
+            text += f" and {len(indices) - kept} of {held_out} held-out rows"
+        return f"{text} {singular if len(indices) == 1 else plural}"
+
+    findings: list[Finding] = []
+    cut = [i for i, e in enumerate(examples) if e["truncated"]]
+    if cut:
+        longest = max(cut, key=lambda i: int(examples[i]["full_length"]))
+        length = int(examples[longest]["full_length"])
+        findings.append(finding(
+            ROWS_TRUNCATED.code,
+            f"{counted(cut, 'is', 'are')} longer than --max-seq-len {max_seq_len} tokens and cut to that length: what "
+            f"follows the cut is not trained on (the longest, {sources[longest]}, has {length} tokens)",
+            f"raise --max-seq-len (to {length} to keep every row whole; memory grows with it), or shorten those "
+            "rows", rows=len(cut), longest=length, longest_row=sources[longest],
+        ))
+    empty = [i for i, e in enumerate(examples) if not int(e["num_supervised"])]
+    if empty:
+        lost = sum(bool(examples[i]["truncated"]) for i in empty)
+        why = (f"after truncation to --max-seq-len {max_seq_len}" if lost == len(empty) else
+               f"({lost} lost them to truncation to --max-seq-len {max_seq_len}, {len(empty) - lost} had none: "
+               "no supervised turn)")
+        findings.append(finding(
+            ROWS_UNSUPERVISED.code,
+            f"{counted(empty, 'has', 'have')} no supervised token left {why}: left out, since each would be a "
+            f"step of zero loss and zero gradient (the first: {sources[empty[0]]})",
+            "raise --max-seq-len, or shorten those rows so that the answers start within the first "
+            f"{max_seq_len} tokens", rows=len(empty), first_row=sources[empty[0]],
+        ))
+    return [bool(int(e["num_supervised"])) for e in examples], findings
 
 
 class Gemma4Batcher:
@@ -205,14 +252,16 @@ class Gemma4Batcher:
         """One training example: processor outputs (no batch dimension on per-token keys) plus labels.
 
         Per-token keys (``input_ids``, ``attention_mask``, ``mm_token_type_ids``, ``labels``) are 1-D;
-        media keys keep the processor's one-row-per-image/clip layout. Also ``truncated`` (bool) and
-        ``num_supervised`` (labelled tokens; the first token is never labelled, nothing predicts it).
-        Truncation keeps the start and never cuts a media block: a block the cut would split is
-        dropped whole, with its media and every later one.
+        media keys keep the processor's one-row-per-image/clip layout. Also ``truncated`` (bool),
+        ``full_length`` (tokens before truncation) and ``num_supervised`` (labelled tokens; the first token
+        is never labelled, nothing predicts it). Truncation keeps the start and never cuts a media block: a
+        block the cut would split is dropped whole, with its media and every later one. A media part that
+        gives no token (audio too short for one frame) is G4T313, named by the conversation's ``source``.
         """
         messages, _ = _messages_and_tools(conv)
+        where = getattr(conv, "source", None) or (conv.get("source") if isinstance(conv, Mapping) else None)
         text, spans = self.render(conv)
-        images, audios = self._load_media(messages, text)
+        images, audios, names = self._load_media(messages, text, where)
 
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         plain_ids = list(enc["input_ids"])
@@ -229,6 +278,7 @@ class Gemma4Batcher:
         seq_len = input_ids.shape[1]
         expanded = input_ids[0].tolist()
         mask, blocks = self._align(plain_ids, plain_mask, expanded)
+        _check_blocks_not_empty(blocks, names, audios, where)
 
         labels = torch.tensor(expanded, dtype=torch.long)
         keep = torch.tensor(mask, dtype=torch.bool)
@@ -251,6 +301,7 @@ class Gemma4Batcher:
         if truncated:
             example = self._truncate(example, blocks, seq_len)
         example["truncated"] = truncated
+        example["full_length"] = seq_len
         example["num_supervised"] = int((example["labels"] != IGNORE_INDEX).sum())
         return example
 
@@ -276,7 +327,7 @@ class Gemma4Batcher:
         prompt = messages[:last]
         kwargs = {**dict(self.tokenizer.special_tokens_map), **self.chat_kwargs}
         text = render(prompt, revision=self.revision, tools=tools, add_generation_prompt=True, **kwargs)
-        images, audios = self._load_media(prompt, text)
+        images, audios, _ = self._load_media(prompt, text, getattr(conv, "source", None))
         inputs = {k: v for k, v in self._process(text, images, audios).items() if torch.is_tensor(v)}
         answer = messages[last].get("content")
         if isinstance(answer, list):
@@ -345,9 +396,13 @@ class Gemma4Batcher:
                 result[key] = value
         return result
 
-    def _load_media(self, messages: Sequence[Mapping[str, Any]], text: str) -> tuple[list[Any], list[np.ndarray]]:
+    def _load_media(self, messages: Sequence[Mapping[str, Any]], text: str, where: str | None = None
+                    ) -> tuple[list[Any], list[np.ndarray], dict[str, list[str]]]:
+        """The images and audio clips of ``messages`` in order, and what to call each in a finding."""
         images: list[Any] = []
         audios: list[np.ndarray] = []
+        names: dict[str, list[str]] = {"image": [], "audio": []}
+        at = f"{where}: " if where else ""
         for message in messages:
             content = message.get("content")
             if not isinstance(content, list):
@@ -355,17 +410,19 @@ class Gemma4Batcher:
             for part in content:
                 kind = part.get("type") if isinstance(part, Mapping) else None
                 if kind in ("image", "image_url"):
-                    images.append(_load_image(part))
+                    images.append(_load_image(part, at))
+                    names["image"].append(_media_name(part, "image"))
                 elif kind in ("audio", "input_audio"):
                     if "audio" not in {b[2] for b in self._blocks.values()}:
                         raise FindingError(finding(
-                            MEDIA_UNREADABLE.code, "the conversation has audio but the processor has no audio token",
-                            "use a model with an audio tower (E2B, E4B) or drop the audio parts",
+                            MEDIA_UNREADABLE.code, f"{at}the conversation has audio but the processor has no audio "
+                            "token", "use a model with an audio tower (E2B, E4B) or drop the audio parts",
                         ))
-                    audios.append(_load_audio(part))
+                    audios.append(_load_audio(part, at))
+                    names["audio"].append(_media_name(part, "audio"))
                 elif kind == "video":
                     raise FindingError(finding(
-                        MEDIA_UNREADABLE.code, "video parts are not supported for training",
+                        MEDIA_UNREADABLE.code, f"{at}video parts are not supported for training",
                         "extract frames as image parts, or drop the video part",
                     ))
         placeholders = {
@@ -378,12 +435,12 @@ class Gemma4Batcher:
             if parts != rendered:
                 raise FindingError(finding(
                     MEDIA_MISMATCH.code,
-                    f"the conversation has {parts} {kind} part(s) but the rendered text has {rendered} {kind} "
+                    f"{at}the conversation has {parts} {kind} part(s) but the rendered text has {rendered} {kind} "
                     "placeholder(s)",
                     f"remove literal placeholder tokens from message text, and put {kind} parts only where the "
                     f"chat template {self.revision} renders them",
                 ))
-        return images, audios
+        return images, audios, names
 
     # ----------------------------------------------------------------- collate
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -614,13 +671,22 @@ def _concat_padded(parts: list[torch.Tensor], fill: Any) -> torch.Tensor:
     return torch.cat(padded)
 
 
-def _media_path(part: Mapping[str, Any], kind: str) -> Path:
+def _media_value(part: Mapping[str, Any], kind: str) -> Any:
     value = part.get("path") or part.get(kind) or part.get("url")
-    if isinstance(value, Mapping):
-        value = value.get("path") or value.get("url")
+    return (value.get("path") or value.get("url")) if isinstance(value, Mapping) else value
+
+
+def _media_name(part: Mapping[str, Any], kind: str) -> str:
+    """What a finding calls a media part: its file, or ``(inline)``."""
+    value = _media_value(part, kind)
+    return str(value) if isinstance(value, (str, Path)) else "(inline)"
+
+
+def _media_path(part: Mapping[str, Any], kind: str, at: str) -> Path:
+    value = _media_value(part, kind)
     if not isinstance(value, (str, Path)):
         raise FindingError(finding(
-            MEDIA_UNREADABLE.code, f"a {kind} part has no file path: {dict(part)!r:.200}",
+            MEDIA_UNREADABLE.code, f"{at}a {kind} part has no file path: {dict(part)!r:.200}",
             f'give every {kind} part a local file path: {{"type": "{kind}", "path": "/abs/file"}}',
         ))
     text = str(value)
@@ -629,41 +695,71 @@ def _media_path(part: Mapping[str, Any], kind: str) -> Path:
     path = Path(text)
     if not path.is_file():
         raise FindingError(finding(
-            MEDIA_UNREADABLE.code, f"{kind} file not found: {text}", "fix the path or drop the record",
+            MEDIA_UNREADABLE.code, f"{at}{kind} file not found: {text}", "fix the path or drop the record",
         ))
     return path
 
 
-def _load_image(part: Mapping[str, Any]) -> Any:
+def _load_image(part: Mapping[str, Any], at: str = "") -> Any:
     from PIL import Image
 
     inline = part.get("image")
     if isinstance(inline, Image.Image):
-        return inline.convert("RGB")
-    path = _media_path(part, "image")
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except Exception as exc:  # PIL raises many types for bad files
+        image, name = inline.convert("RGB"), "an inline image"
+    else:
+        path = _media_path(part, "image", at)
+        name = f"image {path}"
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except Exception as exc:  # PIL raises many types for bad files
+            raise FindingError(finding(
+                MEDIA_UNREADABLE.code, f"{at}cannot read image {path}: {exc}",
+                "convert it to PNG or JPEG, or drop the record",
+            )) from exc
+    if not image.width or not image.height:
         raise FindingError(finding(
-            MEDIA_UNREADABLE.code, f"cannot read image {path}: {exc}", "convert it to PNG or JPEG, or drop the record",
-        )) from exc
+            MEDIA_UNREADABLE.code, f"{at}{name} is empty ({image.width}x{image.height} pixels)",
+            "replace it with the real image, or drop the record",
+        ))
+    return image
 
 
-def _load_audio(part: Mapping[str, Any]) -> np.ndarray:
+def _load_audio(part: Mapping[str, Any], at: str = "") -> np.ndarray:
     inline = part.get("array")
     if isinstance(inline, np.ndarray):
         rate = int(part.get("sampling_rate", SAMPLING_RATE))
         return resample(np.asarray(inline, dtype=np.float32), rate, SAMPLING_RATE)
-    path = _media_path(part, "audio")
+    path = _media_path(part, "audio", at)
     try:
         samples, rate = read_wav(path)
     except (ValueError, struct.error, EOFError) as exc:
         raise FindingError(finding(
-            MEDIA_UNREADABLE.code, f"cannot read audio {path}: {exc}",
+            MEDIA_UNREADABLE.code, f"{at}cannot read audio {path}: {exc}",
             "convert it to a PCM or float WAV file (16 kHz mono is used as is), or drop the record",
         )) from exc
     return resample(samples, rate, SAMPLING_RATE)
+
+
+def _check_blocks_not_empty(blocks: list[tuple[int, int, str]], names: dict[str, list[str]],
+                            audios: list[np.ndarray], where: str | None) -> None:
+    """G4T313 for a media part the processor turned into no token (a WAV of 0 samples, a clip under one frame)."""
+    seen = {"image": 0, "audio": 0}
+    for start, end, kind in blocks:
+        index = seen[kind]
+        seen[kind] += 1
+        if end - start > 2:
+            continue
+        what = names[kind][index] if index < len(names[kind]) else ""
+        detail = ""
+        if kind == "audio" and index < len(audios):
+            n = int(audios[index].size)
+            detail = f": {n} samples ({1000 * n / SAMPLING_RATE:.0f} ms at 16 kHz), less than one audio frame"
+        raise FindingError(finding(
+            MEDIA_UNREADABLE.code, f"{where + ': ' if where else ''}{kind} {what} gives no {kind} token{detail}",
+            "replace it with the real recording (at least 25 ms), or drop the record" if kind == "audio"
+            else "replace it with the real image, or drop the record",
+        ))
 
 
 def read_wav(path: str | Path) -> tuple[np.ndarray, int]:

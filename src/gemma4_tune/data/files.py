@@ -33,6 +33,9 @@ UNREADABLE_DATA = register("G4T307", Severity.ERROR, "Data file cannot be read")
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 FILE_KINDS = {"json": "JSON", "parquet": "Parquet", "csv": "CSV", "arrow": "Arrow", "disk": "datasets directory"}
+MAX_DEPTH = 100
+"""The deepest nesting of lists and objects a row may have. A chat row needs about 10 levels; Python's ``json``
+stops near 1000 (RecursionError) and Parquet's reader at 100 schema levels."""
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -58,6 +61,34 @@ class RowError(Exception):
         super().__init__(f"{field_name}: {problem}" if field_name else problem)
         self.reason = reason
         self.field = field_name
+
+
+def check_depth(value: Any, field_name: str = "") -> None:
+    """Raise a RowError when lists and objects in ``value`` nest deeper than MAX_DEPTH (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise _too_deep(field_name)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+
+
+def load_json(text: str, field_name: str = "") -> Any:
+    """``json.loads`` for a JSON string inside a row: nesting past MAX_DEPTH is a RowError, never a RecursionError.
+
+    ``json.JSONDecodeError`` is left to the caller, who says which field holds the text.
+    """
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise _too_deep(field_name) from None
+    check_depth(value, field_name)
+    return value
+
+
+def _too_deep(field_name: str) -> RowError:
+    return RowError("too_deep", field_name, f"lists and objects nested more than {MAX_DEPTH} levels deep")
 
 
 def remote_reference(value: str) -> str | None:
@@ -131,6 +162,8 @@ def _json_lines(path: Path) -> list[tuple[int, Any]]:
                 continue
             try:
                 out.append((number, json.loads(body)))
+            except RecursionError:
+                out.append((number, _too_deep("")))
             except json.JSONDecodeError as exc:
                 truncated = exc.pos >= len(body) or exc.msg.startswith("Unterminated string")
                 what = "truncated JSON (the line ends mid-value)" if truncated else "invalid JSON"
@@ -154,6 +187,12 @@ def _python_rows(path: Path) -> list[tuple[str, Any]]:
                 UNREADABLE_DATA.code, f"{path}: not valid JSON ({exc})",
                 "fix the file: a JSON file holds one array of row objects (or write JSON Lines, one row a line)",
                 path=str(path),
+            )) from None
+        except RecursionError:
+            raise FindingError(finding(
+                UNREADABLE_DATA.code, f"{path}: lists and objects nested more than {MAX_DEPTH} levels deep (Python's "
+                "JSON parser gives up)", "fix the rows that nest this deep; written as JSON Lines, each such row "
+                "is named by its line", path=str(path),
             )) from None
         return [(f"{path}#{i}", row) for i, row in enumerate(loaded)]
     return [(f"{path}:{number}", row) for number, row in _json_lines(path)]

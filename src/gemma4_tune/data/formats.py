@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gemma4_tune.data.files import RowError, materialise
+from gemma4_tune.data.files import RowError, load_json, materialise
 
 FORMAT_NAMES = {
     "openai": "OpenAI chat",
@@ -146,7 +146,7 @@ def _training_flag(raw: Mapping[str, Any], where: str, options: ChatOptions) -> 
 def _function_call(value: Any, where: str) -> list[dict]:
     """A ShareGPT ``function_call`` turn's value (JSON: one call or a list) as OpenAI tool calls."""
     try:
-        parsed = json.loads(value) if isinstance(value, str) else value
+        parsed = load_json(value, where) if isinstance(value, str) else value
     except json.JSONDecodeError as exc:
         raise RowError("bad_tool_calls", where, f"function_call value is not valid JSON ({exc.msg})") from None
     calls = parsed if isinstance(parsed, list) else [parsed]

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gemma4_tune.data.files import DATA_NOT_FOUND, RowError, read_rows, remote_reference
+from gemma4_tune.data.files import DATA_NOT_FOUND, RowError, check_depth, load_json, read_rows, remote_reference
 from gemma4_tune.data.formats import FORMAT_NAMES, MEANINGFUL_FIELDS, ChatOptions, read_row
 from gemma4_tune.findings import Finding, FindingError, Severity, finding, register
 
@@ -209,7 +209,7 @@ def _tool_calls(calls: Any, where: str, nulls: Counter[str]) -> list[dict]:
             arguments = {}
         elif isinstance(arguments, str):
             try:
-                arguments = json.loads(arguments) if arguments.strip() else {}
+                arguments = load_json(arguments, f"{at}.function.arguments") if arguments.strip() else {}
             except json.JSONDecodeError as exc:
                 problem = f"not valid JSON ({exc.msg})"
                 raise _RowError("bad_tool_calls", f"{at}.function.arguments", problem) from None
@@ -362,6 +362,7 @@ def _read_source(source: DataSource, skip_invalid: bool, report: DataReport) -> 
         try:
             if isinstance(row, RowError):
                 raise row
+            check_depth(row)
             read = read_row(row, source.options)
             conversation = _conversation(read.row, where, rows.base, nulls)
         except RowError as err:

@@ -48,7 +48,7 @@ from gemma4_tune.engines import LLAMACPP_EXPERTS
 from gemma4_tune.export.manifest import read_checkpoint
 from gemma4_tune.export.merge import MODELFILE
 from gemma4_tune.findings import MODEL_NOT_FOUND, Finding, FindingError, Severity, finding, register
-from gemma4_tune.io import atomic_directory
+from gemma4_tune.io import NO_SPACE, atomic_directory, check_free_space, json_text, output_errors, write_text_atomic
 
 DAMAGED_CHECKPOINT = register("G4T912", Severity.ERROR, "Checkpoint lost its clipped tower linears (unwrapped)", (2,))
 TENSOR_COUNT_MISMATCH = register("G4T913", Severity.ERROR, "GGUF holds a different number of tensors", (2, 22))
@@ -62,6 +62,9 @@ CLIP_BUFFERS = ("input_min", "input_max", "output_min", "output_max")
 #: Tensors ``convert_hf_to_gguf.py`` adds to a Gemma 4 text model (``Gemma4Model.generate_extra_tensors``).
 GENERATED_TEXT_TENSORS = 1  # rope_freqs (proportional RoPE of the full-attention layers)
 _GGUF_MAGIC = b"GGUF"
+#: Bytes per weight in a GGUF of each type (q8_0: blocks of 32 int8 values and one fp16 scale).
+GGUF_BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
+_DISK_FULL_LINES = ("No space left on device", "Disk quota exceeded")
 
 Log = Callable[[str], None]
 
@@ -195,11 +198,28 @@ def _adapter_plan(adapter_dir: Path, base_dir: Path) -> tuple[int, list[Finding]
     return 2 * len(text), out
 
 
+def gguf_size(model_dir: str | Path, gguf_type: str, *, with_base: bool = False) -> int:
+    """Bytes the GGUF files of ``model_dir`` take in ``gguf_type`` (model + mmproj; ``with_base``: the
+    base text model again, for the adapter GGUF pair), from the safetensors headers."""
+    tensors = read_checkpoint(Path(model_dir)).values()
+    weights = {"text": 0, "towers": 0}
+    for info in tensors:
+        weights["towers" if info.name.startswith(TOWER_PREFIXES) else "text"] += info.nbytes // info.itemsize
+    total = weights["text"] * (2 if with_base else 1) + weights["towers"]
+    return int(total * GGUF_BYTES_PER_WEIGHT[gguf_type])
+
+
 # --------------------------------------------------------------------------- running converters
 
 
 def _converter_failure(script: str, rc: int, tail: Sequence[str], log_path: Path, what: str) -> FindingError:
     lines = list(tail)
+    full = next((ln for ln in lines if any(m in ln for m in _DISK_FULL_LINES)), None)
+    if full is not None:
+        return FindingError(finding(NO_SPACE.code, f"the disk filled up while llama.cpp's {script} was writing "
+                                    f"{what}: {full.strip()}; the unfinished files have been removed",
+                                    "free space on that disk and run the export again, or give --gguf a folder "
+                                    "on a disk with more room", log=str(log_path)))
     causes = [ln for ln in lines if re.search(r"\b\w*(Error|Exception)\b", ln)]
     head = [f"cause: {causes[-1].strip()}"] if causes else []
     return FindingError(finding(
@@ -329,7 +349,7 @@ def repoint_modelfile(merged_dir: str | Path, gguf_path: str | Path) -> Path:
         out.append(line)
     if not replaced:
         out += [f"{_REPOINT_MARK} (llama.cpp's converter).", f"FROM {rel}"]
-    path.write_text("\n".join(out) + "\n")
+    write_text_atomic(path, "\n".join(out) + "\n")
     return path
 
 
@@ -389,11 +409,12 @@ def export_gguf(merged_dir: str | Path, out_dir: str | Path, gguf_type: str = "f
     from gemma4_tune.verify.llamacpp_env import require_llamacpp
 
     install = require_llamacpp()
+    check_free_space([(out_dir, gguf_size(merged_dir, gguf_type, with_base=convert_adapter), "the GGUF files")])
     files: dict[str, str] = {}
     tensors: dict[str, dict[str, int]] = {}
     seconds: dict[str, float] = {}
     started = time.monotonic()
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with output_errors(out_dir, "the GGUF files"), atomic_directory(out_dir, overwrite=overwrite) as tmp:
         jobs: list[tuple[str, Path, int, Callable[[Path], float]]] = [
             ("model", tmp / f"model-{gguf_type}.gguf", counts["text"] + GENERATED_TEXT_TENSORS,
              lambda p: convert_model(merged_dir, p, gguf_type, log=log)),
@@ -422,7 +443,7 @@ def export_gguf(merged_dir: str | Path, out_dir: str | Path, gguf_type: str = "f
             "converter": {k: install.stamp.get(k) for k in ("pins", "gguf_py_version", "llama_cpp_build")},
             "findings": [f.to_dict() for f in findings],
         }
-        (tmp / GGUF_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        (tmp / GGUF_RECORD).write_text(json_text(record) + "\n")
     repointed = None
     if repoint and (merged_dir / MODELFILE).is_file():
         repointed = str(repoint_modelfile(merged_dir, out_dir / files["model"]))

@@ -25,10 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import struct
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -36,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from gemma4_tune.findings import Finding, FindingError, Severity, finding, register
+from gemma4_tune.io import write_json
 
 DIFFERENT_BASE = register("G4T801", Severity.ERROR, "Adapter was trained on a different base")
 ADAPTER_DOES_NOT_FIT = register("G4T802", Severity.ERROR, "Adapter does not fit this base checkpoint", (2, 17))
@@ -44,6 +43,9 @@ BASE_UNREADABLE = register("G4T804", Severity.ERROR, "Base checkpoint has no rea
 ADAPTER_INCOMPLETE = register("G4T805", Severity.ERROR, "Adapter directory is incomplete or empty", (23,))
 UNWRAPPED_ADAPTER = register("G4T808", Severity.ERROR, "Adapter was made on unwrapped towers", (2,))
 NO_MANIFEST = register("G4T807", Severity.INFO, "Adapter has no gemma4-tune manifest: base checked by names and shapes")
+TEMPLATE_REVISION_DIFFERS = register("G4T812", Severity.WARNING,
+                                     "Served with another chat template revision than it was trained with", (34,))
+TEMPLATE_UNKNOWN = register("G4T813", Severity.ERROR, "Served chat template is no official revision", (34,))
 
 MANIFEST_NAME = "gemma4_tune_manifest.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -92,27 +94,53 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     with open(path, "rb") as fh:
         raw = fh.read(8)
         if len(raw) != 8:
-            raise ValueError(f"{path} is shorter than a safetensors header")
+            raise ValueError("it is shorter than a safetensors header")
         (length,) = struct.unpack("<Q", raw)
         if length > _MAX_HEADER_BYTES:
-            raise ValueError(f"{path} claims a {length}-byte header; not a safetensors file")
-        header = json.loads(fh.read(length))
+            raise ValueError(f"it claims a {length}-byte header: not a safetensors file")
+        try:
+            header = json.loads(fh.read(length))
+        except ValueError as exc:
+            raise ValueError(f"its header is not JSON ({exc}): not a safetensors file, or cut short") from exc
     if not isinstance(header, dict):
-        raise ValueError(f"{path} has a malformed safetensors header")
+        raise ValueError("its safetensors header is not a JSON object")
     return header, 8 + length
 
 
 def tensors_in_file(path: Path) -> list[TensorInfo]:
-    """Every tensor of one safetensors file, in data order."""
+    """Every tensor of one safetensors file, in data order, once the header proves the file whole.
+
+    Reads the header only: each entry must be well formed, its byte range must hold ``dtype x shape``,
+    the ranges must follow each other without gap or overlap, and the last must end where the file
+    ends. A file cut short (an interrupted save or copy) or with trailing bytes raises ValueError.
+    """
     header, data_start = read_safetensors_header(path)
     out = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        begin, end = entry["data_offsets"]
-        out.append(TensorInfo(name, entry["dtype"], tuple(int(d) for d in entry["shape"]), path,
-                              data_start + int(begin), data_start + int(end)))
-    return sorted(out, key=lambda t: t.start)
+        try:
+            begin, end = (int(v) for v in entry["data_offsets"])
+            dtype, shape = str(entry["dtype"]), tuple(int(d) for d in entry["shape"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"the header entry of {name} is malformed ({exc!r})") from exc
+        size = math.prod(shape) * DTYPE_SIZES[dtype] if dtype in DTYPE_SIZES else end - begin
+        if begin < 0 or end - begin != size:
+            raise ValueError(f"tensor {name} ({dtype} {list(shape)}) has the byte range {begin}..{end}, "
+                             f"not {size} bytes")
+        out.append(TensorInfo(name, dtype, shape, path, data_start + begin, data_start + end))
+    out.sort(key=lambda t: (t.start, t.end))
+    covered = data_start
+    for info in out:
+        if info.start != covered:
+            raise ValueError(f"tensor {info.name} starts at byte {info.start}, but the previous tensor "
+                             f"ends at {covered} (the header's byte ranges leave a gap or overlap)")
+        covered = info.end
+    actual = path.stat().st_size
+    if actual != covered:
+        what = "cut short (an interrupted save or copy)" if actual < covered else "followed by trailing bytes"
+        raise ValueError(f"it is {actual} bytes but its header describes {covered}: the file is {what}")
+    return out
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -228,8 +256,9 @@ def base_fingerprint(model_dir: str | Path) -> dict[str, Any]:
 
 
 def write_manifest(adapter_dir: str | Path, base_dir: str | Path, *, training: dict[str, Any],
-                   versions: dict[str, Any]) -> Path:
-    """Write ``gemma4_tune_manifest.json`` beside an adapter: base fingerprint, training settings, versions."""
+                   versions: dict[str, Any], template_revision: str | None = None) -> Path:
+    """Write ``gemma4_tune_manifest.json`` beside an adapter: base fingerprint, training settings, versions and,
+    with ``template_revision``, the chat template it was trained with (its revision and the sha256 of its text)."""
     adapter_dir, base_dir = Path(adapter_dir), Path(base_dir)
     data = {
         "schema": 1,
@@ -239,16 +268,11 @@ def write_manifest(adapter_dir: str | Path, base_dir: str | Path, *, training: d
         "training": training,
         "versions": versions,
     }
-    path = adapter_dir / MANIFEST_NAME
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", dir=adapter_dir)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    if template_revision is not None:
+        from gemma4_tune.data.chat import OFFICIAL_REVISIONS
+
+        data["chat_template"] = {"revision": template_revision, "sha256": OFFICIAL_REVISIONS[template_revision]}
+    return write_json(adapter_dir / MANIFEST_NAME, data, sort_keys=True)
 
 
 def read_manifest(adapter_dir: str | Path) -> dict[str, Any] | None:
@@ -257,10 +281,14 @@ def read_manifest(adapter_dir: str | Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except ValueError as exc:
         raise FindingError(finding(ADAPTER_INCOMPLETE.code, f"{path} is not valid JSON: {exc}",
                                    "re-export the adapter, or delete the damaged manifest")) from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("base", {}), dict):
+        raise FindingError(finding(ADAPTER_INCOMPLETE.code, f"{path} is not a gemma4-tune manifest (a JSON object "
+                                   "with a base section)", "re-export the adapter, or delete the damaged manifest"))
+    return manifest
 
 
 _COMPARED = ("config_sha256", "tensors_sha256", "sample_sha256")
@@ -287,6 +315,73 @@ def manifest_findings(adapter_dir: Path, base_dir: Path, manifest: dict[str, Any
         f"merge with the base it was trained on ({recorded_path}), or retrain the adapter on {base_dir}",
         recorded_base=recorded_path, recorded_fingerprint=recorded, base=str(Path(base_dir).resolve()),
         base_fingerprint=actual)]
+
+
+def served_chat_template(model_dir: str | Path) -> str | None:
+    """The chat template a tokenizer loaded from ``model_dir`` gets: ``chat_template.jinja`` first (transformers
+    prefers it), else the default of ``chat_template.json`` or ``tokenizer_config.json``; None when there is none."""
+    model_dir = Path(model_dir)
+    if (model_dir / "chat_template.jinja").is_file():
+        return (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        try:
+            template = json.loads((model_dir / name).read_text(encoding="utf-8")).get("chat_template")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(template, list):
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                            None)
+        if isinstance(template, str):
+            return template
+    return None
+
+
+def served_template_findings(adapter_dir: str | Path, model_dir: str | Path,
+                             manifest: dict[str, Any] | None) -> list[Finding]:
+    """The chat template ``model_dir`` serves against the one the adapter's manifest recorded (catalog row 34).
+
+    G4T812 (warning) when it is another official revision; G4T813 (error) when it is no official revision or
+    missing. Nothing when the manifest recorded no template (adapters of other tools, older manifests).
+    """
+    from gemma4_tune.data.chat import detect_revision, template_sha256
+
+    recorded = (manifest or {}).get("chat_template")
+    if not isinstance(recorded, dict) or not recorded.get("revision"):
+        return []
+    trained = recorded["revision"]
+    served = served_chat_template(model_dir)
+    if served is not None and template_sha256(served) == recorded.get("sha256"):
+        return []
+    revision = detect_revision(served) if served is not None else None
+    if revision == trained:
+        return []
+    put_back = (f"give {model_dir} the {trained} template: python -c \"from gemma4_tune.data.chat import official_template; "
+                f"open('{Path(model_dir) / 'chat_template.jinja'}', 'w').write(official_template('{trained}'))\"")
+    details = {"trained_revision": trained, "served_revision": revision, "model": str(model_dir),
+               "served_sha256": template_sha256(served) if served is not None else None}
+    if revision is None:
+        what = "no chat template" if served is None else \
+            f"a chat template that is no official Gemma 4 revision (sha256 {template_sha256(served)[:12]})"
+        return [finding(TEMPLATE_UNKNOWN.code, f"adapter {adapter_dir} was trained with the official chat template "
+                        f"{trained} (sha256 {str(recorded.get('sha256'))[:12]}), but {model_dir} has {what}: prompts "
+                        "would be rendered unlike anything it was trained on", f"{put_back}, or serve a checkpoint "
+                        f"that has the official {trained} template", **details)]
+    return [finding(TEMPLATE_REVISION_DIFFERS.code, f"adapter {adapter_dir} was trained with chat template {trained}, "
+                    f"but {model_dir} serves {revision}: tool calls, thinking and turn ends may render unlike training",
+                    f"{put_back}, or retrain with --template-revision {revision}", **details)]
+
+
+def check_served_template(adapter_dir: str | Path, model_dirs: Iterable[str | Path | None]) -> list[Finding]:
+    """``served_template_findings`` for each model directory the adapter is served or verified with (None skipped).
+
+    Raises FindingError when one is an error (G4T813); returns the warnings (G4T812).
+    """
+    manifest = read_manifest(adapter_dir)
+    findings = [f for model_dir in model_dirs if model_dir is not None
+                for f in served_template_findings(adapter_dir, model_dir, manifest)]
+    if any(f.severity is Severity.ERROR for f in findings):
+        raise FindingError(*findings)
+    return findings
 
 
 # --------------------------------------------------------------------------- adapter -> base mapping
@@ -407,6 +502,53 @@ def _hint(module: str, base: dict[str, TensorInfo]) -> str:
     return ""
 
 
+def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
+    """An adapter directory's ``adapter_config.json`` and the tensors of its weights file, proven whole.
+
+    The one place adapters are read before anything loads them: raises G4T805 naming what is wrong when
+    the directory, the config (missing, not JSON, not an object, a non-numeric ``r``/``lora_alpha``) or
+    ``adapter_model.safetensors`` (missing, not safetensors, cut short: see ``tensors_in_file``) is not
+    a complete adapter. Reads headers only.
+    """
+    adapter_dir = Path(adapter_dir)
+    cfg_path, weights = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
+
+    def incomplete(message: str, fix: str) -> FindingError:
+        return FindingError(finding(ADAPTER_INCOMPLETE.code, message, fix))
+
+    if not adapter_dir.is_dir():
+        raise incomplete(f"adapter {adapter_dir} is not a directory", "point at a PEFT adapter directory (the "
+                         "adapter/ folder of a run, or one saved with save_pretrained)")
+    if not cfg_path.is_file():
+        raise incomplete(f"{adapter_dir} has no {ADAPTER_CONFIG}",
+                         "point at a PEFT adapter directory (saved with save_pretrained)")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise incomplete(f"{cfg_path} is not valid JSON: {exc}", "re-save the adapter (or re-copy it: the file "
+                         "is damaged or was cut short)") from exc
+    if not isinstance(config, dict):
+        raise incomplete(f"{cfg_path} holds a JSON {type(config).__name__}, not an object of LoRA settings",
+                         "re-save the adapter")
+    bad = [key for key in ("r", "lora_alpha") if key in config
+           and (isinstance(config[key], bool) or not isinstance(config[key], (int, float)))]
+    if bad:
+        raise incomplete(f"{cfg_path}: {', '.join(f'{k}={config[k]!r}' for k in bad)} is not a number",
+                         "re-save the adapter")
+    if not weights.is_file():
+        bin_hint = " (found adapter_model.bin: re-save with safe_serialization=True)" \
+            if (adapter_dir / "adapter_model.bin").is_file() else ""
+        raise incomplete(f"{adapter_dir} has no {ADAPTER_WEIGHTS}{bin_hint}",
+                         "save the adapter with PEFT's save_pretrained (safetensors)")
+    try:
+        tensors = {t.name: t for t in tensors_in_file(weights)}
+    except (OSError, ValueError) as exc:
+        raise incomplete(f"{weights} is not a complete safetensors file: {exc}",
+                         "re-save the adapter (or re-copy it): the file is truncated or not safetensors; a run's "
+                         "last complete checkpoint in checkpoints/ holds the same adapter_model.safetensors") from exc
+    return config, tensors
+
+
 def resolve_adapter(adapter_dir: str | Path, base_dir: str | Path,
                     base_tensors: dict[str, TensorInfo] | None = None) -> AdapterLayout:
     """Map every adapter tensor to the base tensor it changes; problems go to ``layout.findings``.
@@ -417,30 +559,9 @@ def resolve_adapter(adapter_dir: str | Path, base_dir: str | Path,
     """
     adapter_dir, base_dir = Path(adapter_dir), Path(base_dir)
     base = base_tensors if base_tensors is not None else read_checkpoint(base_dir)
-    cfg_path = adapter_dir / ADAPTER_CONFIG
-    if not cfg_path.is_file():
-        raise FindingError(finding(ADAPTER_INCOMPLETE.code, f"{adapter_dir} has no {ADAPTER_CONFIG}",
-                                   "point at a PEFT adapter directory (saved with save_pretrained)"))
-    try:
-        config = json.loads(cfg_path.read_text())
-    except ValueError as exc:
-        raise FindingError(finding(ADAPTER_INCOMPLETE.code, f"{cfg_path} is not valid JSON: {exc}",
-                                   "re-save the adapter")) from exc
-    weights = adapter_dir / ADAPTER_WEIGHTS
-    layout = AdapterLayout(adapter_dir, config, weights if weights.is_file() else None)
+    config, adapter_tensors = read_adapter(adapter_dir)
+    layout = AdapterLayout(adapter_dir, config, adapter_dir / ADAPTER_WEIGHTS)
     layout.findings += _feature_findings(config)
-    if layout.weights is None:
-        bin_hint = " (found adapter_model.bin: re-save with safe_serialization=True)" \
-            if (adapter_dir / "adapter_model.bin").is_file() else ""
-        layout.findings.append(finding(ADAPTER_INCOMPLETE.code, f"{adapter_dir} has no {ADAPTER_WEIGHTS}{bin_hint}",
-                                       "save the adapter with PEFT's save_pretrained (safetensors)"))
-        return layout
-    try:
-        adapter_tensors = {t.name: t for t in tensors_in_file(layout.weights)}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        layout.findings.append(finding(ADAPTER_INCOMPLETE.code, f"cannot read {layout.weights}: {exc}",
-                                       "re-save the adapter; the file is truncated or not safetensors"))
-        return layout
     if not adapter_tensors:
         layout.findings.append(finding(ADAPTER_INCOMPLETE.code, f"{layout.weights} holds no tensors",
                                        "re-save the adapter from the trained model"))

@@ -35,10 +35,11 @@ from gemma4_tune.export.manifest import (
     LoraDelta,
     TensorInfo,
     checked_adapter,
+    read_checkpoint,
     tensors_in_file,
 )
 from gemma4_tune.findings import OUTPUT_EXISTS, FindingError, Severity, finding, register
-from gemma4_tune.io import atomic_directory
+from gemma4_tune.io import atomic_directory, check_free_space, json_text, output_errors
 
 MERGED_NOT_FINITE = register("G4T806", Severity.ERROR, "Merged weights are not finite", (19,))
 
@@ -206,6 +207,11 @@ def plan_shards(tensors: list[TensorInfo], shard_size_mb: int) -> list[_Shard]:
     return shards
 
 
+def merged_size(base_dir: str | Path) -> int:
+    """Bytes a merged checkpoint of ``base_dir`` takes: its tensors (headers and the small files are in the margin)."""
+    return sum(info.nbytes for info in read_checkpoint(Path(base_dir)).values())
+
+
 def _is_weight_file(path: Path) -> bool:
     name = path.name
     return name.endswith(_WEIGHT_SUFFIXES) or name.endswith(_WEIGHT_INDEXES)
@@ -249,6 +255,7 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
     shards = plan_shards(list(base.values()), shard_size_mb)
     adapter_index = {t.name: t for t in tensors_in_file(layout.weights)} if layout.weights else {}
     total = sum(info.nbytes for info in base.values())
+    check_free_space([(out, total, "the merged checkpoint")])
     merged = copied = written = 0
 
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
@@ -265,7 +272,7 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
     bar = Progress(TextColumn("merge {task.fields[shard]}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                    console=err_console, transient=True, disable=not progress)
     try:
-        with atomic_directory(out, overwrite=overwrite) as tmp, bar:
+        with output_errors(out, "the merged checkpoint"), atomic_directory(out, overwrite=overwrite) as tmp, bar:
             task = bar.add_task("merge", total=total, shard="")
             for shard in shards:
                 bar.update(task, shard=shard.name)
@@ -290,7 +297,7 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
                 index = {"metadata": {"total_size": total},
                          "weight_map": {info.name: s.name for s in shards for info in s.tensors}}
                 index["weight_map"] = dict(sorted(index["weight_map"].items()))
-                data = (json.dumps(index, indent=2) + "\n").encode()
+                data = (json_text(index) + "\n").encode()
                 (tmp / INDEX_NAME).write_bytes(data)
                 written += len(data)
             _copy_other_files(base_dir, tmp)
@@ -304,8 +311,9 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
                             "training": (checked.manifest or {}).get("training")},
                 "tensors_merged": merged, "tensors_copied": copied,
                 "shards": [s.name for s in shards],
+                "files": sorted([p.name for p in tmp.iterdir()] + [MERGE_RECORD]),  # what the merge wrote
             }
-            (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+            (tmp / MERGE_RECORD).write_text(json_text(record) + "\n")
     finally:
         for fh in handles.values():
             fh.close()

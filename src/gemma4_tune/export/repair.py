@@ -51,11 +51,12 @@ def repair_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> di
     """A copy of an unwrap-style adapter with its tower factors renamed onto the inner ``.linear``, verified."""
     from safetensors.torch import load_file, save_file
 
-    from gemma4_tune.export.manifest import check_adapter_matches_base
+    from gemma4_tune.export.manifest import check_adapter_matches_base, read_adapter
     from gemma4_tune.verify.parity import verify_artefacts
 
     base, adapter, out = Path(base), Path(adapter), Path(out)
     base_tensors = read_checkpoint(base)
+    read_adapter(adapter)  # a damaged adapter is G4T805, before anything loads it
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
     modules = set(unwrapped_modules(list(tensors), base_tensors))
     if not modules:

@@ -230,12 +230,16 @@ def compare_logits(reference: Sequence[np.ndarray], got: np.ndarray, gguf_type: 
         "top1_in_top5": float(in_top5.mean()), "reference_max_abs_logit": float(np.abs(ref).max()),
         "tolerance": asdict(tol), "per_prompt": per_prompt,
     }
-    failures = []
-    if tol.max_logit_diff is not None and figures["max_logit_diff"] > tol.max_logit_diff:
+    figures["non_finite"] = int((~np.isfinite(got)).sum())
+    figures["values"] = int(got.size)
+    failures = []  # written so that a NaN figure fails: NaN compares false with every bound
+    if figures["non_finite"]:
+        failures.append(f"{figures['non_finite']} of {got.size} logits are NaN or infinite")
+    if tol.max_logit_diff is not None and not figures["max_logit_diff"] <= tol.max_logit_diff:
         failures.append(f"max |logit diff| {figures['max_logit_diff']:.3g} > {tol.max_logit_diff:g}")
-    if figures["mean_kl"] > tol.mean_kl:
+    if not figures["mean_kl"] <= tol.mean_kl:
         failures.append(f"mean KL {figures['mean_kl']:.3g} > {tol.mean_kl:g}")
-    if figures["top1_in_top5"] < tol.min_top1_in_top5:
+    if not figures["top1_in_top5"] >= tol.min_top1_in_top5:
         failures.append(f"reference top-1 in llama.cpp's top 5 at {figures['top1_in_top5']:.1%} of positions "
                         f"(< {tol.min_top1_in_top5:.0%})")
     figures["failures"] = failures
@@ -244,6 +248,12 @@ def compare_logits(reference: Sequence[np.ndarray], got: np.ndarray, gguf_type: 
 
 
 def _parity_finding(what: str, figures: dict[str, Any], fix: str) -> Finding:
+    from gemma4_tune.verify.parity import non_finite_finding
+
+    if figures.get("non_finite"):  # the cause: the NaN figures it makes are not a second finding
+        return non_finite_finding(f"{what} in llama.cpp", figures["non_finite"], figures["values"],
+                                  "the GGUF holds NaN or infinite weights (a broken merge or conversion): merge and "
+                                  "convert again with `gemma4-tune export --merged DIR --gguf GGUF_DIR`")
     return finding(GGUF_PARITY_FAILED.code, f"{what} in llama.cpp differs from transformers: "
                    + "; ".join(figures["failures"]) + f" (greedy agreement {figures['greedy_agreement']:.1%}, "
                    f"{figures['gguf_type']})", fix, **{k: figures[k] for k in ("max_logit_diff", "mean_kl",
@@ -413,7 +423,7 @@ def verify_gguf(gguf: str | Path | dict[str, str | Path], reference: str | Path 
         if not base_fig["ok"]:
             findings.append(_parity_finding(files["base"].name, base_fig, "convert the base again from the local base "
                                             "checkpoint the adapter was trained on"))
-        if effect < threshold:
+        if not effect >= threshold and not lora_fig["non_finite"]:
             findings.append(finding(NO_EFFECT_IN_ENGINE.code, f"llama.cpp: {files['adapter'].name} moves the logits "
                                     f"by at most {effect:.3g} (transformers + PEFT: {ref_effect:.3g}, at least "
                                     f"{threshold:.3g} expected): the adapter GGUF changes (almost) nothing",
@@ -462,7 +472,7 @@ def engine_results(base: str | Path, adapter: str | Path, gguf_dir: str | Path, 
     ours = report["model"]["adapter_effect"]
     findings = list(report["findings"])
     threshold = max(MIN_EFFECT, MIN_EFFECT_SHARE * effect)
-    if ours < threshold:
+    if not ours >= threshold and not report["model"]["non_finite"]:
         findings.append(finding(NO_EFFECT_IN_ENGINE.code, f"llama.cpp: {files['model'].name} differs from the base "
                                 f"model by at most {ours:.3g} (transformers + PEFT: {effect:.3g}): the merged GGUF "
                                 "does not carry the fine-tune", "merge again with `gemma4-tune export --merged` and "

@@ -11,6 +11,8 @@ engine must show that the adapter changes the output (failure-catalog row 4).
 from __future__ import annotations
 
 import json
+import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -30,6 +32,7 @@ MISSING_ARTEFACT = register("G4T614", Severity.ERROR, "Verify was asked for an a
 UNKNOWN_ENGINE = register("G4T615", Severity.ERROR, "Unknown engine name")
 NOTHING_COMPARED = register("G4T616", Severity.ERROR, "An engine compared nothing")
 BARELY_MOVES = register("G4T617", Severity.WARNING, "The adapter barely moves the model", (4,))
+NON_FINITE_OUTPUT = register("G4T618", Severity.ERROR, "An output holds NaN or infinite values")
 
 #: An adapter effect above the parity tolerance but below this many tolerances, or below this share of the
 #: reference's logit scale, is reported as barely moving the model (a warning: too little training, a tiny lr).
@@ -112,6 +115,25 @@ def effect_findings(engine: str, effect: float, tolerance: float, scale: float =
     return []
 
 
+def worst(values: Any, start: float = 0.0) -> float:
+    """The largest of ``values`` (and ``start``), NaN if any is NaN: Python's ``max`` keeps the first of two
+    values whenever the comparison is false, so a NaN that is not first would vanish from a running maximum."""
+    out = start
+    for value in values:
+        value = float(value)
+        if math.isnan(value) or math.isnan(out):
+            return math.nan
+        out = max(out, value)
+    return out
+
+
+def non_finite_finding(what: str, count: int, total: int, fix: str, unit: str = "output values") -> Finding:
+    """G4T618: ``count`` of ``total`` ``unit`` of ``what`` are NaN or infinite. Such a comparison proves
+    nothing either way (NaN compares false with every bound), so it fails on its own finding."""
+    return finding(NON_FINITE_OUTPUT.code, f"{what}: NaN or infinite in {count} of {total} {unit}, so nothing "
+                   "can be compared", fix, non_finite=count, values=total)
+
+
 def check_engines(engines: tuple[str, ...] | list[str]) -> None:
     """Refuse an empty or unknown engine list (G4T615): comparing nothing must never pass."""
     from gemma4_tune.findings import FindingError
@@ -180,6 +202,14 @@ def _compare(engine: str, got: torch.Tensor, reference: torch.Tensor, base: torc
     tolerance = HALF_RELATIVE_TOLERANCE * float(reference[mask].abs().max()) if half else FP32_TOLERANCE
     result = EngineResult(engine, diff, agreement, effect, tolerance, prompts=int(mask.any(-1).sum()),
                           positions=int(mask.sum()), modalities=list(modalities or ["text"]))
+    bad = int((~torch.isfinite(got[mask])).sum())
+    if bad:  # the cause: the parity and effect figures it makes NaN are not findings of their own
+        result.findings.append(non_finite_finding(
+            f"{engine}: the artefact's logits", bad, int(got[mask].numel()),
+            "the artefact holds NaN or infinite weights (a diverged run, a broken conversion): re-export it from "
+            "the trained adapter with `gemma4-tune export`, and check the adapter with `gemma4-tune verify "
+            "--engine peft`"))
+        return result
     if half and agreement < HALF_MIN_GREEDY_AGREEMENT:
         result.findings.append(finding(PARITY_FAILED.code, f"{engine}: greedy tokens agree on only {agreement:.1%} "
                                        f"of positions (at least {HALF_MIN_GREEDY_AGREEMENT:.0%} expected)",
@@ -193,6 +223,18 @@ def _compare(engine: str, got: torch.Tensor, reference: torch.Tensor, base: torc
     return result
 
 
+def check_reference(reference: torch.Tensor, mask: torch.Tensor, adapter: Path) -> None:
+    """The trained model itself (base + adapter in PEFT) must give finite logits: against NaN nothing verifies."""
+    from gemma4_tune.findings import FindingError
+
+    bad = int((~torch.isfinite(reference[mask])).sum())
+    if bad:
+        raise FindingError(non_finite_finding(
+            f"the trained model (base + {adapter} in PEFT)", bad, int(reference[mask].numel()),
+            "the adapter holds NaN or infinite weights (the run diverged: train again with a lower --lr, and read "
+            "the run's G4T403 findings); there is nothing right to compare the artefacts with"))
+
+
 def run_stock(base: Path, adapter: Path | None, merged: Path | None, batch: dict[str, torch.Tensor]) -> dict:
     """Run the stock-loader script in a fresh process that never imports gemma4-tune."""
     with tempfile.TemporaryDirectory(prefix="g4t-verify-") as tmp:
@@ -201,8 +243,9 @@ def run_stock(base: Path, adapter: Path | None, merged: Path | None, batch: dict
         request.write_text(json.dumps({"base": str(base), "adapter": str(adapter) if adapter else None,
                                        "merged": str(merged) if merged else None, "batch": str(batch_path),
                                        "out": str(out_path)}))
+        threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}  # the count this process chose (threads.py)
         proc = subprocess.run([sys.executable, "-P", str(STOCK_RUNNER), str(request)], capture_output=True,
-                              text=True, timeout=3600)
+                              text=True, timeout=3600, env={**os.environ, **threads})
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr[-2000:])
         out = torch.load(out_path)
@@ -224,6 +267,7 @@ def verify_artefacts(base: Path, adapter: Path, merged: Path | None, engines: li
     mask = batch["attention_mask"].bool()
     modalities = ["text", *(["image"] if "pixel_values" in batch else [])]
     reference = reference_logits(base, adapter, batch)
+    check_reference(reference, mask, adapter)
     results: list[EngineResult] = []
     stock_needed = [e for e in engines if e in ("peft", "transformers")]
     if stock_needed:

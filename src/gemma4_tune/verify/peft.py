@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from gemma4_tune.findings import Finding, Severity, finding, register
+from gemma4_tune.verify.parity import non_finite_finding, worst
 
 RELOAD_MISMATCH = register("G4T601", Severity.ERROR, "Saved adapter does not reproduce the trained model", (2, 4))
 ADAPTER_NO_EFFECT = register("G4T602", Severity.ERROR, "Adapter does not change the model's output", (4,))
@@ -29,20 +30,26 @@ class ReloadParity:
     greedy_agreement: float
     adapter_effect: float
     tolerance: float
+    non_finite: int = 0  # NaN or infinite logits of the reloaded adapter, of ``values``
+    values: int = 0
 
     @property
     def ok(self) -> bool:
-        """Within tolerance and the adapter does something."""
-        return self.max_logit_diff <= self.tolerance and self.adapter_effect > self.tolerance
+        """Finite, within tolerance, and the adapter does something."""
+        return not self.findings()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {**asdict(self), "ok": self.ok}
 
     def findings(self) -> list[Finding]:
-        """Errors when the reload differs or the adapter has no effect."""
+        """Errors when the reload gives NaN/inf, differs, or the adapter has no effect."""
+        if self.non_finite:
+            return [non_finite_finding("the saved adapter, reloaded by stock PEFT", self.non_finite, self.values,
+                                       "the adapter holds NaN or infinite weights: the run diverged; train again "
+                                       "with a lower --lr (and read the run's G4T403 findings)")]
         out = []
-        if self.max_logit_diff > self.tolerance:
+        if not self.max_logit_diff <= self.tolerance:
             out.append(finding(RELOAD_MISMATCH.code, f"stock PEFT reload differs from the trained model by "
                                f"{self.max_logit_diff:.2e} in the logits (tolerance {self.tolerance:.0e})",
                                "check that the adapter directory belongs to this base model and was saved "
@@ -85,7 +92,8 @@ def saved_adapter_parity(adapter_dir: str | Path, trained: Any, batch: dict[str,
     dtype = next(p for p in trained.parameters() if p.is_floating_point()).dtype
     tolerance = FP32_LOGIT_TOLERANCE if dtype == torch.float32 else 5e-2
     return ReloadParity(max_logit_diff=(ours - theirs)[mask].abs().max().item(), greedy_agreement=agreement,
-                        adapter_effect=(theirs - plain)[mask].abs().max().item(), tolerance=tolerance)
+                        adapter_effect=(theirs - plain)[mask].abs().max().item(), tolerance=tolerance,
+                        non_finite=int((~torch.isfinite(theirs[mask])).sum()), values=int(theirs[mask].numel()))
 
 
 @dataclass
@@ -98,19 +106,25 @@ class TensorParity:
     missing: list[str]
     max_abs_lora_b: float
 
+    non_finite: int = 0  # NaN or infinite values in the saved tensors
+
     @property
     def ok(self) -> bool:
-        """Every trained tensor saved, bit-for-bit within fp32 rounding, and lora_B not all zero."""
-        return not self.missing and self.max_tensor_diff <= FP32_LOGIT_TOLERANCE and self.max_abs_lora_b > 0
+        """Every trained tensor saved and finite, bit-for-bit within fp32 rounding, and lora_B not all zero."""
+        return not self.findings()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {**asdict(self), "ok": self.ok}
 
     def findings(self) -> list[Finding]:
-        """Errors when a tensor is missing or differs, or lora_B is all zeros."""
+        """Errors when a tensor is missing, not finite or differs, or lora_B is all zeros."""
+        if self.non_finite:
+            return [non_finite_finding("the saved adapter's tensors", self.non_finite, self.tensors,
+                                       "the run diverged: train again with a lower --lr (and read the run's G4T403 "
+                                       "findings)", unit="tensors")]
         out = []
-        if self.missing or self.max_tensor_diff > FP32_LOGIT_TOLERANCE:
+        if self.missing or not self.max_tensor_diff <= FP32_LOGIT_TOLERANCE:
             what = f"{len(self.missing)} trained tensors are missing (e.g. {self.missing[0]})" if self.missing else \
                 f"saved tensors differ from the trained ones by {self.max_tensor_diff:.2e}"
             out.append(finding(RELOAD_MISMATCH.code, f"the saved adapter does not hold the trained weights: {what}",
@@ -132,7 +146,8 @@ def saved_tensor_parity(adapter_dir: str | Path, model: Any, trained: dict[str, 
     saved = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
     missing = sorted(k for k in expected if k not in saved or saved[k].shape != expected[k].shape)
     common = [k for k in expected if k not in missing]
-    diff = max((float((saved[k].float() - expected[k].float().cpu()).abs().max()) for k in common if saved[k].numel()),
-               default=0.0)
-    lora_b = max((float(saved[k].abs().max()) for k in common if "lora_B" in k and saved[k].numel()), default=0.0)
-    return TensorParity(tensors=len(saved), max_tensor_diff=diff, missing=missing, max_abs_lora_b=lora_b)
+    diff = worst(float((saved[k].float() - expected[k].float().cpu()).abs().max()) for k in common if saved[k].numel())
+    lora_b = worst(float(saved[k].abs().max()) for k in common if "lora_B" in k and saved[k].numel())
+    bad = sum(int((~torch.isfinite(t.float())).any()) for t in saved.values())
+    return TensorParity(tensors=len(saved), max_tensor_diff=diff, missing=missing, max_abs_lora_b=lora_b,
+                        non_finite=bad)
