@@ -55,6 +55,7 @@ bench: setup
 	$(BIN)/python bench/preflight_verify.py
 	$(BIN)/python bench/verify_tolerances.py
 	$(BIN)/python bench/under_load.py
+	$(BIN)/python bench/under_load.py --demo --timeout 600
 	$(BIN)/python bench/gpu.py
 	$(BIN)/python bench/report.py
 

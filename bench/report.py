@@ -9,7 +9,8 @@ from typing import Any
 import common
 
 DOC = common.BENCH.parent / "docs" / "performance.md"
-ORDER = ("train_throughput", "packing", "clippable_lora", "merge_memory", "preflight_verify", "under_load", "gpu")
+ORDER = ("train_throughput", "packing", "clippable_lora", "merge_memory", "preflight_verify", "under_load",
+         "under_load_demo", "gpu")
 
 
 def load() -> dict[str, dict[str, Any]]:
@@ -40,6 +41,12 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[str]:
                                  f"{v['idle_threads'][0]} idle, {v['loaded_threads'][0]} beside them)",
                                  f"{v['loaded_median_s']:.2f} vs {v['idle_median_s']:.2f} s",
                                  round(v["loaded_over_idle"], 2), None))
+            continue
+        if name == "under_load_demo":
+            for setting, ratio in r["ratio"].items():
+                rows.append(_row(f"`gemma4-tune demo` {setting} / idle ({r['hogs']} busy processes)",
+                                 f"{r['seconds'][setting]:.0f} vs {r['seconds']['idle']:.0f} s", round(ratio, 2),
+                                 None))
             continue
         f = r["figures"]
         if name == "train_throughput":

@@ -8,7 +8,8 @@ Each setting runs idle and then beside ``--hogs`` busy-looping processes; the fi
 ``--repeats`` runs, and the result is the loaded/idle ratio of each setting, side by side in one run.
 A proportional slowdown is about (hogs + threads) / cores.
 
-Writes bench/results/under_load.json (about 6 minutes on 2 idle cores).
+Writes bench/results/under_load.json (about 6 minutes on 2 idle cores); with ``--demo``, the whole demo the same
+way, bench/results/under_load_demo.json (about 6 minutes; the timeout is 600 s per demo).
 """
 
 from __future__ import annotations
@@ -70,6 +71,41 @@ def run_steps(base: Path, steps: int, env: dict[str, str], timeout_s: float) -> 
     return float(seconds), int(threads)
 
 
+def run_demo(out: Path, env: dict[str, str], timeout_s: float) -> float:
+    """Seconds for ``gemma4-tune demo`` (the whole pipeline) into a new ``out``; NaN past the timeout."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    start = time.perf_counter()
+    try:
+        subprocess.run([sys.executable, "-c", "from gemma4_tune.cli import main; main()", "demo", "--out", str(out)],
+                       env={**clean, **env}, capture_output=True, text=True, timeout=timeout_s, check=True)
+    except subprocess.TimeoutExpired:
+        return float("nan")
+    return time.perf_counter() - start
+
+
+def demo(args: argparse.Namespace) -> None:
+    """The issue's measure: the demo idle, and beside the busy processes with gemma4-tune's threads and with a
+    thread per core (``OMP_NUM_THREADS=2``, what torch did before)."""
+    started = machine()
+    with tempfile.TemporaryDirectory() as tmp:
+        figures: dict[str, Any] = {"idle": run_demo(Path(tmp) / "idle", {}, args.timeout)}
+        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.hogs)]
+        try:
+            time.sleep(1.0)
+            figures["loaded, gemma4-tune threads"] = run_demo(Path(tmp) / "ours", {}, args.timeout)
+            figures["loaded, a thread per core"] = run_demo(Path(tmp) / "per-core", {"OMP_NUM_THREADS": "2"},
+                                                            args.timeout)
+        finally:
+            for hog in hogs:
+                hog.kill()
+                hog.wait()
+    for name, seconds in figures.items():
+        print(f"demo {name}: {seconds:.1f} s")
+    payload = {"what": f"`gemma4-tune demo` idle and beside {args.hogs} busy-looping processes", "hogs": args.hogs,
+               "seconds": figures, "ratio": {k: v / figures["idle"] for k, v in figures.items() if k != "idle"}}
+    print(write_result("under_load_demo", started, payload))
+
+
 def main() -> None:
     """Measure each setting idle and loaded; write the record."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -77,7 +113,11 @@ def main() -> None:
     parser.add_argument("--hogs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--demo", action="store_true", help="measure the whole demo instead (about 6 minutes)")
     args = parser.parse_args()
+    if args.demo:
+        demo(args)
+        return
     started = machine()
     from gemma4_tune.api import tiny_model
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gemma4_tune.config import build_config, read_run_file
-from gemma4_tune.findings import FindingError, Severity
+from gemma4_tune.findings import Finding, FindingError, Severity
 
 BASE = {"model": "m", "data": "d.jsonl", "out": "o"}
 CLI = [sys.executable, "-c", "from gemma4_tune.cli import main; main()"]
@@ -51,15 +51,21 @@ def test_sensible_values_at_the_edges_are_accepted() -> None:
     assert build_config({**BASE, "lr": 1, "max_steps": 1}).lr == 1.0
 
 
+def _refused(run: Path, text: str) -> Finding:
+    """The one finding reading the run file ``text`` gives."""
+    run.write_text(text)
+    with pytest.raises(FindingError) as info:
+        read_run_file(run)
+    (found,) = info.value.findings
+    return found
+
+
 @pytest.mark.parametrize(("line", "key"), [("max_steps: 0", "max_steps"), ("lr: .inf", "lr"), ("lr: 1e30", "lr"),
                                            ("rank: true", "rank"), ("seed: -1", "seed"), ("epochs: .inf", "epochs"),
                                            ("targets: [1, 2]", "targets"), ("targets: 5", "targets")])
 def test_yaml_values_are_read_as_yaml_types_and_refused(tmp_path: Path, line: str, key: str) -> None:
     run = tmp_path / "run.yaml"
-    run.write_text(f"model: m\ndata: d.jsonl\nout: o\n{line}\n")
-    with pytest.raises(FindingError) as info:
-        read_run_file(run)
-    (found,) = info.value.findings
+    found = _refused(run, f"model: m\ndata: d.jsonl\nout: o\n{line}\n")
     assert found.code == "G4T005" and found.message.startswith(f"{run}: {key}: ")
 
 
@@ -69,11 +75,8 @@ def test_yaml_values_are_read_as_yaml_types_and_refused(tmp_path: Path, line: st
                                              ("seed: -1", "seed"), ("lora_r: true", "lora_r (rank)"),
                                              ("val_set_size: abc", "val_set_size")])
 def test_an_axolotl_file_goes_through_the_same_validation(tmp_path: Path, line: str, named: str) -> None:
-    run = tmp_path / "axolotl.yaml"
-    run.write_text(f"base_model: m\nadapter: lora\ndatasets:\n  - path: d.jsonl\n{line}\n")
-    with pytest.raises(FindingError) as info:
-        read_run_file(run)
-    (found,) = info.value.findings
+    found = _refused(tmp_path / "axolotl.yaml",
+                     f"base_model: m\nadapter: lora\ndatasets:\n  - path: d.jsonl\n{line}\n")
     assert found.code == "G4T005" and named in found.message
 
 

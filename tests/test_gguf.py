@@ -301,6 +301,9 @@ def test_e2b_merged_f32_model_and_mmproj_match_transformers(e2b) -> None:
     assert report["model"]["top1_in_top5"] == 1.0
     assert report["mmproj"]["vision"] and report["mmproj"]["audio"]
     assert report["vocab"]["<|turn>"]["control"] and report["vocab"]["<turn|>"]["eog"]
+    from gemma4_tune.export.manifest import served_chat_template  # what verify compares with the manifest (row 34)
+
+    assert report["chat_template"] == served_chat_template(e2b["merged"])
 
 
 @pytest.mark.engine

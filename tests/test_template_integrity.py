@@ -219,3 +219,18 @@ def test_verify_warns_when_the_base_serves_another_revision(trained: Path, e2b: 
     warned = [f for f in report["findings"] if f.code == "G4T812"]
     assert len(warned) == 1 and "serves v3" in warned[0].message
     assert "G4T812" in (tmp_path / "verify" / "verify.md").read_text()
+
+
+def test_a_gguf_holding_another_template_is_named_with_the_fix_for_a_gguf(trained: Path) -> None:
+    """verify --engine llama.cpp compares the GGUF's tokenizer.chat_template (read by llama.cpp itself, asserted in
+    test_gguf) with the manifest, by the same rule as a checkpoint's tokenizer."""
+    from gemma4_tune.export.manifest import read_manifest, template_findings
+
+    manifest = read_manifest(trained)
+    put_back = "export the GGUF again from a merged checkpoint that has the {trained} template"
+    assert template_findings(trained, "model-f32.gguf", chat.official_template("v5"), manifest, put_back) == []
+    [warned] = template_findings(trained, "model-f32.gguf", chat.official_template("v4"), manifest, put_back)
+    assert warned.code == "G4T812" and "model-f32.gguf serves v4" in warned.message
+    assert warned.fix.startswith("export the GGUF again from a merged checkpoint that has the v5 template")
+    [unknown] = template_findings(trained, "model-f32.gguf", None, manifest, put_back)
+    assert unknown.code == "G4T813" and "model-f32.gguf has no chat template" in unknown.message

@@ -20,14 +20,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from gemma4_tune.findings import (
-    OUTPUT_EXISTS,
-    Finding,
-    FindingError,
-    Severity,
-    finding,
-    register,
-)
+from gemma4_tune.findings import OUTPUT_EXISTS, Finding, FindingError, Severity, finding, register
 
 NO_SPACE = register("G4T020", Severity.ERROR, "Not enough disk space")
 NOT_WRITABLE = register("G4T021", Severity.ERROR, "Output location is not writable")

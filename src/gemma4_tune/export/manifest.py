@@ -338,10 +338,20 @@ def served_chat_template(model_dir: str | Path) -> str | None:
 
 def served_template_findings(adapter_dir: str | Path, model_dir: str | Path,
                              manifest: dict[str, Any] | None) -> list[Finding]:
-    """The chat template ``model_dir`` serves against the one the adapter's manifest recorded (catalog row 34).
+    """The chat template ``model_dir``'s tokenizer serves against the one the adapter's manifest recorded."""
+    put_back = (f"give {model_dir} the {{trained}} template: python -c \"from gemma4_tune.data.chat import "
+                f"official_template; open('{Path(model_dir) / 'chat_template.jinja'}', 'w')"
+                ".write(official_template('{trained}'))\"")
+    return template_findings(adapter_dir, str(model_dir), served_chat_template(model_dir), manifest, put_back)
+
+
+def template_findings(adapter_dir: str | Path, where: str, served: str | None, manifest: dict[str, Any] | None,
+                      put_back: str) -> list[Finding]:
+    """The chat template ``served`` by ``where`` against the one the adapter's manifest recorded (catalog row 34).
 
     G4T812 (warning) when it is another official revision; G4T813 (error) when it is no official revision or
     missing. Nothing when the manifest recorded no template (adapters of other tools, older manifests).
+    ``put_back`` is the fix, with ``{trained}`` for the recorded revision.
     """
     from gemma4_tune.data.chat import detect_revision, template_sha256
 
@@ -349,25 +359,23 @@ def served_template_findings(adapter_dir: str | Path, model_dir: str | Path,
     if not isinstance(recorded, dict) or not recorded.get("revision"):
         return []
     trained = recorded["revision"]
-    served = served_chat_template(model_dir)
     if served is not None and template_sha256(served) == recorded.get("sha256"):
         return []
     revision = detect_revision(served) if served is not None else None
     if revision == trained:
         return []
-    put_back = (f"give {model_dir} the {trained} template: python -c \"from gemma4_tune.data.chat import official_template; "
-                f"open('{Path(model_dir) / 'chat_template.jinja'}', 'w').write(official_template('{trained}'))\"")
-    details = {"trained_revision": trained, "served_revision": revision, "model": str(model_dir),
+    put_back = put_back.format(trained=trained)
+    details = {"trained_revision": trained, "served_revision": revision, "model": where,
                "served_sha256": template_sha256(served) if served is not None else None}
     if revision is None:
         what = "no chat template" if served is None else \
             f"a chat template that is no official Gemma 4 revision (sha256 {template_sha256(served)[:12]})"
         return [finding(TEMPLATE_UNKNOWN.code, f"adapter {adapter_dir} was trained with the official chat template "
-                        f"{trained} (sha256 {str(recorded.get('sha256'))[:12]}), but {model_dir} has {what}: prompts "
+                        f"{trained} (sha256 {str(recorded.get('sha256'))[:12]}), but {where} has {what}: prompts "
                         "would be rendered unlike anything it was trained on", f"{put_back}, or serve a checkpoint "
                         f"that has the official {trained} template", **details)]
     return [finding(TEMPLATE_REVISION_DIFFERS.code, f"adapter {adapter_dir} was trained with chat template {trained}, "
-                    f"but {model_dir} serves {revision}: tool calls, thinking and turn ends may render unlike training",
+                    f"but {where} serves {revision}: tool calls, thinking and turn ends may render unlike training",
                     f"{put_back}, or retrain with --template-revision {revision}", **details)]
 
 

@@ -355,6 +355,7 @@ def verify_gguf(gguf: str | Path | dict[str, str | Path], reference: str | Path 
         log(f"[llama.cpp] running {files['model'].name}" + (f" + {files['mmproj'].name}" if "mmproj" in files else ""))
         result = run_llamacpp(request, timeout_s=timeout_s, log=log)
         out["llama_cpp_build"] = result.get("llama_cpp_build")
+        out["chat_template"] = result.get("chat_template")  # what the GGUF's tokenizer.chat_template holds
         start = time.monotonic()
         if reference is None or isinstance(reference, (str, Path)):
             if ref_dir is None:
@@ -460,6 +461,8 @@ def engine_results(base: str | Path, adapter: str | Path, gguf_dir: str | Path, 
     if "model" not in files:
         raise FindingError(finding(RUN_FAILED.code, f"{gguf_dir} holds no model-<type>.gguf",
                                    "export it with `gemma4-tune export --merged DIR --gguf GGUF_DIR`"))
+    from gemma4_tune.export.manifest import read_manifest, template_findings
+
     prompts = default_prompts(base)
     log(f"[llama.cpp] computing the transformers + PEFT reference ({base} + {adapter})")
     reference = peft_logits(base, adapter, prompts)
@@ -471,6 +474,9 @@ def engine_results(base: str | Path, adapter: str | Path, gguf_dir: str | Path, 
                        for a, b in zip(reference["adapter"], reference["base"], strict=True)))
     ours = report["model"]["adapter_effect"]
     findings = list(report["findings"])
+    findings += template_findings(adapter, files["model"].name, report.get("chat_template"), read_manifest(adapter),
+                                  "export the GGUF again from a merged checkpoint that has the {trained} template "
+                                  "(`gemma4-tune export --merged DIR --gguf GGUF_DIR` copies it into the GGUF)")
     threshold = max(MIN_EFFECT, MIN_EFFECT_SHARE * effect)
     if not ours >= threshold and not report["model"]["non_finite"]:
         findings.append(finding(NO_EFFECT_IN_ENGINE.code, f"llama.cpp: {files['model'].name} differs from the base "

@@ -24,6 +24,7 @@ positions one after the other) beside it::
      "prompt_lengths": [3, ...], "modes": {"base": {"logits": "base-logits.npy", "adapter": null}},
      "vocab": {"bos": 2, "eos": 1, "eot": 106, "tokens": {"105": {"control": true, "eog": false}}},
      "mmproj": {"path": ..., "vision": true, "audio": true, "load_s": 0.1},
+     "chat_template": "...",                              # the GGUF's tokenizer.chat_template, or null
      "timings": {"load_s": ..., "base_s": ..., "total_s": ...}}
 
 Each prompt is decoded as one batch from an empty KV cache with every position's logits
@@ -130,6 +131,8 @@ def run(req: dict[str, Any], out_dir: str) -> dict[str, Any]:
                                  "text": ffi.string(lib.llama_vocab_get_text(vocab, int(t))).decode("utf-8", "replace")}
                    for t in req.get("check_token_ids") or []},
     }
+    template = lib.llama_model_chat_template(model, ffi.NULL)  # tokenizer.chat_template of the GGUF
+    result["chat_template"] = None if template == ffi.NULL else ffi.string(template).decode("utf-8", "replace")
     adapters: list[Any] = []
     try:
         for mode in req.get("modes") or [{"name": "base"}]:
