@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any
 
@@ -18,8 +17,10 @@ _STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO:
 
 
 def print_json(data: Any) -> None:
-    """Machine output: plain JSON on stdout, nothing else."""
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    """Machine output: plain, strict JSON on stdout (NaN as null), nothing else."""
+    from gemma4_tune.io import json_text
+
+    sys.stdout.write(json_text(data) + "\n")
 
 
 def render_findings(findings: list[Finding], *, stderr: bool = False) -> None:

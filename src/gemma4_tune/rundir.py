@@ -15,13 +15,13 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from gemma4_tune.config import RunConfig
 from gemma4_tune.findings import FindingError, Severity, finding, register
+from gemma4_tune.io import write_json
 
 RESUME_MISMATCH = register("G4T414", Severity.ERROR, "--resume with different settings than the run")
 NOTHING_TO_DO = register("G4T415", Severity.INFO, "--resume found the run already finished")
@@ -99,18 +99,9 @@ def run_record(cfg: RunConfig, world_size: int = 1) -> dict[str, Any]:
 
 
 def write_run_start(out: Path, record: dict[str, Any]) -> Path:
-    """Write ``run-start.json`` atomically (a temporary file renamed into place)."""
-    path = out / RUN_START
-    fd, tmp = tempfile.mkstemp(prefix=f".{RUN_START}.", dir=out)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps({**record, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-                                indent=2, default=str) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``run-start.json`` atomically, as strict JSON."""
+    return write_json(out / RUN_START,
+                      {**record, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
 
 def _show(value: Any) -> str:
