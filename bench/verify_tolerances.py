@@ -1,9 +1,11 @@
 """What each verify comparison measures when the artefact is right, so that every tolerance is set from it.
 
-For each tiny Gemma 4 variant (random weights, the real structure), a rank-8 random text LoRA (and a
-zeroed copy of it, which must fail), its streaming-merged fp32 checkpoint, and then every engine that
-``verify`` runs: stock PEFT and transformers (max |logit diff|), a real vLLM (max |logprob diff|, fp32)
-and llama.cpp on the f32, f16, bf16 and q8_0 GGUF conversions (max |logit diff|, mean KL, top-1 in top-5).
+For each tiny Gemma 4 variant (random weights, the real structure), a rank-8 random LoRA on the text and
+every tower (and a zeroed copy of it, which must fail), its streaming-merged fp32 checkpoint, and then every
+engine that ``verify`` runs on every modality's prompts: stock PEFT and transformers (max |logit diff|), a
+real vLLM (max |logprob diff|, fp32: the adapter's text part, and the merged checkpoint on text, images and
+audio), and llama.cpp on the f32, f16, bf16 and q8_0 GGUF conversions of a text LoRA's merge (max |logit
+diff|, mean KL, top-1 in top-5).
 The tolerances in ``verify/parity.py``, ``verify/vllm.py`` and ``verify/llamacpp.py`` are checked against
 these figures by ``tests/test_tolerances.py``; docs/verify.md is written from them.
 
@@ -32,25 +34,44 @@ def measure(variant: str, root: Path) -> dict[str, Any]:
 
     from gemma4_tune.api import export, tiny_model
     from gemma4_tune.export.gguf import export_gguf
-    from gemma4_tune.verify.llamacpp import default_prompts, peft_logits, verify_gguf
-    from gemma4_tune.verify.parity import verify_artefacts, vllm_result
+    from gemma4_tune.verify.llamacpp import default_prompts, engine_results, peft_logits, verify_gguf
+    from gemma4_tune.verify.parity import verify_artefacts, vllm_results, worst
+
+    from gemma4_tune.verify.prompts import model_modalities
 
     base = tiny_model(variant, root / "base", seed=0)
     adapter = random_lora(base, root / "adapter", seed=3)
-    zeroed = zeroed_lora_b(adapter, root / "zeroed")
     merged = root / "merged"
     export(base, adapter, merged=merged)
-    out: dict[str, Any] = {}
-    for name, result in (("stock", verify_artefacts(base, adapter, merged, ["peft", "transformers"])),
+    # the towers too, for every modality's rows (llama.cpp's adapter GGUF takes text LoRA only: it keeps `adapter`)
+    towers = {"image": "vision", "audio": "audio"}
+    spec = ",".join(["text", *(towers[m] for m in model_modalities(base) if m in towers)])
+    tower_adapter = random_lora(base, root / "tower-adapter", seed=3, spec=spec)
+    tower_merged = root / "tower-merged"
+    export(base, tower_adapter, merged=tower_merged)
+    zeroed = zeroed_lora_b(tower_adapter, root / "zeroed")
+    out: dict[str, Any] = {"tower_lora": spec}
+    for name, result in (("stock", verify_artefacts(base, tower_adapter, tower_merged, ["peft", "transformers"])),
                          ("stock_zeroed", verify_artefacts(base, zeroed, None, ["peft"]))):
-        out[name] = {r.engine: {"max_logit_diff": r.max_logit_diff, "adapter_effect": r.adapter_effect,
-                                "positions": r.positions} for r in result}
-    vllm = vllm_result(base, adapter)
-    if vllm.ok:
-        out["vllm"] = {"max_logprob_diff": vllm.max_logit_diff, "greedy_agreement": vllm.greedy_agreement,
-                       "adapter_effect": vllm.adapter_effect, "positions": vllm.positions}
+        out[name] = {}
+        for engine in dict.fromkeys(r.engine for r in result):  # the worst row of each engine, and every row
+            rows = [r for r in result if r.engine == engine]
+            out[name][engine] = {"max_logit_diff": worst(r.max_logit_diff for r in rows),
+                                 "adapter_effect": min(r.adapter_effect for r in rows),
+                                 "positions": sum(r.positions for r in rows),
+                                 "modalities": {r.modalities[0]: {"max_logit_diff": r.max_logit_diff,
+                                                                  "adapter_effect": r.adapter_effect,
+                                                                  "positions": r.positions} for r in rows}}
+    adapter_row, *merged_rows = vllm_results(base, tower_adapter, tower_merged)
+    if adapter_row.ok:
+        out["vllm"] = {"max_logprob_diff": adapter_row.max_logit_diff, "greedy_agreement": adapter_row.greedy_agreement,
+                       "adapter_effect": adapter_row.adapter_effect, "positions": adapter_row.positions}
     else:  # vLLM's CPU build cannot run LoRA on the MoE model (catalog rows 5, 6)
-        out["vllm"] = {"not_measured": vllm.findings[0].message.splitlines()[0][:300]}
+        out["vllm"] = {"not_measured": adapter_row.findings[0].message.splitlines()[0][:300]}
+    out["vllm_merged"] = {r.modalities[0] if r.modalities else "all": {
+        "max_logprob_diff": r.max_logit_diff, "greedy_agreement": r.greedy_agreement,
+        "adapter_effect": r.adapter_effect, "positions": r.positions, "ok": r.ok, "not_run": r.not_run[:300],
+        "findings": [f.code for f in r.findings]} for r in merged_rows}
     prompts = default_prompts(base)
     reference = peft_logits(base, adapter, prompts)
     keys = ("max_logit_diff", "mean_kl", "top1_in_top5", "greedy_agreement", "adapter_effect")
@@ -65,6 +86,14 @@ def measure(variant: str, root: Path) -> dict[str, Any]:
             row["adapter"] = {**{k: report["adapter"]["adapter"].get(k) for k in keys[:4]},
                               "adapter_effect": report["adapter"]["adapter_effect"]}
         out[f"llama.cpp {gguf_type}"] = row
+    # every modality in llama.cpp: the tower merge's f32 GGUF + mmproj, as `verify --engine llama.cpp` runs it
+    folder = root / "gguf-f32-towers"
+    export_gguf(tower_merged, folder, "f32", adapter_dir=tower_adapter, base_dir=base, repoint=False)
+    out["llama.cpp f32 media"] = {
+        r.modalities[0]: {"max_logit_diff": r.max_logit_diff, "mean_kl": r.figures.get("mean_kl"),
+                          "top1_in_top5": r.figures.get("top1_in_top5"), "adapter_effect": r.adapter_effect,
+                          "ok": r.ok, "not_run": r.not_run[:300], "findings": sorted({f.code for f in r.findings})}
+        for r in engine_results(base, tower_adapter, folder, log=lambda _line: None) if r.engine.endswith(".gguf")}
     return out
 
 
@@ -73,21 +102,24 @@ def measure_half(variant: str, root: Path) -> dict[str, Any]:
     from lora_helpers import random_lora
 
     from gemma4_tune.api import export, tiny_model
-    from gemma4_tune.verify.parity import HALF_RELATIVE_TOLERANCE, PROMPTS, verify_artefacts
+    from gemma4_tune.verify.parity import HALF_RELATIVE_TOLERANCE, verify_artefacts
+    from gemma4_tune.verify.prompts import TEXT_PROMPTS
     from gemma4_tune.verify.vllm import vllm_parity
 
     base = tiny_model(variant, root / "base", seed=0, dtype="bfloat16")
     adapter = random_lora(base, root / "adapter", seed=3)
     export(base, adapter, merged=root / "merged")
-    (merged,) = verify_artefacts(base, adapter, root / "merged", ["transformers"])
+    rows = verify_artefacts(base, adapter, root / "merged", ["transformers"])
+    worst_row = max(rows, key=lambda r: r.max_logit_diff / r.tolerance)
     out: dict[str, Any] = {"transformers_bf16_merged": {
-        "max_logit_diff": merged.max_logit_diff, "relative_diff": merged.max_logit_diff / merged.tolerance
-        * HALF_RELATIVE_TOLERANCE, "greedy_agreement": merged.greedy_agreement, "ok": merged.ok}}
+        "max_logit_diff": worst_row.max_logit_diff, "relative_diff": worst_row.max_logit_diff / worst_row.tolerance
+        * HALF_RELATIVE_TOLERANCE, "greedy_agreement": min(r.greedy_agreement for r in rows),
+        "ok": all(r.ok for r in rows), "modalities": [r.modalities[0] for r in rows]}}
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     try:
-        parity = vllm_parity(base, adapter, [tokenizer(p).input_ids for p in PROMPTS], dtype="bfloat16")
+        parity = vllm_parity(base, adapter, [tokenizer(p).input_ids for p in TEXT_PROMPTS], dtype="bfloat16")
         out["vllm_bf16"] = {"max_logprob_diff": parity.max_logprob_diff, "greedy_agreement": parity.greedy_agreement,
                             "ok": parity.ok}
     except Exception as exc:  # noqa: BLE001 - recorded: why this engine could not be measured here

@@ -57,12 +57,15 @@ def test_export_merged_then_verify_passes(tiny_models, trained, tmp_path, varian
                "--merged", merged, "--engine", "peft,transformers", "--out", tmp_path / "v", "--json")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout)
-    assert result["ok"] and {e["engine"] for e in result["engines"]} == {"peft", "transformers"}
+    modalities = ["text", "image", "audio"] if variant == "e2b" else ["text", "image"]
+    assert result["ok"] and [(e["engine"], e["modalities"]) for e in result["engines"]] == [
+        (engine, [m]) for engine in ("peft", "transformers") for m in modalities]  # one row per engine x modality
     assert all(e["adapter_effect"] > e["tolerance"] for e in result["engines"])
     for e in result["engines"]:  # every row says what its verdict rests on
-        assert e["prompts"] == 4 and e["positions"] > 20 and e["modalities"] == ["text", "image"]
-    assert (tmp_path / "v" / "verify.md").read_text().count("pass") == 2
-    assert "4 prompts" in (tmp_path / "v" / "verify.md").read_text()
+        assert e["prompts"] == (3 if e["modalities"] == ["text"] else 2) and e["positions"] > 20
+    table = (tmp_path / "v" / "verify.md").read_text()
+    assert table.count("| pass |") == 2 * len(modalities)
+    assert "| peft | image | 2 prompts," in table and "| transformers | text | 3 prompts," in table
 
 
 @pytest.mark.slow
@@ -78,9 +81,12 @@ def test_row02_unwrap_renamed_merged_checkpoint_fails_verify(tiny_models, traine
     proc = cli("verify", "--base", tiny_models["e2b"], "--adapter", trained["e2b"] / "adapter", "--merged", merged,
                "--engine", "transformers", "--out", tmp_path / "v", "--json")
     assert proc.returncode == 1
-    (row,) = json.loads(proc.stdout)["engines"]
-    assert [f["code"] for f in row["findings"]] == ["G4T612"]  # one clear finding: the cause, with the repair
-    assert "gemma4-tune repair" in row["findings"][0]["fix"]
+    result = json.loads(proc.stdout)
+    rows = result["engines"]
+    assert [r["modalities"] for r in rows] == [["text"], ["image"], ["audio"]]
+    assert all([f["code"] for f in r["findings"]] == ["G4T612"] and r["verdict"] == "FAIL" for r in rows)
+    (found,) = result["findings"]  # one clear finding, said once: the cause, with the repair
+    assert found["code"] == "G4T612" and "gemma4-tune repair" in found["fix"] and found["details"]["rows"] == 3
 
 
 @pytest.mark.slow

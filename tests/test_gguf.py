@@ -3,7 +3,9 @@
 The engine tests need llama.cpp (``gemma4-tune engines install llama.cpp``: converters + prebuilt
 runtime). They skip when it is missing, unless ``GEMMA4_TUNE_REQUIRE_ENGINES`` is set (CI): then
 they fail with G4T911 instead. Converted files are shared per model through module fixtures; each
-conversion takes ~5 s on CPU, a llama.cpp run of the three prompts well under a second.
+conversion takes ~5 s on CPU, a llama.cpp run of the three prompts well under a second. The fixtures
+merge a LoRA on the text and the towers (the merged GGUF + mmproj then carry tower deltas that the
+image and audio rows must show) and convert its text part as the adapter GGUF.
 """
 
 from __future__ import annotations
@@ -32,7 +34,14 @@ from gemma4_tune.export.gguf import (
 )
 from gemma4_tune.findings import FindingError
 from gemma4_tune.verify import glibc_compat, llamacpp_env
-from gemma4_tune.verify.llamacpp import TOLERANCES, default_prompts, peft_logits, verify_gguf
+from gemma4_tune.verify.llamacpp import (
+    MEDIA_TOLERANCES,
+    TOLERANCES,
+    default_prompts,
+    engine_results,
+    peft_logits,
+    verify_gguf,
+)
 from tests.lora_helpers import random_lora, zeroed_lora_b
 
 REQUIRE = bool(os.environ.get("GEMMA4_TUNE_REQUIRE_ENGINES"))
@@ -65,29 +74,33 @@ def _unwrapped(src: Path, out: Path) -> Path:
     return out
 
 
-def _exported_case(tiny: Path, root: Path, seed: int) -> dict:
-    """``tiny`` + a random text LoRA, merged, then exported to f32 with the adapter (model, mmproj where the
-    model has towers, base, adapter), with the PEFT reference on the verify prompts."""
+def _exported_case(tiny: Path, root: Path, seed: int, towers: str) -> dict:
+    """``tiny`` + a random LoRA on the text and ``towers`` ("trained"), merged, then exported to f32 (model,
+    mmproj) with the adapter GGUF of its text part ("adapter": ``convert_lora_to_gguf.py`` drops tower LoRA,
+    G4T914), with the PEFT reference on the text verify prompts (the towers do not run on them, so the text part
+    and the whole adapter give the same logits there)."""
     from gemma4_tune.export.merge import merge_adapter
+    from gemma4_tune.verify.parity import text_only_adapter
 
-    adapter = random_lora(tiny, root / "adapter", seed=seed)
-    merged = merge_adapter(tiny, adapter, root / "merged", progress=False).out_dir
+    trained = random_lora(tiny, root / "trained", seed=seed, spec=f"text,{towers}")
+    adapter = text_only_adapter(trained, root / "adapter")
+    merged = merge_adapter(tiny, trained, root / "merged", progress=False).out_dir
     prompts = default_prompts(tiny)
-    return {"root": root, "base": tiny, "adapter": adapter, "merged": merged, "prompts": prompts,
+    return {"root": root, "base": tiny, "trained": trained, "adapter": adapter, "merged": merged, "prompts": prompts,
             "peft": peft_logits(tiny, adapter, prompts),
             "f32": export_gguf(merged, root / "gguf-f32", "f32", adapter_dir=adapter, base_dir=tiny)}
 
 
 @pytest.fixture(scope="module")
 def e2b(tiny_models, tmp_path_factory) -> dict:
-    """Tiny E2B (vision + audio towers) exported with a text LoRA."""
-    return _exported_case(tiny_models["e2b"], tmp_path_factory.mktemp("gguf-e2b"), seed=1)
+    """Tiny E2B (vision + audio towers, causal image attention) exported with a text + vision + audio LoRA."""
+    return _exported_case(tiny_models["e2b"], tmp_path_factory.mktemp("gguf-e2b"), seed=1, towers="vision,audio")
 
 
 @pytest.fixture(scope="module")
 def b31(tiny_models, tmp_path_factory) -> dict:
-    """Tiny 31B (K=V global layers, vision only) exported with a text LoRA."""
-    return _exported_case(tiny_models["31b"], tmp_path_factory.mktemp("gguf-31b"), seed=2)
+    """Tiny 31B (K=V global layers, vision only, bidirectional image attention) exported with a text + vision LoRA."""
+    return _exported_case(tiny_models["31b"], tmp_path_factory.mktemp("gguf-31b"), seed=2, towers="vision")
 
 
 def _show(label: str, report: dict) -> None:
@@ -191,6 +204,23 @@ def test_turn_tokens_that_are_not_control_in_the_gguf_are_reported(tiny_models) 
     assert flags["<|turn>"]["id"] == 12 and flags["<turn|>"]["id"] == 13
     assert [(f.code, f.severity.value) for f in findings] == [("G4T915", "warning")] * 2
     assert "would not stop at the end of the model's turn" in findings[1].message
+
+
+def test_media_layout_is_aligned_with_the_processor_or_named_with_both_counts() -> None:
+    """How libmtmd's chunks map onto the processor's tokens (begin/end-of-media are text on both sides)."""
+    from gemma4_tune.verify.llamacpp import align
+
+    ids = [2, 12, 6, 9, 9, 9, 7, 40, 41]  # <bos> <|turn> <|image> 3 soft tokens <image|> text
+    types = [0, 0, 0, 1, 1, 1, 0, 0, 0]
+    chunks = [{"type": "text", "tokens": [2, 12, 6]}, {"type": "image", "n_tokens": 3},
+              {"type": "text", "tokens": [7, 40, 41]}]
+    assert align(ids, types, chunks) == ([0, 1, 2, 6, 7, 8], None)
+    _, problem = align(ids, types, [chunks[0], {"type": "image", "n_tokens": 4}, chunks[2]])
+    assert problem == "libmtmd lays the image out as 4 soft tokens where transformers' processor makes 3 (position 3)"
+    _, problem = align(ids, types, [{"type": "text", "tokens": [2, 12]}, *chunks[1:]])
+    assert problem.startswith("libmtmd lays the image out as 3 soft tokens where transformers' processor makes 0")
+    _, problem = align(ids, types, [chunks[0], chunks[1], {"type": "text", "tokens": [7, 40, 42]}])
+    assert problem.startswith("text chunk 2 of libmtmd (3 tokens [7, 40, 42]...) is not the processor's tokens")
 
 
 def test_repoint_modelfile_points_at_the_gguf_and_is_idempotent(tmp_path) -> None:
@@ -392,6 +422,150 @@ def test_31b_merged_f16_text_is_within_its_tolerance(b31, tmp_path) -> None:
     _assert_ok(report)
 
 
+# --------------------------------------------------------------------------- engine: image and audio prompts
+
+
+def _rows(label: str, rows: list) -> dict[str, object]:
+    """The merged GGUF's rows by modality, printed with their figures."""
+    for r in rows:
+        fig = getattr(r, "figures", None) or {}
+        print(label, r.engine, r.modalities, r.compared, json.dumps(
+            {"max_logit_diff": r.max_logit_diff, "mean_kl": fig.get("mean_kl"), "top1_in_top5": fig.get("top1_in_top5"),
+             "adapter_effect": r.adapter_effect, "reference_effect": fig.get("reference_effect"),
+             "other_attention": fig.get("other_attention"), "findings": [f.code for f in r.findings]}, default=float))
+    merged = [r for r in rows if r.engine.startswith("llama.cpp model-")]
+    assert all(len(r.modalities) == 1 for r in rows)
+    return {r.modalities[0]: r for r in merged}
+
+
+def _build() -> str:
+    """The llama.cpp build of the install (``b11739``), which the findings name."""
+    return llamacpp_env.require_llamacpp().stamp["llama_cpp_build"]
+
+
+def _errors(row) -> list:
+    return [f for f in row.findings if f.severity.value == "error"]
+
+
+def _only_resize_warnings(row) -> None:
+    """What is left on a passing image row: libmtmd sizes a user's image unlike the processor (this build)."""
+    assert all(f.code == "G4T918" and f.severity.value == "warning" and "soft tokens where transformers' "
+               "processor makes" in f.message for f in row.findings), [f.one_line() for f in row.findings]
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+@needs_llamacpp
+def test_e2b_image_and_audio_prompts_in_llama_cpp(e2b) -> None:
+    """Text and audio rows pass. The image rows are laid out as transformers lays them out (boi, 60 and 63 soft
+    tokens, eoi), but llama.cpp b11739 decodes E2B's image tokens bidirectionally where the model is causal
+    (llama.cpp#28318): G4T921, and llama.cpp matches transformers run with bidirectional image attention.
+    Fails once the llama.cpp pin decodes them causally: then assert that the image row passes."""
+    rows = engine_results(e2b["base"], e2b["trained"], e2b["f32"]["out_dir"], log=lambda _line: None)
+    assert [r.modalities for r in rows] == [["text"], ["image"], ["audio"], ["text"]]
+    by = _rows("e2b", rows)
+    assert by["text"].ok and by["text"].findings == [], [f.one_line() for f in by["text"].findings]
+    audio = by["audio"]
+    assert audio.ok and audio.findings == [], [f.one_line() for f in audio.findings]
+    assert (audio.prompts, audio.positions) == (2, 46)  # 13 and 50 soft tokens, 23 text positions each
+    assert audio.max_logit_diff <= MEDIA_TOLERANCES["f32"].max_logit_diff
+    assert audio.adapter_effect > 0.5 * audio.figures["reference_effect"] > 0.1
+    image = by["image"]
+    assert (image.prompts, image.positions) == (2, 40)  # the layout matched: every text position compared
+    assert [f.code for f in _errors(image)] == ["G4T921"], [f.one_line() for f in image.findings]
+    message = _errors(image)[0].message
+    assert "attends image tokens bidirectionally where transformers attends them causally" in message
+    assert "mtmd_decode_use_non_causal" in message and _build() in message
+    assert image.figures["other_attention"]["ok"]  # what llama.cpp does is transformers with bidirectional images
+    assert image.figures["other_attention"]["max_logit_diff"] <= MEDIA_TOLERANCES["f32"].max_logit_diff
+    assert image.figures["max_logit_diff"] > 3 * MEDIA_TOLERANCES["f32"].max_logit_diff
+    assert all(image.figures["non_causal"])
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+@needs_llamacpp
+def test_31b_text_and_image_prompts_match_transformers(b31) -> None:
+    """31B attends image tokens bidirectionally, and so does libmtmd: text and image rows pass, the vision
+    LoRA merged into the mmproj shows in the image rows."""
+    by = _rows("31b", engine_results(b31["base"], b31["trained"], b31["f32"]["out_dir"], log=lambda _line: None))
+    assert sorted(by) == ["image", "text"]
+    assert by["text"].ok and by["text"].findings == []
+    image = by["image"]
+    assert image.ok and (image.prompts, image.positions) == (2, 40)
+    _only_resize_warnings(image)
+    assert image.max_logit_diff <= MEDIA_TOLERANCES["f32"].max_logit_diff
+    assert image.figures["mean_kl"] <= MEDIA_TOLERANCES["f32"].mean_kl and image.figures["top1_in_top5"] == 1.0
+    assert image.adapter_effect > 0.5 * image.figures["reference_effect"] > 0.1
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+@needs_llamacpp
+def test_flipped_image_attention_fails_the_31b_image_rows_only(b31) -> None:
+    """The check of the check (row 31): against transformers run with causal image attention, which 31B does not
+    use, the image rows fail and are diagnosed; the text rows still pass."""
+    merged = {k: b31["f32"]["files"][k] for k in ("model", "mmproj")}  # the base + adapter pair is not at stake
+    by = _rows("31b flipped", engine_results(b31["base"], b31["trained"], merged, log=lambda _line: None,
+                                             flip_image_attention=True))
+    assert by["text"].ok and by["text"].findings == []
+    image = by["image"]
+    assert not image.ok and [f.code for f in _errors(image)] == ["G4T921"]
+    assert "attends image tokens bidirectionally where transformers attends them causally" in _errors(image)[0].message
+    assert image.positions == 40
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+@needs_llamacpp
+def test_mmproj_without_the_vision_deltas_fails_the_image_rows(b31, tmp_path) -> None:
+    """A merge that lost the vision LoRA (its lora_B zeroed) behind the same text model: the reference is the
+    whole adapter, so the image rows fail (G4T915, not an attention difference); the text rows pass."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from gemma4_tune.engines import part_of
+    from gemma4_tune.export.merge import merge_adapter
+
+    lost = tmp_path / "adapter-no-vision"
+    shutil.copytree(b31["trained"], lost)
+    weights = lost / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    zeroed = [k for k in tensors if ".lora_B." in k and part_of(k) == "vision"]
+    assert zeroed
+    save_file({k: torch.zeros_like(v) if k in zeroed else v for k, v in tensors.items()}, str(weights),
+              metadata={"format": "pt"})
+    merged = merge_adapter(b31["base"], lost, tmp_path / "merged", progress=False).out_dir
+    gguf = tmp_path / "gguf"
+    gguf.mkdir()
+    (gguf / "model-f32.gguf").symlink_to(b31["f32"]["files"]["model"])  # the same text model
+    convert_model(merged, gguf / "mmproj-f32.gguf", "f32", mmproj=True, log=lambda _line: None)
+    by = _rows("31b no vision delta", engine_results(b31["base"], b31["trained"], gguf, log=lambda _line: None))
+    assert by["text"].ok and by["text"].findings == []
+    image = by["image"]
+    assert [f.code for f in _errors(image)] == ["G4T915"], [f.one_line() for f in image.findings]
+    assert "on image prompts in llama.cpp differs from transformers" in _errors(image)[0].message
+    assert "not an attention difference" in _errors(image)[0].message
+    assert not image.figures["other_attention"]["ok"]
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+@needs_llamacpp
+def test_towers_without_an_mmproj_are_warning_rows_that_compared_nothing(e2b, tmp_path) -> None:
+    """G4T920: a modality llama.cpp cannot run is a warning row of 0 prompts, never a pass of something compared."""
+    (tmp_path / "model-f32.gguf").symlink_to(e2b["f32"]["files"]["model"])
+    by = _rows("e2b no mmproj", engine_results(e2b["base"], e2b["trained"], tmp_path, log=lambda _line: None))
+    assert by["text"].ok and by["text"].positions == 75
+    for modality in ("image", "audio"):
+        row = by[modality]
+        assert [(f.code, f.severity.value) for f in row.findings] == [("G4T920", "warning")]
+        assert (row.prompts, row.positions) == (0, 0) and row.criterion == "not run" and row.verdict == "not run"
+        assert "no mmproj" in row.not_run
+        message = row.findings[0].message
+        assert "no mmproj" in message and f"{_build()} cannot run the {modality} prompts" in message
+
+
 @pytest.mark.engine
 @pytest.mark.slow
 @needs_llamacpp
@@ -457,6 +631,55 @@ def test_runner_is_standalone(e2b, tmp_path) -> None:
     assert (tmp_path / "base-logits.npy").is_file()
 
 
+@pytest.mark.engine
+@pytest.mark.slow
+@needs_llamacpp
+def test_runner_evaluates_media_prompts_chunk_by_chunk(e2b, b31, tmp_path) -> None:
+    """Through libmtmd: text chunks with every position's logits, media chunks encoded and decoded; a medium the
+    projector cannot take is recorded with libmtmd's reason, not a crash."""
+    import numpy as np
+
+    from gemma4_tune.verify.llamacpp import RUNNER
+    from gemma4_tune.verify.prompts import audio, image
+
+    install = llamacpp_env.require_llamacpp()
+    image(96, 144).tofile(tmp_path / "im.rgb")  # 2 x 3 blocks of 48 px: 6 soft tokens, kept as it is
+    audio(0.5).tofile(tmp_path / "a.f32")
+    text = "<bos><|turn>user\n<__media__>Hi<turn|>\n<|turn>model\n"
+    media = {"image": {"kind": "image", "rgb": str(tmp_path / "im.rgb"), "width": 144, "height": 96},
+             "audio": {"kind": "audio", "f32": str(tmp_path / "a.f32")}}
+    for case, kinds in ((e2b, ("image", "audio")), (b31, ("audio",))):
+        files = case["f32"]["files"]
+        req = {"model": files["model"], "mmproj": files["mmproj"], "image_min_tokens": 1, "image_max_tokens": 70,
+               "mm_prompts": [{"text": text, "media": [media[k]]} for k in kinds]}
+        (tmp_path / "req.json").write_text(json.dumps(req))
+        done = subprocess.run([sys.executable, "-P", str(RUNNER), str(tmp_path / "req.json"),
+                               str(tmp_path / "res.json")], env=install.runtime_environ(), capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        result = json.loads((tmp_path / "res.json").read_text())
+        assert "logits" not in result["modes"]["base"]  # no text-only prompts were given
+        logits = np.load(tmp_path / result["modes"]["base"]["mm_logits"])
+        records = dict(zip(kinds, result["mm_prompts"], strict=True))
+        if case is e2b:
+            for kind, n_media in (("image", 6), ("audio", 13)):
+                chunks = records[kind]["chunks"]
+                boi = {"image": "<|image>", "audio": "<|audio>"}[kind]
+                assert [c["type"] for c in chunks] == ["text", kind, "text"] and records[kind]["error"] is None
+                assert chunks[1]["n_tokens"] == n_media  # begin/end-of-media tokens are text, around the chunk
+                from transformers import AutoTokenizer
+
+                tok = AutoTokenizer.from_pretrained(str(e2b["base"]))
+                assert tok.convert_ids_to_tokens(chunks[0]["tokens"][-1]) == boi
+                n_text = len(chunks[0]["tokens"]) + len(chunks[2]["tokens"])
+                assert records[kind]["text_positions"] == n_text
+            assert logits.shape == (sum(r["text_positions"] for r in records.values()), result["n_vocab"])
+            assert np.isfinite(logits).all()
+        else:  # the 31B projector has no audio encoder
+            assert records["audio"]["chunks"] is None and records["audio"]["text_positions"] == 0
+            assert "does not support audio input" in records["audio"]["error"] and logits.shape[0] == 0
+
+
 # --------------------------------------------------------------------------- the command line, end to end
 
 CLI = [sys.executable, "-m", "gemma4_tune"]
@@ -498,7 +721,10 @@ def test_cli_export_gguf_then_verify_in_llama_cpp(b31_adapter_only, tmp_path) ->
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
     report = json.loads(done.stdout)
-    rows = {r["engine"]: r for r in report["engines"]}
-    assert len(rows) == 2 and all(r["ok"] for r in rows.values()), rows
+    rows = {(r["engine"], *r["modalities"]): r for r in report["engines"]}
+    assert sorted(rows) == [("llama.cpp base-f16.gguf + adapter-f16", "text"), ("llama.cpp model-f16.gguf", "image"),
+                            ("llama.cpp model-f16.gguf", "text")], rows
+    assert all(r["ok"] for r in rows.values()), rows
     assert all(r["adapter_effect"] > 0.5 for r in rows.values())  # the fine-tune shows in llama.cpp
-    assert (tmp_path / "verify" / "verify.md").read_text().count("llama.cpp") >= 2
+    assert rows[("llama.cpp model-f16.gguf", "image")]["positions"] == 40  # the text around both images
+    assert (tmp_path / "verify" / "verify.md").read_text().count("llama.cpp") >= 3

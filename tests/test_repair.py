@@ -130,4 +130,5 @@ def test_the_repaired_adapter_passes_verify_in_peft_and_a_real_vllm(tiny_models,
     repaired = repair_adapter(tiny_models["e2b"], unwrapped_adapter, tmp_path / "repaired")["adapter"]
     report = verify(tiny_models["e2b"], repaired, engines=("peft", "vllm"), out=tmp_path / "v")
     assert report["ok"], [f.one_line() for f in report["findings"]]
-    assert [e["engine"] for e in report["engines"]] == ["peft", "vllm (text LoRA only)"]
+    assert [(e["engine"], e["modalities"]) for e in report["engines"]] == [
+        ("peft", ["text"]), ("peft", ["image"]), ("peft", ["audio"]), ("vllm adapter (text LoRA only)", ["text"])]

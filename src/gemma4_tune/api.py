@@ -221,7 +221,13 @@ def verify(base: str | Path, adapter: str | Path, *, merged: str | Path | None =
     Writes ``verify.json`` and ``verify.md`` into ``out`` (default: the adapter's parent folder).
     """
     from gemma4_tune.export.manifest import check_adapter_matches_base, check_served_template
-    from gemma4_tune.verify.parity import MISSING_ARTEFACT, check_engines, require_comparisons, verify_artefacts
+    from gemma4_tune.verify.parity import (
+        MISSING_ARTEFACT,
+        check_engines,
+        report_findings,
+        require_comparisons,
+        verify_artefacts,
+    )
 
     check_engines(engines)
     base, adapter = Path(base), Path(adapter)
@@ -245,11 +251,13 @@ def verify(base: str | Path, adapter: str | Path, *, merged: str | Path | None =
               "engines": [r.to_dict() for r in results], "ok": all(r.ok for r in results)}
     lines = ["# gemma4-tune verify", "",
              f"base `{base}`, adapter `{adapter}`, merged `{merged or '-'}`, GGUF `{gguf or '-'}`", "",
-             "| engine | compared | max logit diff | tolerance | greedy agreement | adapter effect | verdict |",
-             "|---|---|---:|---:|---:|---:|---|"]
-    lines += [f"| {r.engine} | {r.compared} | {r.max_logit_diff:.2e} | {r.rule} | {r.greedy_agreement:.1%} | "
-              f"{r.adapter_effect:.2e} | {'pass' if r.ok else 'FAIL'} |" for r in results]
-    findings = [*notes, *(f for r in results for f in r.findings)]
+             "One row per engine and modality: what it ran, against base + adapter in transformers + PEFT (fp32).", "",
+             "| engine | modality | compared | max logit diff | tolerance | greedy agreement | adapter effect | "
+             "verdict |", "|---|---|---|---:|---:|---:|---:|---|"]
+    lines += [f"| {r.engine} | {', '.join(r.modalities) or '-'} | {r.prompts} prompts, {r.positions} positions | "
+              f"{r.max_logit_diff:.2e} | {r.rule} | {r.greedy_agreement:.1%} | {r.adapter_effect:.2e} | {r.verdict} |"
+              for r in results]
+    findings = [*notes, *report_findings(results)]
     if findings:
         lines += ["", "## Findings", ""] + [f"- **{f.code}**: {f.message} — {f.fix}" for f in findings]
     with output_errors(out_dir, "verify.json and verify.md"):

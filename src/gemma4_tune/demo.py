@@ -170,9 +170,13 @@ def run_demo(out: Path, *, seed: int = 0, steps: int = DEMO_STEPS) -> dict[str, 
                       "and PEFT only[/]")
     verified = verify(model_dir, result.adapter, merged=merged, engines=engines, out=run_dir)
     for r in verified["engines"]:
-        console.print(f"  {r['engine']:12s} max |diff| {r['max_logit_diff']:.2e} (tolerance {r['tolerance']:.0e}), "
+        what = f"{r['engine']} · {', '.join(r['modalities'])}"
+        if r["not_run"]:
+            console.print(f"  {what:38s} not run: {r['not_run'][:120]}")
+            continue
+        console.print(f"  {what:38s} max |diff| {r['max_logit_diff']:.2e} (tolerance {r['tolerance']:.0e}), "
                       f"greedy agreement {r['greedy_agreement']:.1%}, adapter effect {r['adapter_effect']:.2e}: "
-                      f"{'pass' if r['ok'] else 'FAIL'}")
+                      f"{r['verdict']}")
     report = {**result.report, "verification": {
         **result.report["verification"], "engines": verified["engines"],
         "export": {"merged checkpoint": str(merged), "tensors merged": exported["merged"]["tensors_merged"],

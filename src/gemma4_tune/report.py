@@ -153,11 +153,14 @@ def build_sections(sections: dict[str, Any], findings: list[Finding], plot: Path
     if verification.get("export"):
         blocks.append(Block("kv", [[k, v] for k, v in verification["export"].items()]))
     if verification.get("engines"):
-        blocks.append(Block("table", header=["engine", "max diff", "tolerance", "greedy agreement", "adapter effect",
-                                             "verdict"],
-                            rows=[[r["engine"], f"{r['max_logit_diff']:.2e}", r.get("rule") or f"{r['tolerance']:.0e}",
+        blocks.append(Block("table", header=["engine", "modality", "compared", "max diff", "tolerance",
+                                             "greedy agreement", "adapter effect", "verdict"],
+                            rows=[[r["engine"], ", ".join(r.get("modalities") or []) or "-",
+                                   f"{r.get('prompts', 0)} prompts, {r.get('positions', 0)} positions",
+                                   f"{r['max_logit_diff']:.2e}", r.get("rule") or f"{r['tolerance']:.0e}",
                                    f"{r['greedy_agreement']:.1%}", f"{r['adapter_effect']:.2e}",
-                                   "pass" if r["ok"] else "FAIL"] for r in verification["engines"]]))
+                                   r.get("verdict") or ("pass" if r["ok"] else "FAIL")]
+                                  for r in verification["engines"]]))
     if blocks:
         out.append(("Export and verification", blocks))
     out.append(("Settings", [Block("kv", [[k, v] for k, v in cfg.items()])]))

@@ -327,10 +327,10 @@ def smoke_prompts(base: Path) -> list[list[int]]:
     """``verify``'s text prompts, tokenised as plain text after ``<bos>``."""
     from transformers import AutoTokenizer
 
-    from gemma4_tune.verify.parity import PROMPTS
+    from gemma4_tune.verify.prompts import TEXT_PROMPTS
 
     tokenizer = AutoTokenizer.from_pretrained(str(base))
-    return [tokenizer(p).input_ids for p in PROMPTS]
+    return [tokenizer(p).input_ids for p in TEXT_PROMPTS]
 
 
 @dataclass

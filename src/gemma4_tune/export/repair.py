@@ -52,7 +52,7 @@ def repair_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> di
     from safetensors.torch import load_file, save_file
 
     from gemma4_tune.export.manifest import check_adapter_matches_base, read_adapter
-    from gemma4_tune.verify.parity import verify_artefacts
+    from gemma4_tune.verify.parity import report_findings, summarize, verify_artefacts
 
     base, adapter, out = Path(base), Path(adapter), Path(out)
     base_tensors = read_checkpoint(base)
@@ -79,11 +79,11 @@ def repair_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> di
         save_file(renamed, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         notes = check_adapter_matches_base(tmp, base)
-        (result,) = verify_artefacts(base, tmp, None, ["peft"])
-        if not result.ok:
-            raise FindingError(*result.findings)
+        rows = verify_artefacts(base, tmp, None, ["peft"])
+        if not all(r.ok for r in rows):
+            raise FindingError(*report_findings(rows))
     return {"adapter": str(out), "renamed_modules": len(modules), "example": sorted(modules)[0],
-            "verify": result.to_dict(), "findings": notes}
+            "verify": summarize(rows), "findings": notes}
 
 
 def _kv_shared_layers(base: Path) -> set[int]:
@@ -103,7 +103,7 @@ def repair_merged(base: str | Path, merged: str | Path, out: str | Path,
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from gemma4_tune.verify.parity import verify_artefacts
+    from gemma4_tune.verify.parity import report_findings, summarize, verify_artefacts
 
     base, merged, out = Path(base), Path(merged), Path(out)
     base_tensors, damaged = read_checkpoint(base), read_checkpoint(merged)
@@ -161,9 +161,9 @@ def repair_merged(base: str | Path, merged: str | Path, out: str | Path,
                                             indent=2) + "\n")
         findings: list[Finding] = []
         if adapter is not None:
-            (result,) = verify_artefacts(base, Path(adapter), tmp, ["transformers"])
-            findings = list(result.findings)
-            verified = result.to_dict()
+            rows = verify_artefacts(base, Path(adapter), tmp, ["transformers"])
+            findings = report_findings(rows)
+            verified = summarize(rows)
         else:
             verified = _loads_cleanly(base, tmp)
             findings = verified.pop("findings")
@@ -175,9 +175,10 @@ def repair_merged(base: str | Path, merged: str | Path, out: str | Path,
 
 def _loads_cleanly(base: Path, merged: Path) -> dict[str, Any]:
     """Without the adapter: stock transformers must load every key (empty loading report); parity is not known."""
-    from gemma4_tune.verify.parity import MERGED_LOAD_REPORT, fixed_batch, run_stock
+    from gemma4_tune.verify.parity import MERGED_LOAD_REPORT, run_stock
+    from gemma4_tune.verify.prompts import batches
 
-    stock = run_stock(base, None, merged, fixed_batch(base))
+    stock = run_stock(base, None, merged, batches(base))
     info = stock.get("merged_loading_info") or {}
     findings = [finding(REPAIR_UNVERIFIED.code, f"{merged} loads in stock transformers with every key in place; whether it "
                         "behaves like the trained model was not verified", "give --adapter (the one it was merged "
@@ -185,5 +186,5 @@ def _loads_cleanly(base: Path, merged: Path) -> dict[str, Any]:
     if any(info.values()):
         findings.append(finding(MERGED_LOAD_REPORT.code, f"the repaired checkpoint still loads with a loading report: "
                                 f"{ {k: v[:3] for k, v in info.items() if v} }", "report it with the checkpoint"))
-    effect = float((stock["transformers"] - stock["base"]).abs().max())
+    effect = max(float((stock["transformers"][m] - stock["base"][m]).abs().max()) for m in stock["base"])
     return {"loading_report": info, "differs_from_base_by": effect, "findings": findings}

@@ -15,9 +15,25 @@ to 1e-6; f16 KL 6e-6 to 1.1e-5; bf16 6.5e-4; q8_0 4e-3 to 6.4e-3, where 1 to 2 p
 lost the reference's top-1 from the top 5 (tiny random models have near-flat logits). KL bounds
 keep at least 10x headroom; the top-5 bound is every position for f32/f16, 98% for bf16 and 90%
 for q8_0. A model with an adapter GGUF must also show that the adapter changes llama.cpp's
-output (G4T611, row 4): its effect must be at least half the reference's. The projector (``mmproj``) is loaded by libmtmd with the text model and must
-support exactly the towers the config has. Findings: G4T915 (parity), G4T611 (no effect),
-G4T917 (llama.cpp could not run the file), G4T911 (not installed).
+output (G4T611, row 4): its effect must be at least half the reference's. The projector
+(``mmproj``) is loaded by libmtmd with the text model and must support exactly the towers the
+config has.
+
+Image and audio prompts (``verify.prompts``) run through libmtmd with the ``mmproj``: the runner
+splits each into chunks (``mtmd_tokenize``), decodes the text chunks with every position's logits
+and lets libmtmd encode and decode each medium, so the logits at every text position (before and
+after the media) are compared with the transformers + PEFT reference
+(``reference.logits_by_modality``), within :data:`MEDIA_TOLERANCES`. libmtmd is given each image
+at the size the processor resizes it to (the same pixels reach both towers) and the processor's
+token budget; the chunk layout must then be the processor's: the same text tokens (begin/end of
+media included) and as many soft tokens per medium (G4T915 otherwise). How libmtmd sizes the
+original image itself is reported as a G4T915 warning when its soft-token count differs. An image
+row that fails is run against the reference with the other image-token attention: when llama.cpp
+matches that one, the finding is G4T921 and says which attention each side uses (row 31). A
+modality libmtmd cannot run is a G4T920 warning row that compared nothing. Findings: G4T915
+(parity, layout), G4T921 (image attention), G4T920 (modality not run), G4T918 (libmtmd sizes a
+user's image otherwise than the processor), G4T611 (no effect), G4T917
+(llama.cpp could not run the file), G4T911 (not installed).
 """
 
 from __future__ import annotations
@@ -38,10 +54,13 @@ from typing import Any
 import numpy as np
 
 from gemma4_tune.findings import Finding, FindingError, Severity, finding, register
-from gemma4_tune.verify.parity import NO_EFFECT_IN_ENGINE, PROMPTS
+from gemma4_tune.verify.parity import IMAGE_ATTENTION_DIFFERS, MODALITY_NOT_RUN, NO_EFFECT_IN_ENGINE
+from gemma4_tune.verify.prompts import TEXT_PROMPTS
 
 GGUF_PARITY_FAILED = register("G4T915", Severity.ERROR, "GGUF output differs from transformers", (2, 22))
 RUN_FAILED = register("G4T917", Severity.ERROR, "llama.cpp could not run the GGUF", (22,))
+IMAGE_SIZED_OTHERWISE = register("G4T918", Severity.WARNING, "llama.cpp sizes an image otherwise than the "
+                                 "processor", (31,))
 
 RUNNER = Path(__file__).with_name("llamacpp_runner.py")
 DEFAULT_TIMEOUT_S = 600.0
@@ -80,6 +99,33 @@ TOLERANCES: dict[str, Tolerance] = {
 }
 
 
+#: The text positions of image and audio prompts (f32 GGUF + mmproj; after the media their logits carry the
+#: towers' rounding). Measured on tiny models with a text + tower LoRA merged, against the reference with the image
+#: attention llama.cpp uses (docs/verify.md): max |logit diff| / mean KL 0.096-0.098 / 4.9e-5-9.7e-5 (E2B image),
+#: 0.052-0.069 / 1.9e-5-2.4e-5 (E2B audio; 0.19 / 1.0e-4 with a text-only LoRA), 0.061-0.14 / 4.8e-5-1.9e-4 (31B
+#: image; 0.23 with a text-only LoRA); every reference top-1 in llama.cpp's top 5. libmtmd's soft tokens are
+#: 0.3-0.5% off transformers' (its towers' arithmetic), which lifts these over the text bound. Bounds: about 2x the
+#: largest max |logit diff| and 5x the largest KL. The wrong image attention measures >= 1.7 / 0.023, an mmproj
+#: without the vision LoRA delta >= 3.0 / 0.16.
+MEDIA_TOLERANCES: dict[str, Tolerance] = {
+    "f32": Tolerance(mean_kl=1e-3, min_top1_in_top5=1.0, max_logit_diff=0.5),
+}
+#: The processor's placeholder of each medium in the rendered verify prompts (replaced by libmtmd's marker).
+PLACEHOLDERS = {"image": "<|image|>", "audio": "<|audio|>"}
+#: libmtmd's media marker, put where the processor's placeholder was (``mtmd_default_marker``).
+MEDIA_MARKER = "<__media__>"
+
+
+def media_tolerance(gguf_type: str) -> Tolerance:
+    """The bound for the text positions of image/audio prompts: measured for f32; for the other types the
+    text bound of the type, its KL at least the f32 media bound (the towers' rounding comes on top)."""
+    if gguf_type in MEDIA_TOLERANCES:
+        return MEDIA_TOLERANCES[gguf_type]
+    text = TOLERANCES[gguf_type]
+    return Tolerance(mean_kl=max(text.mean_kl, MEDIA_TOLERANCES["f32"].mean_kl),
+                     min_top1_in_top5=text.min_top1_in_top5)
+
+
 def coarser(*types: str) -> str:
     """The lowest-precision GGUF type among ``types`` (its tolerance applies to their combination)."""
     return max(types, key=_ORDER.index)
@@ -89,7 +135,7 @@ def coarser(*types: str) -> str:
 
 
 def default_prompts(model_dir: str | Path) -> list[list[int]]:
-    """The verify prompts (``parity.PROMPTS``) rendered with the checkpoint's chat template, as token ids.
+    """The verify prompts (``prompts.TEXT_PROMPTS``) rendered with the checkpoint's chat template, as token ids.
 
     They hold ``<bos>``, ``<|turn>`` and ``<turn|>`` and no multimodal placeholder.
     """
@@ -97,7 +143,7 @@ def default_prompts(model_dir: str | Path) -> list[list[int]]:
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     out = []
-    for text in PROMPTS:
+    for text in TEXT_PROMPTS:
         rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                                  tokenize=False)
         out.append(list(tokenizer(rendered, add_special_tokens=False).input_ids))
@@ -180,7 +226,10 @@ def run_llamacpp(request: dict[str, Any], *, timeout_s: float = DEFAULT_TIMEOUT_
             "(re-export with `gemma4-tune export --gguf`), or an adapter converted for another base",
             log=str(work / "llama.cpp.log")))
     result = json.loads(result_path.read_text())
-    result["logits"] = {mode: np.load(work / info["logits"]) for mode, info in result["modes"].items()}
+    result["logits"] = {mode: np.load(work / info["logits"]) for mode, info in result["modes"].items()
+                        if info.get("logits")}
+    result["mm_logits"] = {mode: np.load(work / info["mm_logits"]) for mode, info in result["modes"].items()
+                           if info.get("mm_logits")}
     result.setdefault("timings", {})["wall_s"] = round(time.monotonic() - start, 3)
     if keep_dir:
         result["work_dir"] = str(work)
@@ -198,8 +247,10 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def compare_logits(reference: Sequence[np.ndarray], got: np.ndarray, gguf_type: str) -> dict[str, Any]:
-    """Figures of one GGUF run against the reference, and whether they meet ``gguf_type``'s tolerance.
+def compare_logits(reference: Sequence[np.ndarray], got: np.ndarray, gguf_type: str,
+                   tolerance: Tolerance | None = None) -> dict[str, Any]:
+    """Figures of one GGUF run against the reference, and whether they meet ``gguf_type``'s tolerance
+    (or ``tolerance``: :func:`media_tolerance` for the text positions of image and audio prompts).
 
     ``reference``: per-prompt ``[len, vocab]`` arrays; ``got``: the runner's concatenated rows.
     """
@@ -216,7 +267,7 @@ def compare_logits(reference: Sequence[np.ndarray], got: np.ndarray, gguf_type: 
     ref_top = ref.argmax(-1)
     in_top5 = (top5 == ref_top[:, None]).any(-1)
     agree = got.argmax(-1) == ref_top
-    tol = TOLERANCES[gguf_type]
+    tol = tolerance or TOLERANCES[gguf_type]
     per_prompt, start = [], 0
     for r in reference:
         n = len(r)
@@ -308,7 +359,7 @@ def verify_gguf(gguf: str | Path | dict[str, str | Path], reference: str | Path 
                 base_dir: str | Path | None = None, adapter_dir: str | Path | None = None,
                 base_reference: Sequence[np.ndarray] | None = None,
                 n_threads: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                log: Log | None = None) -> dict[str, Any]:
+                log: Log | None = None, media: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the GGUF export in llama.cpp and compare it with transformers; return figures and findings.
 
     ``gguf``: an :func:`~gemma4_tune.export.gguf.export_gguf` directory (its record names the files,
@@ -318,8 +369,10 @@ def verify_gguf(gguf: str | Path | dict[str, str | Path], reference: str | Path 
     :func:`default_prompts`). ``base_reference``: the base model's logits; with it the model's figures
     get ``adapter_effect`` (max |GGUF - base|). ``adapter_reference``: precomputed :func:`peft_logits`; otherwise
     computed from ``base_dir``/``adapter_dir`` (default: the record's). ``n_threads``: llama.cpp's
-    threads (default: the CPU count, at most 8). Parity problems come back
-    as findings (G4T915, G4T611) with ``ok`` False; G4T911/G4T917 are raised.
+    threads (default: the CPU count, at most 8). ``media``: runner request keys for prompts with images or
+    audio (:func:`media_request`), run in the same llama.cpp process as ``model``; what libmtmd made of them
+    and their logits come back as ``out["media"]`` (compared by :func:`engine_results`). Parity problems
+    come back as findings (G4T915, G4T611) with ``ok`` False; G4T911/G4T917 are raised.
     """
     log = log or _stderr
     n_threads = n_threads or min(os.cpu_count() or 1, 8)
@@ -352,10 +405,15 @@ def verify_gguf(gguf: str | Path | dict[str, str | Path], reference: str | Path 
                                    else []}
         if "mmproj" in files:
             request["mmproj"] = str(files["mmproj"])
+            request.update(media or {})
         log(f"[llama.cpp] running {files['model'].name}" + (f" + {files['mmproj'].name}" if "mmproj" in files else ""))
         result = run_llamacpp(request, timeout_s=timeout_s, log=log)
         out["llama_cpp_build"] = result.get("llama_cpp_build")
         out["chat_template"] = result.get("chat_template")  # what the GGUF's tokenizer.chat_template holds
+        if media and "mmproj" in files:
+            out["media"] = {"mm_prompts": result.get("mm_prompts") or [],
+                            "layout_prompts": result.get("layout_prompts") or [],
+                            "logits": result["mm_logits"].get("base"), "mmproj": result.get("mmproj")}
         start = time.monotonic()
         if reference is None or isinstance(reference, (str, Path)):
             if ref_dir is None:
@@ -446,15 +504,283 @@ def verify_gguf(gguf: str | Path | dict[str, str | Path], reference: str | Path 
     return out
 
 
-def engine_results(base: str | Path, adapter: str | Path, gguf_dir: str | Path, *,
-                   log: Log | None = None) -> list[Any]:
-    """``verify --engine llama.cpp``: each GGUF of an export directory against the trained model.
+# --------------------------------------------------------------------------- image and audio prompts
 
-    The reference is base + adapter in PEFT (float32, CPU) on the verify prompts, as for every
-    other engine. One row for the merged ``model-<T>.gguf`` (with its projector), one for
-    ``base-<T>.gguf`` + ``adapter-<T>.gguf`` where the export wrote them. Each row must also show
-    that the fine-tune changes llama.cpp's output against the base model (G4T611, row 4).
+
+def processor_pixels(processor: Any, pixels: np.ndarray) -> tuple[np.ndarray, bool]:
+    """``(image, same)``: the image resized as Gemma 4's processor resizes it (the pixels its tower sees:
+    an aspect-preserving size, each side a multiple of patch x pooling, within ``max_soft_tokens``), and
+    whether the processor makes exactly the same ``pixel_values`` of it as of the original. libmtmd is given
+    these pixels, so both sides encode the same image; how libmtmd would size the original itself is
+    checked on its own (:func:`media_request`'s layout prompts)."""
+    import torch
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as tvf
+    from transformers.models.gemma4.image_processing_gemma4 import get_aspect_ratio_preserving_size
+
+    ip = processor.image_processor
+    height, width = get_aspect_ratio_preserving_size(pixels.shape[0], pixels.shape[1], ip.patch_size,
+                                                     ip.max_soft_tokens * ip.pooling_kernel_size ** 2,
+                                                     ip.pooling_kernel_size)
+    if (height, width) == tuple(pixels.shape[:2]):
+        return pixels, True
+    chw = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
+    resized = tvf.resize(chw, size=[height, width], interpolation=tvf.InterpolationMode.BICUBIC, antialias=True)
+    resized = resized.permute(1, 2, 0).contiguous().numpy()
+    ours = ip([[Image.fromarray(resized)]], return_tensors="pt")["pixel_values"]
+    theirs = ip([[Image.fromarray(pixels)]], return_tensors="pt")["pixel_values"]
+    same = bool(ours.shape == theirs.shape and torch.equal(ours, theirs))
+    return (resized, True) if same else (pixels, False)
+
+
+def media_request(processor: Any, groups: dict[str, list[Any]], work: Path) -> dict[str, Any]:
+    """Runner request keys for the image/audio verification prompts (``verify.prompts``) in ``groups``.
+
+    Each prompt's processor placeholder becomes libmtmd's marker; images are written as raw RGB at the
+    processor's size (:func:`processor_pixels`), audio as raw float32 at 16 kHz. libmtmd gets the
+    processor's image budget (``image_max_tokens`` = ``max_soft_tokens``, ``image_min_tokens`` 1, so it
+    keeps those pixels as they are). The original images go again as ``layout_prompts``, tokenized only
+    under ``--image-max-tokens`` alone: how llama.cpp itself lays out a user's image.
     """
+    work.mkdir(parents=True, exist_ok=True)
+    budget = int(processor.image_processor.max_soft_tokens) if "image" in groups else 0
+    mm, layout, index = [], [], []
+    for modality, group in groups.items():
+        for k, prompt in enumerate(group):
+            text, media, originals = prompt.text.replace(PLACEHOLDERS[modality], MEDIA_MARKER), [], []
+            for j, pixels in enumerate(prompt.images):
+                sized, same = processor_pixels(processor, pixels)
+                for what, arr in (("rgb", sized), ("original", pixels)):
+                    path = work / f"{prompt.name}-{j}-{what}.rgb"
+                    np.ascontiguousarray(arr, dtype=np.uint8).tofile(path)
+                    item = {"kind": "image", "rgb": str(path), "width": int(arr.shape[1]), "height": int(arr.shape[0])}
+                    (media if what == "rgb" else originals).append({**item, "processor_pixels": same})
+            for j, clip in enumerate(prompt.audios):
+                path = work / f"{prompt.name}-{j}.f32"
+                np.ascontiguousarray(clip, dtype=np.float32).tofile(path)
+                media.append({"kind": "audio", "f32": str(path)})
+            mm.append({"text": text, "media": media})
+            if originals:
+                layout.append({"text": text, "media": originals})
+            index.append((modality, k))
+    request: dict[str, Any] = {"mm_prompts": mm, "media_marker": MEDIA_MARKER, "mm_index": index}
+    if budget:
+        request.update(image_min_tokens=1, image_max_tokens=budget, layout_prompts=layout,
+                       layout_params={"image_max_tokens": budget})
+    return request
+
+
+def _chunk_text(chunks: list[dict[str, Any]]) -> str:
+    return " + ".join(f"{len(c['tokens'])} text" if c["type"] == "text" else f"{c['n_tokens']} {c['type']}"
+                      for c in chunks)
+
+
+def align(ids: Sequence[int], types: Sequence[int], chunks: list[dict[str, Any]]) -> tuple[list[int], str | None]:
+    """``(text positions, problem)``: where the processor's tokens (``ids``, ``mm_token_type_ids`` ``types``,
+    padding removed) hold libmtmd's chunks. Text chunks must be the same token ids at text positions (the
+    begin/end-of-media tokens are text in both), each media chunk as many positions as the processor's run of
+    soft tokens at that place. ``problem`` says where they part (with both counts)."""
+    pos, text = 0, []
+    for n, chunk in enumerate(chunks):
+        if chunk["type"] == "text":
+            toks = list(chunk["tokens"])
+            hf = list(ids[pos:pos + len(toks)])
+            if hf != toks or any(types[pos:pos + len(toks)]):
+                return text, (f"text chunk {n} of libmtmd ({len(toks)} tokens {toks[:8]}...) is not the processor's "
+                              f"tokens at position {pos} ({hf[:8]}...)")
+            text += range(pos, pos + len(toks))
+            pos += len(toks)
+        else:
+            run = 0
+            while pos + run < len(ids) and types[pos + run]:
+                run += 1
+            if run != chunk["n_tokens"]:
+                return text, (f"libmtmd lays the {chunk['type']} out as {chunk['n_tokens']} soft tokens where "
+                              f"transformers' processor makes {run} (position {pos})")
+            pos += run
+    if pos != len(ids):
+        return text, f"libmtmd's chunks ({_chunk_text(chunks)}) cover {pos} of the processor's {len(ids)} tokens"
+    return text, None
+
+
+def _not_run_row(name: str, modality: str, reason: str, build: str | None) -> Any:
+    """A row for a modality llama.cpp did not run: a G4T920 warning, nothing compared (0 prompts, 0 positions)
+    and ``not_run`` set, so it reads "not run", never "pass" (and ``require_comparisons`` leaves it be)."""
+    from gemma4_tune.verify.parity import EngineResult
+
+    what = f"llama.cpp {build or '(unknown build)'} cannot run the {modality} prompts"
+    f = finding(MODALITY_NOT_RUN.code, f"{name}: {what}: {reason}; the {modality} tower is not verified in llama.cpp",
+                f"verify the {modality} tower with another engine (--engine transformers or vllm); a llama.cpp build "
+                f"whose libmtmd runs Gemma 4 {modality} input lets `verify --engine llama.cpp` check it",
+                llama_cpp_build=build, modality=modality, reason=reason)
+    return EngineResult(name, float("nan"), 0.0, 0.0, float("nan"), [f], criterion="not run", prompts=0, positions=0,
+                        modalities=[modality], not_run=f"{what}: {reason}")
+
+
+def media_rows(name: str, groups: dict[str, list[Any]], batches: dict[str, dict[str, Any]],
+               references: dict[str, dict[str, Any]], media: dict[str, Any] | None, request: dict[str, Any],
+               gguf_type: str, build: str | None, *,
+               alternative: Callable[[str], dict[str, Any]] | None = None,
+               bidirectional_reference: bool = False) -> list[Any]:
+    """One row per media modality: llama.cpp's logits at the text positions of its image/audio prompts against
+    the reference (``references["tuned"][modality]``), the adapter effect against ``references["base"]``.
+
+    ``alternative(modality)``: the reference with the other image-token attention (called only when image rows
+    fail): when llama.cpp matches that one, the finding is G4T921 and names the attention each side uses.
+    """
+    rows = []
+    records = list((media or {}).get("mm_prompts") or [])
+    logits = (media or {}).get("logits")
+    offsets, start = [], 0
+    for record in records:
+        offsets.append(start)
+        start += 0 if record["error"] else int(record["text_positions"])
+    index = [tuple(i) for i in request.get("mm_index", [])]
+    layouts = list((media or {}).get("layout_prompts") or [])
+    for modality, group in groups.items():
+        if media is None:
+            rows.append(_not_run_row(name, modality, "no mmproj-*.gguf beside the model, so libmtmd has no towers",
+                                     build))
+            continue
+        mine = [i for i, (m, _) in enumerate(index) if m == modality]
+        batch, findings = batches[modality], []
+        errors = [(group[index[i][1]].name, records[i]["error"]) for i in mine if records[i]["error"]]
+        ok_prompts = [i for i in mine if not records[i]["error"]]
+        if not ok_prompts:
+            rows.append(_not_run_row(name, modality, "; ".join(f"{n}: {e}" for n, e in errors), build))
+            continue
+        if errors:
+            findings.append(finding(MODALITY_NOT_RUN.code, f"{name}: llama.cpp {build} could not run "
+                                    + ", ".join(f"{n} ({e})" for n, e in errors), "see the reason; the other "
+                                    f"{modality} prompts were compared", llama_cpp_build=build, modality=modality))
+        ref_rows, base_rows, got_rows, compared = [], [], [], []
+        for i in ok_prompts:
+            k = index[i][1]
+            mask = batch["attention_mask"][k].bool()
+            ids = batch["input_ids"][k][mask].tolist()
+            types = batch["mm_token_type_ids"][k][mask].tolist()
+            text, problem = align(ids, types, records[i]["chunks"])
+            if problem:
+                findings.append(finding(GGUF_PARITY_FAILED.code, f"{name}, {group[k].name}: llama.cpp {build} lays the "
+                                        f"prompt out unlike transformers: {problem}; nothing of it was compared",
+                                        "the projector's image/audio settings differ from the processor's "
+                                        "(processor_config.json): convert the towers again with `gemma4-tune export "
+                                        "--gguf`, or report it with verify.json", layout=records[i]["chunks"]))
+                continue
+            got = logits[offsets[i]:offsets[i] + len(text)]
+            ref_rows.append(references["tuned"][modality][k][mask][text].float().numpy())
+            base_rows.append(references["base"][modality][k][mask][text].float().numpy())
+            got_rows.append(got)
+            compared.append((k, mask, text))
+        for k, lay in enumerate(layouts if modality == "image" else []):  # how llama.cpp sizes a user's image
+            if lay["error"] or k >= len(group):
+                continue
+            mask = batch["attention_mask"][k].bool()
+            mtmd_n = [c["n_tokens"] for c in lay["chunks"] or [] if c["type"] == "image"]
+            hf_n = int((batch["mm_token_type_ids"][k][mask] != 0).sum())
+            if sum(mtmd_n) != hf_n:
+                findings.append(finding(IMAGE_SIZED_OTHERWISE.code, f"{name}, {group[k].name}: libmtmd ({build}, "
+                                        f"--image-max-tokens {request.get('image_max_tokens')}) sizes the "
+                                        f"{group[k].images[0].shape[0]}x{group[k].images[0].shape[1]} (HxW) image to "
+                                        f"{sum(mtmd_n)} soft tokens where transformers' processor makes {hf_n}: a "
+                                        "user's image reaches the model with other pixels in llama.cpp (the "
+                                        "comparison gave libmtmd the processor's pixels)",
+                                        "send llama.cpp images already at the processor's size (each side a multiple "
+                                        "of patch_size x pooling_kernel_size, within max_soft_tokens) so both "
+                                        "sides see the same pixels", mtmd_tokens=sum(mtmd_n), processor_tokens=hf_n))
+        if not compared:
+            rows.append(_row(name, None, 0.0, findings, prompts=0, positions=0, modalities=[modality],
+                             tolerance=media_tolerance(gguf_type)))
+            continue
+        got_all = np.concatenate(got_rows, axis=0)
+        figures = compare_logits(ref_rows, got_all, gguf_type, media_tolerance(gguf_type))
+        effect = float(np.abs(got_all.astype(np.float64) - np.concatenate(base_rows).astype(np.float64)).max())
+        ref_effect = float(max(np.abs(a.astype(np.float64) - b).max() for a, b in zip(ref_rows, base_rows,
+                                                                                      strict=True)))
+        figures.update(adapter_effect=effect, reference_effect=ref_effect,
+                       non_causal=[c.get("non_causal") for i in ok_prompts for c in records[i]["chunks"]
+                                   if c["type"] != "text"])
+        if not figures["ok"]:
+            findings.append(_media_parity_finding(name, modality, figures, got_all, gguf_type, build,
+                                                  compared, alternative, bidirectional_reference))
+        threshold = max(MIN_EFFECT, MIN_EFFECT_SHARE * ref_effect)
+        if not effect >= threshold and not figures["non_finite"]:
+            findings.append(finding(NO_EFFECT_IN_ENGINE.code, f"llama.cpp: {name} on {modality} prompts differs from "
+                                    f"the base model by at most {effect:.3g} (transformers + PEFT: {ref_effect:.3g}): "
+                                    "the merged GGUF does not carry the fine-tune", "merge again with `gemma4-tune "
+                                    "export --merged` and convert that checkpoint", adapter_effect=effect,
+                                    reference_effect=ref_effect))
+        rows.append(_row(name, figures, effect, findings, prompts=len(compared), positions=figures["positions"],
+                         modalities=[modality]))
+    return rows
+
+
+def _media_parity_finding(name: str, modality: str, figures: dict[str, Any], got: np.ndarray, gguf_type: str,
+                          build: str | None, compared: list[tuple[int, Any, list[int]]],
+                          alternative: Callable[[str], dict[str, Any]] | None,
+                          bidirectional_reference: bool) -> Finding:
+    """G4T915 for a failed image/audio row, or G4T921 when llama.cpp matches the other image-token attention."""
+    from gemma4_tune.verify.reference import attention_name
+
+    what = f"{name} on {modality} prompts"
+    if modality != "image" or alternative is None or figures.get("non_finite"):
+        return _parity_finding(what, figures, "convert the towers again from the merged checkpoint with "
+                               "`gemma4-tune export --gguf`; if it persists, use a higher-precision --gguf-type")
+    other = alternative(modality)
+    alt_rows = [other["tuned"][modality][k][mask][text].float().numpy() for k, mask, text in compared]
+    alt = compare_logits(alt_rows, got, gguf_type, media_tolerance(gguf_type))
+    figures["other_attention"] = {k: alt[k] for k in ("max_logit_diff", "mean_kl", "top1_in_top5", "ok")}
+    ours, theirs = attention_name(not bidirectional_reference), attention_name(bidirectional_reference)
+    mtmd = ("libmtmd decodes these image chunks non-causally (mtmd_decode_use_non_causal)"
+            if all(figures.get("non_causal") or [False]) else "libmtmd decodes these image chunks causally")
+    if alt["ok"]:
+        return finding(IMAGE_ATTENTION_DIFFERS.code,
+                       f"{what}: llama.cpp {build} attends image tokens {ours}ly where transformers attends them "
+                       f"{theirs}ly: against transformers max |logit diff| {figures['max_logit_diff']:.3g}, mean KL "
+                       f"{figures['mean_kl']:.2g}; against transformers with {ours} image attention "
+                       f"{alt['max_logit_diff']:.3g} and {alt['mean_kl']:.2g}, within the tolerance ({mtmd})",
+                       "this llama.cpp build runs the model's image tokens with the wrong attention (llama.cpp#28318 "
+                       "for E2B/E4B): do not serve image prompts of this model with it; use a llama.cpp build that "
+                       "decodes them as the model's config says (text_config.use_bidirectional_attention), or serve "
+                       "images with transformers or vLLM. Text prompts are not affected",
+                       llama_cpp_build=build, llama_cpp_attention=ours, transformers_attention=theirs,
+                       max_logit_diff=figures["max_logit_diff"], mean_kl=figures["mean_kl"],
+                       other_max_logit_diff=alt["max_logit_diff"], other_mean_kl=alt["mean_kl"])
+    f = _parity_finding(what, figures, "convert the towers again from the merged checkpoint with `gemma4-tune "
+                        "export --gguf`; if it persists, use a higher-precision --gguf-type")
+    f.message += (f"; with {ours} image attention transformers differs as much (max |logit diff| "
+                  f"{alt['max_logit_diff']:.3g}, mean KL {alt['mean_kl']:.2g}): not an attention difference ({mtmd})")
+    return f
+
+
+# --------------------------------------------------------------------------- entry point: verify --engine llama.cpp
+
+
+def engine_results(base: str | Path, adapter: str | Path, gguf_dir: str | Path, *, log: Log | None = None,
+                   flip_image_attention: bool = False) -> list[Any]:
+    """``verify --engine llama.cpp``: each GGUF of an export directory against the trained model, per modality.
+
+    The reference is base + adapter in PEFT (float32, CPU), as for every other engine. Rows (``EngineResult``,
+    ``modalities`` one element):
+
+    - ``llama.cpp model-<T>.gguf``, text: the text verify prompts (token ids), as before;
+    - ``llama.cpp model-<T>.gguf``, image / audio, where the model has the tower: the verification prompts of
+      ``verify.prompts`` run through libmtmd with the ``mmproj`` (:func:`media_request`), compared at every
+      text position (before and after the media) with ``reference.logits_by_modality``'s ``"tuned"``, within
+      :func:`media_tolerance`; the chunk layout must be the processor's (G4T915); image rows that fail are
+      diagnosed against the other image-token attention (G4T921). A modality libmtmd cannot run is a G4T920
+      warning row with 0 prompts;
+    - ``llama.cpp base-<T>.gguf + adapter-<T>``, text, where the export wrote them.
+
+    Each compared row must show that the fine-tune changes llama.cpp's output against the base (G4T611, row 4).
+    ``flip_image_attention``: compute the reference with the image-token attention the model does not use (a
+    check of the check: the image rows must then fail).
+    """
+    from transformers import AutoProcessor
+
+    from gemma4_tune.verify.prompts import by_modality, processed, verification_prompts
+    from gemma4_tune.verify.reference import bidirectional_vision, logits_by_modality
+
     log = log or _stderr
     files, record = _files(gguf_dir)
     gguf_type = record.get("gguf_type") or _type_of(files.get("model") or files.get("base") or Path())
@@ -466,10 +792,21 @@ def engine_results(base: str | Path, adapter: str | Path, gguf_dir: str | Path, 
     prompts = default_prompts(base)
     log(f"[llama.cpp] computing the transformers + PEFT reference ({base} + {adapter})")
     reference = peft_logits(base, adapter, prompts)
+    processor = AutoProcessor.from_pretrained(str(base))
+    groups = {m: g for m, g in by_modality(verification_prompts(base, processor)).items() if m != "text"}
     results = []
     merged = {k: files[k] for k in ("model", "mmproj") if k in files}
-    report = verify_gguf(merged, reference["adapter"], prompts, gguf_type, base_dir=base,
-                         base_reference=reference["base"], log=log)
+    from gemma4_tune.verify.engine_env import engines_root
+
+    scratch = engines_root() / "scratch" / "media"
+    scratch.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="llamacpp-media-", dir=scratch))
+    try:
+        media_req = media_request(processor, groups, work) if groups and "mmproj" in files else {}
+        report = verify_gguf(merged, reference["adapter"], prompts, gguf_type, base_dir=base,
+                             base_reference=reference["base"], log=log, media=media_req or None)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     effect = float(max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max()
                        for a, b in zip(reference["adapter"], reference["base"], strict=True)))
     ours = report["model"]["adapter_effect"]
@@ -483,29 +820,59 @@ def engine_results(base: str | Path, adapter: str | Path, gguf_dir: str | Path, 
                                 f"model by at most {ours:.3g} (transformers + PEFT: {effect:.3g}): the merged GGUF "
                                 "does not carry the fine-tune", "merge again with `gemma4-tune export --merged` and "
                                 "convert that checkpoint", adapter_effect=ours, reference_effect=effect))
-    results.append(_row(f"llama.cpp {files['model'].name}", report["model"], ours, findings, report))
+    name = f"llama.cpp {files['model'].name}"
+    results.append(_row(name, report["model"], ours, findings, prompts=int(report.get("prompts", 0)),
+                        positions=int(report.get("positions", 0)), modalities=["text"]))
+    if groups and report.get("media") is None:  # no projector: nothing of the towers can run
+        results += media_rows(name, groups, {}, {}, None, {}, gguf_type, report.get("llama_cpp_build"))
+    elif groups:
+        batches = {m: processed(processor, g) for m, g in groups.items()}
+        log(f"[llama.cpp] computing the transformers + PEFT reference on {', '.join(groups)} prompts")
+        refs = logits_by_modality(base, adapter, batches, flip_image_attention=flip_image_attention)
+        bidirectional = bidirectional_vision(base) != flip_image_attention
+
+        def alternative(modality: str) -> dict[str, Any]:
+            log(f"[llama.cpp] {modality} rows failed: computing the reference with the other image-token attention")
+            return logits_by_modality(base, adapter, {modality: batches[modality]},
+                                      flip_image_attention=not flip_image_attention)
+
+        rows = media_rows(name, groups, batches, refs, report.get("media"), media_req, gguf_type,
+                          report.get("llama_cpp_build"), alternative=alternative, bidirectional_reference=bidirectional)
+        for row in rows:
+            fig = getattr(row, "figures", None) or {}
+            log(f"[llama.cpp] {name} {row.modalities[0]}: {row.compared}, max |logit diff| {row.max_logit_diff:.3g}"
+                + (f", mean KL {fig['mean_kl']:.2g}, adapter effect {row.adapter_effect:.3g} (transformers + PEFT: "
+                   f"{fig['reference_effect']:.3g})" if fig else "")
+                + f" ({'ok' if row.ok else 'FAILED'}" + "".join(f"; {f.code}" for f in row.findings) + ")")
+        results += rows
     if "base" in files and "adapter" in files:
         pair = {k: files[k] for k in ("base", "adapter")}
         report = verify_gguf(pair, prompts=prompts, gguf_type=gguf_type, adapter_reference=reference,
                              base_dir=base, adapter_dir=adapter, log=log)
         figures = report["adapter"]
         results.append(_row(f"llama.cpp {files['base'].name} + {files['adapter'].stem}", figures["adapter"],
-                            figures["adapter_effect"], list(report["findings"]), report))
+                            figures["adapter_effect"], list(report["findings"]), prompts=int(report.get("prompts", 0)),
+                            positions=int(report.get("positions", 0)), modalities=["text"]))
     return results
 
 
-def _row(name: str, figures: dict[str, Any], effect: float, findings: list[Finding], report: dict[str, Any]) -> Any:
+def _row(name: str, figures: dict[str, Any] | None, effect: float, findings: list[Finding], *, prompts: int,
+         positions: int, modalities: list[str], tolerance: Tolerance | None = None) -> Any:
+    """An ``EngineResult`` row of compared ``figures`` (:func:`compare_logits`; ``None``: nothing compared, with
+    ``tolerance`` the bound it would have had), with the figures kept on the row."""
     from gemma4_tune.verify.parity import EngineResult
 
-    tol = figures["tolerance"]
+    tol = figures["tolerance"] if figures else asdict(tolerance or TOLERANCES["f32"])
     rule = f"KL {tol['mean_kl']:.0e}, top-5 {tol['min_top1_in_top5']:.0%}"
     if tol["max_logit_diff"]:
         rule = f"{tol['max_logit_diff']:.0e}; {rule}"
-    return EngineResult(name, figures["max_logit_diff"], figures["greedy_agreement"], effect,
-                        float(tol["max_logit_diff"] or "nan"), findings, criterion=rule,
-                        prompts=int(report.get("prompts", 0)), positions=int(report.get("positions", 0)),
-                        modalities=["text"])
+    return EngineResult(name, figures["max_logit_diff"] if figures else float("nan"),
+                        figures["greedy_agreement"] if figures else 0.0, effect,
+                        float(tol["max_logit_diff"] or "nan"), findings, criterion=rule, prompts=prompts,
+                        positions=positions, modalities=list(modalities), figures=dict(figures or {}))
 
 
-__all__ = ["GGUF_PARITY_FAILED", "RUN_FAILED", "TOLERANCES", "Tolerance", "engine_results", "coarser",
-           "compare_logits", "default_prompts", "hf_logits", "peft_logits", "run_llamacpp", "verify_gguf"]
+__all__ = ["GGUF_PARITY_FAILED", "IMAGE_ATTENTION_DIFFERS", "MEDIA_TOLERANCES", "MODALITY_NOT_RUN", "RUN_FAILED",
+           "TOLERANCES", "Tolerance", "align", "coarser", "compare_logits", "default_prompts", "engine_results",
+           "hf_logits", "media_request", "media_rows", "media_tolerance", "peft_logits", "processor_pixels",
+           "run_llamacpp", "verify_gguf"]

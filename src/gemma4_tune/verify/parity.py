@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from gemma4_tune.findings import Finding, Severity, finding, register
+from gemma4_tune.verify.prompts import TEXT_PROMPTS
 
 PARITY_FAILED = register("G4T610", Severity.ERROR, "An artefact does not reproduce the trained model", (2, 4, 7, 17))
 NO_EFFECT_IN_ENGINE = register("G4T611", Severity.ERROR, "The adapter changes nothing in an engine", (4,))
@@ -33,6 +34,9 @@ UNKNOWN_ENGINE = register("G4T615", Severity.ERROR, "Unknown engine name")
 NOTHING_COMPARED = register("G4T616", Severity.ERROR, "An engine compared nothing")
 BARELY_MOVES = register("G4T617", Severity.WARNING, "The adapter barely moves the model", (4,))
 NON_FINITE_OUTPUT = register("G4T618", Severity.ERROR, "An output holds NaN or infinite values")
+MODALITY_NOT_RUN = register("G4T920", Severity.WARNING, "An engine cannot run a modality of this model", (31,))
+IMAGE_ATTENTION_DIFFERS = register("G4T921", Severity.ERROR, "An engine attends image tokens differently from "
+                                   "transformers", (31,))
 
 #: An adapter effect above the parity tolerance but below this many tolerances, or below this share of the
 #: reference's logit scale, is reported as barely moving the model (a warning: too little training, a tiny lr).
@@ -50,8 +54,6 @@ FP32_TOLERANCE = 2e-4
 HALF_RELATIVE_TOLERANCE = 0.15
 HALF_MIN_GREEDY_AGREEMENT = 0.9
 STOCK_RUNNER = Path(__file__).with_name("stock_runner.py")
-PROMPTS = ["What is the capital of France?", "Write one short sentence about the sea.",
-           "List three colours."]
 
 
 @dataclass
@@ -68,6 +70,13 @@ class EngineResult:
     prompts: int = 0  # what was compared: prompts, token positions, and the modalities they held
     positions: int = 0
     modalities: list[str] = field(default_factory=list)
+    not_run: str = ""  # why the engine could not run this row's prompts (its finding says so); not a pass
+    figures: dict[str, Any] = field(default_factory=dict, repr=False)  # the engine's own figures for this row
+
+    @property
+    def verdict(self) -> str:
+        """``pass``, ``FAIL`` or ``not run``, for tables."""
+        return "FAIL" if not self.ok else ("not run" if self.not_run else "pass")
 
     @property
     def compared(self) -> str:
@@ -88,11 +97,45 @@ class EngineResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         data = asdict(self)
+        figures = data.pop("figures")
+        data["reference_effect"] = figures.get("reference_effect")  # the adapter's effect in transformers + PEFT
         data["findings"] = [f.to_dict() for f in self.findings]
         data["ok"] = self.ok
         data["rule"] = self.rule
         data["compared"] = self.compared
+        data["verdict"] = self.verdict
         return data
+
+
+def summarize(rows: list[EngineResult]) -> dict[str, Any]:
+    """One engine's modality rows as one verdict: the worst difference, the smallest effect, what was compared."""
+    kinds = [m for r in rows for m in r.modalities]
+    return {"ok": all(r.ok for r in rows), "max_logit_diff": worst(r.max_logit_diff for r in rows),
+            "adapter_effect": min((r.adapter_effect for r in rows), default=0.0),
+            "compared": f"{sum(r.prompts for r in rows)} prompts, {sum(r.positions for r in rows)} positions "
+                        f"({', '.join(kinds)})", "rows": [r.to_dict() for r in rows]}
+
+
+def report_findings(rows: list[EngineResult]) -> list[Finding]:
+    """The rows' findings with one problem said once: a code an engine raises on several modality rows becomes
+    one finding that names them (each row keeps its own, for its verdict)."""
+    from dataclasses import replace
+
+    groups: dict[tuple[str, str], list[tuple[EngineResult, Finding]]] = {}
+    for row in rows:
+        for f in row.findings:
+            groups.setdefault((row.engine, f.code), []).append((row, f))
+    out = []
+    for items in groups.values():
+        first_row, first = items[0]
+        if len(items) == 1:
+            out.append(first)
+            continue
+        kinds = [m for row, _ in items for m in row.modalities]
+        out.append(replace(first, message=f"{first.message} [{first_row.engine}: the same on {len(items)} rows, "
+                                          f"{', '.join(kinds)}; each row's figures in verify.md]",
+                           details={**first.details, "modalities": kinds, "rows": len(items)}))
+    return out
 
 
 def effect_findings(engine: str, effect: float, tolerance: float, scale: float = 0.0) -> list[Finding]:
@@ -148,14 +191,16 @@ def check_engines(engines: tuple[str, ...] | list[str]) -> None:
 def require_comparisons(results: list[EngineResult]) -> None:
     """Each engine row must rest on something: zero prompts or positions is an error (G4T616), never a pass."""
     for result in results:
-        if (result.prompts <= 0 or result.positions <= 0) and result.ok:  # a failed row already says why
+        if (result.prompts <= 0 or result.positions <= 0) and result.ok and not result.not_run:  # a failed or
+            # not-run row already says why
             result.findings.append(finding(NOTHING_COMPARED.code, f"{result.engine}: compared "
                                            f"{result.compared}, so it verified nothing",
                                            "run verify again; if it persists, report it with verify.json"))
 
 
 def fixed_batch(model_dir: Path) -> dict[str, torch.Tensor]:
-    """The verification prompts (and one image prompt on models with a vision tower), processed."""
+    """The text prompts and one image prompt (models with a vision tower) in one batch: the training-time
+    reload check (``verify.peft``). ``verify`` itself runs every modality's prompts (``verify.prompts``)."""
     import numpy as np
     from PIL import Image
     from transformers import AutoProcessor
@@ -163,7 +208,7 @@ def fixed_batch(model_dir: Path) -> dict[str, torch.Tensor]:
     processor = AutoProcessor.from_pretrained(str(model_dir))
     config = json.loads((model_dir / "config.json").read_text())
     texts = [processor.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                           tokenize=False) for p in PROMPTS]
+                                           tokenize=False) for p in TEXT_PROMPTS]
     images = None
     if config.get("vision_config"):
         rng = np.random.default_rng(0)
@@ -171,20 +216,9 @@ def fixed_batch(model_dir: Path) -> dict[str, torch.Tensor]:
         texts.append(processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}],
             add_generation_prompt=True, tokenize=False))
-        images = [[]] * len(PROMPTS) + [[picture]]
+        images = [[]] * len(TEXT_PROMPTS) + [[picture]]
     kwargs = {"images": images} if images else {}
     return dict(processor(text=texts, return_tensors="pt", padding=True, padding_side="right", **kwargs))
-
-
-def reference_logits(base: Path, adapter: Path, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Base + adapter in PEFT, fp32, in this process: what every artefact must reproduce."""
-    from peft import PeftModel
-    from transformers import Gemma4ForConditionalGeneration
-
-    model = Gemma4ForConditionalGeneration.from_pretrained(str(base), dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, str(adapter)).eval()
-    with torch.no_grad():
-        return model(**batch).logits.float()
 
 
 def checkpoint_is_half(model_dir: Path) -> bool:
@@ -194,8 +228,21 @@ def checkpoint_is_half(model_dir: Path) -> bool:
     return any(t.dtype in ("BF16", "F16") for t in read_checkpoint(model_dir).values())
 
 
+def adapter_reach(adapter: Path) -> set[str]:
+    """The prompt modalities the adapter can change: all of them with text LoRA, image with vision-tower LoRA,
+    audio with audio-tower LoRA (a tower runs only on its own media)."""
+    from safetensors import safe_open
+
+    from gemma4_tune.engines import part_of
+
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        parts = {part_of(k) for k in f.keys()}  # noqa: SIM118
+    return {"text", "image", "audio"} if "text" in parts else {{"vision": "image"}.get(p, p) for p in parts}
+
+
 def _compare(engine: str, got: torch.Tensor, reference: torch.Tensor, base: torch.Tensor,
-             mask: torch.Tensor, half: bool = False, modalities: list[str] | None = None) -> EngineResult:
+             mask: torch.Tensor, half: bool = False, modalities: list[str] | None = None,
+             judge_effect: bool = True) -> EngineResult:
     diff = float((got - reference)[mask].abs().max())
     agreement = float((got.argmax(-1) == reference.argmax(-1))[mask].float().mean())
     effect = float((got - base)[mask].abs().max())
@@ -219,7 +266,8 @@ def _compare(engine: str, got: torch.Tensor, reference: torch.Tensor, base: torc
                                        f"{diff:.3g} (tolerance {tolerance:.0e}), greedy agreement {agreement:.1%}",
                                        "check that the artefact was exported from this adapter and base; "
                                        "re-export with `gemma4-tune export`"))
-    result.findings += effect_findings(engine, effect, tolerance, float(reference[mask].abs().max()))
+    if judge_effect:  # rows of a modality the adapter cannot reach show its effect without judging it
+        result.findings += effect_findings(engine, effect, tolerance, float(reference[mask].abs().max()))
     return result
 
 
@@ -263,17 +311,21 @@ def verify_artefacts(base: Path, adapter: Path, merged: Path | None, engines: li
                                    "but no --merged was given", "pass --merged DIR (make one with "
                                    "`gemma4-tune export --merged DIR`) or drop transformers from --engine"))
     check_engines(engines)
-    batch = fixed_batch(base)
-    mask = batch["attention_mask"].bool()
-    modalities = ["text", *(["image"] if "pixel_values" in batch else [])]
-    reference = reference_logits(base, adapter, batch)
-    check_reference(reference, mask, adapter)
+    from gemma4_tune.verify.prompts import batches as verification_batches
+    from gemma4_tune.verify.reference import logits_by_modality
+
+    batches = verification_batches(base)
+    masks = {m: b["attention_mask"].bool() for m, b in batches.items()}
+    reference = logits_by_modality(base, adapter, batches)["tuned"]
+    for m in batches:
+        check_reference(reference[m], masks[m], adapter)
+    reach = adapter_reach(adapter)
     results: list[EngineResult] = []
     stock_needed = [e for e in engines if e in ("peft", "transformers")]
     if stock_needed:
         try:
             stock = run_stock(base, adapter if "peft" in engines else None,
-                              merged if "transformers" in engines else None, batch)
+                              merged if "transformers" in engines else None, batches)
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             results.append(EngineResult(",".join(stock_needed), float("nan"), 0.0, 0.0, 0.0, [finding(
                 STOCK_RUN_FAILED.code, f"the stock loader failed: {exc}", "read the error above; the artefact "
@@ -282,19 +334,22 @@ def verify_artefacts(base: Path, adapter: Path, merged: Path | None, engines: li
         if stock is not None:
             for engine in stock_needed:
                 half = engine == "transformers" and checkpoint_is_half(merged)
-                result = _compare(engine, stock[engine], reference, stock["base"], mask, half, modalities)
                 info = stock.get("merged_loading_info") if engine == "transformers" else None
-                if info and any(info.values()):  # the root cause: the logit gap it causes is not a second finding
-                    result.findings = [f for f in result.findings if f.code != PARITY_FAILED.code]
-                    result.findings.append(finding(MERGED_LOAD_REPORT.code, f"the merged checkpoint loads with "
-                                                   f"a loading report: { {k: v[:3] for k, v in info.items() if v} }",
-                                                   "re-export it (every official key must be present and named "
-                                                   "as in the base: tower .linear.weight, clamp buffers); one saved "
-                                                   "from unwrapped towers is put back exactly by `gemma4-tune repair "
-                                                   f"--base {base} --merged {merged} --adapter {adapter} --out DIR`"))
-                results.append(result)
+                for m in batches:
+                    result = _compare(engine, stock[engine][m], reference[m], stock["base"][m], masks[m], half, [m],
+                                      judge_effect=m in reach)
+                    if info and any(info.values()):  # the root cause: the logit gap it causes is not a second
+                        # finding; every row fails on it, and report_findings says it once
+                        result.findings = [f for f in result.findings if f.code != PARITY_FAILED.code]
+                        result.findings.append(finding(
+                            MERGED_LOAD_REPORT.code, f"the merged checkpoint loads with a loading report: "
+                            f"{ {k: v[:3] for k, v in info.items() if v} }", "re-export it (every official key "
+                            "must be present and named as in the base: tower .linear.weight, clamp buffers); one "
+                            "saved from unwrapped towers is put back exactly by `gemma4-tune repair --base "
+                            f"{base} --merged {merged} --adapter {adapter} --out DIR`"))
+                    results.append(result)
     if "vllm" in engines:
-        results.append(vllm_result(base, adapter))
+        results += vllm_results(base, adapter, merged)
     return results
 
 
@@ -323,30 +378,66 @@ def text_only_adapter(adapter: Path, out: Path) -> Path:
     return out
 
 
-def vllm_result(base: Path, adapter: Path) -> EngineResult:
-    """A real vLLM (its own environment) against transformers + PEFT on the text prompts."""
+def vllm_results(base: Path, adapter: Path, merged: Path | None) -> list[EngineResult]:
+    """A real vLLM (its own environment) against transformers + PEFT: the adapter on the text prompts, and
+    with ``merged`` the merged checkpoint on every modality's prompts (``verify.vllm_modalities``), in one
+    runner process."""
     from transformers import AutoTokenizer
 
     from gemma4_tune.findings import FindingError
-    from gemma4_tune.verify.vllm import hf_reference, k_eq_v_lora_layers, vllm_parity, vllm_ready_adapter
+    from gemma4_tune.verify.prompts import model_modalities
+    from gemma4_tune.verify.vllm import adapter_run, hf_reference, k_eq_v_lora_layers, run_planned, vllm_ready_adapter
+    from gemma4_tune.verify.vllm_modalities import merged_run
 
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     # plain text after <bos>: vLLM's check bans placeholder and end-of-turn ids, which chat prompts contain
-    prompts = [tokenizer(p).input_ids for p in PROMPTS]
+    prompts = [tokenizer(p).input_ids for p in TEXT_PROMPTS]
+    rows: list[EngineResult] = []
     with tempfile.TemporaryDirectory(prefix="g4t-vllm-") as tmp:
         served, notes = adapter, []
         if _adapter_has_tower_lora(adapter):  # vLLM 0.32 refuses tower LoRA (G4T201): serve its text part
             served, notes = text_only_adapter(adapter, Path(tmp) / "adapter-text"), ["text LoRA only"]
         if k_eq_v_lora_layers(base, served):  # what users deploy on K=V models (G4T210)
             served, notes = vllm_ready_adapter(served, base, Path(tmp) / "adapter-vllm"), [*notes, "vLLM-ready"]
-        name = "vllm" + (f" ({', '.join(notes)})" if notes else "")
+        name = "vllm adapter" + (f" ({', '.join(notes)})" if notes else "")
         # the reference is always the trained adapter in transformers + PEFT; on text prompts the towers
         # do not run, so the text part served alone must reproduce it exactly
         try:
-            parity = vllm_parity(base, served, prompts, reference=lambda base_dir, _served, ids, **kw:
-                                 hf_reference(base_dir, adapter, ids, **kw))
+            planned = [adapter_run(base, {"lora": served}, prompts, reference=lambda base_dir, _served, ids, **kw:
+                                   hf_reference(base_dir, adapter, ids, **kw))]
+            clean = None
+            if merged is not None:
+                run, clean = merged_run(base, adapter, merged)
+                planned.append(run)
+            try:
+                outcome = run_planned(planned)
+            finally:
+                if clean is not None:
+                    clean()
         except FindingError as exc:  # the engine refused or died: a failed row in the table, not a crash
-            return EngineResult(name, float("nan"), 0.0, 0.0, 0.0, list(exc.findings))
-    return EngineResult(name, parity.max_logprob_diff, parity.greedy_agreement, parity.adapter_effect,
-                        parity.tolerance, list(parity.findings), prompts=parity.prompts,
-                        positions=parity.lora.positions, modalities=["text"])
+            return [EngineResult(name, float("nan"), 0.0, 0.0, 0.0, list(exc.findings))]
+    parity = outcome[0]
+    if isinstance(parity, FindingError):
+        rows.append(EngineResult(name, float("nan"), 0.0, 0.0, 0.0, list(parity.findings), modalities=["text"]))
+    else:
+        parity = parity["lora"]
+        rows.append(EngineResult(name, parity.max_logprob_diff, parity.greedy_agreement, parity.adapter_effect,
+                                 parity.tolerance, list(parity.findings), prompts=parity.prompts,
+                                 positions=parity.lora.positions, modalities=["text"]))
+    if merged is None:
+        others = [m for m in model_modalities(base) if m != "text"]
+        if others:
+            rows[0].findings.append(finding(MODALITY_NOT_RUN.code, f"vLLM verified the adapter on text prompts only: "
+                                            f"{' and '.join(others)} are verified in vLLM on the merged checkpoint "
+                                            "(vLLM 0.32 serves no tower LoRA), which was not given",
+                                            "pass --merged DIR (made by `gemma4-tune export --merged DIR`)",
+                                            modalities=others))
+        return rows
+    merged_out = outcome[1]
+    if isinstance(merged_out, FindingError):
+        return [*rows, EngineResult("vllm merged", float("nan"), 0.0, 0.0, 0.0, list(merged_out.findings))]
+    for modality, m in merged_out.items():
+        rows.append(EngineResult("vllm merged", m.max_logprob_diff, m.greedy_agreement, m.adapter_effect, m.tolerance,
+                                 list(m.findings), prompts=m.prompts, positions=m.positions, modalities=[modality],
+                                 not_run=m.not_run, figures={"reference_effect": m.reference_effect}))
+    return rows

@@ -4,8 +4,8 @@ Standalone: it never imports gemma4_tune (run it with ``python -P`` so this fold
 on sys.path), and it refuses to compare anything (exit 3) when gemma4_tune, or a tool known to patch
 transformers or PEFT (Unsloth, Axolotl), is imported in its process: its verdict is what a user with only
 transformers and PEFT gets. Usage: stock_runner.py REQUEST.json, where the request names the base model,
-an optional adapter and merged checkpoint, a batch file (torch.save of a dict of tensors)
-and the output file. Output (torch.save): logits of each artefact on the batch.
+an optional adapter and merged checkpoint, a batch file (torch.save of ``{modality: batch}``, each batch a
+dict of tensors) and the output file. Output (torch.save): ``{artefact: {modality: logits}}``.
 """
 
 import json
@@ -34,22 +34,26 @@ def refuse_if_foreign(when: str) -> None:
 def main() -> None:
     refuse_if_foreign("before loading")
     request = json.loads(open(sys.argv[1]).read())
-    batch = torch.load(request["batch"])
+    batches = torch.load(request["batch"])
     dtype = getattr(torch, request.get("dtype", "float32"))
     out = {}
+
+    def run(model):
+        return {modality: model(**batch).logits.float() for modality, batch in batches.items()}
+
     with torch.no_grad():
         base = Gemma4ForConditionalGeneration.from_pretrained(request["base"], dtype=dtype).eval()
-        out["base"] = base(**batch).logits.float()
+        out["base"] = run(base)
         if request.get("adapter"):
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(base, request["adapter"]).eval()
-            out["peft"] = model(**batch).logits.float()
+            out["peft"] = run(model)
             del model
         if request.get("merged"):
             merged, info = Gemma4ForConditionalGeneration.from_pretrained(request["merged"], dtype=dtype,
                                                                           output_loading_info=True)
-            out["transformers"] = merged.eval()(**batch).logits.float()
+            out["transformers"] = run(merged.eval())
             out["merged_loading_info"] = {k: sorted(map(str, v)) for k, v in info.items()}
     refuse_if_foreign("while loading")
     out["foreign_modules"] = foreign_modules()

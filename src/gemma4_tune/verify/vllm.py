@@ -89,6 +89,7 @@ class RefSequence:
     token_ids: list[int]
     logprobs: Any
     prompt_logprobs: Any = None
+    prompt_token_ids: list[int] | None = None  # the processed prompt (media placeholders expanded)
 
 
 #: ``{"base": [RefSequence per prompt], "lora": [...]}``
@@ -114,43 +115,55 @@ def banned_token_ids(base_dir: str | Path) -> list[int]:
     return sorted(banned)
 
 
-def hf_reference(base_dir: str | Path, adapter_dir: str | Path | None, prompts: Sequence[Sequence[int]], *,
-                 max_tokens: int = 8, banned: Sequence[int] = (), dtype: str = "float32") -> Reference:
+def hf_reference(base_dir: str | Path, adapter_dir: str | Path | None, prompts: Sequence[Any], *,
+                 max_tokens: int = 8, banned: Sequence[int] = (), dtype: str = "float32",
+                 flip_image_attention: bool = False) -> Reference:
     """Greedy generation and log-softmax rows from stock transformers + PEFT, without and with the adapter.
 
-    ``PeftModel.from_pretrained`` on a fresh base; the base mode runs under ``disable_adapter()``. Without
-    ``adapter_dir`` only the base mode is computed.
+    ``prompts`` are token-id lists or ``verify.prompts.VerifyPrompt`` objects (processed with the
+    model's processor, media included). ``PeftModel.from_pretrained`` on a fresh base; the base mode
+    runs under ``disable_adapter()``. Without ``adapter_dir`` only the base mode is computed.
     ``generate(output_logits=True)`` returns the raw logits (before ``suppress_tokens`` masks the
-    banned ids), which is what vLLM's logprobs are computed from.
+    banned ids), which is what vLLM's logprobs are computed from. ``flip_image_attention``: image
+    tokens attend the way the model does not (``verify.reference.image_attention``).
     """
     import torch
-    from peft import PeftModel
-    from transformers import Gemma4ForConditionalGeneration
 
-    torch_dtype = getattr(torch, dtype)
-    base = Gemma4ForConditionalGeneration.from_pretrained(str(base_dir), dtype=torch_dtype)
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval() if adapter_dir is not None else base.eval()
-    pad = base.config.get_text_config().pad_token_id
+    from gemma4_tune.verify.prompts import VerifyPrompt, processed
+    from gemma4_tune.verify.reference import bidirectional_vision, image_attention, load_tuned
 
-    def one(prompt: Sequence[int]) -> RefSequence:
-        ids = torch.tensor([list(prompt)], dtype=torch.long)
-        mask = torch.ones_like(ids)
+    model = load_tuned(base_dir, adapter_dir, getattr(torch, dtype))
+    pad = model.config.get_text_config().pad_token_id
+    processor = None
+    if any(isinstance(p, VerifyPrompt) for p in prompts):
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(str(base_dir))
+
+    def one(prompt: Any) -> RefSequence:
+        if isinstance(prompt, VerifyPrompt):
+            batch = processed(processor, [prompt])
+        else:
+            ids = torch.tensor([list(prompt)], dtype=torch.long)
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        n = batch["input_ids"].shape[1]
         with torch.no_grad():
-            prompt_rows = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[0].double(), -1)
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
-                                 min_new_tokens=max_tokens, do_sample=False, suppress_tokens=list(banned) or None,
-                                 output_logits=True, return_dict_in_generate=True, pad_token_id=pad,
-                                 eos_token_id=None, temperature=None, top_p=None, top_k=None)
+            prompt_rows = torch.log_softmax(model(**batch).logits[0].double(), -1)
+            out = model.generate(**batch, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+                                 suppress_tokens=list(banned) or None, output_logits=True,
+                                 return_dict_in_generate=True, pad_token_id=pad, eos_token_id=None,
+                                 temperature=None, top_p=None, top_k=None)
         rows = torch.log_softmax(torch.stack([step[0] for step in out.logits]).double(), -1)
-        return RefSequence(token_ids=out.sequences[0, ids.shape[1]:].tolist(), logprobs=rows,
-                           prompt_logprobs=prompt_rows[:-1])
+        return RefSequence(token_ids=out.sequences[0, n:].tolist(), logprobs=rows, prompt_logprobs=prompt_rows[:-1],
+                           prompt_token_ids=batch["input_ids"][0].tolist())
 
-    if adapter_dir is None:
-        return {"base": [one(p) for p in prompts]}
-    result: Reference = {"lora": [one(p) for p in prompts]}
-    with model.disable_adapter():
-        result["base"] = [one(p) for p in prompts]
-    del model, base
+    with image_attention(model, bidirectional_vision(base_dir) != flip_image_attention):
+        if adapter_dir is None:
+            return {"base": [one(p) for p in prompts]}
+        result: Reference = {"lora": [one(p) for p in prompts]}
+        with model.disable_adapter():
+            result["base"] = [one(p) for p in prompts]
+    del model
     return result
 
 
@@ -295,6 +308,18 @@ class _RunnerProcess:
             except subprocess.TimeoutExpired:
                 continue
 
+    def failure(self, why: str, requests: list[dict[str, Any]], **details: Any) -> Finding:
+        """G4T905 for ``requests`` (what the engine was serving when it failed), with the log's root cause."""
+        adapters = [a for r in requests for a in [r.get("adapter"), *(r.get("adapters") or {}).values()] if a]
+        return finding(
+            ENGINE_FAILED.code, f"vLLM {why} serving {', '.join(str(r['model']) for r in requests)}"
+            + (f" with adapter {', '.join(adapters)}" if adapters else "")
+            + ":\n" + "\n".join(useful_tail(self.tail)) + f"\n(full log: {self.log_path})",
+            "read the engine log for the first error; an adapter vLLM refuses (modules outside its "
+            "list, rank above --max-lora-rank, DoRA, bias) must be re-exported with `gemma4-tune plan` "
+            "targets, or the merged checkpoint served instead", log=str(self.log_path),
+            command=self.cmd, **details)
+
     def wait(self) -> dict[str, Any]:
         """The runner's result, or G4T905 when it failed or ran past its time."""
         timed_out = False
@@ -313,16 +338,7 @@ class _RunnerProcess:
         elapsed = time.monotonic() - self.start
         if timed_out or rc != 0 or not self.result_path.exists():
             why = f"timed out after {self.timeout_s:.0f} s" if timed_out else f"exited with status {rc}"
-            adapters = [self.request.get("adapter"), *(self.request.get("adapters") or {}).values()]
-            adapters = [a for a in adapters if a]
-            raise FindingError(finding(
-                ENGINE_FAILED.code, f"vLLM {why} serving {self.request['model']}"
-                + (f" with adapter {', '.join(adapters)}" if adapters else "")
-                + ":\n" + "\n".join(useful_tail(self.tail)) + f"\n(full log: {self.log_path})",
-                "read the engine log for the first error; an adapter vLLM refuses (modules outside its "
-                "list, rank above --max-lora-rank, DoRA, bias) must be re-exported with `gemma4-tune plan` "
-                "targets, or the merged checkpoint served instead", log=str(self.log_path),
-                command=self.cmd, seconds=round(elapsed, 1)))
+            raise FindingError(self.failure(why, _runs(self.request), seconds=round(elapsed, 1)))
         result = json.loads(self.result_path.read_text())
         result.setdefault("timings", {})["wall_s"] = round(elapsed, 3)
         self.log(f"[vllm] engine run done in {elapsed:.1f} s (engine start "
@@ -332,6 +348,11 @@ class _RunnerProcess:
         else:
             shutil.rmtree(self.work, ignore_errors=True)
         return result
+
+
+def _runs(request: dict[str, Any]) -> list[dict[str, Any]]:
+    """The single-model requests of a request (``{"runs": [...]}`` holds several)."""
+    return list(request["runs"]) if "runs" in request else [request]
 
 
 def start_vllm(request: dict[str, Any], *, timeout_s: float = DEFAULT_TIMEOUT_S, log: Log | None = None,
@@ -344,10 +365,11 @@ def start_vllm(request: dict[str, Any], *, timeout_s: float = DEFAULT_TIMEOUT_S,
     run fails); the runner's progress lines are echoed. Raises G4T904 without an environment.
     """
     log = log or _stderr
-    modes = ["base", *(["lora"] if request.get("adapter") else []), *(request.get("adapters") or {})]
-    log(f"[vllm] starting a vLLM engine for {request['model']} (modes {', '.join(modes)}; "
-        f"{len(request['prompts'])} prompts): ~20 s to import, ~30 s to start on CPU, ~25 s more for the "
-        "first request on a fresh machine")
+    for one in _runs(request):
+        modes = ["base", *(["lora"] if one.get("adapter") else []), *(one.get("adapters") or {})]
+        log(f"[vllm] starting a vLLM engine for {one['model']} (modes {', '.join(modes)}; "
+            f"{len(one['prompts'])} prompts): ~15 s to import, ~5-10 s to start on CPU, ~25 s more for the "
+            "first request on a fresh machine")
     return _RunnerProcess(request, timeout_s=timeout_s, log=log, keep_dir=keep_dir)
 
 
@@ -646,17 +668,48 @@ def _check_cpu_shapes(base_dir: Path) -> None:
             "are among the supported sizes", head_sizes=bad))
 
 
-def vllm_parity_many(base_dir: str | Path, adapters: dict[str, str | Path], prompts: list[list[int]], *,
-                     max_tokens: int = 8, reference: dict[str, Reference] | ReferenceFn | None = None,
-                     logprobs: int = 5, prompt_logprobs: int | None = 5, dtype: str = "float32",
-                     timeout_s: float = DEFAULT_TIMEOUT_S, max_lora_rank: int | None = None,
-                     enable_tower_connector_lora: bool = False, tolerance: float | None = None,
-                     log: Log | None = None) -> dict[str, VllmParity]:
-    """:func:`vllm_parity` for several adapters of one base model in one engine start.
+@dataclass
+class PlannedRun:
+    """One model's run in a runner process: its request, the reference to compute while the engine starts,
+    and what turns the runner's result into parity objects."""
 
-    ``reference`` is ``{name: Reference}``, a callable with :func:`hf_reference`'s signature
-    (called per adapter), or None. The reference is computed while the engine starts.
-    """
+    request: dict[str, Any]
+    reference: Callable[[], None]
+    finish: Callable[[dict[str, Any]], Any]
+    what: str = ""
+
+
+def run_planned(planned: Sequence[PlannedRun], *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                log: Log | None = None) -> list[Any]:
+    """Run every planned model in one runner process (one import of vLLM), computing the references while
+    the engines start. A run whose engine failed comes back as its G4T905 ``FindingError`` (not raised), so
+    the other runs still report; a runner that fails as a whole raises it."""
+    log = log or _stderr
+    request = planned[0].request if len(planned) == 1 else {"runs": [p.request for p in planned]}
+    runner = start_vllm(request, timeout_s=timeout_s, log=log)
+    try:
+        for p in planned:
+            p.reference()
+        result = runner.wait()
+    except BaseException:
+        runner.kill()
+        raise
+    out: list[Any] = []
+    for p, one in zip(planned, _runs(result) if "runs" in result else [result], strict=True):
+        if "failed" in one:
+            out.append(FindingError(runner.failure(f"failed ({one['failed']})", [p.request])))
+            continue
+        one.setdefault("timings", {})["wall_s"] = result.get("timings", {}).get("wall_s")
+        out.append(p.finish(one))
+    return out
+
+
+def adapter_run(base_dir: str | Path, adapters: dict[str, str | Path], prompts: list[list[int]], *,
+                max_tokens: int = 8, reference: dict[str, Reference] | ReferenceFn | None = None,
+                logprobs: int = 5, prompt_logprobs: int | None = 5, dtype: str = "float32",
+                max_lora_rank: int | None = None, enable_tower_connector_lora: bool = False,
+                tolerance: float | None = None, log: Log | None = None) -> PlannedRun:
+    """The planned run of :func:`vllm_parity_many`; its ``finish`` gives ``{name: VllmParity}``."""
     log = log or _stderr
     base_dir = Path(base_dir)
     adapters = {str(k): Path(v) for k, v in adapters.items()}
@@ -683,34 +736,54 @@ def vllm_parity_many(base_dir: str | Path, adapters: dict[str, str | Path], prom
         "max_model_len": _max_model_len(base_dir, prompts, max_tokens), "banned_token_ids": banned,
         "enable_tower_connector_lora": enable_tower_connector_lora,
     }
-    runner = start_vllm(request, timeout_s=timeout_s, log=log)
     refs: dict[str, Reference] = {}
-    ref_s = 0.0
-    try:
+    ref_s: list[float] = [0.0]
+
+    def compute() -> None:
         if reference is None or callable(reference):
             fn = reference or hf_reference
             start = time.monotonic()
             for name, path in adapters.items():
                 log(f"[vllm] computing the transformers + PEFT reference for {name} while the engine starts")
                 refs[name] = fn(base_dir, path, prompts, max_tokens=max_tokens, banned=banned, dtype=dtype)
-            ref_s = time.monotonic() - start
+            ref_s[0] = time.monotonic() - start
         else:
-            refs = dict(reference)
-        result = runner.wait()
-    except BaseException:
-        runner.kill()
-        raise
-    out: dict[str, VllmParity] = {}
-    for name in adapters:
-        ref = refs[name]
-        ref = {"base": ref["base"], name: ref[name] if name in ref else ref["lora"]}
-        parity = compare(result, ref, mode=name, dtype=dtype, tolerance=tolerance,
-                         k_eq_v_layers=k_eq_v_lora_layers(base_dir, adapters[name]))
-        parity.timings["reference_s"] = round(ref_s, 3)
-        log(f"[vllm] {name}: greedy agreement {parity.greedy_agreement:.0%}, max |logprob diff| "
-            f"{parity.max_logprob_diff:.1e}, adapter effect {parity.adapter_effect:.2g} "
-            f"({len(parity.findings)} findings)")
-        out[name] = parity
+            refs.update(reference)
+
+    def finish(result: dict[str, Any]) -> dict[str, VllmParity]:
+        out: dict[str, VllmParity] = {}
+        for name in adapters:
+            ref = refs[name]
+            ref = {"base": ref["base"], name: ref[name] if name in ref else ref["lora"]}
+            parity = compare(result, ref, mode=name, dtype=dtype, tolerance=tolerance,
+                             k_eq_v_layers=k_eq_v_lora_layers(base_dir, adapters[name]))
+            parity.timings["reference_s"] = round(ref_s[0], 3)
+            log(f"[vllm] {name}: greedy agreement {parity.greedy_agreement:.0%}, max |logprob diff| "
+                f"{parity.max_logprob_diff:.1e}, adapter effect {parity.adapter_effect:.2g} "
+                f"({len(parity.findings)} findings)")
+            out[name] = parity
+        return out
+
+    return PlannedRun(request, compute, finish, what=f"{base_dir} + {', '.join(adapters)}")
+
+
+def vllm_parity_many(base_dir: str | Path, adapters: dict[str, str | Path], prompts: list[list[int]], *,
+                     max_tokens: int = 8, reference: dict[str, Reference] | ReferenceFn | None = None,
+                     logprobs: int = 5, prompt_logprobs: int | None = 5, dtype: str = "float32",
+                     timeout_s: float = DEFAULT_TIMEOUT_S, max_lora_rank: int | None = None,
+                     enable_tower_connector_lora: bool = False, tolerance: float | None = None,
+                     log: Log | None = None) -> dict[str, VllmParity]:
+    """:func:`vllm_parity` for several adapters of one base model in one engine start.
+
+    ``reference`` is ``{name: Reference}``, a callable with :func:`hf_reference`'s signature
+    (called per adapter), or None. The reference is computed while the engine starts.
+    """
+    planned = adapter_run(base_dir, adapters, prompts, max_tokens=max_tokens, reference=reference, logprobs=logprobs,
+                          prompt_logprobs=prompt_logprobs, dtype=dtype, max_lora_rank=max_lora_rank,
+                          enable_tower_connector_lora=enable_tower_connector_lora, tolerance=tolerance, log=log)
+    (out,) = run_planned([planned], timeout_s=timeout_s, log=log)
+    if isinstance(out, FindingError):
+        raise out
     return out
 
 
