@@ -88,7 +88,7 @@ def packed_loss_equality(model: Path, data: Path, n: int = 8) -> dict[str, Any]:
     from gemma4_tune.adapters import LoraSettings, prepare_model
     from gemma4_tune.data.collate import Gemma4Batcher
     from gemma4_tune.data.records import load_conversations
-    from gemma4_tune.train import token_mean_loss
+    from gemma4_tune.loss import batch_sums
 
     conversations, _ = load_conversations(str(data))
     batcher = Gemma4Batcher(AutoProcessor.from_pretrained(str(model)), max_seq_len=MAX_SEQ_LEN)
@@ -104,9 +104,9 @@ def packed_loss_equality(model: Path, data: Path, n: int = 8) -> dict[str, Any]:
 
     def summed(batch: dict[str, torch.Tensor]) -> tuple[float, int]:
         with torch.no_grad():
-            out = peft_model(**{k: v for k, v in batch.items() if k != "labels"})
-        count = int(batch["labels"][:, 1:].ne(-100).sum())
-        return float(token_mean_loss(out, batch["labels"], count)) * count, count
+            total, count, _ = batch_sums(peft_model, {k: v for k, v in batch.items() if k != "labels"},
+                                         batch["labels"])
+        return float(total), int(count)
 
     padded, padded_n = summed(batcher.collate(examples))
     packed_rows = batcher.pack(examples, MAX_SEQ_LEN)

@@ -49,3 +49,16 @@ def unwrap_clippable(model: "torch.nn.Module") -> int:
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, module.linear)
     return len(found)
+
+
+def full_logits_sums(logits: "torch.Tensor", labels: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+    """The reference the chunked loss must equal: summed cross-entropy, count and greedy hits from full logits
+    (position t predicts labels[t + 1]; -100 counts nowhere)."""
+    from torch.nn import functional as F
+
+    logits = logits[:, :-1, :].float()
+    target = labels[:, 1:].to(logits.device)
+    keep = target.ne(-100)
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+                            reduction="sum")
+    return total, keep.sum(), (logits.argmax(-1).eq(target) & keep).sum()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma4_tune.loss import token_mean_loss
+from tests.lora_helpers import full_logits_sums
 
 CLI = [sys.executable, "-m", "gemma4_tune"]
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -56,7 +56,8 @@ def test_eval_loss_is_the_training_loss_on_the_same_batch(e2b_lora) -> None:
     labels = batch.pop("labels")
     model.train()
     with torch.no_grad():
-        training_loss = float(token_mean_loss(model(**batch), labels))
+        total, count, _ = full_logits_sums(model(**batch).logits, labels)
+    training_loss = float(total / count)
     whole = evaluate(model, batcher, examples, batch_size=3)
     one_by_one = evaluate(model, batcher, examples, batch_size=1)
     assert whole.loss == pytest.approx(training_loss, rel=1e-5)
@@ -209,17 +210,19 @@ def test_report_html_renders_plot_and_tables_in_headless_chromium(two_runs, tmp_
         driver.quit()
 
 
-def test_accuracy_counts_only_supervised_positions_with_the_loss_shift() -> None:
-    from gemma4_tune.loss import token_hits
+def test_accuracy_counts_only_supervised_positions_with_the_loss_shift(e2b_lora) -> None:
+    """Accuracy from the chunked projection equals the greedy hits of the full logits at the supervised positions."""
+    from gemma4_tune.evaluate import evaluate
 
-    labels = torch.tensor([[-100, 3, -100, 1, 2]])
-    logits = torch.zeros(1, 5, 4)
-    for t, predicted in enumerate([3, 0, 1, 2, 2]):  # position t predicts labels[t + 1]
-        logits[0, t, predicted] = 1.0
-    # position 0 -> 3 (right), 1 -> masked, 2 -> 1 (right), 3 -> 2 (right); the last position predicts nothing
-    assert int(token_hits(logits, labels)) == 3
-    logits[0, 2] = torch.tensor([0.0, 0.0, 0.0, 1.0])
-    assert int(token_hits(logits, labels)) == 2
+    model, batcher, convs = e2b_lora
+    examples = [batcher.encode(c) for c in convs[:3]]
+    batch = batcher.collate(examples)
+    labels = batch.pop("labels")
+    model.eval()
+    with torch.no_grad():
+        _, count, hits = full_logits_sums(model(**batch).logits, labels)
+    result = evaluate(model, batcher, examples, batch_size=3)
+    assert result.tokens == int(count) and result.accuracy == pytest.approx(int(hits) / int(count))
 
 
 def test_samples_say_whether_the_tuned_model_stops_at_its_end_of_turn(e2b_lora) -> None:

@@ -131,10 +131,12 @@ def estimate_training_memory(model: str, *, targets: str = "text", rank: int = 1
     weights from the real module tree (4-bit leaves MoE experts in bf16, row 18); adapter in
     fp32 with fp32 gradients and two fp32 Adam moments; activations: with checkpointing one
     bf16 hidden state per layer plus one layer's working set, without it ~34 x hidden per
-    token and layer (the usual transformer rule of thumb); logits in fp32 over the full
-    vocabulary, twice (values and gradient).
+    token and layer (the usual transformer rule of thumb); logits in fp32 for one chunk of
+    supervised positions (``loss.CHUNK_BYTES``: training projects no other position), twice
+    (values and gradient).
     """
     from gemma4_tune.api import plan
+    from gemma4_tune.loss import CHUNK_BYTES
 
     profile, target_plan, weights = plan(model, targets, rank=rank, quantize=quantize)
     gib = 1024**3
@@ -144,7 +146,7 @@ def estimate_training_memory(model: str, *, targets: str = "text", rank: int = 1
     per_layer = 34 * hidden * 2 if not gradient_checkpointing else hidden * 2
     working_layer = 34 * hidden * 2 if gradient_checkpointing else 0
     activations = tokens * (per_layer * profile.num_layers + working_layer)
-    logits = tokens * profile.vocab_size * 4 * 2
+    logits = min(tokens * profile.vocab_size * 4, CHUNK_BYTES) * 2
     notes = [weights.summary()]
     if profile.moe and quantize:
         notes.append("bitsandbytes quantizes nn.Linear only: the MoE experts stay bf16 (failure-catalog row 18)")

@@ -1,8 +1,8 @@
 """Did the fine-tune help? Held-out loss and accuracy, and base-vs-tuned generations side by side.
 
-The eval loss is the training loss (``loss.token_sums``: same shift, same masking, per
-supervised token) summed over the whole held-out set; accuracy is the share of supervised
-(assistant) tokens whose greedy prediction is right.
+The eval loss is the training loss (``loss.batch_sums``: same shift, same masking, per
+supervised token, logits only at the supervised positions) summed over the whole held-out set;
+accuracy is the share of supervised (assistant) tokens whose greedy prediction is right.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from gemma4_tune.data.chat import END_OF_TURN
-from gemma4_tune.loss import token_hits, token_sums
+from gemma4_tune.loss import batch_sums
 
 
 @dataclass
@@ -55,11 +55,10 @@ def evaluate(model: Any, batcher: Any, examples: list[dict[str, Any]], *, batch_
             for i in range(0, len(examples), batch_size):
                 batch = _to(batcher.collate(examples[i:i + batch_size]), device)
                 labels = batch.pop("labels")
-                logits = model(**batch).logits
-                loss_sum, n = token_sums(logits, labels)
+                loss_sum, n, hits = batch_sums(model, batch, labels, hits=True)
                 total += loss_sum.double().cpu()
                 count += int(n)
-                correct += int(token_hits(logits, labels))
+                correct += int(hits)
     finally:
         model.train(was_training)
     return EvalResult(step=step, loss=float(total / max(count, 1)), accuracy=correct / max(count, 1), tokens=count,

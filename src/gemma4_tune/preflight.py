@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from gemma4_tune.findings import Finding, Severity, finding, has_errors, register
+from gemma4_tune.loss import IGNORE_INDEX
 from gemma4_tune.profile import ModelProfile
 from gemma4_tune.targets import TargetPlan, tower_of
 
@@ -87,13 +88,13 @@ class PreflightResult:
 
 def _forward_backward(ctx: PreflightContext) -> None:
     """One forward and backward pass with the training loss; gradients of lora_B summed per tower."""
-    from gemma4_tune.loss import token_mean_loss
+    from gemma4_tune.loss import batch_sums
 
     model = ctx.model
     model.train()
     inputs = {k: v for k, v in ctx.batch.items() if k != "labels"}
-    outputs = model(**inputs)
-    loss = token_mean_loss(outputs, ctx.batch["labels"])
+    total, count, _ = batch_sums(model, inputs, ctx.batch["labels"])
+    loss = total / count
     ctx.loss = loss.detach()
     if torch.isfinite(loss):
         loss.backward()
@@ -248,10 +249,14 @@ def kv_sharing_intact(ctx: PreflightContext) -> list[Finding]:
         return []
     model = ctx.model
     inputs = {k: v for k, v in ctx.batch.items() if k != "labels"}
+    # the logits at the supervised positions only (as training computes them): at Gemma 4's vocabulary the full
+    # logits of the batch would be the largest tensors of the whole run
+    keep = torch.zeros_like(ctx.batch["labels"], dtype=torch.bool)
+    keep[:, :-1] = ctx.batch["labels"][:, 1:].ne(IGNORE_INDEX)
     model.eval()
     with torch.no_grad():
-        cached = model(**inputs, use_cache=True).logits.float()
-        uncached = model(**inputs, use_cache=False).logits.float()
+        cached = model(**inputs, use_cache=True, logits_to_keep=keep).logits.float()
+        uncached = model(**inputs, use_cache=False, logits_to_keep=keep).logits.float()
     model.train()
     diff = float((cached - uncached).abs().max())
     tolerance = 1e-4 if cached.dtype == torch.float32 and next(model.parameters()).dtype == torch.float32 else 5e-2

@@ -2,8 +2,8 @@
 
 data (validated before any model is loaded) -> model + processor -> LoRA (exact
 plan) -> batches (assistant-only labels, every processor output kept) ->
-transformers Trainer with our loss (per-token across gradient accumulation,
-failure-catalog row 26), progress, metrics and atomic checkpoints -> adapter and
+transformers Trainer with our loss (logits only at supervised positions, chunked;
+per-token across gradient accumulation, failure-catalog row 26), progress, metrics and atomic checkpoints -> adapter and
 report written atomically.
 """
 
@@ -50,7 +50,7 @@ from gemma4_tune.evaluate import generate_samples, pick_samples
 from gemma4_tune.export.manifest import write_manifest
 from gemma4_tune.findings import MODEL_NOT_FOUND, Finding, FindingError, Severity, finding, has_errors, register
 from gemma4_tune.io import check_writable, ensure_empty_target, write_json
-from gemma4_tune.loss import token_mean_loss
+from gemma4_tune.loss import SupervisedLoss
 from gemma4_tune.preflight import PreflightResult
 from gemma4_tune.profile import ModelProfile
 from gemma4_tune.rundir import (
@@ -385,10 +385,10 @@ def train(cfg: RunConfig) -> TrainResult:
 
 def _train(cfg: RunConfig) -> TrainResult:
     """``train`` without the release of the run directory's lock."""
-    from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback
 
     from gemma4_tune.preflight import skipped_finding
+    from gemma4_tune.trainer import SupervisedLogitsTrainer
 
     started = time.perf_counter()
     dplan = _join_launch(cfg)
@@ -458,12 +458,12 @@ def _train(cfg: RunConfig) -> TrainResult:
         callbacks.append(evaluator)
     if dplan is not None:
         check_wrap_classes(peft_model, dplan)
-    trainer = Trainer(
+    trainer = SupervisedLogitsTrainer(
         model=peft_model,
         args=training_arguments(cfg, staging, dplan, save_steps=save_every),
         train_dataset=_Examples(examples),
         data_collator=collate,
-        compute_loss_func=token_mean_loss,
+        compute_loss_func=SupervisedLoss(),
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)
