@@ -27,6 +27,23 @@ def random_lora(base: Path, out: Path, seed: int, spec: str = "text") -> Path:
     return save_adapter(model, out, plan=plan)
 
 
+def random_lora_model(base: Path, spec: str, seed: int = 0, scale: float = 0.1) -> "torch.nn.Module":
+    """The fp32 base with a rank-8 LoRA on ``spec`` (the toolkit's plan) whose lora_B are random, in memory."""
+    import torch
+    from transformers import Gemma4ForConditionalGeneration
+
+    from gemma4_tune.adapters import LoraSettings, prepare_model
+
+    model, _ = prepare_model(Gemma4ForConditionalGeneration.from_pretrained(str(base), dtype=torch.float32), spec,
+                             LoraSettings(rank=8))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return model
+
+
 def zeroed_lora_b(adapter: Path, out: Path) -> Path:
     """The same adapter with every lora_B set to zero: converts and loads everywhere, changes nothing (row 4)."""
     import torch

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.lora_helpers import full_logits_sums
+from tests.lora_helpers import full_logits_sums, random_lora_model
 
 CLI = [sys.executable, "-m", "gemma4_tune"]
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -26,21 +26,14 @@ def cli(*args: object) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def e2b_lora(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
     """E2B with random LoRA on text and vision, its batcher, and a few demo conversations (one with an image)."""
-    from transformers import AutoProcessor, Gemma4ForConditionalGeneration
+    from transformers import AutoProcessor
 
-    from gemma4_tune.adapters import LoraSettings, prepare_model
     from gemma4_tune.data.collate import Gemma4Batcher
     from gemma4_tune.data.demo_data import write_demo_dataset
     from gemma4_tune.data.records import load_conversations
 
     base = tiny_models["e2b"]
-    model, _ = prepare_model(Gemma4ForConditionalGeneration.from_pretrained(str(base), dtype=torch.float32),
-                             "text,vision", LoraSettings(rank=8))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    model = random_lora_model(base, "text,vision")
     batcher = Gemma4Batcher(AutoProcessor.from_pretrained(str(base)))
     convs, _ = load_conversations(write_demo_dataset(tmp_path_factory.mktemp("eval-data"), n=12))
     return model, batcher, convs
@@ -56,14 +49,15 @@ def test_eval_loss_is_the_training_loss_on_the_same_batch(e2b_lora) -> None:
     labels = batch.pop("labels")
     model.train()
     with torch.no_grad():
-        total, count, _ = full_logits_sums(model(**batch).logits, labels)
+        total, count, hits = full_logits_sums(model(**batch).logits, labels)
     training_loss = float(total / count)
     whole = evaluate(model, batcher, examples, batch_size=3)
     one_by_one = evaluate(model, batcher, examples, batch_size=1)
     assert whole.loss == pytest.approx(training_loss, rel=1e-5)
     assert one_by_one.loss == pytest.approx(training_loss, rel=1e-5)  # per token, not a mean of batch means
-    assert whole.tokens == sum(int(e["num_supervised"]) for e in examples)
-    assert 0.0 <= whole.accuracy <= 1.0
+    assert whole.tokens == sum(int(e["num_supervised"]) for e in examples) == int(count)
+    # accuracy: the greedy hits of the full logits at the supervised positions (same shift and mask as the loss)
+    assert whole.accuracy == pytest.approx(int(hits) / int(count))
     assert model.training  # evaluate restores the mode it found
 
 
@@ -208,21 +202,6 @@ def test_report_html_renders_plot_and_tables_in_headless_chromium(two_runs, tmp_
         assert Image.open(screenshot).size[0] >= 1000
     finally:
         driver.quit()
-
-
-def test_accuracy_counts_only_supervised_positions_with_the_loss_shift(e2b_lora) -> None:
-    """Accuracy from the chunked projection equals the greedy hits of the full logits at the supervised positions."""
-    from gemma4_tune.evaluate import evaluate
-
-    model, batcher, convs = e2b_lora
-    examples = [batcher.encode(c) for c in convs[:3]]
-    batch = batcher.collate(examples)
-    labels = batch.pop("labels")
-    model.eval()
-    with torch.no_grad():
-        _, count, hits = full_logits_sums(model(**batch).logits, labels)
-    result = evaluate(model, batcher, examples, batch_size=3)
-    assert result.tokens == int(count) and result.accuracy == pytest.approx(int(hits) / int(count))
 
 
 def test_samples_say_whether_the_tuned_model_stops_at_its_end_of_turn(e2b_lora) -> None:

@@ -14,27 +14,20 @@ import pytest
 import torch
 
 from gemma4_tune import loss
-from tests.lora_helpers import full_logits_sums
+from tests.lora_helpers import full_logits_sums, random_lora_model
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
     """E2B with random LoRA on the text and both towers, its batcher, and demo examples by modality."""
-    from transformers import AutoProcessor, Gemma4ForConditionalGeneration
+    from transformers import AutoProcessor
 
-    from gemma4_tune.adapters import LoraSettings, prepare_model
     from gemma4_tune.data.collate import Gemma4Batcher
     from gemma4_tune.data.demo_data import write_demo_dataset
     from gemma4_tune.data.records import load_conversations
 
     base = tiny_models["e2b"]
-    model, _ = prepare_model(Gemma4ForConditionalGeneration.from_pretrained(str(base), dtype=torch.float32),
-                             "text,vision,audio", LoraSettings(rank=8))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    model = random_lora_model(base, "text,vision,audio")
     model.eval()  # no dropout: both computations see the same function
     batcher = Gemma4Batcher(AutoProcessor.from_pretrained(str(base)), max_seq_len=256)
     convs, _ = load_conversations(write_demo_dataset(tmp_path_factory.mktemp("loss-data"), n=24))
