@@ -50,6 +50,7 @@ test-fast: setup
 # The GPU section runs only where CUDA is present (GEMMA4_BENCH_MODEL=<dir> for real sizes).
 bench: setup
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/real_vocab.py --profile
 	$(BIN)/python bench/clippable_lora.py
 	$(BIN)/python bench/merge_memory.py
 	$(BIN)/python bench/preflight_verify.py

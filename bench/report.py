@@ -9,8 +9,8 @@ from typing import Any
 import common
 
 DOC = common.BENCH.parent / "docs" / "performance.md"
-ORDER = ("train_throughput", "packing", "clippable_lora", "merge_memory", "preflight_verify", "under_load",
-         "under_load_demo", "gpu")
+ORDER = ("train_throughput", "packing", "real_vocab", "clippable_lora", "merge_memory", "preflight_verify",
+         "under_load", "under_load_demo", "gpu")
 
 
 def load() -> dict[str, dict[str, Any]]:
@@ -47,6 +47,10 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[str]:
                 rows.append(_row(f"`gemma4-tune demo` {setting} / idle ({r['hogs']} busy processes)",
                                  f"{r['seconds'][setting]:.0f} vs {r['seconds']['idle']:.0f} s", round(ratio, 2),
                                  None))
+            continue
+        if name == "real_vocab" or (name == "gpu" and "ratios" in r and "tokens_per_s" in r["ratios"]):
+            where = "" if name == "real_vocab" else f"GPU bf16 ({r['device']}), "
+            rows += real_vocab_rows(r, where)
             continue
         f = r["figures"]
         if name == "train_throughput":
@@ -89,6 +93,36 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[str]:
     return rows
 
 
+def real_vocab_rows(r: dict[str, Any], where: str = "") -> list[str]:
+    """The rows of a real-vocabulary comparison (bench/real_vocab.py, or the GPU section that runs it)."""
+    f, ratios, goals = r["figures"], r["ratios"], r["goals"]
+    vocab = f"{r['model']['vocab_size']:,}"
+    rows = []
+    if "gemma4_tune" in f and "trl_sft" in f:
+        ours, trl = f["gemma4_tune"], f["trl_sft"]
+        work = r.get("same_work") or {}
+        same = "same batches" if work.get("same_batches") else "NOT the same batches"
+        rows.append(_row(f"{where}vocab {vocab}: peak RSS, gemma4-tune / TRL SFTTrainer+PEFT (assistant-only loss)",
+                         f"{ours['peak_rss_mb']:.0f} vs {trl['peak_rss_mb']:.0f} MB{_loop_rss(ours, trl)}",
+                         ratios["peak_rss"], goals["peak_rss"]))
+        if "cuda_max_memory_allocated" in ratios:
+            rows.append(_row(f"{where}vocab {vocab}: torch.cuda.max_memory_allocated, gemma4-tune / TRL",
+                             f"{ours['cuda_max_memory_allocated_mb']:.0f} vs "
+                             f"{trl['cuda_max_memory_allocated_mb']:.0f} MB",
+                             ratios["cuda_max_memory_allocated"], goals["cuda_max_memory_allocated"]))
+        rows.append(_row(f"{where}vocab {vocab}: training tokens/s, gemma4-tune / TRL (unpacked)",
+                         f"{ours['tokens_per_s']} vs {trl['tokens_per_s']} tokens/s ({same}: first-step loss "
+                         f"difference {work.get('first_step_loss_diff', float('nan')):.1e})", ratios["tokens_per_s"],
+                         goals["tokens_per_s"]))
+    if "gemma4_tune_packed" in f and "trl_sft_packed" in f:
+        ours, trl = f["gemma4_tune_packed"], f["trl_sft_packed"]
+        rows.append(_row(f"{where}vocab {vocab}: tokens/s, `train --packing` / TRL packing=True (bfd, padding-free; "
+                         "text-only rows)", f"{ours['tokens_per_s']} vs {trl['tokens_per_s']} tokens/s; peak RSS "
+                         f"{ours['peak_rss_mb']:.0f} vs {trl['peak_rss_mb']:.0f} MB", ratios["packed_tokens_per_s"],
+                         goals["packed_tokens_per_s"]))
+    return rows
+
+
 def _row(what: str, figures: str, ratio: float | None, goal: dict[str, Any] | None) -> str:
     target, verdict = _goal_cells(goal)
     return f"| {what} | {figures} | {'-' if ratio is None else ratio} | {target} | {verdict} |"
@@ -126,6 +160,13 @@ def missed(results: dict[str, dict[str, Any]]) -> list[str]:
                    f"{r['goal']['missed_by']:.1%}): {same}{first}Per-run tokens/s: gemma4-tune {ours_runs}, TRL "
                    f"{trl_runs}: {spread}. What makes up the gap has not been measured yet (the next step is a "
                    "per-step profile of both trainers).")
+    r = results.get("real_vocab")
+    if r:
+        out += real_vocab_missed(r)
+    r = results.get("gpu")
+    if r and not r.get("skipped") and "tokens_per_s" in r.get("ratios", {}):
+        out += [line.replace("**real vocabulary, ", "**GPU bf16, real vocabulary, ", 1)
+                for line in real_vocab_missed(r)]
     r = results.get("packing")
     if r and not r["goal"]["met"]:
         f = r["figures"]
@@ -175,6 +216,60 @@ def missed(results: dict[str, dict[str, Any]]) -> list[str]:
     return ["## Goals missed, and why", "", *out, ""] if out else []
 
 
+def _alloc(t: dict[str, Any]) -> str:
+    """One profiled op: name, input shapes, calls x MB it allocated itself per call."""
+    return f"`{t['op']}` {t['input_shapes'][:2]} {t['calls']} x {t['self_allocated_mb'] / max(t['calls'], 1):.0f} MB"
+
+
+def _loop_rss(ours: dict[str, Any], trl: dict[str, Any]) -> str:
+    """The training loop's share of the peak RSS, when the record has it."""
+    if "loop_peak_rss_mb" not in ours or "loop_peak_rss_mb" not in trl:
+        return ""
+    return (f" (at the end of the training loop {ours['loop_peak_rss_mb']:.0f} vs {trl['loop_peak_rss_mb']:.0f} MB; "
+            f"{ours['rss_mb_at_train_begin']:.0f} vs {trl['rss_mb_at_train_begin']:.0f} MB when it started)")
+
+
+def real_vocab_missed(r: dict[str, Any]) -> list[str]:
+    """A line per missed real-vocabulary goal: the figures behind it, and what the profile shows when there is one."""
+    out = []
+    f, goals = r["figures"], r["goals"]
+    prof = r.get("profile_summary") or {}
+
+    def top(side: str) -> str:
+        if side not in prof:
+            return ""
+        lines = [_alloc(t) for t in prof[side]["top"][:3]]
+        return f" Largest allocations of one profiled {side} step (calls x MB each): {'; '.join(lines)}."
+
+    labels = {"peak_rss": ("peak RSS", "gemma4_tune", "trl_sft", "runs_peak_rss_mb", "MB"),
+              "tokens_per_s": ("tokens/s (unpacked)", "gemma4_tune", "trl_sft", "runs_tokens_per_s", "tokens/s"),
+              "packed_tokens_per_s": ("packed tokens/s", "gemma4_tune_packed", "trl_sft_packed", "runs_tokens_per_s",
+                                      "tokens/s"),
+              "cuda_max_memory_allocated": ("CUDA peak allocated", "gemma4_tune", "trl_sft", None, "MB")}
+    for key, g in goals.items():
+        if g["met"]:
+            continue
+        what, ours, trl, runs, unit = labels[key]
+        per_run = (f" Per run: gemma4-tune {f[ours][runs]}, TRL {f[trl][runs]} {unit}." if runs else "")
+        work = r.get("same_work") or {}
+        same = ("" if key.startswith("packed") or not work else
+                " Both sides trained the same batches." if work.get("same_batches") else
+                f" The sides did not train identical batches (first-step losses {work['first_step_loss']}).")
+        if key == "peak_rss":
+            same += (f" The whole process's peak includes the weights ({r['model']['checkpoint_bytes'] / 2**20:.0f} MB "
+                     "of checkpoint here, loaded by both sides)")
+            if "loop_peak_rss_mb" in f[ours] and "loop_peak_rss_mb" in f[trl]:
+                after = f[ours]["peak_rss_mb"] - f[ours]["loop_peak_rss_mb"]
+                same += (f"; the peak up to the end of the training loop is {f[ours]['loop_peak_rss_mb']:.0f} vs "
+                         f"{f[trl]['loop_peak_rss_mb']:.0f} MB, so {after:.0f} MB of gemma4-tune's peak comes after "
+                         "the loop")
+            same += "."
+        out.append(f"- **real vocabulary, {what}** ({g['ratio']}, goal {g['target']}, missed by {g['missed_by']:.1%})"
+                   f":{per_run}{same}{top('gemma4_tune') if key in ('peak_rss', 'cuda_max_memory_allocated') else ''}"
+                   f"{top('trl_sft') if key in ('peak_rss', 'cuda_max_memory_allocated') else ''}")
+    return out
+
+
 def details(name: str, r: dict[str, Any]) -> list[str]:
     """The record of one benchmark: machine, load, model, data, settings."""
     m = r["machine"]
@@ -195,6 +290,16 @@ def details(name: str, r: dict[str, Any]) -> list[str]:
         lines.append(f"- same work, measured: first-step loss with lora_B at zero {w['first_step_loss']} (difference "
                      f"{w['first_step_loss_diff']:.2g}), trainable parameters {w['trainable_parameters']}, real tokens "
                      f"{w['tokens']}: {verdict}")
+    if r.get("packed_work"):
+        w = r["packed_work"]
+        lines.append(f"- packed sides: tokens {w['tokens']}, steps {w['steps']}, first-step loss "
+                     f"{w['first_step_loss']} ({w['note']})")
+    if r.get("profile_summary"):
+        for side, v in r["profile_summary"].items():
+            tops = "; ".join(_alloc(t) for t in v["top"])
+            lines.append(f"- memory profile, one {side} step (process peak RSS {v['peak_rss_mb']:.0f} MB; op, input "
+                         f"shapes, calls x MB each allocated by the op itself): {tops} "
+                         f"([`bench/results/{name}_profile.json`](../bench/results/{name}_profile.json))")
     return lines + [f"- raw: [`bench/results/{name}.json`](../bench/results/{name}.json)", ""]
 
 
@@ -207,12 +312,16 @@ def render(results: dict[str, dict[str, Any]]) -> str:
            "it; never edit the figures by hand). Every comparison is measured side by side in one run on one "
            "machine, each side in a fresh process where it matters; ratios are what counts, absolute figures "
            "depend on the machine and its load (recorded per benchmark below).", "",
-           "Run: `make bench` (CPU; about 10 minutes on 2 idle cores). On a CUDA machine the GPU section "
-           "(`bench/gpu.py`, bf16) runs too; `GEMMA4_BENCH_MODEL=<checkpoint dir> make bench` measures it on a "
-           "real Gemma 4 instead of the CPU-sized one. Scripts: `bench/train_throughput.py` (gemma4-tune vs "
-           "TRL, packing; the TRL side is `bench/trl_baseline.py`), `bench/clippable_lora.py`, "
-           "`bench/merge_memory.py`, `bench/preflight_verify.py`, `bench/verify_tolerances.py` (the verify tolerances, docs/verify.md), `bench/under_load.py` (threads on a busy machine), `bench/gpu.py`; `bench/report.py` writes "
-           "this page.", "",
+           "Run: `make bench` (CPU; about 10 minutes on 2 idle cores, plus about 75 for `bench/real_vocab.py`). On "
+           "a CUDA machine the GPU section (`bench/gpu.py`: the real-vocabulary comparison in bf16 on both sides, "
+           "under 5 minutes) runs too; `GEMMA4_BENCH_MODEL=<checkpoint dir> make bench` measures it on a real "
+           "Gemma 4 instead of the built one. Scripts: `bench/train_throughput.py` (gemma4-tune vs TRL, packing; "
+           "the TRL side is `bench/trl_baseline.py`), `bench/real_vocab.py` (gemma4-tune vs TRL at the real 262,144 "
+           "vocabulary and E2B's width: peak memory and tokens/s, unpacked and packed; `--profile` adds a memory "
+           "profile of one step per side), `bench/clippable_lora.py`, `bench/merge_memory.py`, "
+           "`bench/preflight_verify.py`, `bench/verify_tolerances.py` (the verify tolerances, docs/verify.md), "
+           "`bench/under_load.py` (threads on a busy machine), `bench/gpu.py`; `bench/report.py` writes this page.",
+           "",
            f"Versions: {', '.join(f'{k} {val}' for k, val in v.items())}.", "",
            "| benchmark | figures | ratio | goal | verdict |", "|---|---|---:|---|---|",
            *summary_rows(results), ""]

@@ -47,15 +47,26 @@ def train(model: str, data: str, out: str, *, batch_size: int, max_len: int, ran
           epochs: float, seed: int, bf16: bool) -> dict[str, Any]:
     """Train with SFTTrainer + LoRA; return the loop's tokens, seconds, tokens/s and losses."""
     from datasets import load_dataset
-    from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
 
     dataset = load_dataset("json", data_files=data, split="train")
     dataset = dataset.map(lambda row: {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]},
                           remove_columns=["messages"])
+    return sft_train(model, dataset, out, batch_size=batch_size, max_len=max_len, rank=rank, lr=lr, epochs=epochs,
+                     seed=seed, bf16=bf16)
+
+
+def sft_train(model: str, dataset: Any, out: str, *, batch_size: int, max_len: int, rank: int, lr: float,
+              epochs: float, seed: int, bf16: bool, **sft: Any) -> dict[str, Any]:
+    """SFTTrainer + PEFT LoraConfig on ``dataset`` as their docs show it (``sft``: more SFTConfig fields); the loop's
+    tokens, seconds, tokens/s, losses, dtype and trainable parameters."""
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
     args = SFTConfig(output_dir=out, per_device_train_batch_size=batch_size, max_length=max_len, learning_rate=lr,
                      num_train_epochs=epochs, lr_scheduler_type="linear", logging_steps=1, save_strategy="no",
-                     seed=seed, bf16=bf16, use_cpu=not bf16, report_to="none", disable_tqdm=True)
+                     seed=seed, bf16=bf16, use_cpu=not bf16, report_to="none", disable_tqdm=True,
+                     # like with like: TRL loads a model path in fp32 unless told, gemma4-tune in bf16 on CUDA
+                     model_init_kwargs={"dtype": "bfloat16" if bf16 else "float32"}, **sft)
     peft_config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=TEXT_PROJECTIONS,
                              task_type="CAUSAL_LM")
     timer = LoopTimer()
@@ -65,8 +76,8 @@ def train(model: str, data: str, out: str, *, batch_size: int, max_len: int, ran
     return {"tokens": timer.tokens, "seconds": round(seconds, 3), "tokens_per_s": round(timer.tokens / seconds, 2),
             "steps": len(timer.losses),
             "step_seconds": [round(b - a, 3) for a, b in zip([0.0, *timer.elapsed], timer.elapsed)],
-            "first_loss": timer.losses[0],
-            "mean_loss": sum(timer.losses) / len(timer.losses),
+            "first_loss": timer.losses[0], "mean_loss": sum(timer.losses) / len(timer.losses),
+            "dtype": str(next(trainer.model.parameters()).dtype).removeprefix("torch."),
             "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}
 
 

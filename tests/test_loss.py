@@ -148,3 +148,25 @@ def test_the_vocabulary_projection_runs_only_at_supervised_positions(setup) -> N
         handle.remove()
     positions = labels.numel()
     assert sum(seen) == int(count) < positions / 4, (seen, int(count), positions)
+
+
+def test_the_reload_check_gives_the_same_figures_a_chunk_of_positions_at_a_time(tiny_models, monkeypatch, tmp_path):
+    """verify.peft computes the probe batch's logits in chunks too (no full-vocabulary peak after training)."""
+    from peft import PeftModel
+    from transformers import Gemma4ForConditionalGeneration
+
+    from gemma4_tune.verify.parity import fixed_batch
+    from gemma4_tune.verify.peft import saved_adapter_parity
+    from tests.lora_helpers import random_lora
+
+    base = tiny_models["e2b"]
+    adapter = random_lora(base, tmp_path / "adapter", seed=2, spec="text,vision")
+    trained = PeftModel.from_pretrained(Gemma4ForConditionalGeneration.from_pretrained(str(base),
+                                                                                      dtype=torch.float32), adapter)
+    batch = fixed_batch(base)
+    whole = saved_adapter_parity(adapter, trained, batch)
+    vocab = trained.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(loss, "CHUNK_BYTES", 4 * vocab * 9)
+    chunked = saved_adapter_parity(adapter, trained, batch)
+    assert whole.ok and chunked.ok and chunked.values == whole.values == int(batch["attention_mask"].sum()) * vocab
+    assert chunked.adapter_effect == whole.adapter_effect > 1e-2 and chunked.greedy_agreement == 1.0
