@@ -253,6 +253,8 @@ def kv_sharing_intact(ctx: PreflightContext) -> list[Finding]:
     # logits of the batch would be the largest tensors of the whole run
     keep = torch.zeros_like(ctx.batch["labels"], dtype=torch.bool)
     keep[:, :-1] = ctx.batch["labels"][:, 1:].ne(IGNORE_INDEX)
+    if not keep.any():  # nothing supervised (G4T504 says so): compare every real position instead
+        keep = ctx.batch["attention_mask"].bool() if "attention_mask" in ctx.batch else torch.ones_like(keep)
     model.eval()
     with torch.no_grad():
         cached = model(**inputs, use_cache=True, logits_to_keep=keep).logits.float()
