@@ -228,15 +228,20 @@ def checkpoint_is_half(model_dir: Path) -> bool:
     return any(t.dtype in ("BF16", "F16") for t in read_checkpoint(model_dir).values())
 
 
-def adapter_reach(adapter: Path) -> set[str]:
-    """The prompt modalities the adapter can change: all of them with text LoRA, image with vision-tower LoRA,
-    audio with audio-tower LoRA (a tower runs only on its own media)."""
+def adapter_parts(adapter: Path) -> set[str]:
+    """The parts of the model (``engines.part_of``: text, vision, audio) the adapter's tensors are in."""
     from safetensors import safe_open
 
     from gemma4_tune.engines import part_of
 
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
-        parts = {part_of(k) for k in f.keys()}  # noqa: SIM118
+        return {part_of(k) for k in f.keys()}  # noqa: SIM118
+
+
+def adapter_reach(adapter: Path) -> set[str]:
+    """The prompt modalities the adapter can change: all of them with text LoRA, image with vision-tower LoRA,
+    audio with audio-tower LoRA (a tower runs only on its own media)."""
+    parts = adapter_parts(adapter)
     return {"text", "image", "audio"} if "text" in parts else {{"vision": "image"}.get(p, p) for p in parts}
 
 
@@ -353,15 +358,6 @@ def verify_artefacts(base: Path, adapter: Path, merged: Path | None, engines: li
     return results
 
 
-def _adapter_has_tower_lora(adapter: Path) -> bool:
-    from safetensors import safe_open
-
-    from gemma4_tune.engines import part_of
-
-    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
-        return any(part_of(k) != "text" for k in f.keys())
-
-
 def text_only_adapter(adapter: Path, out: Path) -> Path:
     """The adapter without its tower and multimodal-embedder tensors (what vLLM loads without its tower flag);
     the same split (``engines.part_of``) that export reports and serve --text-only serves."""
@@ -395,7 +391,7 @@ def vllm_results(base: Path, adapter: Path, merged: Path | None) -> list[EngineR
     rows: list[EngineResult] = []
     with tempfile.TemporaryDirectory(prefix="g4t-vllm-") as tmp:
         served, notes = adapter, []
-        if _adapter_has_tower_lora(adapter):  # vLLM 0.32 refuses tower LoRA (G4T201): serve its text part
+        if adapter_parts(adapter) - {"text"}:  # vLLM 0.32 refuses tower LoRA (G4T201): serve its text part
             served, notes = text_only_adapter(adapter, Path(tmp) / "adapter-text"), ["text LoRA only"]
         if k_eq_v_lora_layers(base, served):  # what users deploy on K=V models (G4T210)
             served, notes = vllm_ready_adapter(served, base, Path(tmp) / "adapter-vllm"), [*notes, "vLLM-ready"]

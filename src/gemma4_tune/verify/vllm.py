@@ -176,10 +176,10 @@ def _adapter_rank(adapter_dir: Path) -> int:
     return max(ranks)
 
 
-def _max_model_len(base_dir: Path, prompts: Sequence[Sequence[int]], max_tokens: int) -> int:
+def _max_model_len(base_dir: Path, longest_prompt: int, max_tokens: int) -> int:
     config = json.loads((base_dir / "config.json").read_text())
     text = config.get("text_config") or config
-    need = max(len(p) for p in prompts) + max_tokens
+    need = longest_prompt + max_tokens
     length = max(128, 1 << math.ceil(math.log2(need)))
     limit = text.get("max_position_embeddings")
     return min(length, int(limit)) if limit else length
@@ -733,7 +733,7 @@ def adapter_run(base_dir: str | Path, adapters: dict[str, str | Path], prompts: 
         "model": str(base_dir.resolve()), "adapters": {n: str(p.resolve()) for n, p in adapters.items()},
         "max_lora_rank": rank, "prompts": prompts, "max_tokens": max_tokens, "logprobs": logprobs,
         "prompt_logprobs": prompt_logprobs, "dtype": dtype,
-        "max_model_len": _max_model_len(base_dir, prompts, max_tokens), "banned_token_ids": banned,
+        "max_model_len": _max_model_len(base_dir, max(map(len, prompts)), max_tokens), "banned_token_ids": banned,
         "enable_tower_connector_lora": enable_tower_connector_lora,
     }
     refs: dict[str, Reference] = {}

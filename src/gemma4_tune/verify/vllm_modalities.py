@@ -230,14 +230,14 @@ def merged_run(base_dir: str | Path, adapter_dir: str | Path, merged_dir: str | 
     _check_cpu_shapes(merged_dir)
     processor = AutoProcessor.from_pretrained(str(base_dir))
     prompts = verification_prompts(base_dir, processor) if prompts is None else list(prompts)
-    lengths = [[0] * processed(processor, [p])["input_ids"].shape[1] for p in prompts]
+    longest = max(processed(processor, [p])["input_ids"].shape[1] for p in prompts)
     media = engines_root() / "scratch" / "media"
     media.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="verify-media-", dir=media))
     banned = banned_token_ids(base_dir)
     request = {"model": str(merged_dir.resolve()), "prompts": media_prompts(prompts, work), "max_tokens": max_tokens,
                "logprobs": logprobs, "prompt_logprobs": logprobs, "dtype": "float32",
-               "max_model_len": _max_model_len(merged_dir, lengths, max_tokens), "banned_token_ids": banned}
+               "max_model_len": _max_model_len(merged_dir, longest, max_tokens), "banned_token_ids": banned}
     refs: dict[str, Reference] = {}
 
     def reference(flip: bool) -> Reference:
