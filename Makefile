@@ -53,6 +53,7 @@ bench: setup
 	$(BIN)/python bench/real_vocab.py --profile
 	$(BIN)/python bench/clippable_lora.py
 	$(BIN)/python bench/merge_memory.py
+	$(BIN)/python bench/export_real_size.py
 	$(BIN)/python bench/preflight_verify.py
 	$(BIN)/python bench/verify_tolerances.py
 	$(BIN)/python bench/under_load.py

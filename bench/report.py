@@ -9,7 +9,8 @@ from typing import Any
 import common
 
 DOC = common.BENCH.parent / "docs" / "performance.md"
-ORDER = ("train_throughput", "packing", "real_vocab", "clippable_lora", "merge_memory", "preflight_verify",
+ORDER = ("train_throughput", "packing", "real_vocab", "clippable_lora", "merge_memory", "export_real_size",
+         "preflight_verify",
          "under_load", "under_load_demo", "gpu")
 
 
@@ -52,6 +53,9 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[str]:
             where = "" if name == "real_vocab" else f"GPU bf16 ({r['device']}), "
             rows += real_vocab_rows(r, where)
             continue
+        if name == "export_real_size":
+            rows += export_rows(r)
+            continue
         f = r["figures"]
         if name == "train_throughput":
             rows.append(_row("training tokens/s, gemma4-tune / TRL SFTTrainer+PEFT",
@@ -90,6 +94,42 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[str]:
             rows.append(_row("GPU bf16 tokens/s, --packing / unpacked",
                              f"{f['packed']['tokens_per_s']} vs {f['ours']['tokens_per_s']}",
                              r["ratios"]["packing"], r["goals"]["packing"]))
+    return rows
+
+
+def export_rows(r: dict[str, Any]) -> list[str]:
+    """The rows of the real-size export benchmark (bench/export_real_size.py)."""
+    sides, ratios, goals = r["sides"], r["ratios"], r["goals"]
+    gb = f"{r['checkpoint_bytes'] / 1e9:.2f} GB"
+    rows = []
+    if "merge" in sides:
+        m = sides["merge"]
+        rows.append(_row(f"real size ({gb} E2B-shaped, bf16): `export --merged` peak RSS / checkpoint",
+                         f"{m['peak_rss_mb']:.0f} MB", ratios["merge_peak_rss_vs_checkpoint"], goals["merge_peak_rss"]))
+        if "cp" in sides:
+            rows.append(_row("real size: merge speed / `cp` of the shards (cold cache, to the end of `sync`)",
+                             f"{m['mb_per_s']} vs {sides['cp']['mb_per_s']} MB/s ({m['seconds']} vs "
+                             f"{sides['cp']['seconds']} s)", ratios["merge_speed_vs_cp"], goals["merge_speed"]))
+        if "peft" in sides:
+            p = sides["peft"]
+            rows.append(_row("real size: merge / PEFT merge_and_unload + save_pretrained (peak RSS; time)",
+                             f"{m['peak_rss_mb']:.0f} vs {p['peak_rss_mb']:.0f} MB; {m['seconds']} vs {p['seconds']} s",
+                             ratios["merge_peak_rss_vs_peft"], None))
+    e = r.get("exactness")
+    if e:
+        peft = ("" if e["max_abs_diff_vs_peft_bf16_merge"] is None else
+                f"; vs PEFT's bf16 merge max {e['max_abs_diff_vs_peft_bf16_merge']:.2g} "
+                f"({e['elements_differing_from_peft_bf16_merge']} elements differ), PEFT's save dropped "
+                f"{e['n_keys_peft_save_pretrained_dropped']} keys")
+        rows.append(_row("real size: merge exactness", f"{e['copied_byte_identical']} of {e['copied_tensors']} "
+                         f"unchanged tensors byte-identical; {e['merged_sampled']} of {e['merged_tensors']} merged "
+                         "tensors sampled, max difference from the fp32 reference rounded once "
+                         f"{e['max_abs_diff_vs_fp32_reference_rounded_once']:.2g}{peft}", None, None))
+    if "gguf" in sides:
+        g = sides["gguf"]
+        rows.append(_row("real size: GGUF bf16 conversion (model + mmproj) peak RSS / checkpoint",
+                         f"{g['peak_rss_mb']:.0f} MB, {g['seconds']} s", ratios["gguf_peak_rss_vs_checkpoint"],
+                         goals["gguf_peak_rss"]))
     return rows
 
 

@@ -133,10 +133,26 @@ def test_disk_full_while_merging_is_a_finding_and_leaves_nothing(tmp_path, monke
 
     base, adapter, _ = _synthetic(tmp_path)
 
-    def fill_up(fh, data):  # the shard's header is on disk; its tensors find the disk full
+    def fill_up(fh, data, offset):  # the shard's header finds the disk full
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), fh.name)
 
     monkeypatch.setattr(merge_mod, "_write_tensor_bytes", fill_up)
+    with pytest.raises(FindingError) as exc:
+        merge_mod.merge_adapter(base, adapter, tmp_path / "merged", progress=False)
+    assert codes(exc) == ["G4T020"] and "filled up while writing the merged checkpoint" in exc.value.findings[0].message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
+
+
+def test_disk_full_in_the_kernel_copy_is_a_finding_and_leaves_nothing(tmp_path, monkeypatch):
+    """Unchanged tensors are copied by copy_file_range, outside _write_tensor_bytes: its ENOSPC is G4T020 too."""
+    from gemma4_tune.export import merge as merge_mod
+
+    base, adapter, _ = _synthetic(tmp_path)
+
+    def fill_up(*_args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "copy_file_range", fill_up)
     with pytest.raises(FindingError) as exc:
         merge_mod.merge_adapter(base, adapter, tmp_path / "merged", progress=False)
     assert codes(exc) == ["G4T020"] and "filled up while writing the merged checkpoint" in exc.value.findings[0].message

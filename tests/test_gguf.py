@@ -20,10 +20,17 @@ from pathlib import Path
 import pytest
 
 from gemma4_tune.export.gguf import (
+    BOUNDED_CONVERTERS,
+    CHUNK_BYTES,
     CLIP_BUFFERS,
+    CONVERT_BYTES_PER_WEIGHT,
+    CONVERTER_BASE_BYTES,
     GENERATED_TEXT_TENSORS,
     TOWER_PREFIXES,
+    available_memory,
+    bounded_converter,
     check_tensor_count,
+    conversion_memory,
     convert_lora,
     convert_model,
     export_gguf,
@@ -305,6 +312,96 @@ def test_missing_install_is_g4t911(monkeypatch, tmp_path) -> None:
         llamacpp_env.require_llamacpp()
     assert _codes(exc) == {"G4T911"}
     assert "engines install llama.cpp" in exc.value.findings[0].fix
+
+
+# --------------------------------------------------------------------------- bounded memory (issue 19)
+
+
+def test_machine_too_small_for_the_conversion_is_g4t919_before_anything_is_written(tiny_models, tmp_path,
+                                                                                     monkeypatch) -> None:
+    """G4T919: the estimate from the safetensors headers is compared with MemAvailable before any converter runs."""
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("a converter ran on a machine that cannot hold it")
+
+    pins = {llamacpp_env.CONVERTER_PACKAGE: llamacpp_env.CONVERTER_VERSION}
+    install = llamacpp_env.LlamaCpp(tmp_path / "llama.cpp", {"pins": pins, "gguf_py_version": "0.19.0"})
+    monkeypatch.setattr("gemma4_tune.verify.llamacpp_env.require_llamacpp", lambda: install)
+    monkeypatch.setattr("gemma4_tune.export.gguf.run_converter", no_conversion)
+    monkeypatch.setattr("gemma4_tune.export.gguf.available_memory", lambda: 300 * 10**6)
+    out = tmp_path / "gguf"
+    with pytest.raises(FindingError) as exc:
+        export_gguf(tiny_models["e2b"], out, "bf16")
+    assert _codes(exc) == {"G4T919"}
+    f = exc.value.findings[0]
+    needed = conversion_memory(tiny_models["e2b"], "bf16")
+    assert f.details == {"needed_bytes": needed, "available_bytes": 300 * 10**6, "bounded": True}
+    assert f"needs about {needed / 1e9:.1f} GB" in f.message and "has 0.3 GB available" in f.message
+    assert "row chunks of 64 MiB" in f.message and "free memory" in f.fix
+    assert not out.exists() and not list(tmp_path.glob(".gguf*"))
+
+
+def test_memory_estimate_counts_a_row_chunk_of_large_tensors_when_bounded(tiny_models) -> None:
+    """The per-weight model measured in the helper report, on the E2B's 262144 x 8960 per-layer embedding table:
+    whole it is the 19.1 GB peak (4x its 4.7 GB of bf16), in row chunks ~1.3 GB whatever the checkpoint's size."""
+    from gemma4_tune.export.gguf import _chunk_weights
+
+    ple = (262144, 35 * 256)
+    assert _chunk_weights(ple, 2) == (CHUNK_BYTES // (ple[1] * 2)) * ple[1]
+    whole = CONVERTER_BASE_BYTES + ple[0] * ple[1] * CONVERT_BYTES_PER_WEIGHT["bf16"]
+    assert 19.1e9 <= whole <= 1.1 * 19.1e9
+    assert _chunk_weights((1536,), 2) == 1536 and _chunk_weights((128, 1408, 2816), 2) == 8 * 1408 * 2816
+    tiny = tiny_models["e2b"]  # every tensor is below one chunk: the same estimate either way
+    assert conversion_memory(tiny, "f32") == conversion_memory(tiny, "f32", bounded=False) > CONVERTER_BASE_BYTES
+    assert conversion_memory(tiny, "f32", towers=True) > CONVERTER_BASE_BYTES
+    with open("/proc/meminfo") as fh:
+        total = int(fh.readline().split()[1]) * 1024
+    assert 0 < available_memory() <= total
+
+
+def test_only_checked_converter_releases_are_patched(tmp_path) -> None:
+    """The version gate of the one llama.cpp patch: another converter release runs as it is."""
+    pins = {llamacpp_env.CONVERTER_PACKAGE: llamacpp_env.CONVERTER_VERSION}
+    checked = llamacpp_env.LlamaCpp(tmp_path, {"pins": pins, "gguf_py_version": "0.19.0"})
+    assert bounded_converter(checked)
+    assert not bounded_converter(llamacpp_env.LlamaCpp(tmp_path, {"pins": pins, "gguf_py_version": "0.20.0"}))
+    newer = {llamacpp_env.CONVERTER_PACKAGE: "0.3.37"}
+    assert not bounded_converter(llamacpp_env.LlamaCpp(tmp_path, {"pins": newer, "gguf_py_version": "0.19.0"}))
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+@needs_llamacpp
+def test_bounded_conversion_writes_the_same_bytes_as_the_converter(tiny_models, tmp_path) -> None:
+    """Row chunks (here of 256 bytes, so every 2-D tensor is cut, token_embd through its [:n_vocab] slice) give
+    byte for byte the GGUF llama.cpp's converter writes on its own: bf16, q8_0 and f16 text and a bf16 projector
+    from a bf16 checkpoint (as the official ones are), f32 text from a float32 one (chunks read without a copy)."""
+    import filecmp
+
+    from gemma4_tune.api import tiny_model
+    from gemma4_tune.export.gguf import read_checkpoint, run_converter
+
+    install = llamacpp_env.require_llamacpp()
+    assert bounded_converter(install), (
+        f"llama.cpp converters {install.stamp.get('pins')} / gguf-py {install.stamp.get('gguf_py_version')} are not "
+        f"in BOUNDED_CONVERTERS {sorted(BOUNDED_CONVERTERS)}: check _bounded_convert against this release (this "
+        "test), then add it")
+    e2b_bf16 = tiny_model("e2b", tmp_path / "e2b-bf16", dtype="bfloat16")
+    cases = [(e2b_bf16, "bf16", False), (e2b_bf16, "q8_0", False), (e2b_bf16, "f16", False), (e2b_bf16, "bf16", True),
+             (tiny_models["31b"], "f32", False)]
+    for model, gguf_type, mmproj in cases:
+        text_2d = sum(1 for t in read_checkpoint(model).values()
+                      if len(t.shape) >= 2 and not t.name.startswith(TOWER_PREFIXES))
+        name = f"{model.name}-{'mmproj' if mmproj else 'model'}-{gguf_type}.gguf"
+        lines: list[str] = []
+        convert_model(model, tmp_path / f"bounded-{name}", gguf_type, mmproj=mmproj, log=lines.append, chunk_bytes=256)
+        args = [str(model), "--outtype", gguf_type, "--outfile", str(tmp_path / f"plain-{name}")]
+        run_converter("convert_hf_to_gguf.py", args + (["--mmproj"] if mmproj else []), what=name,
+                      log=lambda _line: None)
+        assert filecmp.cmp(tmp_path / f"bounded-{name}", tmp_path / f"plain-{name}", shallow=False), name
+        chunked = [ln for ln in lines if "row chunks of 256 bytes" in ln]
+        assert len(chunked) == 1, lines
+        if not mmproj:
+            assert chunked[0].startswith(f"[gguf] {text_2d} tensors"), (chunked, text_2d)
 
 
 # --------------------------------------------------------------------------- engine: convert and run
@@ -692,6 +789,21 @@ def test_export_gguf_without_merged_is_refused_before_writing(b31_adapter_only, 
     assert done.returncode == 1
     assert "G4T614" in done.stdout + done.stderr and "--merged" in done.stdout + done.stderr
     assert not (tmp_path / "gguf").exists()
+
+
+def test_export_merged_and_gguf_refuses_g4t919_before_the_merge(b31_adapter_only, tmp_path, monkeypatch) -> None:
+    """`export --merged M --gguf G`: the memory check runs on the base's tensors before the merge writes M."""
+    from gemma4_tune import api
+
+    base, adapter = b31_adapter_only
+    pins = {llamacpp_env.CONVERTER_PACKAGE: llamacpp_env.CONVERTER_VERSION}
+    install = llamacpp_env.LlamaCpp(tmp_path / "llama.cpp", {"pins": pins, "gguf_py_version": "0.19.0"})
+    monkeypatch.setattr("gemma4_tune.verify.llamacpp_env.require_llamacpp", lambda: install)
+    monkeypatch.setattr("gemma4_tune.export.gguf.available_memory", lambda: 300 * 10**6)
+    with pytest.raises(FindingError) as exc:
+        api.export(base, adapter, merged=tmp_path / "merged", gguf=tmp_path / "gguf", gguf_type="bf16")
+    assert _codes(exc) == {"G4T919"}
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "gguf").exists()
 
 
 @pytest.fixture(scope="module")

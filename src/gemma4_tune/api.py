@@ -173,15 +173,18 @@ def export(base: str | Path, adapter: str | Path, *, merged: str | Path | None =
         raise FindingError(finding(MISSING_ARTEFACT.code, "--gguf converts the merged checkpoint, but no --merged "
                                    "was given", "add --merged DIR (the merged checkpoint is written there first)"))
     if gguf is not None:
-        from gemma4_tune.export.gguf import plan_gguf_export
+        from gemma4_tune.export.gguf import bounded_converter, check_memory, plan_gguf_export
         from gemma4_tune.verify.llamacpp_env import require_llamacpp
 
         if Path(gguf).exists() and any(Path(gguf).iterdir()):
             raise FindingError(finding(OUTPUT_EXISTS.code, f"{gguf} already exists and is not empty",
                                        "choose a new --gguf directory, or remove the old one"))
-        require_llamacpp()  # before the merge writes anything
+        install = require_llamacpp()  # before the merge writes anything
         # the merge copies the base's towers: refuse a damaged one now (G4T912)
         gguf_plan = plan_gguf_export(base, adapter, base)
+        # the merged checkpoint has the base's tensors: refuse now what the machine cannot convert (G4T919)
+        check_memory([(base, False, "the text model")] + ([(base, True, "the towers")] if gguf_plan["mmproj"] else []),
+                     gguf_type, bounded=bounded_converter(install))
     summary = check_adapter_for_engines(base, adapter, list(engines))
     report: dict[str, Any] = {"base": str(base), "adapter": str(adapter), "engines": list(engines),
                               "adapter_summary": summary.to_dict(), "findings": summary.findings}
@@ -202,7 +205,8 @@ def export(base: str | Path, adapter: str | Path, *, merged: str | Path | None =
         result = merge_adapter(base, adapter, merged, shard_size_mb=shard_size_mb)
         report["merged"] = {"path": str(result.out_dir), "tensors_merged": result.tensors_merged,
                             "tensors_copied": result.tensors_copied, "bytes_written": result.bytes_written,
-                            "shards": result.shards, "seconds": result.seconds, "peak_rss_mb": result.peak_rss_mb}
+                            "shards": result.shards, "seconds": result.seconds, "peak_rss_mb": result.peak_rss_mb,
+                            "copied_by": result.copied_by}
     if gguf is not None:
         from gemma4_tune.export.gguf import export_gguf
 

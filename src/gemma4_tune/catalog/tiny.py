@@ -246,28 +246,37 @@ def build_tiny_model(variant: Variant, out_dir: Path, *, seed: int = 0, chat_tem
     return cfg_dict
 
 
-def _add_kv_shared_keys(weights: Path, model: Any, generator: Any) -> None:
-    """Store k/v projections and k_norm for KV-shared layers, as official checkpoints do.
+def kv_shared_keys(text: Any) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of the k/v projections and k_norm that official E2B/E4B checkpoints store for
+    KV-shared layers (``text``: a ``Gemma4TextConfig``).
 
-    transformers >= 5.5.2 builds no such modules and ``save_pretrained`` omits them, but
-    the published E2B/E4B files carry them and engines expect them (failure-catalog row 7).
+    transformers >= 5.5.2 builds no such modules and ``save_pretrained`` omits them, but the
+    published files carry them and engines expect them (failure-catalog row 7).
     """
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    text = model.config.text_config
-    extra = {}
+    out: dict[str, tuple[int, ...]] = {}
     for i, mode in enumerate(text.kv_sharing_modes):
         if mode != "reuse":
             continue
         per_layer = text.per_layer_config[i]
         kv_out = per_layer.num_key_value_heads * per_layer.head_dim
         prefix = f"model.language_model.layers.{i}.self_attn"
-        std = text.initializer_range
-        extra[f"{prefix}.k_proj.weight"] = torch.randn((kv_out, text.hidden_size), generator=generator) * std
+        out[f"{prefix}.k_proj.weight"] = (kv_out, text.hidden_size)
         if not (text.attention_k_eq_v and text.layer_types[i] == "full_attention"):
-            extra[f"{prefix}.v_proj.weight"] = torch.randn((kv_out, text.hidden_size), generator=generator) * std
-        extra[f"{prefix}.k_norm.weight"] = torch.ones(per_layer.head_dim)
+            out[f"{prefix}.v_proj.weight"] = (kv_out, text.hidden_size)
+        out[f"{prefix}.k_norm.weight"] = (per_layer.head_dim,)
+    return out
+
+
+def _add_kv_shared_keys(weights: Path, model: Any, generator: Any) -> None:
+    """Store the KV-shared layers' keys (:func:`kv_shared_keys`) in the saved checkpoint, as official ones do."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    text = model.config.text_config
+    std = text.initializer_range
+    extra = {name: (torch.ones(shape) if name.endswith("k_norm.weight")
+                    else torch.randn(shape, generator=generator) * std)
+             for name, shape in kv_shared_keys(text).items()}
     if extra:
         tensors = load_file(str(weights))
         dtype = tensors[next(iter(tensors))].dtype  # the checkpoint's dtype (bf16, as published)

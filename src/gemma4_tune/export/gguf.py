@@ -27,12 +27,22 @@ After each conversion the GGUF header's tensor count must equal what the checkpo
 (G4T913): text keys + the generated ``rope_freqs``, every tower key, two tensors per text LoRA
 module. A converter that fails raises G4T916 with its last lines. Everything is written into a
 temporary sibling directory that replaces ``out_dir`` only when complete.
+
+Memory: ``convert_hf_to_gguf.py`` converts each tensor whole, in anonymous memory, about 4x its bf16
+bytes for a bf16 GGUF (a float32 copy, then the groups of converted rows and their concatenation):
+the E2B's 4.7 GB per-layer embedding table took a 10.25 GB checkpoint to 19.1 GB. With a converter
+release checked here (:data:`BOUNDED_CONVERTERS`), :func:`_bounded_convert` has its tensor loop write
+every large tensor it passes through unchanged in row chunks of :data:`CHUNK_BYTES` (the converter's
+own ``gguf.LazyChunkedTensor``), the same bytes. :func:`conversion_memory` estimates the peak from the
+safetensors headers; G4T919 refuses, before any converter starts, what this machine cannot hold.
 """
 
 from __future__ import annotations
 
 import collections
+import inspect
 import json
+import math
 import os
 import re
 import struct
@@ -54,6 +64,7 @@ DAMAGED_CHECKPOINT = register("G4T912", Severity.ERROR, "Checkpoint lost its cli
 TENSOR_COUNT_MISMATCH = register("G4T913", Severity.ERROR, "GGUF holds a different number of tensors", (2, 22))
 TOWER_LORA_DROPPED = register("G4T914", Severity.WARNING, "Adapter GGUF would drop the tower LoRA", (22,))
 CONVERTER_FAILED = register("G4T916", Severity.ERROR, "llama.cpp converter failed", (22,))
+MEMORY_TOO_SMALL = register("G4T919", Severity.ERROR, "Machine cannot hold the GGUF conversion", (22,))
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 GGUF_RECORD = "gemma4_tune_gguf.json"
@@ -65,6 +76,25 @@ _GGUF_MAGIC = b"GGUF"
 #: Bytes per weight in a GGUF of each type (q8_0: blocks of 32 int8 values and one fp16 scale).
 GGUF_BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
 _DISK_FULL_LINES = ("No space left on device", "Disk quota exceeded")
+
+#: llama.cpp converters whose tensor loop :func:`_bounded_convert` was checked against, byte for byte
+#: (``tests/test_gguf.py``): (llama-cpp-python sdist they are taken from, its gguf-py version). Any
+#: other release runs as it is, and the estimate counts each tensor whole.
+BOUNDED_CONVERTERS = frozenset({("0.3.36", "0.19.0")})
+#: Source bytes of one row chunk of a large tensor (a tensor of at most this size is converted whole).
+CHUNK_BYTES = 64 * 2**20
+#: Memory model of one ``convert_hf_to_gguf.py`` process, measured by sampling /proc/<pid>/status every
+#: 0.2 s (E2B-shaped bf16 checkpoints of 1.58 and 2.41 GB, 262144-token vocabulary): ~0.6 GB anonymous
+#: before any tensor (interpreter, torch, transformers, tokenizer, GGUF metadata) and ~0.3 GB of mapped
+#: libraries, whatever the checkpoint's size; this keeps a margin.
+CONVERTER_BASE_BYTES = 10**9
+#: ...plus, while one tensor (or row chunk) is converted, anonymous bytes per weight: its float32 copy (4)
+#: and, for bf16 and q8_0, the converted row groups and their concatenation (2x the GGUF bytes); f16 takes
+#: one copy (2), f32 none. Measured on the whole 403M-weight table: 7.3 (bf16), 5.5 (q8_0, f16), 3.7 (f32);
+#: the E2B's 19.1 GB is 4.06x its 4.7 GB table. Source pages are file-backed (page cache, counted in
+#: MemAvailable) and not added: in row chunks, each chunk maps only its own rows.
+CONVERT_BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 6.0, "bf16": 8.0, "q8_0": 4 + 2 * 34 / 32}
+GB = 10**9
 
 Log = Callable[[str], None]
 
@@ -209,6 +239,67 @@ def gguf_size(model_dir: str | Path, gguf_type: str, *, with_base: bool = False)
     return int(total * GGUF_BYTES_PER_WEIGHT[gguf_type])
 
 
+# --------------------------------------------------------------------------- memory
+
+
+def available_memory() -> int:
+    """Bytes this machine can still give a new process: ``MemAvailable`` (/proc/meminfo), lowered to
+    the headroom of the cgroup (v2 ``memory.max`` - ``memory.current``) when it sets a limit."""
+    with open("/proc/meminfo") as fh:
+        available = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
+    cgroup = Path("/sys/fs/cgroup")
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            available = min(available, int(limit) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def _chunk_weights(shape: tuple[int, ...], itemsize: int) -> int:
+    """Weights converted at once for a tensor of ``shape``: all of it, or one row chunk of a large one."""
+    weights = math.prod(shape)
+    if len(shape) < 2 or weights * itemsize <= CHUNK_BYTES:
+        return weights
+    row = math.prod(shape[1:])
+    return min(shape[0], max(1, CHUNK_BYTES // (row * itemsize))) * row
+
+
+def conversion_memory(model_dir: str | Path, gguf_type: str, *, towers: bool = False, bounded: bool = True) -> int:
+    """Peak bytes of memory one ``convert_hf_to_gguf.py`` run over ``model_dir`` needs (``towers``: the
+    ``--mmproj`` run over the tower tensors; else the text model), from the safetensors headers.
+
+    :data:`CONVERTER_BASE_BYTES` plus the tensor converted at once that needs most:
+    :data:`CONVERT_BYTES_PER_WEIGHT` times its weights, a row chunk of :data:`CHUNK_BYTES` of a larger
+    2-D or 3-D tensor when ``bounded`` (:func:`_bounded_convert`), else the whole tensor.
+    """
+    tensors = [t for t in read_checkpoint(Path(model_dir)).values() if t.name.startswith(TOWER_PREFIXES) == towers]
+    weights = max((_chunk_weights(t.shape, t.itemsize) if bounded else math.prod(t.shape) for t in tensors),
+                  default=0)
+    return int(CONVERTER_BASE_BYTES + weights * CONVERT_BYTES_PER_WEIGHT[gguf_type])
+
+
+def check_memory(jobs: Sequence[tuple[str | Path, bool, str]], gguf_type: str, *, bounded: bool) -> int:
+    """Refuse (G4T919) a conversion this machine cannot hold; ``jobs`` is ``(model_dir, towers, what)``, run
+    one after another. Returns the bytes the largest needs."""
+    needs = [(conversion_memory(d, gguf_type, towers=t, bounded=bounded), d, what) for d, t, what in jobs]
+    needed, model_dir, what = max(needs, key=lambda n: n[0])
+    available = available_memory()
+    if needed > available:
+        how = (f"{CONVERTER_BASE_BYTES / GB:.1f} GB for the converter and its largest tensor in row chunks of "
+               f"{CHUNK_BYTES // 2**20} MiB" if bounded else "the converter converts its largest tensor whole")
+        fix = ("free memory (stop other jobs on this machine) or convert on one with more" if bounded else
+               "reinstall the llama.cpp converters gemma4-tune bounds (`gemma4-tune engines install llama.cpp`), "
+               "free memory (stop other jobs), or convert on a machine with more")
+        raise FindingError(finding(
+            MEMORY_TOO_SMALL.code, f"converting {what} of {model_dir} to a {gguf_type} GGUF needs about "
+            f"{needed / GB:.1f} GB of memory ({how}), but this machine has {available / GB:.1f} GB available: "
+            "the converter would be killed part way", fix, needed_bytes=needed, available_bytes=available,
+            bounded=bounded))
+    return needed
+
+
 # --------------------------------------------------------------------------- running converters
 
 
@@ -229,23 +320,142 @@ def _converter_failure(script: str, rc: int, tail: Sequence[str], log_path: Path
         "convert the merged checkpoint instead", log=str(log_path), exit_code=rc))
 
 
+def _bounded_convert(chunk_bytes: int, script: str, argv: list[str]) -> None:
+    """Run llama.cpp's ``convert_hf_to_gguf.py`` (``script``, with ``argv``) in bounded memory, same output.
+
+    The only patch of llama.cpp behaviour, for the releases in :data:`BOUNDED_CONVERTERS`. It runs in the
+    converter's interpreter on its own (its source is sent with ``python -c``; nothing of gemma4_tune is
+    imported there). It wraps the chosen model class's ``modify_tensors``: when that yields the tensor it
+    was given, read from one safetensors tensor, unchanged or cut to its leading rows (Gemma's
+    ``embed_tokens[:n_vocab]``), and the rows hold more than ``chunk_bytes``, the tensor becomes a
+    ``gguf.LazyChunkedTensor`` whose chunks each map only their own rows of the file and convert as the
+    converter does (``.to(dtype)``, ``.numpy()``; quantized per chunk at write time). Every GGUF type
+    converts row by row (q8_0 blocks never cross a row), so the bytes are the converter's own. Anything
+    else (a tensor the model class changes, a generated one) goes through the converter untouched.
+    """
+    import os
+    import runpy
+    import sys
+
+    import numpy as np
+    import torch
+
+    sys.path[0] = os.path.dirname(script)
+    import conversion
+    import gguf
+    from conversion.base import LazyTorchTensor
+
+    chunked: list[str] = []  # GGUF names of the tensors written in row chunks
+
+    def source(model: Any, name: str) -> Any:
+        """The safetensors tensor ``name`` is read from, when its loader is the converter's own."""
+        load = model.model_tensors.get(name)
+        defaults = getattr(load, "__defaults__", None) or (None,)
+        own = getattr(getattr(load, "__code__", None), "co_qualname", "") == "ModelBase.index_tensors.<locals>.<lambda>"
+        return defaults[0] if own and isinstance(defaults[0], gguf.utility.LocalTensor) else None
+
+    def rows(given: Any, out: Any) -> range | None:
+        """The rows of ``given`` that ``out`` is: all of them, or a leading slice ``given[:n]``."""
+        if out is given:
+            return range(given.shape[0])
+        if (isinstance(out, LazyTorchTensor) and out._func is torch.Tensor.__getitem__ and len(out._args) == 2
+                and out._args[0] is given and isinstance(out._args[1], slice)):
+            kept = range(given.shape[0])[out._args[1]]
+            if kept.step == 1 and tuple(out.shape) == (len(kept), *given.shape[1:]):
+                return kept
+        return None
+
+    def row_chunks(tensor: Any, dtype: torch.dtype, kept: range) -> Any:
+        """``tensor``'s rows ``kept`` as a LazyChunkedTensor of ``dtype`` rows, each chunk mapped on its own."""
+        file, offset = tensor.data_range.filename, tensor.data_range.offset
+        stored = LazyTorchTensor._dtype_str_map[tensor.dtype]
+        row_shape = tuple(tensor.shape[1:])
+        row_bytes = stored.itemsize * int(np.prod(row_shape))
+        step = max(1, chunk_bytes // row_bytes)
+
+        def chunk(lo: int, hi: int) -> Any:
+            def load() -> np.ndarray:
+                raw = np.memmap(file, mode="c", offset=offset + lo * row_bytes, shape=(hi - lo) * row_bytes)
+                return torch.from_numpy(raw).view(stored).reshape((hi - lo, *row_shape)).to(dtype).numpy()
+            return load
+
+        loads = [chunk(lo, min(lo + step, kept.stop)) for lo in range(kept.start, kept.stop, step)]
+        return gguf.LazyChunkedTensor(loads, shape=(len(kept), *row_shape), dtype=LazyTorchTensor._dtype_map[dtype])
+
+    def bounded(modify: Any) -> Any:
+        def modify_tensors(self: Any, data_torch: Any, name: str, bid: int | None) -> list[tuple[str, Any]]:
+            out = list(modify(self, data_torch, name, bid))
+            tensor = source(self, name)
+            if (tensor is None or len(out) != 1 or len(tensor.shape) < 2 or sys.byteorder != "little"
+                    or tuple(data_torch.shape) != tuple(tensor.shape)
+                    or data_torch.dtype not in LazyTorchTensor._dtype_map):
+                return out
+            new_name, result = out[0]
+            kept = rows(data_torch, result)
+            row_bytes = LazyTorchTensor._dtype_str_map[tensor.dtype].itemsize * int(np.prod(tensor.shape[1:]))
+            if kept is None or len(kept) < 2 or len(kept) * row_bytes <= chunk_bytes:
+                return out
+            chunked.append(new_name)
+            return [(new_name, row_chunks(tensor, data_torch.dtype, kept))]
+        return modify_tensors
+
+    model_class = conversion.get_model_class
+
+    def get_model_class(*args: Any, **kwargs: Any) -> Any:
+        cls = model_class(*args, **kwargs)
+        cls.modify_tensors = bounded(cls.modify_tensors)
+        return cls
+
+    conversion.get_model_class = get_model_class
+    sys.argv = [script, *argv]
+    runpy.run_path(script, run_name="__main__")
+    if chunked:
+        print(f"{_BOUNDED_MARK}{len(chunked)} tensors written in row chunks of {chunk_bytes} bytes (bounded memory)",
+              flush=True)
+
+
+#: Start of the line :func:`_bounded_convert` ends with when it chunked a tensor (echoed through the log).
+_BOUNDED_MARK = "INFO:gemma4-tune:"
+
+
+def bounded_converter(install: Any) -> bool:
+    """Whether a llama.cpp install's converters are a release :func:`_bounded_convert` was checked against."""
+    from gemma4_tune.verify.llamacpp_env import CONVERTER_PACKAGE
+
+    stamp = install.stamp
+    return (stamp.get("pins", {}).get(CONVERTER_PACKAGE), stamp.get("gguf_py_version")) in BOUNDED_CONVERTERS
+
+
+def _bounded_command(install: Any, script: str, chunk_bytes: int) -> list[str]:
+    """``python -c`` running :func:`_bounded_convert` on ``script``; the converter's arguments follow."""
+    call = f"_bounded_convert({chunk_bytes}, {str(install.converters / script)!r}, sys.argv[1:])"
+    code = "\n".join(["from __future__ import annotations", "import sys", "from typing import Any",
+                      f"_BOUNDED_MARK = {_BOUNDED_MARK!r}", inspect.getsource(_bounded_convert), call])
+    return [install.python, "-c", code]
+
+
 #: Converter warnings every Gemma 4 conversion prints (not echoed; kept in the log): the writer sets
 #: some keys twice, the later per-layer value winning, and the tokenizer's pair template names <bos>.
 #: verify --engine llama.cpp checks the converted model itself.
 _BENIGN_WARNINGS = ("Duplicated key name", "Unknown separator token")
 
 
-def run_converter(script: str, args: Sequence[str], *, what: str, log: Log | None = None) -> float:
+def run_converter(script: str, args: Sequence[str], *, what: str, log: Log | None = None,
+                  chunk_bytes: int | None = None) -> float:
     """Run one of llama.cpp's converter scripts from the llama.cpp install; return its seconds.
 
-    Output goes to a log file (kept, and named in G4T916, when the converter fails); warnings
-    and the final line are echoed through ``log``.
+    ``chunk_bytes`` (``convert_hf_to_gguf.py`` only): run it through :func:`_bounded_convert`, with row
+    chunks of that many bytes, when :func:`bounded_converter` allows. Output goes to a log file (kept,
+    and named in G4T916, when the converter fails); warnings and the final line are echoed through ``log``.
     """
     from gemma4_tune.verify.llamacpp_env import require_llamacpp
 
     log = log or _stderr
     install = require_llamacpp()
-    cmd = [*install.converter(script), *args]
+    prefix = install.converter(script)
+    if chunk_bytes is not None and bounded_converter(install):
+        prefix = _bounded_command(install, script, chunk_bytes)
+    cmd = [*prefix, *args]
     fd, name = tempfile.mkstemp(prefix=f"gguf-{Path(script).stem}-", suffix=".log")
     log_path = Path(name)
     tail: collections.deque[str] = collections.deque(maxlen=40)
@@ -262,6 +472,8 @@ def run_converter(script: str, args: Sequence[str], *, what: str, log: Log | Non
                 tail.append(line)
             if line.startswith(("WARNING", "ERROR")) and not any(b in line for b in _BENIGN_WARNINGS):
                 log(f"  {line}")
+            elif line.startswith(_BOUNDED_MARK):
+                log(f"[gguf] {line.removeprefix(_BOUNDED_MARK)}")
         rc = proc.wait()
     seconds = time.monotonic() - start
     if rc != 0:
@@ -272,11 +484,13 @@ def run_converter(script: str, args: Sequence[str], *, what: str, log: Log | Non
 
 
 def convert_model(model_dir: str | Path, out_file: str | Path, gguf_type: str, *, mmproj: bool = False,
-                  log: Log | None = None) -> float:
-    """``convert_hf_to_gguf.py`` (``--mmproj`` for the towers) into ``out_file``; returns seconds."""
+                  log: Log | None = None, chunk_bytes: int = CHUNK_BYTES) -> float:
+    """``convert_hf_to_gguf.py`` (``--mmproj`` for the towers) into ``out_file``, large tensors in row chunks of
+    ``chunk_bytes`` (:func:`_bounded_convert`); returns seconds."""
     args = [str(model_dir), "--outtype", gguf_type, "--outfile", str(out_file)] + (["--mmproj"] if mmproj else [])
     part = "towers (mmproj)" if mmproj else "text model"
-    return run_converter("convert_hf_to_gguf.py", args, log=log, what=f"{part} of {model_dir} -> {Path(out_file).name}")
+    return run_converter("convert_hf_to_gguf.py", args, log=log, chunk_bytes=chunk_bytes,
+                         what=f"{part} of {model_dir} -> {Path(out_file).name}")
 
 
 def convert_lora(adapter_dir: str | Path, base_dir: str | Path, out_file: str | Path, gguf_type: str, *,
@@ -393,9 +607,10 @@ def export_gguf(merged_dir: str | Path, out_dir: str | Path, gguf_type: str = "f
     ``repoint`` points the merged checkpoint's own Modelfile at the new GGUF.
 
     Refuses before converting: a damaged (unwrapped) checkpoint (G4T912), a non-local base (G4T001),
-    an adapter that does not fit the base (G4T80x); skips the adapter GGUF with a warning for tower
-    LoRA (G4T914) or MoE expert LoRA (G4T204). Raises G4T911 without llama.cpp, G4T916 when a converter
-    fails and G4T913 when a GGUF's tensor count is not the checkpoint's.
+    an adapter that does not fit the base (G4T80x), a conversion this machine cannot hold (G4T919); skips
+    the adapter GGUF with a warning for tower LoRA (G4T914) or MoE expert LoRA (G4T204). Raises G4T911
+    without llama.cpp, G4T916 when a converter fails and G4T913 when a GGUF's tensor count is not the
+    checkpoint's. Large tensors are converted in row chunks (:func:`_bounded_convert`), same bytes.
     """
     log = log or _stderr
     merged_dir, out_dir = Path(merged_dir), Path(out_dir)
@@ -410,6 +625,12 @@ def export_gguf(merged_dir: str | Path, out_dir: str | Path, gguf_type: str = "f
 
     install = require_llamacpp()
     check_free_space([(out_dir, gguf_size(merged_dir, gguf_type, with_base=convert_adapter), "the GGUF files")])
+    bounded = bounded_converter(install)
+    memory_jobs = [(merged_dir, False, "the text model")] + ([(merged_dir, True, "the towers")] if mmproj else [])
+    if convert_adapter:
+        assert base_dir is not None
+        memory_jobs.append((base_dir, False, "the base text model"))
+    memory = check_memory(memory_jobs, gguf_type, bounded=bounded)
     files: dict[str, str] = {}
     tensors: dict[str, dict[str, int]] = {}
     seconds: dict[str, float] = {}
@@ -441,6 +662,8 @@ def export_gguf(merged_dir: str | Path, out_dir: str | Path, gguf_type: str = "f
             "adapter": str(Path(adapter_dir).resolve()) if convert_adapter and adapter_dir else None,
             "files": files, "tensors": tensors, "seconds": seconds,
             "converter": {k: install.stamp.get(k) for k in ("pins", "gguf_py_version", "llama_cpp_build")},
+            "memory": {"estimated_peak_bytes": memory, "bounded": bounded,
+                       "chunk_bytes": CHUNK_BYTES if bounded else None},
             "findings": [f.to_dict() for f in findings],
         }
         (tmp / GGUF_RECORD).write_text(json_text(record) + "\n")
@@ -463,7 +686,8 @@ def read_gguf_record(gguf_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(gguf_dir) / GGUF_RECORD).read_text())
 
 
-__all__ = ["CONVERTER_FAILED", "DAMAGED_CHECKPOINT", "GGUF_TYPES", "TENSOR_COUNT_MISMATCH",
-           "TOWER_LORA_DROPPED", "check_tensor_count", "check_towers", "convert_lora", "convert_model", "export_gguf",
-           "gguf_header", "gguf_tensor_count", "modelfile_text", "plan_gguf_export", "read_gguf_record",
-           "repoint_modelfile"]
+__all__ = ["BOUNDED_CONVERTERS", "CHUNK_BYTES", "CONVERTER_FAILED", "DAMAGED_CHECKPOINT", "GGUF_TYPES",
+           "MEMORY_TOO_SMALL", "TENSOR_COUNT_MISMATCH", "TOWER_LORA_DROPPED", "available_memory", "bounded_converter",
+           "check_memory", "check_tensor_count", "check_towers", "conversion_memory", "convert_lora", "convert_model",
+           "export_gguf", "gguf_header", "gguf_tensor_count", "modelfile_text", "plan_gguf_export",
+           "read_gguf_record", "repoint_modelfile"]
