@@ -173,10 +173,7 @@ def build_base(out: Path, seed: int = SEED) -> dict[str, Any]:
     index = {"metadata": {"total_size": offset},
              "weight_map": dict(sorted((t.name, s.name) for s in shards for t in s.tensors))}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return {"tensors": len(keys), "bytes": offset, "shards": len(shards),
-            "kv_shared_keys": sum(1 for k in keys if ".self_attn." in k and _is_kv_shared(config, k)),
-            "clamp_buffers": sum(1 for k in keys if k.endswith(("input_min", "input_max", "output_min", "output_max"))),
-            "seconds": round(time.perf_counter() - started, 1)}
+    return {"seconds": round(time.perf_counter() - started, 1)}
 
 
 def _is_kv_shared(config: dict[str, Any], key: str) -> bool:
@@ -207,8 +204,7 @@ def build_adapter(base: Path, out: Path, seed: int = SEED) -> dict[str, Any]:
         setattr(owner, name.rsplit(".", 1)[1], torch.nn.Parameter(value.to(torch.bfloat16)))
         n += 1
     save_adapter(model, out, plan=plan)
-    return {"lora_tensors": n, "modules": n // 2, "targets": TARGETS, "rank": RANK,
-            "bytes": sum(p.stat().st_size for p in out.glob("*.safetensors"))}
+    return {"lora_tensors": n}
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -298,6 +294,23 @@ def compare(base: Path, adapter: Path, merged: Path, peft: Path | None) -> dict[
             "n_keys_peft_save_pretrained_dropped": len(set(base_info) - set(peft_info)) if peft else None}
 
 
+def describe(base: Path, adapter: Path) -> dict[str, Any]:
+    """What the checkpoint and the adapter hold, read from their files (built now or reused)."""
+    from gemma4_tune.export.manifest import read_checkpoint, resolve_adapter
+
+    config = json.loads((base / "config.json").read_text())
+    keys = read_checkpoint(base)
+    deltas = resolve_adapter(adapter, base).deltas
+    return {"base": {"tensors": len(keys), "bytes": sum(t.nbytes for t in keys.values()),
+                     "shards": len({t.file for t in keys.values()}), "dtypes": sorted({t.dtype for t in keys.values()}),
+                     "kv_shared_keys": sum(1 for k in keys if _is_kv_shared(config, k)),
+                     "clamp_buffers": sum(1 for k in keys if k.endswith(("input_min", "input_max", "output_min",
+                                                                          "output_max"))),
+                     "config": f"{VARIANT} (catalog), vocab {config['text_config']['vocab_size']}"},
+            "adapter": {"modules": len(deltas), "rank": RANK, "targets": TARGETS,
+                        "bytes": sum(p.stat().st_size for p in adapter.glob("*.safetensors"))}}
+
+
 def run(work: Path, sides: tuple[str, ...]) -> dict[str, Any]:
     """Build or reuse the checkpoint under ``work``, run the sides; the result payload."""
     base, adapter = work / "base", work / "adapter"
@@ -305,11 +318,10 @@ def run(work: Path, sides: tuple[str, ...]) -> dict[str, Any]:
     if not (base / "model.safetensors.index.json").is_file():
         shutil.rmtree(base, ignore_errors=True)
         print("building the E2B-sized checkpoint ...", flush=True)
-        payload["base"] = build_base(base)
-    else:
-        payload["base"] = {"reused": str(base), "bytes": sum(p.stat().st_size for p in base.glob("*.safetensors"))}
+        payload["built"] = build_base(base)
     if not (adapter / "adapter_config.json").is_file():
-        payload["adapter"] = build_adapter(base, adapter)
+        payload["built_adapter"] = build_adapter(base, adapter)
+    payload.update(describe(base, adapter))
     size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     print(f"base {size / 1e9:.2f} GB; adapter ready", flush=True)
     results: dict[str, Any] = {}

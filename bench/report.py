@@ -316,8 +316,9 @@ def details(name: str, r: dict[str, Any]) -> list[str]:
     lines = [f"### {name}", "", r["what"], "",
              f"- measured {r['measured_at']} on {m['cpu_count']} CPUs ({m['platform']}); load average "
              f"(1/5/15 min) {m['loadavg_start']} at start, {m['loadavg_end']} at end"]
-    if isinstance(r.get("model"), dict):
-        lines.append(f"- model: `{json.dumps(r['model'])}`")
+    for key in ("model", "base", "adapter"):
+        if isinstance(r.get(key), dict):
+            lines.append(f"- {key}: `{json.dumps(r[key])}`")
     if r.get("data"):
         lines.append(f"- data: `{json.dumps(r['data'])}`")
     if r.get("settings"):
@@ -352,13 +353,15 @@ def render(results: dict[str, dict[str, Any]]) -> str:
            "it; never edit the figures by hand). Every comparison is measured side by side in one run on one "
            "machine, each side in a fresh process where it matters; ratios are what counts, absolute figures "
            "depend on the machine and its load (recorded per benchmark below).", "",
-           "Run: `make bench` (CPU; about 10 minutes on 2 idle cores, plus about 75 for `bench/real_vocab.py`). On "
+           "Run: `make bench` (CPU; about 10 minutes on 2 idle cores, plus about 75 for `bench/real_vocab.py` and 10 "
+           "for `bench/export_real_size.py`, which needs 34 GB of free disk and skips with a message without it). On "
            "a CUDA machine the GPU section (`bench/gpu.py`: the real-vocabulary comparison in bf16 on both sides, "
            "under 5 minutes) runs too; `GEMMA4_BENCH_MODEL=<checkpoint dir> make bench` measures it on a real "
            "Gemma 4 instead of the built one. Scripts: `bench/train_throughput.py` (gemma4-tune vs TRL, packing; "
            "the TRL side is `bench/trl_baseline.py`), `bench/real_vocab.py` (gemma4-tune vs TRL at the real 262,144 "
            "vocabulary and E2B's width: peak memory and tokens/s, unpacked and packed; `--profile` adds a memory "
-           "profile of one step per side), `bench/clippable_lora.py`, `bench/merge_memory.py`, "
+           "profile of one step per side), `bench/clippable_lora.py`, `bench/merge_memory.py`, `bench/export_real_size.py` "
+           "(merge and GGUF conversion of a 10 GB E2B-shaped checkpoint against `cp` and PEFT), "
            "`bench/preflight_verify.py`, `bench/verify_tolerances.py` (the verify tolerances, docs/verify.md), "
            "`bench/under_load.py` (threads on a busy machine), `bench/gpu.py`; `bench/report.py` writes this page.",
            "",

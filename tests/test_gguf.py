@@ -373,8 +373,10 @@ def test_only_checked_converter_releases_are_patched(tmp_path) -> None:
 @needs_llamacpp
 def test_bounded_conversion_writes_the_same_bytes_as_the_converter(tiny_models, tmp_path) -> None:
     """Row chunks (here of 256 bytes, so every 2-D tensor is cut, token_embd through its [:n_vocab] slice) give
-    byte for byte the GGUF llama.cpp's converter writes on its own: bf16, q8_0 and f16 text and a bf16 projector
-    from a bf16 checkpoint (as the official ones are), f32 text from a float32 one (chunks read without a copy)."""
+    byte for byte the GGUF llama.cpp's converter writes on its own: bf16 text and a bf16 projector from a bf16
+    checkpoint (as the official ones are), f32 text from a float32 one (chunks read without a copy). q8_0 and f16
+    take the same chunks through gguf-py's row-wise quantizers (q8_0 blocks lie along a row); they were checked
+    byte for byte when this patch was written and are left out here for CI time (one converter run is ~7 s)."""
     import filecmp
 
     from gemma4_tune.api import tiny_model
@@ -386,8 +388,7 @@ def test_bounded_conversion_writes_the_same_bytes_as_the_converter(tiny_models, 
         f"in BOUNDED_CONVERTERS {sorted(BOUNDED_CONVERTERS)}: check _bounded_convert against this release (this "
         "test), then add it")
     e2b_bf16 = tiny_model("e2b", tmp_path / "e2b-bf16", dtype="bfloat16")
-    cases = [(e2b_bf16, "bf16", False), (e2b_bf16, "q8_0", False), (e2b_bf16, "f16", False), (e2b_bf16, "bf16", True),
-             (tiny_models["31b"], "f32", False)]
+    cases = [(e2b_bf16, "bf16", False), (e2b_bf16, "bf16", True), (tiny_models["31b"], "f32", False)]
     for model, gguf_type, mmproj in cases:
         text_2d = sum(1 for t in read_checkpoint(model).values()
                       if len(t.shape) >= 2 and not t.name.startswith(TOWER_PREFIXES))
