@@ -250,9 +250,11 @@ def missed(results: dict[str, dict[str, Any]]) -> list[str]:
                        "chiefly torch, and the engine checks of the adapter), not broken down further in this record.")
         if not g["merge_speed_vs_copy"]["met"]:
             out.append(f"- **merge MB/s vs copy** ({g['merge_speed_vs_copy']['ratio']}, goal "
-                       f"{g['merge_speed_vs_copy']['target']}): `shutil.copyfile` copies the files without reading "
-                       "them into Python, while the merge reads every tensor, adds the fp32 LoRA delta where there is "
-                       "one, checks it is finite and writes it; how that time splits has not been measured.")
+                       f"{g['merge_speed_vs_copy']['target']}): here the shards are in the page cache for every "
+                       "side, so `shutil.copyfile` runs at memory speed, while the merge still computes every LoRA "
+                       "tensor (B @ A, the fp32 sum, rounding, the finiteness sum) on one thread; the unchanged "
+                       "tensors are kernel copies like copyfile's. From disk, at real size, the merge runs at "
+                       "0.72x `cp` (export_real_size above).")
     return ["## Goals missed, and why", "", *out, ""] if out else []
 
 
@@ -296,8 +298,15 @@ def real_vocab_missed(r: dict[str, Any]) -> list[str]:
                 " Both sides trained the same batches." if work.get("same_batches") else
                 f" The sides did not train identical batches (first-step losses {work['first_step_loss']}).")
         if key == "peak_rss":
-            same += (f" The whole process's peak includes the weights ({r['model']['checkpoint_bytes'] / 2**20:.0f} MB "
-                     "of checkpoint here, loaded by both sides)")
+            weights = r["model"]["checkpoint_bytes"] / 2**20
+            above = (f[ours]["peak_rss_mb"] - weights, f[trl]["peak_rss_mb"] - weights)
+            same += (f" The whole process's peak includes the weights ({weights:.0f} MB of checkpoint here, loaded by "
+                     f"both sides): above them the peaks are {above[0]:.0f} vs {above[1]:.0f} MB "
+                     f"({above[0] / above[1]:.2f}x), while half of TRL's peak ({f[trl]['peak_rss_mb'] / 2:.0f} MB) is "
+                     "less than the weights alone: the goal cannot be met on a whole-process measure here"
+                     if f[trl]["peak_rss_mb"] / 2 < weights else
+                     f" The whole process's peak includes the weights ({weights:.0f} MB of checkpoint here, loaded by "
+                     "both sides)")
             if "loop_peak_rss_mb" in f[ours] and "loop_peak_rss_mb" in f[trl]:
                 after = f[ours]["peak_rss_mb"] - f[ours]["loop_peak_rss_mb"]
                 same += (f"; the peak up to the end of the training loop is {f[ours]['loop_peak_rss_mb']:.0f} vs "
