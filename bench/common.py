@@ -34,6 +34,15 @@ WORDS = ("the quick brown fox jumps over lazy dog model answers user in short he
          "eight two plus four").split()
 
 
+#: A small parent process (``python -c MEASURE_CHILDREN cmd ...``): runs the command, prints its wall time and
+#: the peak RSS of its process tree (a child forked from a parent holding a model would count the parent's pages).
+MEASURE_CHILDREN = ("import json, resource, subprocess, sys, time; t = time.perf_counter(); "
+                    "p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+                    "print(json.dumps({'rc': p.returncode, 'seconds': time.perf_counter() - t, "
+                    "'peak_rss_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, "
+                    "'stdout': p.stdout[-20000:], 'stderr': p.stderr[-4000:]}))")
+
+
 def machine() -> dict[str, Any]:
     """CPU count, platform and the current load average."""
     return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor() or None,

@@ -54,13 +54,6 @@ CHUNK = 16 * 1024 * 1024  # elements generated at a time
 SIDES = ("cp", "merge", "peft", "gguf")
 DISK_FACTOR = 3.3  # base + merged + the largest of (cp copy, PEFT's merge, GGUF files), with a margin
 
-# A small parent: runs argv[1:], prints its wall time and its children's peak RSS.
-MEASURE = ("import json, resource, subprocess, sys, time; t = time.perf_counter(); "
-           "p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-           "print(json.dumps({'rc': p.returncode, 'seconds': time.perf_counter() - t, "
-           "'peak_rss_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, "
-           "'stdout': p.stdout[-4000:], 'stderr': p.stderr[-4000:]}))")
-
 PEFT_MERGE = r"""
 import sys, torch
 from peft import PeftModel
@@ -227,7 +220,8 @@ def measured(cmd: list[str], inputs: list[Path], what: str) -> dict[str, Any]:
     """Run ``cmd`` then ``sync`` in a fresh process tree on a cold cache; wall time, peak RSS."""
     evict(inputs)
     script = " ".join(f"'{c}'" for c in cmd) + " && sync"
-    proc = subprocess.run([sys.executable, "-c", MEASURE, "sh", "-c", script], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", common.MEASURE_CHILDREN, "sh", "-c", script], capture_output=True,
+                          text=True)
     result = json.loads(proc.stdout)
     if result["rc"]:
         raise RuntimeError(f"{what} failed (exit {result['rc']}):\n{result['stderr']}")

@@ -22,12 +22,6 @@ from typing import Any
 
 import common
 
-# A small parent: runs argv[1:], prints its wall time and the children's peak RSS.
-MEASURE = ("import json, resource, subprocess, sys, time; t = time.perf_counter(); "
-           "p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-           "print(json.dumps({'rc': p.returncode, 'seconds': time.perf_counter() - t, "
-           "'peak_rss_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, "
-           "'stdout': p.stdout[-20000:], 'stderr': p.stderr[-3000:]}))")
 
 
 def build(root: Path) -> tuple[Path, Path]:
@@ -72,7 +66,8 @@ def peft_merge(base: Path, adapter: Path, out: Path) -> None:
 
 def measured(cmd: list[str]) -> dict[str, Any]:
     """Run ``cmd`` under the small parent; its wall seconds, peak RSS (MB) and output."""
-    proc = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True, check=True)
+    proc = subprocess.run([sys.executable, "-c", common.MEASURE_CHILDREN, *cmd], capture_output=True, text=True,
+                          check=True)
     result = json.loads(proc.stdout)
     if result["rc"]:
         raise RuntimeError(f"{cmd[:4]} failed:\n{result['stderr']}")

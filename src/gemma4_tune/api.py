@@ -173,7 +173,7 @@ def export(base: str | Path, adapter: str | Path, *, merged: str | Path | None =
         raise FindingError(finding(MISSING_ARTEFACT.code, "--gguf converts the merged checkpoint, but no --merged "
                                    "was given", "add --merged DIR (the merged checkpoint is written there first)"))
     if gguf is not None:
-        from gemma4_tune.export.gguf import bounded_converter, check_memory, plan_gguf_export
+        from gemma4_tune.export.gguf import bounded_converter, check_memory, conversion_jobs, plan_gguf_export
         from gemma4_tune.verify.llamacpp_env import require_llamacpp
 
         if Path(gguf).exists() and any(Path(gguf).iterdir()):
@@ -183,8 +183,7 @@ def export(base: str | Path, adapter: str | Path, *, merged: str | Path | None =
         # the merge copies the base's towers: refuse a damaged one now (G4T912)
         gguf_plan = plan_gguf_export(base, adapter, base)
         # the merged checkpoint has the base's tensors: refuse now what the machine cannot convert (G4T919)
-        check_memory([(base, False, "the text model")] + ([(base, True, "the towers")] if gguf_plan["mmproj"] else []),
-                     gguf_type, bounded=bounded_converter(install))
+        check_memory(conversion_jobs(base, mmproj=gguf_plan["mmproj"]), gguf_type, bounded=bounded_converter(install))
     summary = check_adapter_for_engines(base, adapter, list(engines))
     report: dict[str, Any] = {"base": str(base), "adapter": str(adapter), "engines": list(engines),
                               "adapter_summary": summary.to_dict(), "findings": summary.findings}

@@ -280,6 +280,18 @@ def conversion_memory(model_dir: str | Path, gguf_type: str, *, towers: bool = F
     return int(CONVERTER_BASE_BYTES + weights * CONVERT_BYTES_PER_WEIGHT[gguf_type])
 
 
+def conversion_jobs(model_dir: str | Path, *, mmproj: bool, base_dir: str | Path | None = None,
+                    ) -> list[tuple[str | Path, bool, str]]:
+    """The ``convert_hf_to_gguf.py`` runs of an export, as :func:`check_memory` takes them: the text model,
+    the towers (``mmproj``) and, for an adapter GGUF, the base text model."""
+    jobs: list[tuple[str | Path, bool, str]] = [(model_dir, False, "the text model")]
+    if mmproj:
+        jobs.append((model_dir, True, "the towers"))
+    if base_dir is not None:
+        jobs.append((base_dir, False, "the base text model"))
+    return jobs
+
+
 def check_memory(jobs: Sequence[tuple[str | Path, bool, str]], gguf_type: str, *, bounded: bool) -> int:
     """Refuse (G4T919) a conversion this machine cannot hold; ``jobs`` is ``(model_dir, towers, what)``, run
     one after another. Returns the bytes the largest needs."""
@@ -626,11 +638,8 @@ def export_gguf(merged_dir: str | Path, out_dir: str | Path, gguf_type: str = "f
     install = require_llamacpp()
     check_free_space([(out_dir, gguf_size(merged_dir, gguf_type, with_base=convert_adapter), "the GGUF files")])
     bounded = bounded_converter(install)
-    memory_jobs = [(merged_dir, False, "the text model")] + ([(merged_dir, True, "the towers")] if mmproj else [])
-    if convert_adapter:
-        assert base_dir is not None
-        memory_jobs.append((base_dir, False, "the base text model"))
-    memory = check_memory(memory_jobs, gguf_type, bounded=bounded)
+    memory = check_memory(conversion_jobs(merged_dir, mmproj=mmproj, base_dir=base_dir if convert_adapter else None),
+                          gguf_type, bounded=bounded)
     files: dict[str, str] = {}
     tensors: dict[str, dict[str, int]] = {}
     seconds: dict[str, float] = {}

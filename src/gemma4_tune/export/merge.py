@@ -259,7 +259,7 @@ class _WorkMemory:
 
     def get(self, what: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A 1-D tensor of ``numel`` elements of ``dtype`` (contents undefined)."""
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = numel * dtype.itemsize
         held = self._held.get(what)
         if held is None or held.numel() < nbytes:
             held = self._held[what] = torch.empty(nbytes, dtype=torch.uint8)
@@ -502,6 +502,17 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@_one_torch_thread()
 def _merged_bytes(src: BinaryIO, adapter: BinaryIO, adapter_index: dict[str, TensorInfo], info: TensorInfo,
                   deltas: list[LoraDelta], memory: _WorkMemory, raw: torch.Tensor) -> torch.Tensor:
     """One base tensor read into ``raw`` (uint8, its size), its LoRA deltas added in fp32 (fp64 for fp64
@@ -514,22 +525,6 @@ def _merged_bytes(src: BinaryIO, adapter: BinaryIO, adapter_index: dict[str, Ten
     bound by memory, the other core serves the writes and the kernel copies, and a parallel region per
     cache-sized block costs more than it saves (12x slower beside a busy process, measured).
     """
-    with _one_torch_thread():
-        return _merge_tensor(src, adapter, adapter_index, info, deltas, memory, raw)
-
-
-@contextlib.contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _merge_tensor(src: BinaryIO, adapter: BinaryIO, adapter_index: dict[str, TensorInfo], info: TensorInfo,
-                  deltas: list[LoraDelta], memory: _WorkMemory, raw: torch.Tensor) -> torch.Tensor:
     dtype = _TORCH_DTYPES[info.dtype]
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     numel = info.nbytes // info.itemsize
@@ -551,10 +546,11 @@ def _merge_tensor(src: BinaryIO, adapter: BinaryIO, adapter_index: dict[str, Ten
                 product = product.T.contiguous()
             products.append((product.reshape(-1), d.scaling))
         flat, finite = stored.view(-1), True
+        sums = None if dtype == compute else memory.get("block", min(_BLOCK, numel), compute)
         for start in range(0, numel, _BLOCK):
             end = min(start + _BLOCK, numel)
             block = flat[start:end]
-            weight = block if dtype == compute else memory.get("block", end - start, compute).copy_(block)
+            weight = block if sums is None else sums[:end - start].copy_(block)
             for product, scaling in products:
                 weight.add_(product[start:end].mul_(scaling))
             if weight is not block:
