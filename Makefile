@@ -40,8 +40,11 @@ demo: setup
 	$(BIN)/gemma4-tune demo --out $(DEMO_OUT)
 
 # The engine, DeepSpeed and browser tests must run, not skip: GEMMA4_TUNE_REQUIRE_ENGINES turns a missing one into a failure.
+# Two pytest-xdist workers: much of the suite waits on one core (process starts, engine start-up), so two
+# tests run side by side; TEST_WORKERS=0 runs it serially.
+TEST_WORKERS ?= 2
 test: setup engines distributed browser
-	GEMMA4_TUNE_REQUIRE_ENGINES=1 $(BIN)/python -m pytest --durations=30
+	GEMMA4_TUNE_REQUIRE_ENGINES=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal --durations=30
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow and not engine"

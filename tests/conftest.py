@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("GEMMA4_TUNE_MEDIA_CACHE", tempfile.mkdtemp(prefix="gemma4-tune-media-"))
 
-VARIANTS = ["e2b", "e4b", "26b-a4b", "31b"]
+VARIANTS = ["e2b", "e4b", "26b-a4b", "31b", "12b"]
 
 
 @pytest.fixture(scope="session")

@@ -13,11 +13,11 @@ if TYPE_CHECKING:
 def random_lora(base: Path, out: Path, seed: int, spec: str = "text") -> Path:
     """A rank-8 LoRA on ``spec`` with random A and B (so it changes the output), saved by the toolkit."""
     import torch
-    from transformers import Gemma4ForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     from gemma4_tune.adapters import LoraSettings, prepare_model, save_adapter
 
-    model, plan = prepare_model(Gemma4ForConditionalGeneration.from_pretrained(str(base), dtype=torch.float32),
+    model, plan = prepare_model(AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32),
                                 spec, LoraSettings(rank=8))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -30,11 +30,11 @@ def random_lora(base: Path, out: Path, seed: int, spec: str = "text") -> Path:
 def random_lora_model(base: Path, spec: str, seed: int = 0, scale: float = 0.1) -> "torch.nn.Module":
     """The fp32 base with a rank-8 LoRA on ``spec`` (the toolkit's plan) whose lora_B are random, in memory."""
     import torch
-    from transformers import Gemma4ForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     from gemma4_tune.adapters import LoraSettings, prepare_model
 
-    model, _ = prepare_model(Gemma4ForConditionalGeneration.from_pretrained(str(base), dtype=torch.float32), spec,
+    model, _ = prepare_model(AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32), spec,
                              LoraSettings(rank=8))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -12,6 +12,7 @@ import torch
 from gemma4_tune.adapters import LoraSettings, prepare_model, save_adapter, trainable_by_group
 from gemma4_tune.findings import FindingError
 from gemma4_tune.profile import ModelProfile
+from gemma4_tune.targets import tower_of
 from tests.stock.batch import fixed_batch
 
 PEFT_LOGITS = Path(__file__).parent / "stock" / "peft_logits.py"
@@ -21,18 +22,19 @@ SPECS = {
     "e4b": ["text", "vision", "audio", "text,vision,audio"],
     "26b-a4b": ["text", "text-attention", "vision", "text,vision"],
     "31b": ["text", "text-attention", "vision", "text,vision"],
+    "12b": ["text", "vision-embed", "audio-embed", "text,vision-embed,audio-embed", "all"],
 }
 CASES = [(v, s) for v, specs in SPECS.items() for s in specs]
 
 
 def load(path: Path):
-    from transformers import Gemma4ForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
-    return Gemma4ForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
 
 
 def expected_text_targets(profile: ModelProfile, spec: str) -> int:
-    names = {"text": 7, "text-attention": 4}.get(spec.split(",")[0], 0)
+    names = {"text": 7, "all": 7, "text-attention": 4}.get(spec.split(",")[0], 0)
     if not names:
         return 0
     count = 0
@@ -55,7 +57,11 @@ def test_lora_lands_exactly_where_planned_and_every_tower_gets_gradients(tiny_mo
     groups = spec.split(",")
     # counts per tower: the plan's arithmetic equals what PEFT created
     assert trainable_by_group(model) == plan.trainable_by_group()
-    assert set(plan.groups) == {"text" if g.startswith("text") else g for g in groups}
+    expected_groups = {"text" if g.startswith("text") else g for g in groups}
+    if groups == ["all"]:
+        expected_groups = {"text", *(t.name for t in profile.towers),
+                           *(e.group for e in profile.embedders if profile.tower(e.name) is None)}
+    assert set(plan.groups) == expected_groups
     text_targets = [t for t in plan.targets if t.group == "text"]
     assert len(text_targets) == expected_text_targets(profile, groups[0])
     wrapped = {n.removeprefix("base_model.model.") for n, m in model.named_modules()
@@ -71,7 +77,7 @@ def test_lora_lands_exactly_where_planned_and_every_tower_gets_gradients(tiny_mo
     grads: dict[str, float] = {}
     for name, param in model.named_parameters():
         if param.requires_grad and "lora_B" in name and param.grad is not None:
-            group = "vision" if ".vision_tower." in name else "audio" if ".audio_tower." in name else "text"
+            group = tower_of(name)
             grads[group] = grads.get(group, 0.0) + float(param.grad.abs().sum())
     for group in plan.groups:
         assert grads.get(group, 0.0) > 0, f"no gradient reached the {group} LoRA"
@@ -79,7 +85,7 @@ def test_lora_lands_exactly_where_planned_and_every_tower_gets_gradients(tiny_mo
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("variant", "spec"), [("e2b", "text,vision,audio"), ("26b-a4b", "text,vision"),
-                                               ("31b", "text,vision")])
+                                               ("31b", "text,vision"), ("12b", "text,vision-embed,audio-embed")])
 def test_saved_adapter_loads_in_stock_peft_with_identical_logits(tiny_models, tmp_path, variant, spec):
     from transformers.models.gemma4.modeling_gemma4 import Gemma4ClippableLinear
 
@@ -105,7 +111,8 @@ def test_saved_adapter_loads_in_stock_peft_with_identical_logits(tiny_models, tm
     stock = torch.load(out)
     assert not stock["imported"]
     n_clippable = sum(isinstance(m, Gemma4ClippableLinear) for m in model.modules())
-    assert stock["clippable_before"] == stock["clippable_after"] == n_clippable > 0
+    assert stock["clippable_before"] == stock["clippable_after"] == n_clippable
+    assert (n_clippable > 0) == bool(ModelProfile.from_pretrained(path, count_parameters=False).towers)
     assert (stock["logits"] - ours).abs().max() <= 1e-6
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from gemma4_tune.engines import part_of
 from gemma4_tune.export.gguf import (
     BOUNDED_CONVERTERS,
     CHUNK_BYTES,
@@ -26,7 +27,6 @@ from gemma4_tune.export.gguf import (
     CONVERT_BYTES_PER_WEIGHT,
     CONVERTER_BASE_BYTES,
     GENERATED_TEXT_TENSORS,
-    TOWER_PREFIXES,
     available_memory,
     bounded_converter,
     check_tensor_count,
@@ -72,9 +72,9 @@ def _unwrapped(src: Path, out: Path) -> Path:
     tensors = load_file(str(weights))
     damaged = {}
     for key, value in tensors.items():
-        if key.startswith(TOWER_PREFIXES) and key.rsplit(".", 1)[-1] in CLIP_BUFFERS:
+        if part_of(key) != "text" and key.rsplit(".", 1)[-1] in CLIP_BUFFERS:
             continue
-        if key.startswith(TOWER_PREFIXES) and key.endswith(".linear.weight"):
+        if part_of(key) != "text" and key.endswith(".linear.weight"):
             key = key[: -len(".linear.weight")] + ".weight"
         damaged[key] = value
     save_file(damaged, str(weights), metadata={"format": "pt"})
@@ -391,7 +391,7 @@ def test_bounded_conversion_writes_the_same_bytes_as_the_converter(tiny_models, 
     cases = [(e2b_bf16, "bf16", False), (e2b_bf16, "bf16", True), (tiny_models["31b"], "f32", False)]
     for model, gguf_type, mmproj in cases:
         text_2d = sum(1 for t in read_checkpoint(model).values()
-                      if len(t.shape) >= 2 and not t.name.startswith(TOWER_PREFIXES))
+                      if len(t.shape) >= 2 and part_of(t.name) == "text")
         name = f"{model.name}-{'mmproj' if mmproj else 'model'}-{gguf_type}.gguf"
         lines: list[str] = []
         convert_model(model, tmp_path / f"bounded-{name}", gguf_type, mmproj=mmproj, log=lines.append, chunk_bytes=256)

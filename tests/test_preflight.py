@@ -14,7 +14,7 @@ import torch
 
 from gemma4_tune.config import RunConfig
 from gemma4_tune.findings import Severity
-from gemma4_tune.preflight import run_preflight
+from gemma4_tune.preflight import TOWER_NO_GRADIENT, TOWER_WITHOUT_DATA, run_preflight
 
 CLI = [sys.executable, "-c", "from gemma4_tune.cli import main; main()"]
 
@@ -114,11 +114,27 @@ def test_row09_kv_sharing_that_depends_on_the_cache(tiny_models, text_data):
 
 
 @pytest.mark.slow
-def test_row10_images_without_mm_token_type_ids(tiny_models, vision_data):
-    setup = setup_run(tiny_models["31b"], vision_data, "text,vision")
+@pytest.mark.parametrize(("variant", "targets"), [("31b", "text,vision"), ("12b", "text,vision-embed")])
+def test_row10_images_without_mm_token_type_ids(tiny_models, vision_data, variant, targets):
+    """The 12B's config asks for bidirectional image attention too: the same finding."""
+    setup = setup_run(tiny_models[variant], vision_data, targets)
+    assert "G4T505" not in codes(preflight(setup))
     batch = {k: v for k, v in setup.probe.items() if k != "mm_token_type_ids"}
     assert "pixel_values" in batch
     assert "G4T505" in codes(preflight(setup, batch))
+
+
+@pytest.mark.slow
+def test_12b_embedder_without_gradient_and_without_data_are_named(tiny_models, vision_data, text_data):
+    """Row 21 for the 12B's embedders: no image data (G4T5xx before training), or a detached embedder."""
+    setup = setup_run(tiny_models["12b"], vision_data, "text,vision-embed")
+    assert codes(preflight(setup)) == ["G4T511"]  # the model's own image masks (row 31), an info
+    no_images = preflight(setup, modalities={"text": 4, "image": 0, "audio": 0})
+    assert any(f.code == TOWER_WITHOUT_DATA.code and "vision embedder" in f.message for f in no_images.findings)
+    embed = setup.model.get_base_model().model.embed_vision
+    embed.register_forward_hook(lambda _m, _a, out: out.__class__(**{k: v.detach() for k, v in out.items()}))
+    detached = preflight(setup)
+    assert any(f.code == TOWER_NO_GRADIENT.code and "vision embedder" in f.message for f in detached.findings)
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 from gemma4_tune.catalog import resolve_variant
+from gemma4_tune.catalog.tiny import VLLM_SOFT_TOKENS_FIELD
 from gemma4_tune.profile import ModelProfile
 from tests.conftest import VARIANTS
 from tests.test_catalog import flags
@@ -38,7 +39,9 @@ def test_tiny_model_loads_in_stock_transformers_and_runs(tiny_models: dict, vari
     assert report["loading_info"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [],
                                       "error_msgs": []}
     assert report["logits_finite"] and len(report["new_tokens"]) >= 1
-    assert report["processor_class"] == "Gemma4Processor" and report["tokenizer_class"] == "GemmaTokenizer"
+    profile = ModelProfile.from_pretrained(path, count_parameters=False)
+    assert report["processor_class"] == profile.family.processor_class
+    assert report["tokenizer_class"] == "GemmaTokenizer"
     assert "mm_token_type_ids" in report["batch_keys"] and "pixel_values" in report["batch_keys"]
     assert report["rendered"].startswith("<bos><|turn>system\nBe brief.<turn|>\n<|turn>user\n")
     assert report["rendered"].endswith("<|turn>model\n")
@@ -50,7 +53,7 @@ def test_tiny_model_loads_in_stock_transformers_and_runs(tiny_models: dict, vari
     assert ids["eoi_token"] == config["eoi_token_id"] and report["video_id"] == config["video_token_id"]
     if has_audio:
         assert ids["audio_token"] == config["audio_token_id"] and ids["boa_token"] == config["boa_token_id"]
-    assert config["vision_config"]["default_output_length"] == 70, "vLLM reads it"
+    assert config["vision_config"][VLLM_SOFT_TOKENS_FIELD[profile.model_type]] == 70, "vLLM reads it"
 
 
 @pytest.mark.slow
@@ -64,6 +67,10 @@ def test_tiny_profile_keeps_the_catalog_feature_flags(tiny_models: dict, variant
     assert tiny.max_head_dim > min(layer.head_dim for layer in tiny.layers), "global layers keep a wider head"
     assert [t.name for t in tiny.towers] == [t.name for t in published.towers]
     assert [t.clipped_linears for t in tiny.towers] == [t.clipped_linears for t in published.towers]
+    assert [e.name for e in tiny.embedders] == [e.name for e in published.embedders]
+    # without a tower (the 12B) the embedder takes raw 48x48 patches and raw audio frames: same width as published
+    assert [e.input_size for e in tiny.embedders if not tiny.tower(e.name)] == [
+        e.input_size for e in published.embedders if not published.tower(e.name)]
     if published.num_kv_shared_layers:
         producers = {layer.attention for layer in tiny.layers if layer.kv_sharing == "store"}
         assert producers == {"sliding", "full"}

@@ -75,26 +75,34 @@ def e2b_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.fixture(scope="session")
-def b31_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """31B-shaped model (K=V global layers, no KV sharing): one engine, modes base + text + vllm_ready.
+def k_eq_v_runs(tmp_path_factory: pytest.TempPathFactory):
+    """31B- or 12B-shaped model (K=V global layers, no KV sharing): one engine, modes base + text + vllm_ready.
 
     ``text`` is the adapter as PEFT saved it; ``vllm_ready`` the same adapter with the k_proj LoRA
     of the K=V global layers copied to v_proj. Both are compared with the same reference: the
-    trained adapter in transformers + PEFT.
+    trained adapter in transformers + PEFT. Built once per variant, on first use.
     """
-    root = tmp_path_factory.mktemp("vllm-31b")
-    base = _vllm_ready_tiny("31b", root / "base")
-    adapter = random_lora(base, root / "adapter", seed=2)
-    ready = vllm_ready_adapter(adapter, base, root / "vllm_ready")
-    cache: dict = {}
+    built: dict[str, dict] = {}
 
-    def trained_reference(base_dir, _served, prompts, **kw):
-        if not cache:
-            cache.update(hf_reference(base_dir, adapter, prompts, **kw))
-        return cache
+    def runs(variant: str) -> dict:
+        if variant in built:
+            return built[variant]
+        root = tmp_path_factory.mktemp(f"vllm-{variant}")
+        base = _vllm_ready_tiny(variant, root / "base")
+        adapter = random_lora(base, root / "adapter", seed=2)
+        ready = vllm_ready_adapter(adapter, base, root / "vllm_ready")
+        cache: dict = {}
 
-    return vllm_parity_many(base, {"text": adapter, "vllm_ready": ready}, PROMPTS, max_tokens=MAX_TOKENS,
-                            reference=trained_reference)
+        def trained_reference(base_dir, _served, prompts, **kw):
+            if not cache:
+                cache.update(hf_reference(base_dir, adapter, prompts, **kw))
+            return cache
+
+        built[variant] = vllm_parity_many(base, {"text": adapter, "vllm_ready": ready}, PROMPTS,
+                                          max_tokens=MAX_TOKENS, reference=trained_reference)
+        return built[variant]
+
+    return runs
 
 
 def _assert_parity(parity) -> None:
@@ -120,18 +128,22 @@ def test_e2b_text_lora_matches_peft_in_vllm(e2b_runs) -> None:
 @pytest.mark.engine
 @pytest.mark.slow
 @needs_vllm
-def test_31b_text_lora_matches_peft_in_vllm(b31_runs) -> None:
-    """The vLLM-ready form of a 31B text LoRA serves exactly like the trained adapter in PEFT."""
-    parity = b31_runs["vllm_ready"]
+@pytest.mark.parametrize("variant", ["31b", "12b"])
+def test_k_eq_v_text_lora_matches_peft_in_vllm(k_eq_v_runs, variant) -> None:
+    """The vLLM-ready form of a 31B or 12B text LoRA serves exactly like the trained adapter in PEFT."""
+    parity = k_eq_v_runs(variant)["vllm_ready"]
     _assert_parity(parity)
 
 
 @pytest.mark.engine
 @pytest.mark.slow
 @needs_vllm
-def test_31b_k_eq_v_lora_mismatch_is_caught(b31_runs) -> None:
-    """vLLM 0.32 applies a k_proj LoRA on K=V global layers to K only; PEFT to K and V: caught, explained."""
-    parity = b31_runs["text"]
+@pytest.mark.parametrize("variant", ["31b", "12b"])
+def test_k_eq_v_lora_mismatch_is_caught(k_eq_v_runs, variant) -> None:
+    """Row 28: vLLM 0.32 applies a k_proj LoRA on K=V global layers to K only; PEFT to K and V: caught, explained.
+
+    The 12B (gemma4_unified) has the same K=V global layers and vLLM's same loader: measured, it applies."""
+    parity = k_eq_v_runs(variant)["text"]
     assert parity.k_eq_v_layers == [2, 5]
     assert parity.base.greedy_agreement == 1.0  # the base model is served exactly
     assert max(parity.base.max_logprob_diff, parity.base.max_prompt_logprob_diff) < LOGPROB_TOLERANCE["float32"]

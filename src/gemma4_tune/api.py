@@ -19,7 +19,7 @@ from gemma4_tune.io import (
     write_text_atomic,
 )
 from gemma4_tune.memory import WeightMemory
-from gemma4_tune.profile import ModelProfile
+from gemma4_tune.profile import FAMILIES, ModelProfile, meta_module
 from gemma4_tune.targets import TargetPlan
 
 if TYPE_CHECKING:  # the Trainer stack costs ~5 s and ~230 MB to import; export and verify never need it
@@ -51,25 +51,20 @@ def tiny_model(variant: str, out: str | Path, *, seed: int = 0, template_revisio
 
 def meta_model(model: str | Path) -> tuple[Any, ModelProfile]:
     """The real module tree of ``model`` (directory or catalog id) on the meta device: no weights read."""
-    import torch
-    from transformers import Gemma4ForConditionalGeneration
-
     profile = ModelProfile.from_pretrained(model)
-    config = profile_config(model)
-    with torch.device("meta"):
-        module = Gemma4ForConditionalGeneration(config)
-    return module, profile
+    return meta_module(profile_config(model)), profile
 
 
 def profile_config(model: str | Path) -> Any:
-    """The Gemma4Config of a directory or catalog id."""
-    from transformers import Gemma4Config
-
+    """The Gemma 4 config (either family) of a directory or catalog id."""
     path = Path(model)
     if path.is_dir():
-        return Gemma4Config.from_pretrained(str(path))
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(path))
     data = resolve_variant(str(model)).config
-    return Gemma4Config(**{k: v for k, v in data.items() if k not in ("architectures", "transformers_version")})
+    config_class = FAMILIES[data["model_type"]].transformers_class("config")
+    return config_class(**{k: v for k, v in data.items() if k not in ("architectures", "transformers_version")})
 
 
 def plan(model: str | Path, targets: str = "text", *, rank: int = 16,

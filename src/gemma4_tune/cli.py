@@ -126,7 +126,7 @@ def demo(
 
 @app.command("tiny-model")
 def tiny_model(
-    variant: Annotated[str, typer.Option("--variant", help="e2b, e4b, 26b-a4b or 31b")],
+    variant: Annotated[str, typer.Option("--variant", help="e2b, e4b, 26b-a4b, 31b or 12b")],
     out: Annotated[Path, typer.Option("--out", help="Directory to write (must not exist or be empty)")],
     seed: Annotated[int, typer.Option("--seed", help="Random seed for the weights")] = 0,
     template_revision: Annotated[str, typer.Option("--template-revision",
@@ -146,7 +146,7 @@ def tiny_model(
 
 @app.command()
 def inspect(
-    model: Annotated[str, typer.Argument(help="Model directory or catalog id (e2b, e4b, 26b-a4b, 31b)")],
+    model: Annotated[str, typer.Argument(help="Model directory or catalog id (e2b, e4b, 26b-a4b, 31b, 12b)")],
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Show what a Gemma 4 checkpoint is: towers, per-layer facts, MoE, PLE, parameter counts."""

@@ -71,6 +71,11 @@ def render_profile(profile: Any) -> None:
     for tower in profile.towers:
         rows.append((f"{tower.name} tower", f"{tower.num_layers} layers, hidden {tower.hidden_size}, "
                      f"{'clipped' if tower.clipped_linears else 'plain'} linears"))
+    for embedder in profile.embedders:
+        if profile.tower(embedder.name) is None:
+            rows.append((f"{embedder.name} embedder", f"no tower: {embedder.input_size}-wide raw "
+                         f"{'patches' if embedder.name == 'vision' else 'audio frames'} -> hidden "
+                         f"{embedder.hidden_size} (target group {embedder.group})"))
     for k, v in rows:
         summary.add_row(k, v)
     console.print(summary)
@@ -104,7 +109,7 @@ def render_plan(profile: Any, plan: Any, memory: Any) -> None:
                   f"{profile.variant or profile.source}{' (tiny)' if profile.tiny else ''}")
     rows: dict[tuple[str, int | None], tuple[list[str], list[str]]] = {}
     for t in plan.targets:
-        name = t.path.split(f"layers.{t.layer}.", 1)[-1] if t.layer is not None else t.path
+        name = t.path.split(f"layers.{t.layer}.", 1)[-1] if t.layer is not None else t.name
         name = name.removeprefix("self_attn.").removeprefix("mlp.").removesuffix(".linear")
         if t.kind == "experts":
             name += f" ({t.num_experts} experts)"

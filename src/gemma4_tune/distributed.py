@@ -119,7 +119,6 @@ class DistributedPlan:
 def plan_distributed(cfg: Any) -> DistributedPlan:
     """Decide the distributed settings of a RunConfig for its model, refusing what cannot run."""
     from gemma4_tune.api import plan as target_plan
-    from gemma4_tune.profile import LAYER_CLASSES
 
     strategy = cfg.distributed
     cpu = not torch.cuda.is_available()
@@ -141,11 +140,14 @@ def plan_distributed(cfg: Any) -> DistributedPlan:
     profile, targets, _ = target_plan(cfg.model, cfg.targets, rank=cfg.rank)
     trained = set(targets.groups)
     towers = [t for t in profile.towers if t.name in trained]
+    embedders = [e for e in profile.embedders if e.group in trained]
     return DistributedPlan(
         strategy=strategy, nproc=nproc, nnodes=cfg.nnodes, node_rank=cfg.node_rank, master_addr=cfg.master_addr,
-        master_port=cfg.master_port, wrap_classes=(LAYER_CLASSES["text"], *(t.layer_class for t in towers)),
-        # tower LoRA gets no gradient from a batch without that modality; DDP must be told
-        find_unused_parameters=bool(towers), activation_checkpointing=cfg.gradient_checkpointing, cpu=cpu,
+        master_port=cfg.master_port,
+        wrap_classes=(profile.family.layer_classes["text"], *(t.layer_class for t in towers)),
+        # tower or embedder LoRA gets no gradient from a batch without that modality; DDP must be told
+        find_unused_parameters=bool(towers or embedders), activation_checkpointing=cfg.gradient_checkpointing,
+        cpu=cpu,
         global_batch=cfg.batch_size * cfg.grad_accum * nproc * cfg.nnodes)
 
 

@@ -12,8 +12,10 @@ from gemma4_tune.findings import Finding, Severity, finding, register
 
 ENGINES = ("transformers", "vllm", "llama.cpp")
 #: Where a tower's weights live in a checkpoint key: the tower and its multimodal embedder (which projects the
-#: tower's output into the text width). vLLM's text LoRA refuses both (row 3), so both are a tower here.
-TOWER_PARTS = {"vision": (".vision_tower.", ".embed_vision."), "audio": (".audio_tower.", ".embed_audio.")}
+#: tower's output into the text width; the 12B has only the embedder, its patch layers stored as
+#: ``vision_embedder``). vLLM's text LoRA refuses them all (row 3), so all are that part here.
+TOWER_PARTS = {"vision": (".vision_tower.", ".embed_vision.", ".vision_embedder."),
+               "audio": (".audio_tower.", ".embed_audio.")}
 
 
 def part_of(key: str) -> str:
@@ -29,7 +31,8 @@ VLLM_TEXT_MODULES = frozenset({
     "per_layer_input_gate", "per_layer_projection", "per_layer_model_projection",
 })
 
-VLLM_TOWER_FLAG = register("G4T201", Severity.WARNING, "vLLM refuses tower LoRA without a flag", (3, 4))
+VLLM_TOWER_FLAG = register("G4T201", Severity.WARNING, "vLLM does not serve tower or embedder LoRA as trained",
+                           (3, 4))
 VLLM_EXPERTS_DROPPED = register("G4T202", Severity.WARNING, "vLLM drops MoE expert LoRA deltas", (6,))
 VLLM_RANK = register("G4T203", Severity.INFO, "vLLM --max-lora-rank to use")
 LLAMACPP_EXPERTS = register("G4T204", Severity.WARNING, "llama.cpp cannot convert MoE expert LoRA", (22,))
@@ -61,11 +64,19 @@ def deployment_findings(rank: int, groups: Iterable[str], text_module_names: Ite
                            "(`expected target modules in {...}`)", "drop those modules from --targets, or "
                            "serve the merged checkpoint"))
     towers = sorted(groups & {"vision", "audio"})
+    embedders = sorted({g.removesuffix("-embed") for g in groups if g.endswith("-embed")})
     if towers:
         out.append(finding(VLLM_TOWER_FLAG.code, f"vLLM 0.32 refuses the {'/'.join(towers)} tower LoRA "
                            "(`expected target modules in {...}`) unless enable_tower_connector_lora=True, an "
                            "experimental flag that did not start on CPU here", "serve the merged checkpoint "
                            "(gemma4-tune export --merged) for tower fine-tunes; vLLM can serve the text part"))
+    elif embedders:
+        out.append(finding(VLLM_TOWER_FLAG.code, f"vLLM 0.32 loads LoRA on the {'/'.join(embedders)} embedder "
+                           "without an error, but nothing shows it applies it: PEFT names the modules after "
+                           "transformers' tree (embed_vision.patch_dense), vLLM after the checkpoint's "
+                           "(vision_embedder.patch_dense), and on text prompts it changes nothing", "serve the "
+                           "merged checkpoint (gemma4-tune export --merged) for embedder fine-tunes; vLLM can "
+                           "serve the text part"))
     if has_experts:
         out.append(finding(VLLM_EXPERTS_DROPPED.code, "vLLM does not map PEFT's expert LoRA keys "
                            "(experts.base_layer.lora_A): the expert deltas would change nothing when served",

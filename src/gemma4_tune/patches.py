@@ -7,6 +7,18 @@ DeepSpeed, ``PartialState._prepare_backend`` returns no backend, so every proces
 ``AcceleratorState`` promotes only accelerator types (``MULTI_GPU``...) to ``FSDP``, so an FSDP2 run
 on CPU silently trains as plain DDP. On GPUs neither patch is applied.
 
+transformers' Gemma 4 12B (``gemma4_unified``, failure-catalog row 31) builds two different image masks.
+Its plain forward (also what ``generate()`` runs with the default dynamic cache) passes the image blocks
+to the generic ``create_masks_for_generate``, which ORs each block into every layer's mask after the
+sliding window: image tokens attend bidirectionally on the global layers and past the window. The model
+class's own ``create_masks_for_generate`` (``create_masks_for_vision_model``; ``generate()`` uses it only
+with a static cache) keeps the global layers causal and the window, as the other Gemma 4 models' forward
+does since transformers#46850, and as Google's reference and llama.cpp (#28335) do. Measured on the tiny
+12B: greedy generation with a static and with a dynamic cache differ by 2.3 in the first logits. Training
+on the plain forward would learn under masks llama.cpp does not serve with. A forward pre-hook hands
+every forward the class's own masks through its public input (``attention_mask`` as a dict of masks);
+no library code is replaced. tests/test_12b.py fails once a release makes the two agree.
+
 The only other patch is to files, not to code in this process: llama.cpp's prebuilt libraries are
 rebound to glibc < 2.38 at install time (``verify/glibc_compat.py``, beside the engine install it
 serves; tested the same way).
@@ -20,6 +32,9 @@ from packaging.version import Version
 
 #: accelerate releases known to have the row-27 behaviour (the range pyproject.toml pins).
 ACCELERATE_AFFECTED = (Version("1.15.0"), Version("1.16.0"))
+#: transformers releases whose gemma4_unified forward masks image tokens unlike its own mask function (row 31).
+UNIFIED_MASK_AFFECTED = (Version("5.23.0"), Version("5.24.0"))
+_UNIFIED_HOOK = "_gemma4_tune_image_masks"
 
 
 def accelerate_is_affected() -> bool:
@@ -66,3 +81,58 @@ def patch_accelerate_for_cpu_launch() -> bool:
     state.PartialState._prepare_backend = _prepare_backend
     state.AcceleratorState.__init__ = _accelerator_init
     return True
+
+
+def unified_masks_are_affected() -> bool:
+    """True for the transformers releases whose gemma4_unified forward builds the other image masks."""
+    import transformers
+
+    low, high = UNIFIED_MASK_AFFECTED
+    return low <= Version(transformers.__version__) < high
+
+
+def model_image_masks(model: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The per-layer-type masks the 12B's class builds for ``inputs`` (input_ids, attention_mask,
+    mm_token_type_ids, optional position_ids / past_key_values): its own ``create_masks_for_generate``."""
+    import torch
+
+    ids = inputs["input_ids"]
+    # masks read only the batch size, length, dtype and device of the embeddings (as generate() passes them)
+    embeds = torch.empty((*ids.shape, 0), dtype=model.dtype, device=ids.device)
+    position_ids = inputs.get("position_ids")
+    if position_ids is None:
+        cache = inputs.get("past_key_values")
+        start = cache.get_seq_length() if cache is not None else 0
+        position_ids = (torch.arange(ids.shape[1], device=ids.device) + start).unsqueeze(0)
+    return type(model).create_masks_for_generate(model.config, embeds, inputs.get("attention_mask"),
+                                                 inputs.get("past_key_values"), position_ids,
+                                                 mm_token_type_ids=inputs["mm_token_type_ids"])
+
+
+def use_model_image_masks(model: Any) -> bool:
+    """On affected releases, make every forward of a Gemma 4 12B with images use its class's own image
+    masks (see the module doc). ``model``: the transformers model (or a PEFT model around it). Returns
+    whether the hook is in place; idempotent."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, "model", None)
+    if base.config.model_type != "gemma4_unified" or inner is None or not unified_masks_are_affected():
+        return False
+    if getattr(inner, _UNIFIED_HOOK, False):
+        return True
+
+    def hook(_module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        text = base.config.get_text_config()
+        if (kwargs.get("mm_token_type_ids") is None or kwargs.get("input_ids") is None or args
+                or isinstance(kwargs.get("attention_mask"), dict) or text.use_bidirectional_attention != "vision"):
+            return args, kwargs
+        return args, {**kwargs, "attention_mask": model_image_masks(base, kwargs)}
+
+    inner.register_forward_pre_hook(hook, with_kwargs=True)
+    setattr(inner, _UNIFIED_HOOK, True)
+    return True
+
+
+def uses_model_image_masks(model: Any) -> bool:
+    """Whether :func:`use_model_image_masks` is in effect on ``model`` (or the PEFT model around it)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(getattr(base, "model", None), _UNIFIED_HOOK, False))

@@ -19,7 +19,7 @@ import torch
 from gemma4_tune.findings import Finding, Severity, finding, has_errors, register
 from gemma4_tune.loss import IGNORE_INDEX
 from gemma4_tune.profile import ModelProfile
-from gemma4_tune.targets import TargetPlan, tower_of
+from gemma4_tune.targets import EMBED_GROUPS, GROUP_MODALITY, TargetPlan, tower_of
 
 LOSS_NOT_FINITE = register("G4T501", Severity.ERROR, "Loss is not finite on a real batch", (19,))
 TOWER_NO_GRADIENT = register("G4T502", Severity.ERROR, "A planned tower's LoRA gets no gradient", (21,))
@@ -32,6 +32,8 @@ FP16_OVERFLOWS = register("G4T507", Severity.ERROR, "fp16 overflows Gemma 4", (1
 KV_SHARING_BROKEN = register("G4T508", Severity.ERROR, "KV-shared layers differ with and without cache", (9,))
 MOE_EXPERTS_UNTRAINED = register("G4T509", Severity.WARNING, "MoE experts carry no LoRA", (16,))
 PREFLIGHT_SKIPPED = register("G4T510", Severity.WARNING, "Preflight was skipped")
+MODEL_IMAGE_MASKS = register("G4T511", Severity.INFO, "The 12B trains with its own image masks, not its forward's",
+                             (31,))
 
 FLASH_ATTENTION_MAX_HEAD_DIM = 256
 
@@ -182,17 +184,18 @@ def towers_get_gradients(ctx: PreflightContext) -> list[Finding]:
     """
     out = []
     trained = _supervised(ctx) and ctx.loss is not None and bool(torch.isfinite(ctx.loss))
-    present = {"text": True, "vision": "pixel_values" in ctx.batch, "audio": "input_features" in ctx.batch}
+    present = {"image": "pixel_values" in ctx.batch, "audio": "input_features" in ctx.batch}
     for tower in ctx.plan.groups:
-        if tower != "text" and not ctx.dataset_modalities.get("image" if tower == "vision" else "audio"):
-            kind = "image" if tower == "vision" else "audio"
-            out.append(finding(TOWER_WITHOUT_DATA.code, f"the plan trains the {tower} tower but the data has no "
+        kind = GROUP_MODALITY.get(tower)
+        part = f"{tower.removesuffix('-embed')} embedder" if tower in EMBED_GROUPS else f"{tower} tower"
+        if kind and not ctx.dataset_modalities.get(kind):
+            out.append(finding(TOWER_WITHOUT_DATA.code, f"the plan trains the {part} but the data has no "
                                f"{kind} — its LoRA would stay at zero", f"drop {tower} from --targets, or add "
                                f"{kind} examples"))
             continue
-        if trained and present.get(tower) and not ctx.lora_grad.get(tower, 0.0) > 0:
-            out.append(finding(TOWER_NO_GRADIENT.code, f"the {tower} tower's LoRA got no gradient from a batch "
-                               f"with {tower} inputs", "check that the tower is not frozen or detached (no "
+        if trained and (kind is None or present[kind]) and not ctx.lora_grad.get(tower, 0.0) > 0:
+            out.append(finding(TOWER_NO_GRADIENT.code, f"the {part}'s LoRA got no gradient from a batch "
+                               f"with {kind or tower} inputs", "check that the part is not frozen or detached (no "
                                "torch.no_grad around it) and that its targets are the inner .linear modules"))
     return out
 
@@ -218,6 +221,21 @@ def images_keep_mm_token_type_ids(ctx: PreflightContext) -> list[Finding]:
     return [finding(MM_TYPE_IDS_DROPPED.code, "the batch has images but no mm_token_type_ids: this model attends "
                     "bidirectionally over image tokens only when it gets them", "keep every processor output "
                     "in your collator (gemma4-tune's batcher does); do not rebuild batches from input_ids")]
+
+
+@check(static=True)
+def image_masks_as_served(ctx: PreflightContext) -> list[Finding]:
+    """Row 31: transformers 5.23's 12B forward masks image tokens unlike its own mask function; say which is used."""
+    from gemma4_tune.patches import UNIFIED_MASK_AFFECTED, uses_model_image_masks
+
+    if "pixel_values" not in ctx.batch or not uses_model_image_masks(ctx.model):
+        return []
+    low, high = UNIFIED_MASK_AFFECTED
+    return [finding(MODEL_IMAGE_MASKS.code, f"transformers >={low},<{high} gives this model's plain forward other "
+                    "image masks than its own create_masks_for_generate (global layers bidirectional over each "
+                    "image, and past the sliding window); training uses the model's own, the masks llama.cpp and "
+                    "Google's reference use", "nothing to do; a script that trains this model on a plain forward "
+                    "learns under other masks (see docs/checks.md#g4t511)")]
 
 
 @check(static=True)

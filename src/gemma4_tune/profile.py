@@ -55,11 +55,56 @@ class TowerFacts:
     @property
     def layer_class(self) -> str:
         """The transformers class of one encoder layer: the unit FSDP wraps (row 25)."""
-        return LAYER_CLASSES[self.name]
+        return FAMILIES["gemma4"].layer_classes[self.name]
 
 
-#: The repeated block of each part of Gemma 4, by part: what FSDP wraps and shards as one unit.
-LAYER_CLASSES = {"text": "Gemma4TextDecoderLayer", "vision": "Gemma4VisionEncoderLayer", "audio": "Gemma4AudioLayer"}
+@dataclass(frozen=True)
+class EmbedderFacts:
+    """The projection that carries an image or audio part into the text stream.
+
+    The encoder models (E2B, E4B, 26B-A4B, 31B) put one after each tower; the 12B has no
+    towers and embeds raw patches and raw audio frames with nothing but these.
+    """
+
+    name: str  # "vision" or "audio"
+    module_prefix: str
+    input_size: int  # what enters the embedder: tower width, or raw patch / frame width (12B)
+    hidden_size: int
+
+    @property
+    def group(self) -> str:
+        """The target group of this embedder's linears (never part of ``text``)."""
+        return f"{self.name}-embed"
+
+
+@dataclass(frozen=True)
+class Family:
+    """One Gemma 4 architecture in transformers: its classes and the repeated block of each part."""
+
+    model_type: str
+    config_class: str
+    model_class: str
+    processor_class: str
+    #: The repeated block of each part: what FSDP wraps and shards as one unit (row 25).
+    layer_classes: dict[str, str]
+
+    def transformers_class(self, which: str = "model") -> Any:
+        """The transformers class named by ``which`` (model, config or processor)."""
+        import transformers
+
+        return getattr(transformers, {"model": self.model_class, "config": self.config_class,
+                                      "processor": self.processor_class}[which])
+
+
+#: The Gemma 4 architectures, by ``model_type``: the four encoder models, and the 12B ("unified",
+#: encoder-free: raw patches and audio frames go through embedders only, row 37).
+FAMILIES = {
+    "gemma4": Family("gemma4", "Gemma4Config", "Gemma4ForConditionalGeneration", "Gemma4Processor",
+                     {"text": "Gemma4TextDecoderLayer", "vision": "Gemma4VisionEncoderLayer",
+                      "audio": "Gemma4AudioLayer"}),
+    "gemma4_unified": Family("gemma4_unified", "Gemma4UnifiedConfig", "Gemma4UnifiedForConditionalGeneration",
+                             "Gemma4UnifiedProcessor", {"text": "Gemma4UnifiedTextDecoderLayer"}),
+}
 
 
 @dataclass
@@ -69,6 +114,7 @@ class ModelProfile:
     source: str
     variant: str | None
     tiny: bool
+    model_type: str
     architecture: str
     hidden_size: int
     vocab_size: int
@@ -86,7 +132,13 @@ class ModelProfile:
     tied_embeddings: bool
     final_logit_softcapping: float | None
     token_ids: dict[str, Any]
+    embedders: list[EmbedderFacts] = field(default_factory=list)
     parameters: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def family(self) -> Family:
+        """The transformers architecture this checkpoint is."""
+        return FAMILIES[self.model_type]
 
     @property
     def text_prefix(self) -> str:
@@ -101,6 +153,14 @@ class ModelProfile:
     def tower(self, name: str) -> TowerFacts | None:
         """The named tower, if the checkpoint has it."""
         return next((t for t in self.towers if t.name == name), None)
+
+    def embedder(self, name: str) -> EmbedderFacts | None:
+        """The named embedder (vision or audio), if the checkpoint has it."""
+        return next((e for e in self.embedders if e.name == name), None)
+
+    def has_part(self, name: str) -> bool:
+        """Whether images (``vision``) or audio (``audio``) have a way into this model."""
+        return self.tower(name) is not None or self.embedder(name) is not None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -128,20 +188,12 @@ class ModelProfile:
                     kv_sharing={None: "own", "store": "store", "reuse": "reuse"}[modes[i]],
                     k_eq_v=bool(text.attention_k_eq_v and not sliding),
                     double_wide_mlp=bool(text.use_double_wide_mlp and modes[i] == "reuse"),
-                    moe=bool(text.enable_moe_block),
+                    moe=bool(getattr(text, "enable_moe_block", False)),
                 )
             )
-        towers = []
-        if config.vision_config is not None:
-            vc = config.vision_config
-            towers.append(TowerFacts("vision", "model.vision_tower", vc.num_hidden_layers, vc.hidden_size,
-                                     bool(vc.use_clipped_linears)))
-        if config.audio_config is not None:
-            ac = config.audio_config
-            towers.append(TowerFacts("audio", "model.audio_tower", ac.num_hidden_layers, ac.hidden_size,
-                                     bool(ac.use_clipped_linears)))
+        towers, embedders = _parts(config)
         moe = None
-        if text.enable_moe_block:
+        if getattr(text, "enable_moe_block", False):
             moe = {"num_experts": text.num_experts, "top_k": text.top_k_experts,
                    "intermediate_size": text.moe_intermediate_size}
         token_ids = {
@@ -156,7 +208,8 @@ class ModelProfile:
             source=source,
             variant=variant or _match_variant(config),
             tiny=tiny,
-            architecture=(getattr(config, "architectures", None) or ["Gemma4ForConditionalGeneration"])[0],
+            model_type=config.model_type,
+            architecture=(getattr(config, "architectures", None) or [FAMILIES[config.model_type].model_class])[0],
             hidden_size=text.hidden_size,
             vocab_size=text.vocab_size,
             num_layers=text.num_hidden_layers,
@@ -168,11 +221,12 @@ class ModelProfile:
             attention_k_eq_v=bool(text.attention_k_eq_v),
             use_double_wide_mlp=bool(text.use_double_wide_mlp),
             bidirectional_attention=text.use_bidirectional_attention,
-            ple_hidden_size=text.hidden_size_per_layer_input or 0,
+            ple_hidden_size=getattr(text, "hidden_size_per_layer_input", 0) or 0,
             moe=moe,
             tied_embeddings=bool(config.tie_word_embeddings),
             final_logit_softcapping=text.final_logit_softcapping,
             token_ids=token_ids,
+            embedders=embedders,
         )
         if count_parameters:
             profile.parameters = count_parameters_by_part(config)
@@ -204,24 +258,46 @@ class ModelProfile:
                                count_parameters=count_parameters)
 
 
-def _as_config(config: Any, source: str) -> Any:
-    from transformers import Gemma4Config
+def _parts(config: Any) -> tuple[list[TowerFacts], list[EmbedderFacts]]:
+    """The towers and the embedders of a config, as its model class builds them."""
+    text_hidden = config.text_config.hidden_size
+    towers, embedders = [], []
+    for name, sub in (("vision", config.vision_config), ("audio", config.audio_config)):
+        if sub is None:
+            continue
+        if config.model_type == "gemma4_unified":
+            # Raw 48x48 RGB patches (LayerNorm, Dense, position embedding) or raw audio frames, then
+            # RMSNorm and the projection into the text stream: modeling_gemma4_unified's embedders.
+            width = sub.model_patch_size**2 * 3 if name == "vision" else sub.audio_embed_dim
+            embedders.append(EmbedderFacts(name, f"model.embed_{name}", width, text_hidden))
+            continue
+        towers.append(TowerFacts(name, f"model.{name}_tower", sub.num_hidden_layers, sub.hidden_size,
+                                 bool(sub.use_clipped_linears)))
+        width = getattr(sub, "output_proj_dims", None) or sub.hidden_size
+        embedders.append(EmbedderFacts(name, f"model.embed_{name}", width, text_hidden))
+    return towers, embedders
 
-    if isinstance(config, Gemma4Config):
+
+def _as_config(config: Any, source: str) -> Any:
+    import transformers
+
+    classes = tuple(family.transformers_class("config") for family in FAMILIES.values())
+    if isinstance(config, classes):
         return config
     if isinstance(config, dict):
         model_type = config.get("model_type")
-        if model_type != "gemma4":
+        if model_type not in FAMILIES:
             hint = ("a text-only Gemma 4 config (gemma4_text); load the full multimodal checkpoint instead"
-                    if model_type == "gemma4_text" else f"model_type is {model_type!r}")
+                    if model_type in ("gemma4_text", "gemma4_unified_text") else f"model_type is {model_type!r}")
             raise FindingError(finding(NOT_GEMMA4.code, f"{source} is not a Gemma 4 checkpoint ({hint})",
-                                       "use a Gemma 4 checkpoint (model_type 'gemma4'), e.g. google/gemma-4-E2B-it"))
+                                       f"use a Gemma 4 checkpoint (model_type {' or '.join(map(repr, FAMILIES))}), "
+                                       "e.g. google/gemma-4-E2B-it"))
         kwargs = {k: v for k, v in config.items() if k not in ("architectures", "transformers_version")}
-        cfg = Gemma4Config(**kwargs)
+        cfg = getattr(transformers, FAMILIES[model_type].config_class)(**kwargs)
         cfg.architectures = config.get("architectures")
         return cfg
     raise FindingError(finding(NOT_GEMMA4.code, f"{source}: unsupported config object {type(config).__name__}",
-                               "pass a Gemma4Config or a model directory"))
+                               "pass a Gemma 4 config or a model directory"))
 
 
 _STRUCTURE_KEYS = ("num_hidden_layers", "hidden_size", "num_kv_shared_layers", "enable_moe_block",
@@ -229,29 +305,38 @@ _STRUCTURE_KEYS = ("num_hidden_layers", "hidden_size", "num_kv_shared_layers", "
 
 
 def _match_variant(config: Any) -> str | None:
-    """The catalog variant with the same text structure, if any."""
+    """The catalog variant with the same architecture and text structure, if any."""
     text = config.text_config
     for variant in variants().values():
+        if variant.config.get("model_type") != config.model_type:
+            continue
         published = variant.config["text_config"]
-        if all(published.get(k, getattr(text.__class__, k, None)) == getattr(text, k) for k in _STRUCTURE_KEYS):
+        if all(published.get(k, getattr(text.__class__, k, None)) == getattr(text, k, None)
+               for k in _STRUCTURE_KEYS):
             return variant.id
     return None
 
 
-def count_parameters_by_part(config: Any) -> dict[str, int]:
-    """Parameter counts per part of the model, from the real classes on the meta device."""
+def meta_module(config: Any) -> Any:
+    """The real module tree of a Gemma 4 config (either family) on the meta device: no weights."""
     import torch
-    from transformers import Gemma4ForConditionalGeneration
 
     with torch.device("meta"):
-        model = Gemma4ForConditionalGeneration(config)
+        return FAMILIES[config.model_type].transformers_class()(config)
+
+
+def count_parameters_by_part(config: Any) -> dict[str, int]:
+    """Parameter counts per part of the model, from the real classes on the meta device."""
+    model = meta_module(config)
+    # behind a tower the embedder is a projection; without one (the 12B) it is the whole way in
+    embedder = "embedder" if config.model_type == "gemma4_unified" else "projector"
     parts = {
         "embeddings": "model.language_model.embed_tokens.",
         "per_layer_embeddings": "model.language_model.embed_tokens_per_layer.",
         "vision": "model.vision_tower.",
-        "vision_projector": "model.embed_vision.",
+        f"vision_{embedder}": "model.embed_vision.",
         "audio": "model.audio_tower.",
-        "audio_projector": "model.embed_audio.",
+        f"audio_{embedder}": "model.embed_audio.",
         "text_decoder": "model.language_model.",
     }
     counts = dict.fromkeys(parts, 0)

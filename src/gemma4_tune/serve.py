@@ -162,10 +162,10 @@ def plan_serving(base: str | Path, adapters: dict[str, Path], work_dir: Path, *,
                 served = text_only_adapter(served, work_dir / f"{name}-text")
                 plan.notes.append(f"{name}: text LoRA only (tower LoRA left out: --text-only)")
             elif flavour == "cpu":
-                blocking.append(finding(NOT_SERVABLE.code, f"adapter {name} has vision/audio tower LoRA; vLLM's CPU "
-                                        "build does not start with enable_tower_connector_lora, and without it the "
-                                        "tower deltas are ignored", "serve the merged checkpoint (gemma4-tune export "
-                                        "--merged, then serve --merged), or pass --text-only to serve the text part "
+                blocking.append(finding(NOT_SERVABLE.code, f"adapter {name} has vision/audio tower (or embedder) "
+                                        "LoRA; vLLM's CPU build does not start with enable_tower_connector_lora, and "
+                                        "without it those deltas are not served as trained", "serve the merged "
+                                        "checkpoint (gemma4-tune export --merged, then serve --merged), or pass --text-only to serve the text part "
                                         "(images and audio then go through the base towers)", adapter=str(adapter)))
             else:
                 plan.tower_flag = True

@@ -5,8 +5,10 @@ are ``nn.Linear`` under each decoder layer; tower projections are
 ``Gemma4ClippableLinear`` wrappers, whose inner ``.linear`` is the LoRA target so
 the clamps stay in the forward pass and keys keep the official layout (failure
 catalog rows 1, 2); MoE experts are 3-D parameters reached through PEFT's
-``target_parameters`` (row 16). Layers that lack a projection (KV-shared layers,
-K=V global layers) are listed as skipped with the reason (row 8).
+``target_parameters`` (row 16); the multimodal embedders (the 12B's only way in for
+images and audio) are their own groups, never part of ``text`` (row 37). Layers that
+lack a projection (KV-shared layers, K=V global layers) are listed as skipped with the
+reason (row 8).
 """
 
 from __future__ import annotations
@@ -33,8 +35,12 @@ UNKNOWN_TARGET_GROUP = register("G4T103", Severity.ERROR, "Unknown target group"
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
-GROUPS = ("text", "text-attention", "text-mlp", "text-experts", "vision", "audio", "all")
+GROUPS = ("text", "text-attention", "text-mlp", "text-experts", "vision", "audio", "vision-embed", "audio-embed",
+          "all")
 TOWER_GROUPS = {"vision": "model.vision_tower", "audio": "model.audio_tower"}
+EMBED_GROUPS = {"vision-embed": "model.embed_vision", "audio-embed": "model.embed_audio"}
+#: The data modality a group's LoRA learns from: a batch without it gives the group no gradient.
+GROUP_MODALITY = {"vision": "image", "vision-embed": "image", "audio": "audio", "audio-embed": "audio"}
 PATTERN_PREFIX = "re:"
 
 
@@ -43,7 +49,7 @@ class PlannedTarget:
     """One module or expert parameter that gets LoRA."""
 
     path: str  # module path (for experts: path of the parameter)
-    group: str  # text, vision, audio, pattern
+    group: str  # text, vision, audio, vision-embed, audio-embed
     kind: str  # linear, clippable (inner .linear), experts
     layer: int | None
     name: str
@@ -116,7 +122,8 @@ class TargetPlan:
 
 def tower_of(path: str) -> str:
     """The group a module or parameter path belongs to (with or without PEFT's ``base_model.model.``)."""
-    return next((group for group, prefix in TOWER_GROUPS.items() if f"{prefix}." in path), "text")
+    return next((group for group, prefix in {**TOWER_GROUPS, **EMBED_GROUPS}.items() if f"{prefix}." in path),
+                "text")
 
 
 def parse_spec(spec: str) -> list[str]:
@@ -198,6 +205,13 @@ def _tower_targets(model: nn.Module, group: str) -> list[PlannedTarget]:
     return out
 
 
+def _embedder_targets(model: nn.Module, group: str) -> list[PlannedTarget]:
+    prefix = EMBED_GROUPS[group] + "."
+    return [PlannedTarget(path, group, "linear", None, path.removeprefix(prefix), module.in_features,
+                          module.out_features)
+            for path, module in model.named_modules() if path.startswith(prefix) and isinstance(module, nn.Linear)]
+
+
 def _pattern_targets(model: nn.Module, pattern: str) -> tuple[list[PlannedTarget], list[str]]:
     regex = re.compile(pattern)
     clippable = _clippable_type()
@@ -243,6 +257,9 @@ def plan_targets(model: nn.Module, profile: ModelProfile, spec: str = "text", ra
             for tower in TOWER_GROUPS:
                 if profile.tower(tower) is not None:
                     targets += _tower_targets(model, tower)
+                elif profile.embedder(tower) is not None:
+                    # no tower (the 12B): the embedder is all an image or a sound passes through
+                    targets += _embedder_targets(model, profile.embedder(tower).group)
         elif item == "text-experts":
             found, _ = _text_targets(model, profile, (), experts=True, group="text")
             if not found:
@@ -252,12 +269,23 @@ def plan_targets(model: nn.Module, profile: ModelProfile, spec: str = "text", ra
             targets += found
         elif item in TOWER_GROUPS:
             if profile.tower(item) is None:
+                embedder = profile.embedder(item)
                 errors.append(finding(TOWER_NOT_IN_MODEL.code,
                                       f"target group {item!r}: this model ({profile.variant or profile.source}) "
-                                      f"has no {item} tower",
-                                      f"drop {item!r} from --targets"))
+                                      f"has no {item} tower" + (f"; its {item} input goes through "
+                                                                f"{embedder.module_prefix} only" if embedder else ""),
+                                      f"use {embedder.group!r} to train that embedder" if embedder
+                                      else f"drop {item!r} from --targets"))
                 continue
             targets += _tower_targets(model, item)
+        elif item in EMBED_GROUPS:
+            name = item.removesuffix("-embed")
+            if profile.embedder(name) is None:
+                errors.append(finding(TOWER_NOT_IN_MODEL.code,
+                                      f"target group {item!r}: this model ({profile.variant or profile.source}) "
+                                      f"takes no {name} input", f"drop {item!r} from --targets"))
+                continue
+            targets += _embedder_targets(model, item)
         else:
             names = {"text": ATTENTION + MLP, "text-attention": ATTENTION, "text-mlp": MLP}[item]
             found, sk = _text_targets(model, profile, names, experts=item in ("text", "text-mlp"), group="text")

@@ -52,6 +52,7 @@ from gemma4_tune.findings import MODEL_NOT_FOUND, Finding, FindingError, Severit
 from gemma4_tune.io import check_writable, ensure_empty_target, write_json
 from gemma4_tune.loss import SupervisedLoss
 from gemma4_tune.preflight import PreflightResult
+from gemma4_tune.patches import use_model_image_masks
 from gemma4_tune.profile import ModelProfile
 from gemma4_tune.rundir import (
     check_not_in_use,
@@ -200,7 +201,7 @@ def load_model(path: str, quantize: str | None = None, *, sharded: bool = False)
 
     On GPUs the model goes to this process's GPU, except when FSDP2 or ZeRO-3 will shard it
     (``sharded``): they move only their shard."""
-    from transformers import AutoProcessor, Gemma4ForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     _, dtype = _device_and_dtype()
     processor = AutoProcessor.from_pretrained(path)
@@ -209,10 +210,12 @@ def load_model(path: str, quantize: str | None = None, *, sharded: bool = False)
 
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                  bnb_4bit_compute_dtype=torch.bfloat16)
-        model = Gemma4ForConditionalGeneration.from_pretrained(path, dtype=dtype, quantization_config=bnb,
-                                                               device_map={"": _local_gpu()})
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, quantization_config=bnb,
+                                                            device_map={"": _local_gpu()})
+        use_model_image_masks(model)
         return model, processor
-    model = Gemma4ForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+    use_model_image_masks(model)
     if torch.cuda.is_available() and not sharded:
         model.to(f"cuda:{_local_gpu()}")
     return model, processor
@@ -282,12 +285,12 @@ def prepare_run(cfg: RunConfig, *, sharded: bool = False) -> RunSetup:
 
     profile = ModelProfile.from_pretrained(cfg.model, count_parameters=False)
     missing = [(kind, tower) for kind, tower in (("image", "vision"), ("audio", "audio"))
-               if modalities.get(kind) and profile.tower(tower) is None]
+               if modalities.get(kind) and not profile.has_part(tower)]
     if missing:
         raise FindingError(*[finding(MODALITY_WITHOUT_TOWER.code, f"{modalities[kind]} conversations "
                                      f"have {kind} parts but {profile.variant or cfg.model} has no {tower} tower",
                                      f"remove the {kind} parts (or those rows), or use a model that has the "
-                                     f"{tower} tower" + (" (E2B or E4B)" if tower == "audio" else ""))
+                                     f"{tower} tower" + (" (E2B, E4B or 12B)" if tower == "audio" else ""))
                              for kind, tower in missing])
 
     # 2. Model, processor and LoRA exactly where the plan says.

@@ -10,11 +10,11 @@ import sys
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoProcessor, AutoTokenizer, Gemma4ForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 path = sys.argv[1]
 assert "gemma4_tune" not in sys.modules
-model, info = Gemma4ForConditionalGeneration.from_pretrained(path, output_loading_info=True)
+model, info = AutoModelForImageTextToText.from_pretrained(path, output_loading_info=True)
 model.eval()
 tokenizer = AutoTokenizer.from_pretrained(path)
 processor = AutoProcessor.from_pretrained(path)

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-from transformers import Gemma4ForConditionalGeneration
+from transformers import AutoModelForImageTextToText
 from transformers.models.gemma4.modeling_gemma4 import Gemma4ClippableLinear
 
 sys.path.insert(0, str(Path(__file__).parent))
 from batch import fixed_batch  # noqa: E402
 
 base_path, adapter_path, out_path = sys.argv[1:4]
-base = Gemma4ForConditionalGeneration.from_pretrained(base_path, dtype=torch.float32)
+base = AutoModelForImageTextToText.from_pretrained(base_path, dtype=torch.float32)
 n_clippable = sum(isinstance(m, Gemma4ClippableLinear) for m in base.modules())
 model = PeftModel.from_pretrained(base, adapter_path).eval()
 n_after = sum(isinstance(m, Gemma4ClippableLinear) for m in model.modules())

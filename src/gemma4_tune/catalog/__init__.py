@@ -22,6 +22,7 @@ ALIASES = {
     "26b-a4b": "gemma-4-26b-a4b",
     "26b": "gemma-4-26b-a4b",
     "31b": "gemma-4-31b",
+    "12b": "gemma-4-12b",
 }
 
 

@@ -3,8 +3,9 @@
 The published config of a catalog variant is shrunk in width and depth, never in
 kind: every feature flag (KV sharing with sliding and full producer layers,
 per-layer embeddings, double-wide MLP, K=V global layers, MoE experts,
-bidirectional vision attention, clipped tower linears, audio tower) and the
-sliding/full layer pattern survive in miniature. The directory written is a
+bidirectional vision attention, clipped tower linears, audio tower; the 12B's
+encoder-free embedders of raw patches and audio frames) and the sliding/full
+layer pattern survive in miniature. The directory written is a
 normal Hugging Face model directory (config, safetensors, tokenizer, processor,
 chat template) that stock transformers and vLLM load.
 """
@@ -19,6 +20,7 @@ from typing import Any
 
 from gemma4_tune.catalog import Variant
 from gemma4_tune.catalog.tokenizer import MEDIA_TOKENS, VIDEO_TOKEN, save_tokenizer
+from gemma4_tune.profile import FAMILIES
 
 TINY_TEXT = {
     "hidden_size": 64,
@@ -109,10 +111,15 @@ def tiny_config(variant: Variant, vocab_size: int, token_ids: dict[str, int],
     )
     if text.get("hidden_size_per_layer_input"):
         text["vocab_size_per_layer_input"] = vocab_size
-    if cfg.get("vision_config"):
+    unified = cfg["model_type"] == "gemma4_unified"
+    if cfg.get("vision_config") and unified:
+        # the patch embedder's width is the text width, as published (mm_embed_dim == output_proj_dims == hidden)
+        cfg["vision_config"].update(mm_embed_dim=text["hidden_size"], output_proj_dims=text["hidden_size"],
+                                    num_soft_tokens=TINY_IMAGE_SOFT_TOKENS)
+    elif cfg.get("vision_config"):
         cfg["vision_config"].update(TINY_VISION)
         cfg["vision_config"]["default_output_length"] = TINY_IMAGE_SOFT_TOKENS
-    if cfg.get("audio_config"):
+    if cfg.get("audio_config") and not unified:
         cfg["audio_config"].update(TINY_AUDIO, subsampling_conv_channels=TINY_AUDIO_CONV_CHANNELS)
     cfg.update(
         image_token_id=token_ids[MEDIA_TOKENS["image_token"]],
@@ -130,7 +137,7 @@ def tiny_config(variant: Variant, vocab_size: int, token_ids: dict[str, int],
     # Wider random init than the published 0.02: with hidden size 64 and a tied, frozen lm_head,
     # 0.02 caps every logit near 1, so no fine-tune of a tiny model could show its loss falling.
     cfg["initializer_range"] = text["initializer_range"] = TINY_INIT_STD
-    cfg["architectures"] = ["Gemma4ForConditionalGeneration"]
+    cfg["architectures"] = [FAMILIES[cfg["model_type"]].model_class]
     cfg.pop("transformers_version", None)
     cfg.pop("quantization_config", None)
     return cfg
@@ -183,26 +190,28 @@ def _calibrate_clamps(model: Any, generator: Any) -> None:
 
 
 def _processor_files(out_dir: Path, cfg: dict[str, Any], chat_template: str) -> None:
-    """Write a full Gemma4Processor (image, video and audio parts) beside the tokenizer."""
-    from transformers import (
-        AutoTokenizer,
-        Gemma4AudioFeatureExtractor,
-        Gemma4ImageProcessor,
-        Gemma4Processor,
-        Gemma4VideoProcessor,
-    )
+    """Write the model's full processor (image, video and audio parts) beside the tokenizer."""
+    import transformers
+    from transformers import AutoTokenizer
 
     vision = cfg.get("vision_config") or {}
     patch = vision.get("patch_size", 16)
     pool = vision.get("pooling_kernel_size", 3)
     tokenizer = AutoTokenizer.from_pretrained(str(out_dir))
-    processor = Gemma4Processor(
-        feature_extractor=Gemma4AudioFeatureExtractor(feature_size=AUDIO_MEL_BINS),
-        image_processor=Gemma4ImageProcessor(
+    unified = cfg["model_type"] == "gemma4_unified"
+    prefix = "Gemma4Unified" if unified else "Gemma4"
+    # the 12B takes raw audio frames (audio_embed_dim samples each); the towers take mel features
+    audio = (transformers.Gemma4UnifiedAudioFeatureExtractor(
+                 feature_size=cfg["audio_config"]["audio_embed_dim"],
+                 audio_samples_per_token=cfg["audio_config"]["audio_embed_dim"])
+             if unified else transformers.Gemma4AudioFeatureExtractor(feature_size=AUDIO_MEL_BINS))
+    processor = getattr(transformers, FAMILIES[cfg["model_type"]].processor_class)(
+        feature_extractor=audio,
+        image_processor=getattr(transformers, f"{prefix}ImageProcessor")(
             patch_size=patch, pooling_kernel_size=pool, max_soft_tokens=TINY_IMAGE_SOFT_TOKENS
         ),
         tokenizer=tokenizer,
-        video_processor=Gemma4VideoProcessor(
+        video_processor=getattr(transformers, f"{prefix}VideoProcessor")(
             patch_size=patch, pooling_kernel_size=pool, max_soft_tokens=TINY_IMAGE_SOFT_TOKENS, num_frames=2
         ),
         chat_template=chat_template,
@@ -219,7 +228,6 @@ def build_tiny_model(variant: Variant, out_dir: Path, *, seed: int = 0, chat_tem
     directory and moves it into place.
     """
     import torch
-    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
 
     out_dir.mkdir(parents=True, exist_ok=True)
     token_ids = save_tokenizer(out_dir, chat_template)
@@ -227,10 +235,11 @@ def build_tiny_model(variant: Variant, out_dir: Path, *, seed: int = 0, chat_tem
 
     vocab_size = len(AutoTokenizer.from_pretrained(str(out_dir)))
     cfg_dict = tiny_config(variant, vocab_size, token_ids, dtype)
-    config = Gemma4Config(**{k: v for k, v in cfg_dict.items() if k != "architectures"})
+    family = FAMILIES[cfg_dict["model_type"]]
+    config = family.transformers_class("config")(**{k: v for k, v in cfg_dict.items() if k != "architectures"})
     config.architectures = cfg_dict["architectures"]
     torch.manual_seed(seed)
-    model = Gemma4ForConditionalGeneration(config).eval()
+    model = family.transformers_class()(config).eval()
     generator = torch.Generator().manual_seed(seed)
     _calibrate_clamps(model, generator)
     model.generation_config.eos_token_id = cfg_dict["eos_token_id"]
@@ -283,9 +292,14 @@ def _add_kv_shared_keys(weights: Path, model: Any, generator: Any) -> None:
         save_file({**tensors, **{k: v.to(dtype) for k, v in extra.items()}}, str(weights), metadata={"format": "pt"})
 
 
+#: The field vLLM reads an image's soft-token budget from, by family; transformers drops it on save.
+VLLM_SOFT_TOKENS_FIELD = {"gemma4": "default_output_length", "gemma4_unified": "num_soft_tokens"}
+
+
 def _add_vllm_fields(config_path: Path, cfg_dict: dict[str, Any]) -> None:
-    """vLLM reads ``vision_config.default_output_length``, which transformers' class drops on save."""
+    """Put back the image soft-token budget vLLM reads from ``vision_config`` (see VLLM_SOFT_TOKENS_FIELD)."""
     saved = json.loads(config_path.read_text())
+    key = VLLM_SOFT_TOKENS_FIELD[cfg_dict["model_type"]]
     if saved.get("vision_config") and cfg_dict.get("vision_config"):
-        saved["vision_config"]["default_output_length"] = cfg_dict["vision_config"]["default_output_length"]
+        saved["vision_config"][key] = cfg_dict["vision_config"][key]
     config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")

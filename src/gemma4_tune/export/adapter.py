@@ -56,8 +56,11 @@ def check_adapter_for_engines(base: str | Path, adapter: str | Path, engines: li
                            if d.kind == "linear" and part_of(d.base_key) == "text"})
     has_experts = any(d.kind == "experts" for d in deltas)
     findings: list[Finding] = list(checked.notes)
+    profile = ModelProfile.from_pretrained(base, count_parameters=False)
     if "vllm" in engines or "llama.cpp" in engines:
-        all_findings = deployment_findings(rank, groups, text_modules, has_experts)
+        # a part without a tower (the 12B) is its embedder's group
+        planned = [g if g == "text" or profile.tower(g) else f"{g}-embed" for g in groups]
+        all_findings = deployment_findings(rank, planned, text_modules, has_experts)
         wanted = {"vllm": ("G4T201", "G4T202", "G4T203", "G4T205", "G4T206"), "llama.cpp": ("G4T204",)}
         codes = {c for e in engines for c in wanted.get(e, ())}
         findings += [f for f in all_findings if f.code in codes]
@@ -71,7 +74,6 @@ def check_adapter_for_engines(base: str | Path, adapter: str | Path, engines: li
                                     "served model differs silently", "serve the merged checkpoint, or export a "
                                     "vLLM-ready copy with `gemma4-tune export --vllm-adapter DIR` (k_proj LoRA "
                                     "duplicated onto v_proj; vLLM only)"))
-    profile = ModelProfile.from_pretrained(base, count_parameters=False)
     shared = {layer.index for layer in profile.layers if layer.kv_sharing == "reuse"}
     ignored = sorted({d.base_key for d in deltas if d.kind == "linear" and part_of(d.base_key) == "text"
                       and re.search(r"\.self_attn\.(k_proj|v_proj)\.", d.base_key)

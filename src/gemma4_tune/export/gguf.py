@@ -54,7 +54,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gemma4_tune.engines import LLAMACPP_EXPERTS
+from gemma4_tune.engines import LLAMACPP_EXPERTS, part_of
 from gemma4_tune.export.manifest import read_checkpoint
 from gemma4_tune.export.merge import MODELFILE
 from gemma4_tune.findings import MODEL_NOT_FOUND, Finding, FindingError, Severity, finding, register
@@ -68,7 +68,6 @@ MEMORY_TOO_SMALL = register("G4T919", Severity.ERROR, "Machine cannot hold the G
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 GGUF_RECORD = "gemma4_tune_gguf.json"
-TOWER_PREFIXES = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
 CLIP_BUFFERS = ("input_min", "input_max", "output_min", "output_max")
 #: Tensors ``convert_hf_to_gguf.py`` adds to a Gemma 4 text model (``Gemma4Model.generate_extra_tensors``).
 GENERATED_TEXT_TENSORS = 1  # rope_freqs (proportional RoPE of the full-attention layers)
@@ -171,7 +170,7 @@ def check_towers(model_dir: str | Path) -> dict[str, Any]:
     """
     model_dir = Path(model_dir)
     keys = set(read_checkpoint(model_dir))
-    towers = sorted(k for k in keys if k.startswith(TOWER_PREFIXES))
+    towers = sorted(k for k in keys if part_of(k) != "text")
     counts = {"text": len(keys) - len(towers), "towers": len(towers), "clipped_linears": 0}
     if not has_towers(model_dir):
         return counts
@@ -211,7 +210,7 @@ def _adapter_plan(adapter_dir: Path, base_dir: Path) -> tuple[int, list[Finding]
                                    "it, it tries the Hugging Face hub): pass the local base model directory"))
     layout = checked_adapter(adapter_dir, base_dir).layout
     deltas = [d for group in layout.deltas.values() for d in group]
-    tower = sorted({d.base_key for d in deltas if d.base_key.startswith(TOWER_PREFIXES)})
+    tower = sorted({d.base_key for d in deltas if part_of(d.base_key) != "text"})
     experts = sorted({d.base_key for d in deltas if d.kind != "linear"})
     out: list[Finding] = []
     if tower:
@@ -224,7 +223,7 @@ def _adapter_plan(adapter_dir: Path, base_dir: Path) -> tuple[int, list[Finding]
         out.append(finding(LLAMACPP_EXPERTS.code, f"the adapter has MoE expert LoRA on {len(experts)} expert tensors "
                            f"(first: {experts[0]}); convert_lora_to_gguf.py cannot map them: not written",
                            "use the merged GGUF: merge first, then convert", tensors=experts[:20]))
-    text = [d for d in deltas if d.kind == "linear" and not d.base_key.startswith(TOWER_PREFIXES)]
+    text = [d for d in deltas if d.kind == "linear" and part_of(d.base_key) == "text"]
     return 2 * len(text), out
 
 
@@ -234,7 +233,7 @@ def gguf_size(model_dir: str | Path, gguf_type: str, *, with_base: bool = False)
     tensors = read_checkpoint(Path(model_dir)).values()
     weights = {"text": 0, "towers": 0}
     for info in tensors:
-        weights["towers" if info.name.startswith(TOWER_PREFIXES) else "text"] += info.nbytes // info.itemsize
+        weights["text" if part_of(info.name) == "text" else "towers"] += info.nbytes // info.itemsize
     total = weights["text"] * (2 if with_base else 1) + weights["towers"]
     return int(total * GGUF_BYTES_PER_WEIGHT[gguf_type])
 
@@ -274,7 +273,7 @@ def conversion_memory(model_dir: str | Path, gguf_type: str, *, towers: bool = F
     :data:`CONVERT_BYTES_PER_WEIGHT` times its weights, a row chunk of :data:`CHUNK_BYTES` of a larger
     2-D or 3-D tensor when ``bounded`` (:func:`_bounded_convert`), else the whole tensor.
     """
-    tensors = [t for t in read_checkpoint(Path(model_dir)).values() if t.name.startswith(TOWER_PREFIXES) == towers]
+    tensors = [t for t in read_checkpoint(Path(model_dir)).values() if (part_of(t.name) != "text") == towers]
     weights = max((_chunk_weights(t.shape, t.itemsize) if bounded else math.prod(t.shape) for t in tensors),
                   default=0)
     return int(CONVERTER_BASE_BYTES + weights * CONVERT_BYTES_PER_WEIGHT[gguf_type])

@@ -28,7 +28,7 @@ import math
 import re
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -479,6 +479,28 @@ def _meta_model(base_dir: Path) -> Any:
         return cls(config)
 
 
+def _checkpoint_names(base_dir: Path) -> Callable[[str], str]:
+    """Module-tree key -> the key the checkpoint stores it under: transformers' own renamings of this model
+    (the 12B's ``embed_vision.patch_dense`` is ``vision_embedder.patch_dense`` on disk), reversed as
+    ``save_pretrained`` reverses them. Legacy load-time renamings are not reversed: saving never applies them."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    try:
+        renamings = [t.reverse_transform() for t in get_model_conversion_mapping(_meta_model(base_dir),
+                                                                                 add_legacy=False)
+                     if isinstance(t, WeightRenaming)]
+    except Exception:  # noqa: BLE001 - no module tree, no renaming: the key stays as it is
+        renamings = []
+
+    def rename(key: str) -> str:
+        for renaming in renamings:
+            key, _ = renaming.rename_source_key(key)
+        return key
+
+    return rename
+
+
 @dataclass(frozen=True)
 class _ParamTargets:
     names: tuple[str, ...]  # targeted parameters of one module, innermost wrapper first
@@ -624,6 +646,13 @@ def resolve_adapter(adapter_dir: str | Path, base_dir: str | Path,
                                        "merge into the base the adapter was trained on (adapter_config.json "
                                        f"names {config.get('base_model_name_or_path')!r})"))
 
+    names: list[Callable[[str], str]] = []
+
+    def checkpoint_key(key: str) -> str:
+        if not names:
+            names.append(_checkpoint_names(base_dir))
+        return names[0](key)
+
     unwrapped: list[str] = []
     for module in sorted(pairs):
         ab = pairs[module]
@@ -661,6 +690,8 @@ def resolve_adapter(adapter_dir: str | Path, base_dir: str | Path,
             continue
         else:
             base_key, current_key, kind = f"{module}.weight", module, "linear"
+            if base_key not in base:
+                base_key = checkpoint_key(base_key)
         info = base.get(base_key)
         if info is None and f"{module}.linear.weight" in base:
             unwrapped.append(module)

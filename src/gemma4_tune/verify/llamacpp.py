@@ -164,18 +164,18 @@ def _forward(model: Any, prompts: Sequence[Sequence[int]]) -> list[np.ndarray]:
 def hf_logits(model_dir: str | Path, prompts: Sequence[Sequence[int]]) -> list[np.ndarray]:
     """Per-prompt logits ``[len, vocab]`` of a checkpoint (e.g. the merged one) in transformers, CPU float32."""
     import torch
-    from transformers import Gemma4ForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
-    return _forward(Gemma4ForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32).eval(), prompts)
+    return _forward(AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch.float32).eval(), prompts)
 
 
 def peft_logits(base_dir: str | Path, adapter_dir: str | Path, prompts: Sequence[Sequence[int]]) -> dict[str, list]:
     """``{"base": [...], "adapter": [...]}``: base + adapter in PEFT, and the base under ``disable_adapter()``."""
     import torch
     from peft import PeftModel
-    from transformers import Gemma4ForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
-    base = Gemma4ForConditionalGeneration.from_pretrained(str(base_dir), dtype=torch.float32)
+    base = AutoModelForImageTextToText.from_pretrained(str(base_dir), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     out = {"adapter": _forward(model, prompts)}
     with model.disable_adapter():

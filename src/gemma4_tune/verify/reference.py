@@ -48,9 +48,12 @@ def image_attention(model: Any, bidirectional: bool) -> Iterator[None]:
 
 def load_tuned(base: str | Path, adapter: str | Path | None, dtype: torch.dtype = torch.float32) -> Any:
     """The base model with the adapter in stock PEFT (or the base alone), in eval mode."""
-    from transformers import Gemma4ForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
-    model = Gemma4ForConditionalGeneration.from_pretrained(str(base), dtype=dtype)
+    from gemma4_tune.patches import use_model_image_masks
+
+    model = AutoModelForImageTextToText.from_pretrained(str(base), dtype=dtype)
+    use_model_image_masks(model)
     if adapter is None:
         return model.eval()
     from peft import PeftModel

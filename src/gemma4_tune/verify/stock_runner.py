@@ -12,7 +12,7 @@ import json
 import sys
 
 import torch
-from transformers import Gemma4ForConditionalGeneration
+from transformers import AutoModelForImageTextToText
 
 FOREIGN = ("gemma4_tune", "unsloth", "unsloth_zoo", "axolotl")
 
@@ -31,6 +31,20 @@ def refuse_if_foreign(when: str) -> None:
         raise SystemExit(3)
 
 
+def with_model_image_masks(model, batch: dict) -> dict:
+    """The batch with the 12B's image masks as its class builds them (its own ``create_masks_for_generate``,
+    as generate() with a static cache uses): transformers 5.23's plain forward builds other ones (row 31)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base.config.model_type != "gemma4_unified" or "mm_token_type_ids" not in batch:
+        return batch
+    ids = batch["input_ids"]
+    embeds = torch.empty((*ids.shape, 0), dtype=base.dtype)
+    positions = torch.arange(ids.shape[1]).unsqueeze(0)
+    masks = type(base).create_masks_for_generate(base.config, embeds, batch.get("attention_mask"), None, positions,
+                                                 mm_token_type_ids=batch["mm_token_type_ids"])
+    return {**batch, "attention_mask": masks}
+
+
 def main() -> None:
     refuse_if_foreign("before loading")
     request = json.loads(open(sys.argv[1]).read())
@@ -39,10 +53,11 @@ def main() -> None:
     out = {}
 
     def run(model):
-        return {modality: model(**batch).logits.float() for modality, batch in batches.items()}
+        return {modality: model(**with_model_image_masks(model, batch)).logits.float()
+                for modality, batch in batches.items()}
 
     with torch.no_grad():
-        base = Gemma4ForConditionalGeneration.from_pretrained(request["base"], dtype=dtype).eval()
+        base = AutoModelForImageTextToText.from_pretrained(request["base"], dtype=dtype).eval()
         out["base"] = run(base)
         if request.get("adapter"):
             from peft import PeftModel
@@ -51,8 +66,8 @@ def main() -> None:
             out["peft"] = run(model)
             del model
         if request.get("merged"):
-            merged, info = Gemma4ForConditionalGeneration.from_pretrained(request["merged"], dtype=dtype,
-                                                                          output_loading_info=True)
+            merged, info = AutoModelForImageTextToText.from_pretrained(request["merged"], dtype=dtype,
+                                                                       output_loading_info=True)
             out["transformers"] = run(merged.eval())
             out["merged_loading_info"] = {k: sorted(map(str, v)) for k, v in info.items()}
     refuse_if_foreign("while loading")
