@@ -71,9 +71,11 @@ def unwrap_clippable(model: "torch.nn.Module") -> int:
 def full_logits_sums(logits: "torch.Tensor", labels: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
     """The reference the chunked loss must equal: summed cross-entropy, count and greedy hits from full logits
     (position t predicts labels[t + 1]; -100 counts nowhere)."""
+    import torch
     from torch.nn import functional as F
 
-    logits = logits[:, :-1, :].float()
+    logits = logits[:, :-1, :]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32, or float64 for a float64 model
     target = labels[:, 1:].to(logits.device)
     keep = target.ne(-100)
     total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,

@@ -18,8 +18,13 @@ from safetensors.torch import load_file
 CLI = [sys.executable, "-c", "from gemma4_tune.cli import main; main()"]
 
 
-def cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+def cli(*args: str, timeout: int = 900, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+#: Runs whose adapters are compared to 1e-7 use the same torch thread count: otherwise it follows the cores idle
+#: when each starts (gemma4_tune.threads), and another reduction order moves fp32 results (tests run two at a time).
+SAME_THREADS = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="session")
@@ -113,12 +118,12 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_adapter(tiny_models, te
     args = ["--model", tiny_models["31b"], "--data", text_data, "--max-steps", 8, "--save-steps", 2,
             "--batch-size", 2, "--lr", 1e-2, "--seed", 3]
     reference = tmp_path / "reference"
-    proc = cli("train", *args, "--out", reference)
+    proc = cli("train", *args, "--out", reference, env=SAME_THREADS)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     killed = tmp_path / "killed"
     victim = subprocess.Popen([*CLI, "train", *map(str, args), "--out", str(killed)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+                              stderr=subprocess.DEVNULL, env=SAME_THREADS)
     deadline = time.monotonic() + 600
     while not (killed / "checkpoints" / "checkpoint-4").is_dir():
         assert victim.poll() is None, "the run ended before it could be killed"
@@ -128,7 +133,7 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_adapter(tiny_models, te
     assert victim.wait() == -signal.SIGKILL
     assert not (killed / "adapter").exists()
 
-    proc = cli("train", *args, "--out", killed, "--resume")
+    proc = cli("train", *args, "--out", killed, "--resume", env=SAME_THREADS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((killed / "report.json").read_text())
     assert report["summary"]["resumed from"].endswith(("checkpoint-4", "checkpoint-6"))

@@ -58,11 +58,12 @@ def captured_hidden(model: Any) -> Iterator[dict[str, torch.Tensor]]:
 
 
 def _logits(head: torch.nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    """The model's own logits at ``hidden`` (``lm_head`` then the softcap, in the model's dtype), in fp32."""
+    """The model's own logits at ``hidden`` (``lm_head`` then the softcap, in the model's dtype), in fp32 or wider
+    (a float64 model keeps float64)."""
     logits = head(hidden)
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
-    return logits.float()
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, target: torch.Tensor, softcap: float | None
