@@ -98,6 +98,8 @@ def run_training(cfg: RunConfig) -> TrainResult:
         result = train(cfg)
     if not is_main_process():
         return result
+    if cfg.method == "dpo":
+        return _dpo_report(cfg, result)
     parity = tensors = None
     if result.adapter is not None and result.trained_state:
         from gemma4_tune.export.manifest import check_adapter_matches_base
@@ -137,6 +139,25 @@ def run_training(cfg: RunConfig) -> TrainResult:
     if has_errors(result.findings):
         raise FindingError(*[f for f in result.findings if f.severity is Severity.ERROR])
     result.parity = parity
+    return result
+
+
+def _dpo_report(cfg: RunConfig, result: TrainResult) -> TrainResult:
+    """A DPO run's report: rewards before and after, its preflight, the curves; errors raised after writing it."""
+    from gemma4_tune.dpo import dpo_plot, dpo_summary
+    from gemma4_tune.report import write_report
+    from gemma4_tune.train import library_versions
+
+    with output_errors(result.out, "the run's report"):
+        plot = dpo_plot(result.metrics, result.out / "dpo.png")
+        result.report = {"summary": dpo_summary(result), "config": cfg.dump(), "data": result.data,
+                         "plan": {"spec": result.plan.spec, "trainable": result.plan.trainable_by_group(),
+                                  "skipped": len(result.plan.skipped)},
+                         "dpo": {**result.dpo, "plot": plot.name if plot else None}, "metrics": result.metrics,
+                         "timings": {"run seconds": result.seconds}, "versions": library_versions()}
+        write_report(result.out, result.report, result.findings)
+    if has_errors(result.findings):
+        raise FindingError(*[f for f in result.findings if f.severity is Severity.ERROR])
     return result
 
 

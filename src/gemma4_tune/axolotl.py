@@ -97,7 +97,7 @@ _KNOWN = (MARKERS | set(_NO_EFFECT) | set(_DIRECT) | set(_DEFAULTS)
           | {"load_in_4bit", "load_in_8bit", "lora_target_modules", "lora_target_linear", "lora_target_parameters",
              "lora_modules_to_save", "optim_args", "train_on_inputs", "fp16", "val_set_size", "chat_template",
              "chat_template_jinja", "eot_tokens", "special_tokens", "tokens", "resume_from_checkpoint",
-             "image_size", "image_resize_algorithm", "rl", "test_datasets"})
+             "image_size", "image_resize_algorithm", "rl", "rl_beta", "dpo_beta", "test_datasets"})
 
 
 def is_axolotl(data: dict[str, Any]) -> bool:
@@ -198,7 +198,7 @@ def _targets(data: dict[str, Any], t: _Translation) -> None:
               "gemma4-tune's own default applies: every text attention and MLP projection and the MoE experts)")
 
 
-def _dataset(entry: Any, where: str, t: _Translation) -> dict[str, Any] | None:
+def _dataset(entry: Any, where: str, t: _Translation, dpo: bool = False) -> dict[str, Any] | None:
     if isinstance(entry, str):
         entry = {"path": entry}
     if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
@@ -209,7 +209,9 @@ def _dataset(entry: Any, where: str, t: _Translation) -> dict[str, Any] | None:
     for key in sorted(set(entry) - _DATASET_KEYS):
         t.refuse(f"{where}.{key}", entry[key], "not read here (see docs/axolotl.md for the dataset keys)")
     kind = entry.get("type", "chat_template")
-    if not isinstance(kind, str) or kind not in _DATASET_TYPES:
+    if kind == "chat_template.default" and dpo:
+        spec["format"] = None  # Axolotl's DPO rows (messages + chosen + rejected): data.preference reads them
+    elif not isinstance(kind, str) or kind not in _DATASET_TYPES:
         t.refuse(f"{where}.type", kind, f"dataset type {kind!r} is not read here; use chat_template, alpaca, "
                  "completion or sharegpt (docs/formats.md)")
     else:
@@ -325,8 +327,16 @@ def translate(data: dict[str, Any], *, source: str) -> tuple[dict[str, Any], lis
                  "not trained (engines serve LoRA deltas only)")
     if given.get("fp16"):
         t.refuse("fp16", True, "fp16 overflows Gemma 4's MLP into NaN (catalog row 19); remove it (bf16 on CUDA)")
-    if given.get("rl"):
-        t.refuse("rl", given["rl"], "preference tuning is not supported yet; supervised fine-tuning only")
+    if given.get("rl") == "dpo":
+        t.map("rl", "dpo", "method", "dpo", "TRL's DPOTrainer; the reference is the base with the adapter disabled")
+    elif given.get("rl"):
+        t.refuse("rl", given["rl"], "only rl: dpo is trained here (KTO, ORPO, IPO and SimPO are not)")
+    for key in ("rl_beta", "dpo_beta"):
+        if key in given:
+            if given.get("rl") == "dpo":
+                t.map(key, given[key], "beta", given[key])
+            else:
+                t.refuse(key, given[key], "DPO's beta has no effect without rl: dpo")
     if given.get("test_datasets"):
         t.refuse("test_datasets", given["test_datasets"], "give one held-out file as eval_data (--eval-data)")
     for key in ("special_tokens", "tokens"):
@@ -384,7 +394,7 @@ def translate(data: dict[str, Any], *, source: str) -> tuple[dict[str, Any], lis
         t.refuse("eot_tokens", eot, "Gemma 4 turns end with <turn|>; that is the token supervised (catalog row 29)")
     if "datasets" in given:
         entries = given["datasets"] if isinstance(given["datasets"], list) else [given["datasets"]]
-        specs = [_dataset(entry, f"datasets[{i}]", t) for i, entry in enumerate(entries)]
+        specs = [_dataset(entry, f"datasets[{i}]", t, dpo=given.get("rl") == "dpo") for i, entry in enumerate(entries)]
         t.values["data"] = [s for s in specs if s is not None]
     for key, (field_name, value) in _DEFAULTS.items():
         if key not in given:

@@ -196,6 +196,9 @@ def _train_command(preflight_only: bool):  # noqa: ANN202 - returns a Typer comm
         model: Annotated[str | None, typer.Option("--model", help="Base model directory")] = None,
         data: Annotated[str | None, typer.Option("--data", help="Data file (JSONL, JSON, Parquet, CSV) or save_to_disk directory; docs/formats.md")] = None,
         out: Annotated[str | None, typer.Option("--out", help="Run directory (adapter, checkpoints, report)")] = None,
+        method: Annotated[str | None, typer.Option("--method", help="sft (default) or dpo (preference pairs: "
+                                                   "prompt / chosen / rejected; docs/formats.md)")] = None,
+        beta: Annotated[float | None, typer.Option("--beta", help="DPO: weight of the KL term [0.1]")] = None,
         targets: Annotated[str | None, typer.Option("--targets", help="LoRA target spec (see `plan`)")] = None,
         rank: Annotated[int | None, typer.Option("--rank", help="LoRA rank [16]")] = None,
         alpha: Annotated[int | None, typer.Option("--alpha", help="LoRA alpha [2 x rank]")] = None,
@@ -246,7 +249,8 @@ def _train_command(preflight_only: bool):  # noqa: ANN202 - returns a Typer comm
         from gemma4_tune.api import run_preflight, run_training
         from gemma4_tune.config import ImportedConfig, build_config, read_run_file
 
-        flags = {k: v for k, v in dict(model=model, data=data, out=out, targets=targets, rank=rank, alpha=alpha,
+        flags = {k: v for k, v in dict(model=model, data=data, out=out, method=method, beta=beta, targets=targets,
+                                       rank=rank, alpha=alpha,
                                        lora_dropout=lora_dropout, max_steps=max_steps, epochs=epochs, lr=lr,
                                        batch_size=batch_size, grad_accum=grad_accum, max_seq_len=max_seq_len,
                                        save_steps=save_steps, seed=seed, train_on=train_on, packing=packing,
@@ -281,6 +285,9 @@ def _train_command(preflight_only: bool):  # noqa: ANN202 - returns a Typer comm
                 check_writable(cfg.out, "--out")  # before the launcher or the model (G4T021)
             if cfg.distributed and not preflight_only and not under_launcher():
                 raise typer.Exit(launch(cfg, dry_run=dry_run, log=typer.echo))
+            if preflight_only and cfg.method == "dpo":
+                raise typer.BadParameter("`train --method dpo` runs the DPO preflight before training; "
+                                         "`preflight` checks SFT runs")
             if preflight_only:
                 result = run_preflight(cfg)
             else:

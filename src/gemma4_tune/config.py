@@ -95,6 +95,8 @@ class RunConfig(BaseModel):
     model: str
     data: list[DatasetSpec]
     out: str | None = None
+    method: Literal["sft", "dpo"] = "sft"
+    beta: Number = Field(0.1, gt=0)
     targets: str = "text"
     rank: Whole = Field(16, ge=1)
     alpha: Whole | None = Field(None, ge=1)
@@ -182,6 +184,11 @@ class RunConfig(BaseModel):
             raise ValueError("give eval_steps or evals_per_epoch, not both")
         if self.node_rank >= self.nnodes:
             raise ValueError(f"--node-rank {self.node_rank} must be below --nnodes {self.nnodes}")
+        if "beta" in self.model_fields_set and self.method != "dpo":
+            raise ValueError("beta (DPO's KL weight) has no effect without method: dpo")
+        if self.method == "dpo" and (self.packing or self.distributed or self.train_on != "assistant"):
+            raise ValueError("method dpo trains the answers of preference pairs on one process: packing, "
+                             "--distributed and --train-on all are SFT settings")
         return self
 
     def dump(self) -> dict[str, Any]:

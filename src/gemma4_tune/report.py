@@ -119,6 +119,29 @@ def build_sections(sections: dict[str, Any], findings: list[Finding], plot: Path
                   rows=[[m["step"], _num(m["eval_loss"], ".4f"), f"{m['eval_accuracy']:.1%}", m.get("tokens")]
                         for m in evals]),
         ]))
+    dpo = sections.get("dpo") or {}
+    if dpo.get("evals") or dpo.get("preflight"):
+        blocks = []
+        evals = dpo.get("evals") or []
+        if len(evals) >= 2:
+            first, last = evals[0], evals[-1]
+            blocks.append(Block("table", header=["held-out pairs", f"step {first['step']} (base)",
+                                                 f"step {last['step']} (tuned)"],
+                                rows=[["reward accuracy (a tie counts as wrong)",
+                                       f"{first['eval_reward_accuracy']:.1%}", f"{last['eval_reward_accuracy']:.1%}"],
+                                      ["reward margin", _num(first["eval_reward_margin"], ".4f"),
+                                       _num(last["eval_reward_margin"], ".4f")],
+                                      ["DPO loss", _num(first["eval_dpo_loss"], ".4f"),
+                                       _num(last["eval_dpo_loss"], ".4f")]]))
+        pf = dpo.get("preflight") or {}
+        if pf:
+            blocks.append(Block("kv", [["step-0 log-ratio, policy vs reference", f"{pf['max_abs_log_ratio_step0']:.1e}"],
+                                       ["reference = base (adapter disabled), lora_B noised",
+                                        f"{pf['reference_equals_base']} (off by {pf['reference_minus_base']:.1e}; "
+                                        f"policy moved {pf['policy_minus_base']:.2e})"]]))
+        if dpo.get("plot"):
+            blocks.append(Block("image", text=dpo["plot"]))
+        out.append(("Preference tuning (DPO)", blocks))
     if plot:
         out.append(("Curves", [Block("image", text=plot.name)]))
     samples = sections.get("samples") or []

@@ -129,6 +129,7 @@ class TrainResult:
     report: dict[str, Any] = field(default_factory=dict)  # the sections of report.json, set by api.run_training
     distributed: dict[str, Any] | None = None  # the job the processes formed (strategy, world size, type)
     trained_state: dict[str, torch.Tensor] = field(default_factory=dict)  # gathered LoRA weights (sharded runs)
+    dpo: dict[str, Any] = field(default_factory=dict)  # --method dpo: its preflight figures and held-out rewards
 
 
 class _Examples(torch.utils.data.Dataset):
@@ -159,6 +160,12 @@ def training_arguments(cfg: RunConfig, staging: Path, dplan: DistributedPlan | N
     """
     from transformers import TrainingArguments
 
+    return TrainingArguments(**trainer_settings(cfg, staging, dplan, save_steps))
+
+
+def trainer_settings(cfg: RunConfig, staging: Path, dplan: DistributedPlan | None = None,
+                     save_steps: int | None = None) -> dict[str, Any]:
+    """The Trainer settings of a RunConfig, shared by SFT's TrainingArguments and DPO's DPOConfig."""
     device, dtype = _device_and_dtype()
     extra = dplan.training_arguments(Path(cfg.out) / "launch") if dplan else {}
     settings = dict(
@@ -191,7 +198,7 @@ def training_arguments(cfg: RunConfig, staging: Path, dplan: DistributedPlan | N
         report_to=[],
         disable_tqdm=True,
     )
-    return TrainingArguments(**{**settings, **extra})
+    return {**settings, **extra}
 
 
 def load_model(path: str, quantize: str | None = None, *, sharded: bool = False) -> tuple[Any, Any]:
@@ -381,6 +388,10 @@ def train(cfg: RunConfig) -> TrainResult:
     directory is locked from the first check to the end (G4T417 for a second run on it).
     """
     try:
+        if cfg.method == "dpo":
+            from gemma4_tune.dpo import train_dpo
+
+            return train_dpo(cfg)
         return _train(cfg)
     finally:
         release_run_dir(cfg.out)

@@ -95,8 +95,8 @@ def detect(row: Mapping[str, Any], options: ChatOptions) -> str:
     if options.format:
         return options.format
     if _present(row, "chosen") or _present(row, "rejected"):
-        raise RowError("preference_row", "row", "a preference row (chosen/rejected) is DPO data; gemma4-tune trains "
-                       "supervised fine-tuning only so far: train on the chosen conversations "
+        raise RowError("preference_row", "row", "a preference row (chosen/rejected) is DPO data: train it with "
+                       "`train --method dpo` (or method: dpo), or train SFT on the chosen conversations "
                        "(messages = prompt + chosen)")
     if options.field_messages and _present(row, options.field_messages):
         messages = row[options.field_messages]
