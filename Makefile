@@ -54,6 +54,7 @@ test-fast: setup
 bench: setup
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/real_vocab.py --profile
+	$(BIN)/python bench/dpo_throughput.py
 	$(BIN)/python bench/clippable_lora.py
 	$(BIN)/python bench/merge_memory.py
 	$(BIN)/python bench/export_real_size.py

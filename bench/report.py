@@ -9,8 +9,8 @@ from typing import Any
 import common
 
 DOC = common.BENCH.parent / "docs" / "performance.md"
-ORDER = ("train_throughput", "packing", "real_vocab", "clippable_lora", "merge_memory", "export_real_size",
-         "preflight_verify",
+ORDER = ("train_throughput", "packing", "real_vocab", "dpo_throughput", "clippable_lora", "merge_memory",
+         "export_real_size", "preflight_verify",
          "under_load", "under_load_demo", "gpu")
 
 
@@ -55,6 +55,13 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[str]:
             continue
         if name == "export_real_size":
             rows += export_rows(r)
+            continue
+        if name == "dpo_throughput":
+            sides = r["sides"]
+            rows.append(_row("DPO tokens/s, `train --method dpo` / TRL DPOTrainer used plainly",
+                             f"{sides['ours']['tokens_per_s']} vs {sides['trl']['tokens_per_s']} tokens/s (same "
+                             f"tokens: {'yes' if r['same_tokens'] else 'NO'})", r["ratio_tokens_per_s_ours_over_trl"],
+                             r["goal"]))
             continue
         f = r["figures"]
         if name == "train_throughput":

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +20,7 @@ from safetensors.torch import load_file
 
 from gemma4_tune.config import RunConfig
 from gemma4_tune.findings import FindingError
+from tests.test_train import SAME_THREADS, kill_at_checkpoint
 
 CLI = [sys.executable, "-c", "from gemma4_tune.cli import main; main()"]
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white", "pink", "grey", "brown", "gold"]
@@ -31,10 +29,6 @@ THINGS = ["car", "house", "bird", "flower", "shirt", "boat", "lamp", "cup", "boo
 
 def cli(*args, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=1200, env=env)
-
-
-#: Runs whose adapters are compared to 1e-6 use the same torch thread count (see tests/test_train.py).
-SAME_THREADS = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def write_pairs(folder: Path, *, images: bool, n: int = 12, n_eval: int = 6) -> tuple[Path, Path]:
@@ -88,6 +82,9 @@ def test_dpo_raises_held_out_reward_accuracy_with_the_base_as_reference(tiny_mod
     assert [m["step"] for m in steps] == list(range(1, 7)) and steps[-1]["loss"] < steps[0]["loss"]
     assert all(m["tokens_per_s"] > 0 and "rewards/margins" in m for m in steps)
     assert (out / "dpo.png").is_file() and "Preference tuning (DPO)" in (out / "report.md").read_text()
+    samples = report["samples"]  # base and tuned answers to held-out prompts, beside the chosen answer
+    assert samples and all(s["held_out"] and s["reference"].startswith("Thank you") for s in samples)
+    assert samples[0]["kind"] == "image"
     keys = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert keys and not [k for k in keys if ".ref." in k], "TRL's reference copy of the adapter is not saved"
     if variant == "e2b":  # a DPO adapter is an adapter: stock PEFT reproduces it on text and images
@@ -216,7 +213,7 @@ def test_axolotl_rl_dpo_and_its_beta_map_and_other_objectives_are_refused(tmp_pa
 
 
 @pytest.mark.slow
-def test_dpo_that_learns_nothing_is_g4t515(tiny_models, tmp_path):
+def test_dpo_that_learns_nothing_is_g4t515_and_compare_shows_it_beside_an_sft_run(tiny_models, tmp_path):
     data = write_pairs(tmp_path / "data", images=False, n=4, n_eval=2)
     args = dpo_args(tiny_models["31b"], data, targets="text")
     args[args.index("--lr") + 1] = 1e-12
@@ -225,6 +222,19 @@ def test_dpo_that_learns_nothing_is_g4t515(tiny_models, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert "G4T515" in [f["code"] for f in report["findings"]]
+    # compare puts it beside an SFT run, each with its own method and held-out figures
+    sft_data = tmp_path / "sft.jsonl"
+    sft_data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Count to {i}."},
+                                                         {"role": "assistant", "content": " ".join("1234"[:i])}]})
+                                + "\n" for i in range(1, 5)))
+    proc = cli("train", "--model", tiny_models["31b"], "--data", sft_data, "--out", tmp_path / "sft",
+               "--max-steps", 2, "--samples", 0)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = cli("compare", tmp_path / "sft", tmp_path / "run", "--out", tmp_path / "cmp", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {r["name"]: r for r in json.loads(proc.stdout)["runs"]}
+    assert (runs["sft"]["method"], runs["run"]["method"]) == ("sft", "dpo")
+    assert runs["run"]["eval_reward_accuracy_start"] == 0.0 and runs["sft"]["eval_reward_accuracy_start"] is None
 
 
 @pytest.mark.slow
@@ -236,16 +246,7 @@ def test_dpo_sigkill_then_resume_ends_with_the_uninterrupted_adapter(tiny_models
     proc = cli("train", *args, "--out", reference, env=SAME_THREADS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     killed = tmp_path / "killed"
-    victim = subprocess.Popen([*CLI, "train", *map(str, args), "--out", str(killed)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, env=SAME_THREADS)
-    deadline = time.monotonic() + 600
-    while not (killed / "checkpoints" / "checkpoint-2").is_dir():
-        assert victim.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    os.kill(victim.pid, signal.SIGKILL)
-    assert victim.wait() == -signal.SIGKILL
-    assert not (killed / "adapter").exists()
+    kill_at_checkpoint(args, killed, "checkpoint-2")
     proc = cli("train", *args, "--out", killed, "--resume", env=SAME_THREADS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((killed / "report.json").read_text())

@@ -113,6 +113,20 @@ def test_row26_accumulated_step_equals_the_big_batch_step(tiny_models, text_data
     assert runs["big"]["grad_norm"] == pytest.approx(runs["accum"]["grad_norm"], rel=1e-4)
 
 
+def kill_at_checkpoint(args: list, out: Path, checkpoint: str) -> None:
+    """Start ``train ARGS --out OUT`` and SIGKILL it once OUT/checkpoints/CHECKPOINT is complete."""
+    victim = subprocess.Popen([*CLI, "train", *map(str, args), "--out", str(out)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=SAME_THREADS)
+    deadline = time.monotonic() + 600
+    while not (out / "checkpoints" / checkpoint).is_dir():
+        assert victim.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(victim.pid, signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL
+    assert not (out / "adapter").exists()
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_ends_with_the_uninterrupted_adapter(tiny_models, text_data, tmp_path):
     args = ["--model", tiny_models["31b"], "--data", text_data, "--max-steps", 8, "--save-steps", 2,
@@ -122,16 +136,7 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_adapter(tiny_models, te
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     killed = tmp_path / "killed"
-    victim = subprocess.Popen([*CLI, "train", *map(str, args), "--out", str(killed)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, env=SAME_THREADS)
-    deadline = time.monotonic() + 600
-    while not (killed / "checkpoints" / "checkpoint-4").is_dir():
-        assert victim.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    os.kill(victim.pid, signal.SIGKILL)
-    assert victim.wait() == -signal.SIGKILL
-    assert not (killed / "adapter").exists()
+    kill_at_checkpoint(args, killed, "checkpoint-4")
 
     proc = cli("train", *args, "--out", killed, "--resume", env=SAME_THREADS)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -153,7 +153,8 @@ def _dpo_report(cfg: RunConfig, result: TrainResult) -> TrainResult:
         result.report = {"summary": dpo_summary(result), "config": cfg.dump(), "data": result.data,
                          "plan": {"spec": result.plan.spec, "trainable": result.plan.trainable_by_group(),
                                   "skipped": len(result.plan.skipped)},
-                         "dpo": {**result.dpo, "plot": plot.name if plot else None}, "metrics": result.metrics,
+                         "dpo": {**result.dpo, "plot": plot.name if plot else None},
+                         "samples": [s.to_dict() for s in result.samples], "metrics": result.metrics,
                          "timings": {"run seconds": result.seconds}, "versions": library_versions()}
         write_report(result.out, result.report, result.findings)
     if has_errors(result.findings):

@@ -505,14 +505,17 @@ def compare(
         print_json(report)
         return
     table = Table(title="Runs")
-    for col in ("run", "steps", "tokens", "final loss", "held-out loss", "held-out accuracy", "tokens/s"):
+    for col in ("run", "method", "steps", "tokens", "final loss", "held-out loss", "held-out accuracy",
+                "held-out reward accuracy", "tokens/s"):
         table.add_column(col)
     for r in report["runs"]:
         start, end = r["eval_loss_start"], r["eval_loss_end"]
         acc0, acc1 = r["eval_accuracy_start"], r["eval_accuracy_end"]
-        table.add_row(r["name"], str(r["steps"]), str(r["tokens"]), f"{r['final_loss']:.4f}",
+        rew0, rew1 = r["eval_reward_accuracy_start"], r["eval_reward_accuracy_end"]
+        table.add_row(r["name"], r["method"], str(r["steps"]), str(r["tokens"]), f"{r['final_loss']:.4f}",
                       "-" if start is None else f"{start:.4f} -> {end:.4f}",
-                      "-" if acc0 is None else f"{acc0:.1%} -> {acc1:.1%}", f"{r['tokens_per_s']:.0f}")
+                      "-" if acc0 is None else f"{acc0:.1%} -> {acc1:.1%}",
+                      "-" if rew0 is None else f"{rew0:.1%} -> {rew1:.1%}", f"{r['tokens_per_s']:.0f}")
     console.print(table)
     console.print(f"written: {report['markdown']} and {report['plot']}")
 

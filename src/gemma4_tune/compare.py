@@ -20,6 +20,7 @@ class RunSummary:
 
     name: str
     path: str
+    method: str                # sft or dpo: their losses are different quantities
     steps: int
     tokens: int
     final_loss: float          # mean of the last 3 logged losses
@@ -27,6 +28,8 @@ class RunSummary:
     eval_loss_end: float | None
     eval_accuracy_start: float | None
     eval_accuracy_end: float | None
+    eval_reward_accuracy_start: float | None  # dpo: held-out pairs whose chosen answer the model prefers
+    eval_reward_accuracy_end: float | None
     tokens_per_s: float
     settings: dict[str, Any]
 
@@ -55,20 +58,23 @@ def summarize(run: Path, name: str) -> tuple[RunSummary, list[dict[str, Any]]]:
     metrics = read_metrics(run)
     losses = [m for m in metrics if m.get("loss") is not None and math.isfinite(m["loss"])]
     evals = [m for m in metrics if "eval_loss" in m]
+    rewards = [m for m in metrics if "eval_reward_accuracy" in m]
     config: dict[str, Any] = {}
     if (run / "run.json").is_file():
         config = json.loads((run / "run.json").read_text()).get("config", {})
-    keys = ("model", "targets", "rank", "lr", "batch_size", "grad_accum", "max_seq_len", "packing")
+    keys = ("model", "targets", "rank", "lr", "batch_size", "grad_accum", "max_seq_len", "packing", "beta")
     tail = losses[-3:]
     return RunSummary(
-        name=name, path=str(run), steps=losses[-1]["step"] if losses else 0,
+        name=name, path=str(run), method=config.get("method", "sft"), steps=losses[-1]["step"] if losses else 0,
         tokens=losses[-1].get("tokens", 0) if losses else 0,
         final_loss=sum(m["loss"] for m in tail) / len(tail) if tail else float("nan"),
         eval_loss_start=evals[0]["eval_loss"] if evals else None, eval_loss_end=evals[-1]["eval_loss"] if evals else None,
         eval_accuracy_start=evals[0]["eval_accuracy"] if evals else None,
         eval_accuracy_end=evals[-1]["eval_accuracy"] if evals else None,
+        eval_reward_accuracy_start=rewards[0]["eval_reward_accuracy"] if rewards else None,
+        eval_reward_accuracy_end=rewards[-1]["eval_reward_accuracy"] if rewards else None,
         tokens_per_s=losses[-1].get("tokens_per_s", 0.0) if losses else 0.0,
-        settings={k: config[k] for k in keys if k in config}), metrics
+        settings={k: config[k] for k in keys if k in config and (k != "beta" or config.get("method") == "dpo")}), metrics
 
 
 def compare_plot(runs: list[tuple[RunSummary, list[dict[str, Any]]]], path: Path) -> Path:
@@ -118,15 +124,18 @@ def compare_runs(runs: list[str | Path], out: str | Path) -> dict[str, Any]:
     plot = compare_plot(summaries, out / "compare.png")
     rows = [s for s, _ in summaries]
     lines = ["# gemma4-tune compare", "",
-             "| run | steps | tokens | final loss | held-out loss (start -> end) | held-out accuracy (start -> end) "
-             "| tokens/s | settings |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| run | method | steps | tokens | final loss | held-out loss (start -> end) | held-out accuracy "
+             "(start -> end) | held-out reward accuracy (start -> end) | tokens/s | settings |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for s in rows:
         settings = ", ".join(f"{k}={v}" for k, v in s.settings.items() if k != "model")
-        lines.append(f"| {s.name} | {s.steps} | {s.tokens} | {s.final_loss:.4f} | "
+        lines.append(f"| {s.name} | {s.method} | {s.steps} | {s.tokens} | {s.final_loss:.4f} | "
                      f"{_opt(s.eval_loss_start, '.4f')} -> {_opt(s.eval_loss_end, '.4f')} | "
                      f"{_opt(s.eval_accuracy_start, '.1%')} -> {_opt(s.eval_accuracy_end, '.1%')} | "
+                     f"{_opt(s.eval_reward_accuracy_start, '.1%')} -> {_opt(s.eval_reward_accuracy_end, '.1%')} | "
                      f"{s.tokens_per_s:.0f} | {settings} |")
-    lines += ["", f"![loss curves]({plot.name})", ""]
+    lines += ["", "An SFT loss is a cross-entropy per token; a DPO loss is -log sigmoid of the reward margin per pair: "
+              "compare losses only between runs of one method.", "", f"![loss curves]({plot.name})", ""]
     write_text_atomic(out / "compare.md", "\n".join(lines))
     report = {"runs": [s.to_dict() for s in rows], "plot": str(plot), "markdown": str(out / "compare.md")}
     write_json(out / "compare.json", report)

@@ -192,8 +192,8 @@ class RunConfig(BaseModel):
         return self
 
     def dump(self) -> dict[str, Any]:
-        """Plain dict (for reports and manifests)."""
-        return self.model_dump()
+        """Plain dict (for reports, manifests and launch files); ``beta`` only where it means something (DPO)."""
+        return self.model_dump(exclude=set() if self.method == "dpo" else {"beta"})
 
     def sources(self) -> list[DataSource]:
         """The datasets to read, in order."""

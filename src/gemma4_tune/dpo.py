@@ -260,7 +260,7 @@ def dpo_plot(metrics: list[dict[str, Any]], path: Path) -> Path | None:
 
 def build_trainer(cfg: RunConfig, pairs: list[Any], eval_pairs: list[Any], staging: Path) -> dict[str, Any]:
     """Model, LoRA plan and TRL's DPOTrainer whose reference is the base with the adapter disabled
-    (``{"trainer", "model", "plan", "profile"}``)."""
+    (``{"trainer", "model", "plan", "profile", "processor"}``)."""
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback
     from trl import DPOConfig, DPOTrainer
@@ -284,7 +284,18 @@ def build_trainer(cfg: RunConfig, pairs: list[Any], eval_pairs: list[Any], stagi
     if "ref" in peft_model.peft_config:  # TRL's copy of the adapter: the reference is the adapter disabled
         peft_model.delete_adapter("ref")
         peft_model.set_adapter("default")
-    return {"trainer": trainer, "model": peft_model, "plan": plan, "profile": profile}
+    return {"trainer": trainer, "model": peft_model, "plan": plan, "profile": profile, "processor": processor}
+
+
+def _samples(cfg: RunConfig, model: Any, processor: Any, pairs: list[Any], *, held_out: bool) -> list[Any]:
+    """Greedy answers of the base and the tuned model to a few prompts, beside the chosen answer (as for SFT)."""
+    from gemma4_tune.data.collate import Gemma4Batcher
+    from gemma4_tune.evaluate import generate_samples, pick_samples
+
+    batcher = Gemma4Batcher(processor, revision=cfg.template_revision, max_seq_len=cfg.max_seq_len)
+    picked = pick_samples([pair.chosen_conversation() for pair in pairs], cfg.samples)
+    console.print(f"samples: generating {len(picked)} answers with the base and the tuned model")
+    return generate_samples(model, batcher, picked, held_out=held_out, max_new_tokens=cfg.sample_max_tokens)
 
 
 def count_tokens(trainer: Any, counter: Any) -> None:
@@ -381,16 +392,19 @@ def train_dpo(cfg: RunConfig) -> Any:
                                     "answers more than the base", "train longer or with a higher --lr or --beta, "
                                     "and check that chosen and rejected differ in what you want learned"))
     adapter = None
+    samples = []
     if not guard.findings:
         adapter = save_adapter(peft_model, out / "adapter", plan=plan, overwrite=True)
         write_manifest(adapter, cfg.model, training=cfg.dump(), versions=library_versions(), template_revision=None)
+        if cfg.samples:
+            samples = _samples(cfg, peft_model, built["processor"], eval_pairs or pairs, held_out=bool(eval_pairs))
     metrics = _metrics(out)
     write_json(out / "run.json", {"config": cfg.dump(), "method": "dpo", "data": data, "resumed_from": resume_from,
                                   "plan": {"spec": plan.spec, "trainable": plan.trainable_by_group()},
                                   "versions": library_versions()})
     result = TrainResult(out=out, adapter=adapter, plan=plan, data=data, metrics=metrics,
                          seconds=round(time.perf_counter() - started, 2), findings=findings,
-                         resumed_from=resume_from, model=peft_model, probe_batch={}, preflight=None, samples=[],
+                         resumed_from=resume_from, model=peft_model, probe_batch={}, preflight=None, samples=samples,
                          distributed=None, trained_state={}, dpo={"preflight": preflight, "evals": evals})
     return result
 

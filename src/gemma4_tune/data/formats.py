@@ -121,7 +121,7 @@ def _uses_from_value(messages: Any) -> bool:
                                               for m in messages)
 
 
-def _role_table(options: ChatOptions) -> dict[str, str]:
+def role_table(options: ChatOptions) -> dict[str, str]:
     """Dataset role name -> our role. Explicit ``roles`` replace the default names (as in Axolotl)."""
     if not options.roles:
         return {name: ours for ours, names in DEFAULT_ROLES.items() for name in names}
@@ -158,12 +158,13 @@ def _function_call(value: Any, where: str) -> list[dict]:
     return out
 
 
-def _chat_messages(raw_messages: Any, name: str, options: ChatOptions, sharegpt: bool) -> tuple[list, list[str]]:
+def chat_messages(raw_messages: Any, name: str, options: ChatOptions, sharegpt: bool) -> tuple[list, list[str]]:
+    """A row's messages with the dataset's roles and field names mapped to ours; and the fields not read."""
     if not isinstance(raw_messages, list):
         raise RowError("bad_message", name, f"expected a list of messages, got {_type_name(raw_messages)}")
     role_key = options.property_mappings.get("role", "from" if sharegpt else "role")
     content_key = options.property_mappings.get("content", "value" if sharegpt else "content")
-    roles = _role_table(options)
+    roles = role_table(options)
     messages: list[dict] = []
     unread: list[str] = []
     for i, raw in enumerate(raw_messages):
@@ -198,7 +199,7 @@ def _chat_messages(raw_messages: Any, name: str, options: ChatOptions, sharegpt:
     return messages, unread
 
 
-def _system_first(row: Mapping[str, Any], messages: list[dict]) -> list[dict]:
+def system_first(row: Mapping[str, Any], messages: list[dict]) -> list[dict]:
     """A row-level ``system`` column (LLaMA-Factory) becomes the first message, unless one is there."""
     system = row.get("system")
     if not isinstance(system, str) or not system or (messages and messages[0].get("role") == "system"):
@@ -209,8 +210,8 @@ def _system_first(row: Mapping[str, Any], messages: list[dict]) -> list[dict]:
 def _read_chat(row: Mapping[str, Any], options: ChatOptions, sharegpt: bool) -> tuple[dict, set[str], list[str]]:
     name = options.field_messages if options.field_messages and _present(row, options.field_messages) else (
         "messages" if _present(row, "messages") else "conversations")
-    messages, unread = _chat_messages(row.get(name), name, options, sharegpt)
-    return ({"messages": _system_first(row, messages), "tools": row.get("tools")},
+    messages, unread = chat_messages(row.get(name), name, options, sharegpt)
+    return ({"messages": system_first(row, messages), "tools": row.get("tools")},
             {name, "tools", "system"}, unread)
 
 
@@ -238,7 +239,7 @@ def _read_alpaca(row: Mapping[str, Any], options: ChatOptions) -> tuple[dict, se
     if options.roles_to_train is not None:
         for message in messages:
             message["train"] = message["role"] in options.roles_to_train
-    return {"messages": _system_first(row, messages)}, {"instruction", "input", "output", "system", "history"}, []
+    return {"messages": system_first(row, messages)}, {"instruction", "input", "output", "system", "history"}, []
 
 
 def _read_prompt_completion(row: Mapping[str, Any], options: ChatOptions) -> tuple[dict, set[str], list[str]]:
@@ -252,7 +253,7 @@ def _read_prompt_completion(row: Mapping[str, Any], options: ChatOptions) -> tup
         if isinstance(value, str):
             messages.append({"role": role, "content": value})
             continue
-        part, extra = _chat_messages(value, key, options, sharegpt=False)
+        part, extra = chat_messages(value, key, options, sharegpt=False)
         messages += part
         unread += extra
     return {"messages": messages, "tools": row.get("tools")}, {"prompt", "completion", "tools"}, unread
@@ -297,7 +298,7 @@ def _media_value(value: Any, where: str, kind: str) -> str:
     raise RowError("bad_content", where, f"expected a {kind} file path, got {_type_name(value)}")
 
 
-def _fill_media(messages: list[dict], row: Mapping[str, Any]) -> set[str]:
+def fill_media(messages: list[dict], row: Mapping[str, Any]) -> set[str]:
     """Pair an ``images``/``audios`` column with ``<image>``/``<audio>`` placeholders or path-less parts."""
     used: set[str] = set()
     for kind in ("image", "audio"):
@@ -347,6 +348,6 @@ def read_row(row: Any, options: ChatOptions) -> Read:
         raise RowError("bad_field", "type", f"unknown dataset type {name!r} (known: {', '.join(FORMATS)})")
     canonical, read, unread = FORMATS[name](row, options)
     if "messages" in canonical:
-        read |= _fill_media(canonical["messages"], row)
+        read |= fill_media(canonical["messages"], row)
     unread = [k for k in row if _present(row, k) and k not in read] + unread
     return Read(canonical, name, unread)

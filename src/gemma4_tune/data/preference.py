@@ -46,12 +46,12 @@ from gemma4_tune.data.files import RowError, check_depth, read_rows
 from gemma4_tune.data.formats import (
     MEANINGFUL_FIELDS,
     ChatOptions,
-    _chat_messages,
-    _fill_media,
-    _role_table,
-    _system_first,
+    chat_messages,
+    fill_media,
+    role_table,
+    system_first,
 )
-from gemma4_tune.data.records import UNREAD_FIELD, Conversation, DataSource, _is_empty, _message
+from gemma4_tune.data.records import UNREAD_FIELD, Conversation, DataSource, is_empty_message, read_message
 from gemma4_tune.findings import Finding, FindingError, Severity, finding, has_errors, register
 
 NO_PREFERENCE_FORMAT = register("G4T324", Severity.ERROR, "Preference row in no recognised format")
@@ -107,19 +107,19 @@ class PreferencePair:
         """Prompt + rejected as a ``records.Conversation``."""
         return Conversation(messages=[*self.prompt, *self.rejected], tools=self.tools, source=self.source)
 
-    def _media(self, kind: str) -> list[str]:
-        return [p["path"] for m in (*self.prompt, *self.chosen, *self.rejected) for p in m["content"]
-                if p["type"] == kind]
-
     @property
     def images(self) -> list[str]:
         """Absolute image paths in order of appearance (prompt first)."""
-        return self._media("image")
+        return self._everything().images
 
     @property
     def audios(self) -> list[str]:
         """Absolute audio paths in order of appearance (prompt first)."""
-        return self._media("audio")
+        return self._everything().audios
+
+    def _everything(self) -> Conversation:
+        return Conversation(messages=[*self.prompt, *self.chosen, *self.rejected], tools=self.tools,
+                            source=self.source)
 
 
 @dataclass
@@ -239,7 +239,7 @@ def detect(row: Mapping[str, Any], options: ChatOptions) -> str:
 
 def _holds_prompt(chosen: list, rejected: list, options: ChatOptions) -> bool:
     """True if a list of ``chosen`` / ``rejected`` messages holds a system or user turn (a whole conversation)."""
-    roles = _role_table(options)
+    roles = role_table(options)
     role_key = options.property_mappings.get("role")
     for message in (*chosen, *rejected):
         if isinstance(message, Mapping):
@@ -262,7 +262,7 @@ def _messages(value: Any, name: str, options: ChatOptions, *, default_role: str)
     if not isinstance(value, list):
         raise RowError("bad_message", name, f"expected a string, a message or a list of messages, got "
                        f"{_type_name(value)}")
-    messages, unread = _chat_messages(value, name, options, sharegpt=_from_value(value))
+    messages, unread = chat_messages(value, name, options, sharegpt=_from_value(value))
     for raw, message in zip(value, messages, strict=True):
         message.pop("train", None)
         unread += [f"{name}[].{k}" for k in dict.fromkeys(("weight", "training", options.training_field or ""))
@@ -329,7 +329,7 @@ def _read_raw(row: Mapping[str, Any], name: str, options: ChatOptions) -> tuple[
     elif name in ("sharegpt", "chat-template"):
         key = options.field_messages if options.field_messages and _present(row, options.field_messages) else (
             "conversations" if _present(row, "conversations") else "messages")
-        prompt = _system_first(row, msgs(row.get(key), key, "user"))
+        prompt = system_first(row, msgs(row.get(key), key, "user"))
         chosen, rejected = msgs(row["chosen"], "chosen", "assistant"), msgs(row["rejected"], "rejected", "assistant")
         read |= {key, "system"}
     elif name == "alpaca":
@@ -344,7 +344,7 @@ def _read_raw(row: Mapping[str, Any], name: str, options: ChatOptions) -> tuple[
             if not (isinstance(turn, list) and len(turn) == 2 and all(isinstance(x, str) for x in turn)):
                 raise RowError("bad_field", f"history[{k}]", "expected a [question, answer] pair of strings")
             prompt += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
-        prompt = _system_first(row, [*prompt, {"role": "user", "content": text}])
+        prompt = system_first(row, [*prompt, {"role": "user", "content": text}])
         chosen, rejected = _answers_text(row["chosen"], row["rejected"])
         read |= {"instruction", "input", "system", "history"}
     else:  # pragma: no cover - detect() only returns known names
@@ -370,7 +370,7 @@ def _fill_prompt_media(prompt: list[dict], row: Mapping[str, Any], plain: bool) 
             text = {"type": "text", "text": first_user["content"]}
             first_user["content"] = [*({"type": "image"} for _ in values), text]
             placed = True
-    return _fill_media(prompt, row), placed
+    return fill_media(prompt, row), placed
 
 
 def _blank(message: dict) -> bool:
@@ -381,10 +381,10 @@ def _blank(message: dict) -> bool:
 
 def _validate(raw: dict[str, Any], base: Path) -> tuple[list[dict], list[dict], list[dict], Any]:
     nulls: Counter[str] = Counter()
-    prompt = [_message(m, f"prompt[{i}]", base, nulls) for i, m in enumerate(raw["prompt"])]
+    prompt = [read_message(m, f"prompt[{i}]", base, nulls) for i, m in enumerate(raw["prompt"])]
     answers = {}
     for key in ("chosen", "rejected"):
-        messages = [_message(m, f"{key}[{i}]", base, nulls) for i, m in enumerate(raw[key])]
+        messages = [read_message(m, f"{key}[{i}]", base, nulls) for i, m in enumerate(raw[key])]
         for i, m in enumerate(messages):
             if m["role"] not in _ANSWER_ROLES or (i == 0 and m["role"] != "assistant"):
                 raise RowError("answer_not_assistant", f"{key}[{i}].role", f"a {m['role']} turn in the {key} answer: "
@@ -394,7 +394,7 @@ def _validate(raw: dict[str, Any], base: Path) -> tuple[list[dict], list[dict], 
     if all(_blank(m) for m in prompt):
         raise RowError("empty_prompt", "prompt", "empty prompt: there is nothing for the answers to answer")
     for key in ("chosen", "rejected"):
-        if not answers[key] or all(_is_empty(m) for m in answers[key] if m["role"] == "assistant"):
+        if not answers[key] or all(is_empty_message(m) for m in answers[key] if m["role"] == "assistant"):
             raise _Problem(EMPTY_ANSWER.code, "empty_answer", f"the {key} answer is empty (no text, tool calls or "
                            "reasoning)")
     if json.dumps(answers["chosen"], sort_keys=True, default=str) == json.dumps(answers["rejected"], sort_keys=True,

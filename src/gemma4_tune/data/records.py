@@ -226,7 +226,8 @@ def _tool_calls(calls: Any, where: str, nulls: Counter[str]) -> list[dict]:
     return out
 
 
-def _message(raw: Any, where: str, base: Path, nulls: Counter[str]) -> dict:
+def read_message(raw: Any, where: str, base: Path, nulls: Counter[str]) -> dict:
+    """One message normalised and checked: role, content parts (media paths resolved against ``base``)."""
     if not isinstance(raw, dict):
         raise _RowError("bad_message", where, f"expected a message object, got {_type_name(raw)}")
     role = raw.get("role")
@@ -249,7 +250,7 @@ def _message(raw: Any, where: str, base: Path, nulls: Counter[str]) -> dict:
     return message
 
 
-def _is_empty(message: dict) -> bool:
+def is_empty_message(message: dict) -> bool:
     """An assistant turn with no text, tool calls or reasoning: nothing to supervise."""
     text = "".join(p["text"] for p in message["content"] if p["type"] == "text")
     reasoning = message.get("reasoning_content", "")
@@ -262,7 +263,7 @@ def _conversation(canonical: dict, source: str, base: Path, nulls: Counter[str])
     raw = canonical["messages"]
     if not raw:
         raise _RowError("empty_conversation", "messages", "empty conversation")
-    messages = [_message(m, f"messages[{i}]", base, nulls) for i, m in enumerate(raw)]
+    messages = [read_message(m, f"messages[{i}]", base, nulls) for i, m in enumerate(raw)]
     answering = False  # inside the tool results of an assistant turn that made tool calls
     for i, message in enumerate(messages):
         if message["role"] == "tool" and not answering:
@@ -300,7 +301,7 @@ def _count(report: DataReport, conversation: Conversation) -> None:
             report.supervised_roles[message["role"]] = report.supervised_roles.get(message["role"], 0) + 1
         if message["role"] == "assistant":
             report.assistant_turns += 1
-            report.empty_assistant_turns += _is_empty(message)
+            report.empty_assistant_turns += is_empty_message(message)
             report.turns_not_supervised += not _supervised(message)
 
 
