@@ -181,7 +181,16 @@ def test_bad_pairs_stop_before_the_model_loads_and_audio_pairs_are_g4t514(tmp_pa
         "rejected": [{"role": "assistant", "content": "No."}]}) + "\n")
     with pytest.raises(FindingError) as info:
         load_pairs(RunConfig(model="m", data=str(audio), method="dpo"))
-    assert _codes(info.value.findings) == ["G4T514"]
+    assert _codes(info.value.findings) == ["G4T514"] and "audio.jsonl:1: audio" in info.value.findings[0].message
+    tool = tmp_path / "tool.jsonl"  # a tool call in the answer: TRL's rows would drop it, so it is refused
+    tool.write_text(json.dumps({
+        "prompt": [{"role": "user", "content": "Weather?"}],
+        "chosen": [{"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]}],
+        "rejected": [{"role": "assistant", "content": "No."}]}) + "\n")
+    with pytest.raises(FindingError) as info:
+        load_pairs(RunConfig(model="m", data=str(tool), method="dpo"))
+    assert _codes(info.value.findings) == ["G4T514"] and "tool_calls" in info.value.findings[0].message
 
 
 def test_dpo_settings_are_checked_and_axolotl_rl_dpo_maps() -> None:

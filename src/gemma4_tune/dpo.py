@@ -35,7 +35,7 @@ from gemma4_tune.preflight import LOSS_NOT_FINITE, MM_TYPE_IDS_DROPPED
 
 REFERENCE_NOT_BASE = register("G4T512", Severity.ERROR, "DPO's reference model is not the base model")
 POLICY_NOT_REFERENCE = register("G4T513", Severity.ERROR, "DPO's policy differs from its reference at step 0")
-DPO_AUDIO = register("G4T514", Severity.ERROR, "DPO pairs with audio")
+DPO_AUDIO = register("G4T514", Severity.ERROR, "DPO pairs with audio, tools or tool calls")
 DPO_NOT_LEARNING = register("G4T515", Severity.WARNING, "DPO did not raise held-out reward accuracy or margin")
 
 #: Keys of TRL's DPO batch that are bookkeeping, not model inputs.
@@ -74,6 +74,17 @@ def trl_dataset(pairs: list[Any]) -> Any:
     return Dataset.from_dict(rows)
 
 
+#: What a message may hold that the TRL rows (:func:`trl_dataset`) keep: the role and text/image parts.
+_PASSED_KEYS = frozenset({"role", "content"})
+
+
+def _not_passed(pair: Any) -> list[str]:
+    """What of ``pair`` the TRL rows would not carry (audio, tools, tool calls, reasoning, train flags)."""
+    messages = [*pair.prompt, *pair.chosen, *pair.rejected]
+    found = sorted({key for m in messages for key in m if key not in _PASSED_KEYS})
+    return (["audio"] if pair.audios else []) + (["tools"] if pair.tools else []) + found
+
+
 def load_pairs(cfg: RunConfig) -> tuple[list[Any], list[Any], dict[str, Any], list[Finding]]:
     """Training and held-out pairs (``--eval-data`` or ``--eval-split``), validated before any model loads."""
     import random
@@ -93,11 +104,13 @@ def load_pairs(cfg: RunConfig) -> tuple[list[Any], list[Any], dict[str, Any], li
         held = set(order[:n])
         eval_pairs = [p for i, p in enumerate(pairs) if i in held]
         pairs = [p for i, p in enumerate(pairs) if i not in held]
-    audio = [p.source for p in [*pairs, *eval_pairs] if p.audios]
-    if audio:
-        raise FindingError(finding(DPO_AUDIO.code, f"{len(audio)} preference pairs have audio (first: {audio[0]}); "
-                                   "TRL 1.16's DPOTrainer passes images to the processor, not audio",
-                                   "drop the audio pairs (or their audio parts), or train on them with SFT"))
+    unpassed = [(p.source, what) for p in [*pairs, *eval_pairs] if (what := _not_passed(p))]
+    if unpassed:
+        raise FindingError(finding(DPO_AUDIO.code, f"{len(unpassed)} preference pairs have what TRL 1.16's "
+                                   f"DPOTrainer rows do not carry (first: {unpassed[0][0]}: "
+                                   f"{', '.join(unpassed[0][1])}): it passes text and images to the processor, not "
+                                   "audio, tools, tool calls, reasoning or per-turn train flags",
+                                   "drop those pairs (or those parts), or train on them with SFT"))
     data = {**report.to_dict(), "pairs": len(pairs), "eval_pairs": len(eval_pairs),
             "eval_source": cfg.eval_data or (f"{cfg.eval_split:g} of {cfg.data_label} (seed {cfg.seed})"
                                              if cfg.eval_split else None)}
@@ -107,29 +120,24 @@ def load_pairs(cfg: RunConfig) -> tuple[list[Any], list[Any], dict[str, Any], li
 # --------------------------------------------------------------------------- log-probabilities as TRL computes them
 
 
-def sequence_logps(model: Any, batch: dict[str, Any], *, reference: bool) -> torch.Tensor:
-    """Per-row sums of completion log-probabilities, exactly as TRL's DPO loss takes them
-    (``fused_lm_head``; the reference under TRL's own ``use_adapter`` context), without gradients."""
+def sequence_logps(model: Any, batch: dict[str, Any], *, reference: bool = False, base: bool = False
+                   ) -> torch.Tensor:
+    """Per-row sums of completion log-probabilities, exactly as TRL's DPO loss takes them (``fused_lm_head``),
+    without gradients: the policy; ``reference``: under TRL's own reference context (``use_adapter``); ``base``:
+    under PEFT's ``disable_adapter()``, the definition of the reference."""
     from trl.trainer.dpo_trainer import use_adapter
 
     inputs = {k: v for k, v in batch.items() if k not in _NOT_INPUTS}
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     length = batch["completion_mask"].size(1) - 1
-    context = (use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None) if reference
-               else contextlib.nullcontext())
+    if base:
+        context = model.disable_adapter()
+    elif reference:
+        context = use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None)
+    else:
+        context = contextlib.nullcontext()
     with torch.no_grad(), context:
         out = model(**inputs, labels=labels, use_cache=False, fused_lm_head=True)
-    return out.log_probs[:, -length:].sum(1).float()
-
-
-def _base_logps(model: Any, batch: dict[str, Any]) -> torch.Tensor:
-    """The same sums for the base model: PEFT's ``disable_adapter()``, the definition of the reference."""
-    with model.disable_adapter():
-        inputs = {k: v for k, v in batch.items() if k not in _NOT_INPUTS}
-        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-        length = batch["completion_mask"].size(1) - 1
-        with torch.no_grad():
-            out = model(**inputs, labels=labels, use_cache=False, fused_lm_head=True)
     return out.log_probs[:, -length:].sum(1).float()
 
 
@@ -191,7 +199,7 @@ def _reference_probe(model: Any, batch: dict[str, Any], seed: int) -> dict[str, 
     try:
         policy = sequence_logps(model, batch, reference=False)
         reference = sequence_logps(model, batch, reference=True)
-        base = _base_logps(model, batch)
+        base = sequence_logps(model, batch, base=True)
     finally:
         with torch.no_grad():
             for name, param in model.named_parameters():
@@ -384,8 +392,9 @@ def train_dpo(cfg: RunConfig) -> Any:
             handle.write(json.dumps(_eval_row(trainer, trainer.state.global_step)) + "\n")
         evals = [row for row in _metrics(out) if "eval_reward_accuracy" in row]
         first, last = evals[0], evals[-1]
-        if (last["eval_reward_accuracy"] <= first["eval_reward_accuracy"]
-                and last["eval_reward_margin"] <= first["eval_reward_margin"]):
+        # "did not rise" also when a figure is NaN: a comparison with NaN is never a rise
+        if (not last["eval_reward_accuracy"] > first["eval_reward_accuracy"]
+                and not last["eval_reward_margin"] > first["eval_reward_margin"]):
             findings.append(finding(DPO_NOT_LEARNING.code, f"held-out reward accuracy {first['eval_reward_accuracy']:.1%} "
                                     f"-> {last['eval_reward_accuracy']:.1%}, margin {first['eval_reward_margin']:.3f} -> "
                                     f"{last['eval_reward_margin']:.3f}: the tuned model does not prefer the chosen "
