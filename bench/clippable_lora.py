@@ -17,9 +17,8 @@ import sys
 import time
 from typing import Any
 
-import torch
-
 import common
+import torch
 
 sys.path.insert(0, str(common.BENCH.parent / "tests"))
 from lora_helpers import unwrap_clippable  # noqa: E402 - the one implementation of the unwrap fix
@@ -32,7 +31,7 @@ ROUNDS = 10
 
 def vision_inputs(config: Any, images: int) -> dict[str, torch.Tensor]:
     """Random images at the tiny processor's budget, as the processor lays them out."""
-    from gemma4_tune.catalog.tiny import TINY_IMAGE_SOFT_TOKENS
+    from gemma4_tune.model.tiny import TINY_IMAGE_SOFT_TOKENS
 
     vc = config.vision_config
     side = int(TINY_IMAGE_SOFT_TOKENS ** 0.5) * vc.pooling_kernel_size
@@ -73,7 +72,7 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import Gemma4ForConditionalGeneration
 
-    from gemma4_tune.adapters import LoraSettings, prepare_model
+    from gemma4_tune.plan.adapters import LoraSettings, prepare_model
 
     started = common.machine()
     path = common.bench_model()

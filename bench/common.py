@@ -51,7 +51,7 @@ def machine() -> dict[str, Any]:
 
 def versions() -> dict[str, str]:
     """Versions of the libraries that decide the figures."""
-    from gemma4_tune.train import library_versions
+    from gemma4_tune.train.recipe import library_versions
 
     return library_versions()
 
@@ -84,13 +84,13 @@ def bench_model(variant: str = "e2b") -> Path:
     """
     import hashlib
 
-    from gemma4_tune.catalog import tiny
+    from gemma4_tune.model import tiny
 
     key = hashlib.sha256(json.dumps([variant, BENCH_TEXT, BENCH_VISION]).encode()
                          + Path(tiny.__file__).read_bytes()).hexdigest()[:12]
     out = BENCH.parent / "runs" / "bench" / f"model-{variant}-{key}"
     if not (out / "config.json").exists():
-        code = ("import sys; sys.path.insert(0, sys.argv[1]); from gemma4_tune.catalog import tiny; "
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); from gemma4_tune.model import tiny; "
                 "from gemma4_tune.api import tiny_model; import common; tiny.TINY_TEXT.update(common.BENCH_TEXT); "
                 "tiny.TINY_VISION.update(common.BENCH_VISION); tiny_model(sys.argv[2], sys.argv[3])")
         subprocess.run([sys.executable, "-c", code, str(BENCH), variant, str(out)], check=True, capture_output=True)

@@ -7,7 +7,7 @@ built on the meta device for its key set, shapes and dtypes (clamp buffers inclu
 that official files carry (row 7). Tensors are written one at a time with random values, bf16, in
 4 shards. The tiny tokenizer (padded to the real 262,144 ids) and processor files go beside it so
 llama.cpp's converter can read it. The adapter is rank-16 LoRA on the text and vision tower linears,
-made by ``gemma4_tune.adapters.prepare_model`` on the meta model (the user's code path), with random
+made by ``gemma4_tune.plan.adapters.prepare_model`` on the meta model (the user's code path), with random
 factors.
 
 Sides, each a fresh process (peak RSS of the process tree from ``RUSAGE_CHILDREN``), on a cold page
@@ -76,7 +76,7 @@ export_gguf(sys.argv[1], sys.argv[2], "bf16", repoint=False)
 
 def real_config() -> dict[str, Any]:
     """The published E2B config, with the tiny tokenizer's special-token ids (the tokenizer shipped here)."""
-    from gemma4_tune.catalog import resolve_variant
+    from gemma4_tune.model.catalog import resolve_variant
 
     return json.loads(json.dumps(resolve_variant(VARIANT).config))
 
@@ -86,7 +86,7 @@ def key_set(config: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
     import torch
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
 
-    from gemma4_tune.catalog.tiny import kv_shared_keys
+    from gemma4_tune.model.tiny import kv_shared_keys
 
     cfg = Gemma4Config(**{k: v for k, v in config.items() if k != "architectures"})
     with torch.device("meta"):
@@ -117,11 +117,11 @@ def build_base(out: Path, seed: int = SEED) -> dict[str, Any]:
     import math
 
     import torch
+    from real_vocab import pad_vocabulary
 
     from gemma4_tune.api import tiny_model
     from gemma4_tune.export.manifest import TensorInfo
     from gemma4_tune.export.merge import plan_shards
-    from real_vocab import pad_vocabulary
 
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -181,7 +181,7 @@ def build_adapter(base: Path, out: Path, seed: int = SEED) -> dict[str, Any]:
     import torch
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
 
-    from gemma4_tune.adapters import LoraSettings, prepare_model, save_adapter
+    from gemma4_tune.plan.adapters import LoraSettings, prepare_model, save_adapter
 
     cfg = Gemma4Config.from_pretrained(str(base))
     with torch.device("meta"):

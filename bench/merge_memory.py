@@ -23,15 +23,14 @@ from typing import Any
 import common
 
 
-
 def build(root: Path) -> tuple[Path, Path]:
     """Base checkpoint and adapter (run in its own process: see main)."""
     import torch
     from transformers import Gemma4ForConditionalGeneration
 
-    from gemma4_tune.adapters import LoraSettings, prepare_model, save_adapter
     from gemma4_tune.api import tiny_model
-    from gemma4_tune.catalog import tiny
+    from gemma4_tune.model import tiny
+    from gemma4_tune.plan.adapters import LoraSettings, prepare_model, save_adapter
 
     tiny.TINY_TEXT.update(hidden_size=1536, intermediate_size=8192)
     base = tiny_model("31b", root / "base")

@@ -32,8 +32,8 @@ def preflight_figures(model: Path, data: Path, out: Path) -> dict[str, Any]:
     import torch
 
     from gemma4_tune.api import run_preflight
-    from gemma4_tune.config import RunConfig
-    from gemma4_tune.train import prepare_run, token_mean_loss
+    from gemma4_tune.config.options import RunConfig
+    from gemma4_tune.train.recipe import prepare_run, token_mean_loss
 
     cfg = RunConfig(model=str(model), data=str(data), out=str(out), batch_size=BATCH_SIZE,
                     max_seq_len=MAX_SEQ_LEN, rank=RANK, lr=LR)
@@ -68,7 +68,7 @@ def make_adapter(model: Path, out: Path) -> Path:
     import torch
     from transformers import Gemma4ForConditionalGeneration
 
-    from gemma4_tune.adapters import LoraSettings, prepare_model, save_adapter
+    from gemma4_tune.plan.adapters import LoraSettings, prepare_model, save_adapter
 
     torch.manual_seed(0)
     peft_model, plan = prepare_model(Gemma4ForConditionalGeneration.from_pretrained(str(model)), "text",

@@ -79,7 +79,7 @@ import json, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import real_vocab as rv
-from gemma4_tune.catalog import tiny
+from gemma4_tune.model import tiny
 from gemma4_tune.api import tiny_model
 import common
 layers = int(sys.argv[4])
@@ -243,7 +243,7 @@ def _measured(cmd: list[str], out: Path, what: str) -> tuple[subprocess.Complete
 
 def ours_settings(model: Path, data: Path, out: Path, *, packing: bool, steps: int | None) -> Path:
     """The run file of a `gemma4-tune train` side."""
-    from gemma4_tune.config import RunConfig
+    from gemma4_tune.config.options import RunConfig
 
     settings = {"model": str(model), "data": str(data), "out": str(out / "run"), "batch_size": BATCH_SIZE,
                 "max_seq_len": MAX_SEQ_LEN, "rank": RANK, "lr": LR, "epochs": 1, "save_steps": 100_000,
@@ -309,9 +309,9 @@ def trl_train(model: str, data: str, out: str, *, packing: bool, steps: int | No
     else fp32. ``packing`` is TRL's ``packing=True`` (``bfd``, padding-free).
     """
     from datasets import load_dataset
+    from trl_baseline import sft_train
 
     from gemma4_tune.data.chat import training_template
-    from trl_baseline import sft_train
 
     template = Path(out).parent / "gemma4_v5_training.jinja"
     template.parent.mkdir(parents=True, exist_ok=True)

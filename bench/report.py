@@ -249,7 +249,7 @@ def missed(results: dict[str, dict[str, Any]]) -> list[str]:
                        f"{(f['streaming']['peak_rss_mb'] - f['import_only_peak_rss_mb']) / (r['model']['checkpoint_bytes'] / 2**20):.2f}"
                        " of the checkpoint). Most of the import cost is torch itself (the libraries of this CUDA build "
                        "of torch). (`export` no longer imports the training stack: "
-                       "`gemma4_tune.api` imports `gemma4_tune.train` lazily since this benchmark found it.)")
+                       "`gemma4_tune.api` imports `gemma4_tune.train.recipe` lazily since this benchmark found it.)")
         if not g["wall_time"]["met"]:
             out.append(f"- **merge wall time** ({g['wall_time']['ratio']}, goal {g['wall_time']['target']}): the "
                        f"streaming merge proper takes {f['streaming']['merge_seconds']} s of "

@@ -26,9 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 import common
+import yaml
 
 ROWS = 32
 BATCH_SIZE = 4
@@ -40,7 +39,7 @@ ROUNDS = ("ours", "trl", "packed", "packed", "trl", "ours", "ours", "trl", "pack
 
 def run_ours(model: Path, data: Path, out: Path, *, packing: bool) -> dict[str, Any]:
     """`gemma4-tune train` in a fresh process; loop seconds from its metrics.jsonl, real tokens from run.json."""
-    from gemma4_tune.config import RunConfig
+    from gemma4_tune.config.options import RunConfig
 
     settings = {"model": str(model), "data": str(data), "out": str(out), "batch_size": BATCH_SIZE,
                 "max_seq_len": MAX_SEQ_LEN, "rank": RANK, "lr": LR, "epochs": 1, "save_steps": 100_000,
@@ -85,10 +84,10 @@ def packed_loss_equality(model: Path, data: Path, n: int = 8) -> dict[str, Any]:
     import torch
     from transformers import AutoProcessor, Gemma4ForConditionalGeneration
 
-    from gemma4_tune.adapters import LoraSettings, prepare_model
     from gemma4_tune.data.collate import Gemma4Batcher
     from gemma4_tune.data.records import load_conversations
-    from gemma4_tune.loss import batch_sums
+    from gemma4_tune.model.loss import batch_sums
+    from gemma4_tune.plan.adapters import LoraSettings, prepare_model
 
     conversations, _ = load_conversations(str(data))
     batcher = Gemma4Batcher(AutoProcessor.from_pretrained(str(model)), max_seq_len=MAX_SEQ_LEN)

@@ -34,7 +34,7 @@ from transformers import Gemma4ForConditionalGeneration
 if sys.argv[3] == "choose":
     from gemma4_tune.threads import use_idle_cores
     use_idle_cores()
-from gemma4_tune.adapters import LoraSettings, prepare_model
+from gemma4_tune.plan.adapters import LoraSettings, prepare_model
 model, _ = prepare_model(Gemma4ForConditionalGeneration.from_pretrained(sys.argv[1], dtype=torch.float32), "text",
                          LoraSettings(rank=8))
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

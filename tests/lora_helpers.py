@@ -15,7 +15,7 @@ def random_lora(base: Path, out: Path, seed: int, spec: str = "text") -> Path:
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from gemma4_tune.adapters import LoraSettings, prepare_model, save_adapter
+    from gemma4_tune.plan.adapters import LoraSettings, prepare_model, save_adapter
 
     model, plan = prepare_model(AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32),
                                 spec, LoraSettings(rank=8))
@@ -32,7 +32,7 @@ def random_lora_model(base: Path, spec: str, seed: int = 0, scale: float = 0.1) 
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from gemma4_tune.adapters import LoraSettings, prepare_model
+    from gemma4_tune.plan.adapters import LoraSettings, prepare_model
 
     model, _ = prepare_model(AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32), spec,
                              LoraSettings(rank=8))

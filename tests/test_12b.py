@@ -30,7 +30,7 @@ def test_text_never_reaches_the_embedders_that_peft_all_linear_reaches(tiny_mode
     from transformers import AutoModelForImageTextToText
 
     from gemma4_tune.api import meta_model
-    from gemma4_tune.targets import plan_targets
+    from gemma4_tune.plan.targets import plan_targets
 
     module, profile = meta_model(tiny_models["12b"])
     text = plan_targets(module, profile, "text")
@@ -66,11 +66,11 @@ def test_row31_transformers_12b_masks_images_two_ways_and_training_uses_the_mode
     """transformers 5.23: the 12B's plain forward (and generate() with a dynamic cache) ORs each image block
     into every mask after the sliding window; its class's own create_masks_for_generate (generate() with a
     static cache) keeps the global layers causal and the window. This test fails once a release makes them
-    agree (then UNIFIED_MASK_AFFECTED and the hook in gemma4_tune.patches go)."""
+    agree (then UNIFIED_MASK_AFFECTED and the hook in gemma4_tune.model.patches go)."""
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from gemma4_tune.patches import model_image_masks, unified_masks_are_affected, use_model_image_masks
+    from gemma4_tune.model.patches import model_image_masks, unified_masks_are_affected, use_model_image_masks
     from tests.stock.batch import fixed_batch
 
     path = tiny_models["12b"]

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma4_tune.adapters import LoraSettings, prepare_model, save_adapter, trainable_by_group
 from gemma4_tune.findings import FindingError
-from gemma4_tune.profile import ModelProfile
-from gemma4_tune.targets import tower_of
+from gemma4_tune.model.profile import ModelProfile
+from gemma4_tune.plan.adapters import LoraSettings, prepare_model, save_adapter, trainable_by_group
+from gemma4_tune.plan.targets import tower_of
 from tests.stock.batch import fixed_batch
 
 PEFT_LOGITS = Path(__file__).parent / "stock" / "peft_logits.py"
@@ -204,7 +204,7 @@ def test_pattern_escape_hatch_redirects_clippable_to_inner_linear(tiny_models):
 
 
 def test_quantize_without_cuda_is_a_finding():
-    from gemma4_tune.adapters import check_quantization
+    from gemma4_tune.plan.adapters import check_quantization
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the refusal is for machines without it")
@@ -216,7 +216,7 @@ def test_quantize_without_cuda_is_a_finding():
 @pytest.mark.slow
 def test_row02_unwrapped_tower_linear_is_caught(tiny_models):
     """Failure-catalog row 2: replacing a Gemma4ClippableLinear by its inner Linear loses the clamps."""
-    from gemma4_tune.adapters import check_lora_placement
+    from gemma4_tune.plan.adapters import check_lora_placement
 
     model, plan = prepare_model(load(tiny_models["e2b"]), "vision", LoraSettings(rank=4))
     attn = model.get_base_model().model.vision_tower.encoder.layers[0].self_attn
@@ -229,8 +229,8 @@ def test_row02_unwrapped_tower_linear_is_caught(tiny_models):
 def test_lora_outside_or_missing_from_the_plan_is_caught(tiny_models):
     from peft import LoraConfig, get_peft_model
 
-    from gemma4_tune.adapters import check_lora_placement
-    from gemma4_tune.targets import plan_targets
+    from gemma4_tune.plan.adapters import check_lora_placement
+    from gemma4_tune.plan.targets import plan_targets
 
     model = load(tiny_models["31b"])
     profile = ModelProfile.from_pretrained(tiny_models["31b"], count_parameters=False)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from gemma4_tune.config import load_yaml, read_run_file
+from gemma4_tune.config.options import load_yaml, read_run_file
 from gemma4_tune.findings import FindingError
 
 EXAMPLES = Path(__file__).parent / "data" / "axolotl"
@@ -164,8 +164,8 @@ def test_defaults_val_set_size_count_and_dataset_keys(tmp_path):
 def test_list_targets_match_names_as_peft_does(tiny_models):
     from transformers import AutoConfig, Gemma4ForConditionalGeneration
 
-    from gemma4_tune.profile import ModelProfile
-    from gemma4_tune.targets import plan_targets
+    from gemma4_tune.model.profile import ModelProfile
+    from gemma4_tune.plan.targets import plan_targets
 
     config = AutoConfig.from_pretrained(str(tiny_models["e2b"]))
     import torch

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma4_tune.config import build_config, read_run_file
+from gemma4_tune.config.options import build_config, read_run_file
 from gemma4_tune.findings import Finding, FindingError, Severity
 
 BASE = {"model": "m", "data": "d.jsonl", "out": "o"}
@@ -97,7 +97,7 @@ def _chat(question: str, answer: str) -> dict:
 @pytest.mark.slow
 def test_over_long_rows_are_cut_said_once_and_dropped_when_nothing_is_left(tiny_models, tmp_path: Path) -> None:
     from gemma4_tune.preflight import run_preflight
-    from gemma4_tune.train import preflight_run, prepare_run
+    from gemma4_tune.train.recipe import preflight_run, prepare_run
 
     long_row = _chat("word " * 300 + "What is one plus one?", "Two.")
     data = tmp_path / "train.jsonl"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from gemma4_tune.catalog import ALIASES, resolve_variant, variants
 from gemma4_tune.findings import FindingError
-from gemma4_tune.profile import ModelProfile
+from gemma4_tune.model.catalog import ALIASES, resolve_variant, variants
+from gemma4_tune.model.profile import ModelProfile
 
 EXPECTED = {
     # variant: (KV sharing, PLE, double-wide MLP, K=V, MoE, bidirectional vision, audio input)

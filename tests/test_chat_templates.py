@@ -12,8 +12,8 @@ import trl
 from transformers.models.gemma.tokenization_gemma import GemmaTokenizer
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from gemma4_tune.catalog.tokenizer import save_tokenizer
 from gemma4_tune.data import chat
+from gemma4_tune.model.tokenizer import save_tokenizer
 
 TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"
 TRL_FILES = {"v1": "gemma4.jinja", "v2": "gemma4_v2.jinja", "v3": "gemma4_v3.jinja", "v4": "gemma4_v4.jinja",

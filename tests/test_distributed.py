@@ -21,10 +21,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from gemma4_tune.config import build_config
-from gemma4_tune.distributed import DistributedPlan, plan_distributed
+from gemma4_tune.config.options import build_config
 from gemma4_tune.findings import FindingError
 from gemma4_tune.serve import free_port
+from gemma4_tune.train.distributed import DistributedPlan, plan_distributed
 
 CLI = [sys.executable, "-m", "gemma4_tune"]
 REQUIRE = bool(os.environ.get("GEMMA4_TUNE_REQUIRE_ENGINES"))
@@ -112,7 +112,7 @@ def test_saving_an_adapter_with_a_partitioned_tensor_is_g4t411_and_writes_nothin
                                                                                   tmp_path: Path) -> None:
     from transformers import Gemma4ForConditionalGeneration
 
-    from gemma4_tune.adapters import LoraSettings, prepare_model, save_adapter
+    from gemma4_tune.plan.adapters import LoraSettings, prepare_model, save_adapter
 
     model = Gemma4ForConditionalGeneration.from_pretrained(str(tiny_models["e2b"]), dtype=torch.float32)
     peft_model, _ = prepare_model(model, "text", LoraSettings(rank=4))
@@ -131,7 +131,7 @@ _ROW27_PROBE = textwrap.dedent("""
     import os, sys
     os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
     if sys.argv[1] == "patched":
-        from gemma4_tune.patches import patch_accelerate_for_cpu_launch
+        from gemma4_tune.model.patches import patch_accelerate_for_cpu_launch
         assert patch_accelerate_for_cpu_launch()
     from accelerate.state import PartialState
     state = PartialState(cpu=False)
@@ -140,7 +140,7 @@ _ROW27_PROBE = textwrap.dedent("""
 
 
 def test_row27_accelerate_still_loses_the_launch_on_cpu_and_the_patch_restores_it() -> None:
-    """If this fails on the unpatched line, accelerate fixed row 27: drop gemma4_tune/patches.py's backend patch."""
+    """If this fails on the unpatched line, accelerate fixed row 27: drop gemma4_tune/model/patches.py's backend patch."""
     assert not torch.cuda.is_available()
     plain = subprocess.run([sys.executable, "-c", _ROW27_PROBE, "plain", str(free_port())], capture_output=True,
                            text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})

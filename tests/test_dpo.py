@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gemma4_tune.config import RunConfig
+from gemma4_tune.config.options import RunConfig
 from gemma4_tune.findings import FindingError
 from tests.test_train import SAME_THREADS, kill_at_checkpoint
 
@@ -97,7 +97,7 @@ def test_dpo_raises_held_out_reward_accuracy_with_the_base_as_reference(tiny_mod
 @pytest.fixture(scope="module")
 def b31_trainer(tiny_models, tmp_path_factory):
     """TRL's DPOTrainer on the tiny 31B with image pairs, as train --method dpo builds it; and a real batch."""
-    from gemma4_tune.dpo import build_trainer, load_pairs, probe_batch
+    from gemma4_tune.train.dpo import build_trainer, load_pairs, probe_batch
 
     root = tmp_path_factory.mktemp("dpo-31b")
     train, held = write_pairs(root / "data", images=True)
@@ -117,7 +117,7 @@ def test_the_reference_is_the_base_with_the_adapter_disabled_and_one_that_keeps_
                                                                                             monkeypatch):
     from trl.trainer import dpo_trainer
 
-    from gemma4_tune.dpo import dpo_preflight
+    from gemma4_tune.train.dpo import dpo_preflight
 
     built, batch = b31_trainer
     model, profile = built["model"], built["profile"]
@@ -135,7 +135,7 @@ def test_the_reference_is_the_base_with_the_adapter_disabled_and_one_that_keeps_
 
 @pytest.mark.slow
 def test_31b_image_pairs_without_mm_token_type_ids_are_g4t505(b31_trainer):
-    from gemma4_tune.dpo import dpo_preflight
+    from gemma4_tune.train.dpo import dpo_preflight
 
     built, batch = b31_trainer
     dropped = {k: v for k, v in batch.items() if k != "mm_token_type_ids"}
@@ -145,7 +145,7 @@ def test_31b_image_pairs_without_mm_token_type_ids_are_g4t505(b31_trainer):
 
 @pytest.mark.slow
 def test_a_policy_that_does_not_start_at_the_reference_is_g4t513(b31_trainer):
-    from gemma4_tune.dpo import dpo_preflight
+    from gemma4_tune.train.dpo import dpo_preflight
 
     built, batch = b31_trainer
     model = built["model"]
@@ -165,7 +165,7 @@ def test_a_policy_that_does_not_start_at_the_reference_is_g4t513(b31_trainer):
 @pytest.mark.slow
 def test_bad_pairs_stop_before_the_model_loads_and_audio_pairs_are_g4t514(tmp_path):
     from gemma4_tune.data.demo_data import write_demo_dataset
-    from gemma4_tune.dpo import load_pairs
+    from gemma4_tune.train.dpo import load_pairs
 
     same = tmp_path / "same.jsonl"
     same.write_text(json.dumps({"prompt": "Hi?", "chosen": "Hello.", "rejected": "Hello."}) + "\n")
@@ -196,7 +196,7 @@ def test_bad_pairs_stop_before_the_model_loads_and_audio_pairs_are_g4t514(tmp_pa
 def test_dpo_settings_are_checked_and_axolotl_rl_dpo_maps() -> None:
     from pydantic import ValidationError
 
-    from gemma4_tune.config import build_config
+    from gemma4_tune.config.options import build_config
     from gemma4_tune.findings import FindingError as Refused
 
     assert RunConfig(model="m", data="d.jsonl", method="dpo", beta=0.2).beta == 0.2
@@ -207,7 +207,7 @@ def test_dpo_settings_are_checked_and_axolotl_rl_dpo_maps() -> None:
 
 
 def test_axolotl_rl_dpo_and_its_beta_map_and_other_objectives_are_refused(tmp_path) -> None:
-    from gemma4_tune.config import read_run_file
+    from gemma4_tune.config.options import read_run_file
 
     path = tmp_path / "dpo.yaml"
     path.write_text("base_model: m\nadapter: lora\nrl: dpo\nrl_beta: 0.05\ndatasets:\n  - path: d.jsonl\n    type: "

@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from gemma4_tune.engines import llamacpp_env
+from gemma4_tune.engines import vllm_env as engine_env
 from gemma4_tune.findings import REGISTRY, FindingError, Severity
-from gemma4_tune.verify import engine_env, llamacpp_env
 from tests.lora_helpers import random_lora
 from tests.test_findings import _import_all
 
@@ -97,8 +98,8 @@ def test_g4t205_router_lora_is_refused_for_vllm_in_plan_and_export(tiny_models: 
     """A LoRA on the 26B-A4B MoE router (`router.proj`) is outside vLLM's LoRA module list."""
     from transformers import Gemma4ForConditionalGeneration
 
-    from gemma4_tune.adapters import LoraSettings, prepare_model, save_adapter
     from gemma4_tune.api import export, plan
+    from gemma4_tune.plan.adapters import LoraSettings, prepare_model, save_adapter
 
     base = tiny_models["26b-a4b"]
     spec = r"re:.*\.router\.proj"
@@ -143,7 +144,7 @@ def test_g4t209_unknown_engine_in_export_and_engines_install(e2b: Path, e2b_adap
 @pytest.mark.slow
 def test_g4t402_truncation_leaves_no_supervised_token(e2b: Path, tmp_path: Path) -> None:
     from gemma4_tune.api import run_preflight
-    from gemma4_tune.config import build_config
+    from gemma4_tune.config.options import build_config
 
     data = _write_jsonl(tmp_path / "long.jsonl", _chat(2, LONG_PROMPT))
     with pytest.raises(FindingError) as exc:
@@ -155,7 +156,7 @@ def test_g4t402_truncation_leaves_no_supervised_token(e2b: Path, tmp_path: Path)
 @pytest.mark.slow
 def test_g4t408_held_out_data_without_a_supervised_token(e2b: Path, tmp_path: Path) -> None:
     from gemma4_tune.api import run_preflight
-    from gemma4_tune.config import build_config
+    from gemma4_tune.config.options import build_config
 
     train = _write_jsonl(tmp_path / "train.jsonl", _chat(2, "Hi {i}"))
     held_out = _write_jsonl(tmp_path / "eval.jsonl", _chat(2, LONG_PROMPT))
@@ -170,8 +171,8 @@ def test_g4t408_held_out_data_without_a_supervised_token(e2b: Path, tmp_path: Pa
 def test_g4t412_processes_that_do_not_form_the_job_are_refused(e2b: Path, tmp_path: Path) -> None:
     """A launch planned for a GPU node (plan.json ``cpu: false``) run on this CPU machine: the row-27
     patch is not applied, accelerate sees DistributedType.NO, and the run stops before training."""
-    from gemma4_tune.config import build_config
-    from gemma4_tune.distributed import LAUNCH_DIR, PLAN_FILE, RUN_FILE, launch, read_plan
+    from gemma4_tune.config.options import build_config
+    from gemma4_tune.train.distributed import LAUNCH_DIR, PLAN_FILE, RUN_FILE, launch, read_plan
 
     data = _write_jsonl(tmp_path / "chat.jsonl", _chat(4))
     out = tmp_path / "run"
@@ -199,9 +200,9 @@ def test_g4t413_fsdp_wrap_class_the_model_lacks(tiny_models: dict[str, Path], tm
     written): refused before accelerate would stop at prepare with `Could not find the transformer layer class`."""
     from transformers import Gemma4ForConditionalGeneration
 
-    from gemma4_tune.adapters import LoraSettings, prepare_model
-    from gemma4_tune.config import build_config
-    from gemma4_tune.distributed import check_wrap_classes, launch, read_plan
+    from gemma4_tune.config.options import build_config
+    from gemma4_tune.plan.adapters import LoraSettings, prepare_model
+    from gemma4_tune.train.distributed import check_wrap_classes, launch, read_plan
 
     out = tmp_path / "run"
     cfg = build_config({"model": str(tiny_models["e2b"]), "data": "unused.jsonl", "out": str(out),
@@ -223,7 +224,7 @@ def test_g4t413_fsdp_wrap_class_the_model_lacks(tiny_models: dict[str, Path], tm
 def _lora_model(base: Path):  # noqa: ANN202 - (PeftModel, TargetPlan)
     from transformers import Gemma4ForConditionalGeneration
 
-    from gemma4_tune.adapters import LoraSettings, prepare_model
+    from gemma4_tune.plan.adapters import LoraSettings, prepare_model
 
     model = Gemma4ForConditionalGeneration.from_pretrained(str(base), dtype=torch.float32)
     return prepare_model(model, "text", LoraSettings(rank=4))
@@ -233,8 +234,8 @@ def _lora_model(base: Path):  # noqa: ANN202 - (PeftModel, TargetPlan)
 def test_g4t601_adapter_saved_before_the_last_update(e2b: Path, tmp_path: Path) -> None:
     """The adapter is saved, then the LoRA weights move again (as when a save misses the last step):
     the saved adapter no longer reproduces the model in memory, in logits and tensor by tensor."""
-    from gemma4_tune.adapters import save_adapter
-    from gemma4_tune.distributed import gather_trainable
+    from gemma4_tune.plan.adapters import save_adapter
+    from gemma4_tune.ranks import gather_trainable
     from gemma4_tune.verify.parity import fixed_batch
     from gemma4_tune.verify.peft import saved_adapter_parity, saved_tensor_parity
 
@@ -259,8 +260,8 @@ def test_g4t601_adapter_saved_before_the_last_update(e2b: Path, tmp_path: Path) 
 @pytest.mark.slow
 def test_g4t602_adapter_that_never_moved_changes_nothing(e2b: Path, tmp_path: Path) -> None:
     """LoRA as PEFT initialises it (lora_B = 0), saved without an update (row 30: zero gradients)."""
-    from gemma4_tune.adapters import save_adapter
-    from gemma4_tune.distributed import gather_trainable
+    from gemma4_tune.plan.adapters import save_adapter
+    from gemma4_tune.ranks import gather_trainable
     from gemma4_tune.verify.parity import fixed_batch
     from gemma4_tune.verify.peft import saved_adapter_parity, saved_tensor_parity
 

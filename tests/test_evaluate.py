@@ -41,7 +41,7 @@ def e2b_lora(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFact
 
 def test_eval_loss_is_the_training_loss_on_the_same_batch(e2b_lora) -> None:
     """Same masking, same shift, per supervised token: eval and training loss agree on one batch."""
-    from gemma4_tune.evaluate import evaluate
+    from gemma4_tune.train.evaluate import evaluate
 
     model, batcher, convs = e2b_lora
     examples = [batcher.encode(c) for c in convs[:3]]
@@ -62,7 +62,7 @@ def test_eval_loss_is_the_training_loss_on_the_same_batch(e2b_lora) -> None:
 
 
 def test_samples_show_reference_base_and_tuned_answers(e2b_lora) -> None:
-    from gemma4_tune.evaluate import generate_samples, pick_samples
+    from gemma4_tune.train.evaluate import generate_samples, pick_samples
 
     model, batcher, convs = e2b_lora
     picked = pick_samples(convs, 3)
@@ -207,7 +207,7 @@ def test_report_html_renders_plot_and_tables_in_headless_chromium(two_runs, tmp_
 def test_samples_say_whether_the_tuned_model_stops_at_its_end_of_turn(e2b_lora) -> None:
     """Catalog row 29: a model that never learned <turn|> rambles to the token budget; the samples record it."""
     from gemma4_tune.data.chat import END_OF_TURN
-    from gemma4_tune.evaluate import generate_samples, pick_samples
+    from gemma4_tune.train.evaluate import generate_samples, pick_samples
 
     model, batcher, convs = e2b_lora
     picked = [c for c in pick_samples(convs, 3) if not c.images and not c.audios][:1]

@@ -161,7 +161,7 @@ def test_disk_full_in_the_kernel_copy_is_a_finding_and_leaves_nothing(tmp_path, 
 
 def test_disk_full_while_writing_the_report_keeps_the_old_one_whole(tmp_path, monkeypatch):
     from gemma4_tune import io
-    from gemma4_tune.report import write_report
+    from gemma4_tune.report.run_report import write_report
 
     sections = {"config": {"out": str(tmp_path)}, "metrics": [{"step": 1, "loss": 2.0}]}
     write_report(tmp_path, sections, [])
@@ -183,7 +183,7 @@ def test_disk_full_during_a_checkpoint_stops_training_with_a_finding(tiny_models
     import torch
 
     from gemma4_tune.api import run_training
-    from gemma4_tune.config import RunConfig
+    from gemma4_tune.config.options import RunConfig
 
     real = torch.save
 
@@ -209,7 +209,7 @@ def test_disk_full_during_a_checkpoint_stops_training_with_a_finding(tiny_models
 
 def test_an_unwritable_output_is_refused_before_any_model_loads(tiny_models, tmp_path, unwritable):
     from gemma4_tune.api import export, run_training, tiny_model, verify
-    from gemma4_tune.config import RunConfig
+    from gemma4_tune.config.options import RunConfig
     from gemma4_tune.demo import run_demo
 
     missing = tmp_path / "no-such-model"  # a model that would be loaded first fails with G4T001 instead
@@ -239,7 +239,7 @@ def test_a_writable_location_passes_and_leaves_no_probe(tmp_path):
 
 
 def test_records_are_strict_json_with_null_for_nan_and_infinity(tmp_path):
-    from gemma4_tune.report import write_report
+    from gemma4_tune.report.run_report import write_report
 
     data = {"loss": float("nan"), "rows": [float("inf"), -float("inf"), 1.5], "nested": {"grad": float("nan")},
             "pair": (1, float("nan"))}

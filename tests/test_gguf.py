@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from gemma4_tune.engines import part_of
+from gemma4_tune.engines import glibc_compat, llamacpp_env
 from gemma4_tune.export.gguf import (
     BOUNDED_CONVERTERS,
     CHUNK_BYTES,
@@ -40,7 +40,7 @@ from gemma4_tune.export.gguf import (
     repoint_modelfile,
 )
 from gemma4_tune.findings import FindingError
-from gemma4_tune.verify import glibc_compat, llamacpp_env
+from gemma4_tune.plan.targets import part_of
 from gemma4_tune.verify.llamacpp import (
     MEDIA_TOLERANCES,
     TOLERANCES,
@@ -135,7 +135,7 @@ def test_row02_unwrapped_checkpoint_is_refused_before_any_conversion(tiny_models
         raise AssertionError("a converter ran on a damaged checkpoint")
 
     monkeypatch.setattr("gemma4_tune.export.gguf.run_converter", no_conversion)
-    monkeypatch.setattr("gemma4_tune.verify.llamacpp_env.require_llamacpp", no_conversion)
+    monkeypatch.setattr("gemma4_tune.engines.llamacpp_env.require_llamacpp", no_conversion)
     out = tmp_path / "gguf"
     with pytest.raises(FindingError) as exc:
         export_gguf(damaged, out, "f32")
@@ -190,7 +190,7 @@ def test_tiny_tokenizer_declares_the_official_named_tokens(tiny_models) -> None:
     """Declared special (as Google's tokenizer does), llama.cpp's converter marks them CONTROL."""
     from transformers import AutoTokenizer
 
-    from gemma4_tune.catalog.tokenizer import NAMED_TOKENS
+    from gemma4_tune.model.tokenizer import NAMED_TOKENS
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_models["e2b"]))
     config = json.loads((tiny_models["e2b"] / "tokenizer_config.json").read_text())
@@ -325,7 +325,7 @@ def test_machine_too_small_for_the_conversion_is_g4t919_before_anything_is_writt
 
     pins = {llamacpp_env.CONVERTER_PACKAGE: llamacpp_env.CONVERTER_VERSION}
     install = llamacpp_env.LlamaCpp(tmp_path / "llama.cpp", {"pins": pins, "gguf_py_version": "0.19.0"})
-    monkeypatch.setattr("gemma4_tune.verify.llamacpp_env.require_llamacpp", lambda: install)
+    monkeypatch.setattr("gemma4_tune.engines.llamacpp_env.require_llamacpp", lambda: install)
     monkeypatch.setattr("gemma4_tune.export.gguf.run_converter", no_conversion)
     monkeypatch.setattr("gemma4_tune.export.gguf.available_memory", lambda: 300 * 10**6)
     out = tmp_path / "gguf"
@@ -622,8 +622,8 @@ def test_mmproj_without_the_vision_deltas_fails_the_image_rows(b31, tmp_path) ->
     import torch
     from safetensors.torch import load_file, save_file
 
-    from gemma4_tune.engines import part_of
     from gemma4_tune.export.merge import merge_adapter
+    from gemma4_tune.plan.targets import part_of
 
     lost = tmp_path / "adapter-no-vision"
     shutil.copytree(b31["trained"], lost)
@@ -799,7 +799,7 @@ def test_export_merged_and_gguf_refuses_g4t919_before_the_merge(b31_adapter_only
     base, adapter = b31_adapter_only
     pins = {llamacpp_env.CONVERTER_PACKAGE: llamacpp_env.CONVERTER_VERSION}
     install = llamacpp_env.LlamaCpp(tmp_path / "llama.cpp", {"pins": pins, "gguf_py_version": "0.19.0"})
-    monkeypatch.setattr("gemma4_tune.verify.llamacpp_env.require_llamacpp", lambda: install)
+    monkeypatch.setattr("gemma4_tune.engines.llamacpp_env.require_llamacpp", lambda: install)
     monkeypatch.setattr("gemma4_tune.export.gguf.available_memory", lambda: 300 * 10**6)
     with pytest.raises(FindingError) as exc:
         api.export(base, adapter, merged=tmp_path / "merged", gguf=tmp_path / "gguf", gguf_type="bf16")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma4_tune import loss
+from gemma4_tune.model import loss
 from tests.lora_helpers import full_logits_sums, random_lora_model
 
 

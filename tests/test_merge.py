@@ -71,7 +71,7 @@ def _load_model(path: Path, dtype: torch.dtype, **kwargs):
 
 def _make_adapter(base: Path, out: Path, spec: str, dtype: torch.dtype, *, seed: int = 1, config=None) -> Path:
     """A LoRA adapter made through the user's code path, with random (non-zero) factors."""
-    from gemma4_tune.adapters import LoraSettings, prepare_model, save_adapter
+    from gemma4_tune.plan.adapters import LoraSettings, prepare_model, save_adapter
 
     model = _load_model(base, dtype)
     if config is None:

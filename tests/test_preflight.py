@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma4_tune.config import RunConfig
+from gemma4_tune.config.options import RunConfig
 from gemma4_tune.findings import Severity
 from gemma4_tune.preflight import TOWER_NO_GRADIENT, TOWER_WITHOUT_DATA, run_preflight
 
@@ -49,7 +49,7 @@ def text_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def setup_run(model: Path, data: Path, targets: str = "text"):
-    from gemma4_tune.train import prepare_run
+    from gemma4_tune.train.recipe import prepare_run
 
     return prepare_run(RunConfig(model=str(model), data=str(data), out="unused", targets=targets))
 
@@ -148,8 +148,8 @@ def test_row12_batch_with_every_label_masked(tiny_models, text_data):
 def test_row14_flash_attention_on_head_dim_512(tiny_models, text_data):
     import dataclasses
 
-    from gemma4_tune.catalog import resolve_variant
-    from gemma4_tune.profile import ModelProfile
+    from gemma4_tune.model.catalog import resolve_variant
+    from gemma4_tune.model.profile import ModelProfile
 
     setup = setup_run(tiny_models["31b"], text_data)
     setup.model.get_base_model().config.get_text_config()._attn_implementation_internal = "flash_attention_2"
@@ -210,7 +210,7 @@ def test_version_rows_20_and_24_probe_the_installed_fix(monkeypatch):
 def test_guard_stops_on_zero_gradients_and_on_frozen_lora():
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from gemma4_tune.callbacks import GuardCallback
+    from gemma4_tune.train.callbacks import GuardCallback
 
     model = torch.nn.Linear(2, 2)
     model.weight.requires_grad_(True)
@@ -232,7 +232,7 @@ def test_guard_stops_on_zero_gradients_and_on_frozen_lora():
 @pytest.mark.slow
 def test_guard_stops_a_diverging_run_and_keeps_the_last_good_checkpoint(tiny_models, text_data, tmp_path):
     from gemma4_tune.api import run_training
-    from gemma4_tune.config import build_config
+    from gemma4_tune.config.options import build_config
     from gemma4_tune.findings import FindingError
 
     out = tmp_path / "run"

@@ -84,7 +84,7 @@ def test_repaired_adapter_is_the_same_factors_on_the_inner_linear_and_verifies(t
 @pytest.mark.slow
 def test_damaged_merged_checkpoint_is_rebuilt_and_verified_against_base_plus_adapter(tiny_models, tmp_path):
     from gemma4_tune.api import export
-    from gemma4_tune.export.repair import repair_merged
+    from gemma4_tune.verify.repair import repair_merged
     from tests.lora_helpers import random_lora
 
     base = tiny_models["e2b"]
@@ -103,7 +103,7 @@ def test_damaged_merged_checkpoint_is_rebuilt_and_verified_against_base_plus_ada
 
 @pytest.mark.slow
 def test_what_cannot_be_repaired_exactly_is_refused(tiny_models, tmp_path):
-    from gemma4_tune.export.repair import repair_merged
+    from gemma4_tune.verify.repair import repair_merged
 
     base = tiny_models["e2b"]
     text_weight = "model.language_model.layers.0.mlp.up_proj.weight"
@@ -125,7 +125,7 @@ def test_what_cannot_be_repaired_exactly_is_refused(tiny_models, tmp_path):
 @needs_vllm
 def test_the_repaired_adapter_passes_verify_in_peft_and_a_real_vllm(tiny_models, unwrapped_adapter, tmp_path):
     from gemma4_tune.api import verify
-    from gemma4_tune.export.repair import repair_adapter
+    from gemma4_tune.verify.repair import repair_adapter
 
     repaired = repair_adapter(tiny_models["e2b"], unwrapped_adapter, tmp_path / "repaired")["adapter"]
     report = verify(tiny_models["e2b"], repaired, engines=("peft", "vllm"), out=tmp_path / "v")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gemma4_tune.config import build_config
+from gemma4_tune.config.options import build_config
 from gemma4_tune.findings import FindingError, Severity
 
 CLI = [sys.executable, "-c", "from gemma4_tune.cli import main; main()"]
@@ -51,7 +51,7 @@ def _copy(run: Path, tmp_path: Path) -> Path:
 
 
 def _no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    import gemma4_tune.train as train_module
+    import gemma4_tune.train.recipe as train_module
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded before the resume was refused")
@@ -71,7 +71,7 @@ def test_the_run_records_what_resume_must_match_and_frees_its_lock(finished: tup
 def test_resume_with_other_data_base_rank_and_lr_is_one_g4t414_before_the_model_loads(
         finished: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from gemma4_tune.api import tiny_model
-    from gemma4_tune.train import train
+    from gemma4_tune.train.recipe import train
 
     base, data, run = finished
     run = _copy(run, tmp_path)
@@ -103,7 +103,7 @@ def test_a_finished_run_resumed_is_g4t415_and_exits_0_without_a_step(finished: t
 
 def test_no_complete_checkpoint_is_g4t401_naming_what_is_wrong(finished: tuple[Path, Path, Path],
                                                                tmp_path: Path) -> None:
-    from gemma4_tune.train import train
+    from gemma4_tune.train.recipe import train
 
     base, data, run = finished
     run = _copy(run, tmp_path)
@@ -116,7 +116,7 @@ def test_no_complete_checkpoint_is_g4t401_naming_what_is_wrong(finished: tuple[P
 
 
 def test_checkpoint_problem_names_each_kind_of_damage(finished: tuple[Path, Path, Path], tmp_path: Path) -> None:
-    from gemma4_tune.callbacks import checkpoint_problem, scan_checkpoints
+    from gemma4_tune.train.callbacks import checkpoint_problem, scan_checkpoints
 
     run = _copy(finished[2], tmp_path)
     good = run / "checkpoints" / "checkpoint-2"
@@ -160,7 +160,7 @@ def test_a_damaged_last_checkpoint_is_skipped_g4t416_and_a_longer_resume_stops_a
 _HOLDER = """
 import sys
 from pathlib import Path
-from gemma4_tune.rundir import lock_run_dir
+from gemma4_tune.train.rundir import lock_run_dir
 lock_run_dir(Path(sys.argv[1]))
 print("locked", flush=True)
 sys.stdin.read()
@@ -169,9 +169,9 @@ sys.stdin.read()
 
 def test_a_second_train_on_a_run_dir_in_use_is_g4t417_naming_the_first_pid(finished: tuple[Path, Path, Path],
                                                                           tmp_path: Path) -> None:
-    from gemma4_tune.distributed import launch
-    from gemma4_tune.rundir import lock_run_dir, release_run_dir
-    from gemma4_tune.train import train
+    from gemma4_tune.train.distributed import launch
+    from gemma4_tune.train.recipe import train
+    from gemma4_tune.train.rundir import lock_run_dir, release_run_dir
 
     base, data, run = finished
     run = _copy(run, tmp_path)
@@ -213,8 +213,8 @@ def adapter(finished: tuple[Path, Path, Path]) -> Path:
 def test_a_truncated_or_corrupt_adapter_is_g4t805_in_export_verify_serve_and_repair(
         finished: tuple[Path, Path, Path], adapter: Path, tmp_path: Path, damage: str) -> None:
     from gemma4_tune.api import export, verify
-    from gemma4_tune.export.repair import repair_adapter
     from gemma4_tune.serve import plan_serving
+    from gemma4_tune.verify.repair import repair_adapter
 
     base = finished[0]
     broken = Path(shutil.copytree(adapter, tmp_path / "adapter"))
@@ -245,7 +245,7 @@ def test_a_truncated_or_corrupt_adapter_is_g4t805_in_export_verify_serve_and_rep
 
 def test_a_metrics_line_cut_by_the_kill_is_dropped_on_resume(tmp_path):
     """A kill or a full disk mid-write leaves the last metrics line cut short: resume drops it, keeps the rest."""
-    from gemma4_tune.callbacks import _truncate_metrics
+    from gemma4_tune.train.callbacks import _truncate_metrics
 
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n{"step": 3, "lo')

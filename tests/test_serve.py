@@ -40,7 +40,7 @@ def tiny_e2b(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     import torch
     from transformers import Gemma4ForConditionalGeneration
 
-    from gemma4_tune.adapters import LoraSettings, prepare_model, save_adapter
+    from gemma4_tune.plan.adapters import LoraSettings, prepare_model, save_adapter
 
     root = tmp_path_factory.mktemp("serve-e2b")
     base = _vllm_ready_tiny("e2b", root / "base")

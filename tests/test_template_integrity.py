@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoProcessor
 
-from gemma4_tune.config import build_config
+from gemma4_tune.config.options import build_config
 from gemma4_tune.data import chat
 from gemma4_tune.data.collate import Gemma4Batcher
 from gemma4_tune.data.records import load_conversations
@@ -113,7 +113,7 @@ def test_answers_cut_by_max_seq_len_lose_their_turn_end(processor, tmp_path: Pat
 
 def test_a_run_with_a_revision_that_drops_reasoning_reports_the_rows(e2b: Path, tmp_path: Path) -> None:
     """Through the run's own preparation: the three reasoning spellings, read as reasoning_content."""
-    from gemma4_tune.train import prepare_run
+    from gemma4_tune.train.recipe import prepare_run
 
     rows = [qa("2+2?", "four.", reasoning_content="Two and two."), qa("3+3?", "six.", reasoning="Three and three."),
             qa("4+4?", "eight.", thinking="Four and four."), qa("Hi", "Hello.")]

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from gemma4_tune.catalog import resolve_variant
-from gemma4_tune.catalog.tiny import VLLM_SOFT_TOKENS_FIELD
-from gemma4_tune.profile import ModelProfile
+from gemma4_tune.model.catalog import resolve_variant
+from gemma4_tune.model.profile import ModelProfile
+from gemma4_tune.model.tiny import VLLM_SOFT_TOKENS_FIELD
 from tests.conftest import VARIANTS
 from tests.test_catalog import flags
 

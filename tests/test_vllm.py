@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from gemma4_tune.engines import vllm_env as engine_env
+from gemma4_tune.export.vllm_adapter import k_eq_v_lora_layers, vllm_ready_adapter
 from gemma4_tune.findings import FindingError
-from gemma4_tune.verify import engine_env
 from gemma4_tune.verify.vllm import (
     LOGPROB_TOLERANCE,
     RUNNER,
@@ -24,10 +25,8 @@ from gemma4_tune.verify.vllm import (
     RefSequence,
     compare,
     hf_reference,
-    k_eq_v_lora_layers,
     vllm_parity,
     vllm_parity_many,
-    vllm_ready_adapter,
 )
 from tests.lora_helpers import random_lora, zeroed_lora_b
 
@@ -48,7 +47,7 @@ PROMPTS = [
 def _vllm_ready_tiny(variant: str, out: Path) -> Path:
     """A tiny model through ``tiny_model`` (its head sizes are ones vLLM's CPU attention has kernels for)."""
     from gemma4_tune.api import tiny_model
-    from gemma4_tune.catalog import tiny
+    from gemma4_tune.model import tiny
 
     assert {tiny.TINY_TEXT["head_dim"], tiny.TINY_TEXT["global_head_dim"]} <= set(VLLM_CPU_HEAD_SIZES)
     return tiny_model(variant, out, seed=0)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from gemma4_tune.verify import engine_env
+from gemma4_tune.engines import vllm_env as engine_env
 
 REQUIRE = bool(os.environ.get("GEMMA4_TUNE_REQUIRE_ENGINES"))
 needs_vllm = pytest.mark.skipif(engine_env.vllm_python() is None and not REQUIRE,
@@ -33,7 +33,7 @@ def _zero_tower_b(adapter: Path, out: Path, part: str) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from gemma4_tune.engines import part_of
+    from gemma4_tune.plan.targets import part_of
 
     shutil.copytree(adapter, out)
     path = out / "adapter_model.safetensors"

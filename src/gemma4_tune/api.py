@@ -6,9 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gemma4_tune.adapters import LoraSettings, prepare_model
-from gemma4_tune.catalog import resolve_variant
-from gemma4_tune.config import RunConfig
+from gemma4_tune.config.options import RunConfig
 from gemma4_tune.findings import OUTPUT_EXISTS, FindingError, Severity, finding, has_errors
 from gemma4_tune.io import (
     atomic_directory,
@@ -18,13 +16,13 @@ from gemma4_tune.io import (
     write_json,
     write_text_atomic,
 )
-from gemma4_tune.memory import WeightMemory
-from gemma4_tune.profile import FAMILIES, ModelProfile, meta_module
-from gemma4_tune.targets import TargetPlan
+from gemma4_tune.model.catalog import resolve_variant
+from gemma4_tune.plan.adapters import LoraSettings, prepare_model
+from gemma4_tune.plan.overview import meta_model, plan
 
 if TYPE_CHECKING:  # the Trainer stack costs ~5 s and ~230 MB to import; export and verify never need it
     from gemma4_tune.preflight import PreflightResult
-    from gemma4_tune.train import TrainResult
+    from gemma4_tune.train.recipe import TrainResult
 
 __all__ = ["LoraSettings", "RunConfig", "export", "meta_model", "plan", "prepare_model", "run_preflight",
            "run_training", "tiny_model", "verify"]
@@ -33,9 +31,9 @@ __all__ = ["LoraSettings", "RunConfig", "export", "meta_model", "plan", "prepare
 def tiny_model(variant: str, out: str | Path, *, seed: int = 0, template_revision: str = "v5",
                dtype: str = "float32") -> Path:
     """Write a tiny random Gemma 4 shaped like ``variant`` to ``out`` (atomically); return the path."""
-    from gemma4_tune.catalog.tiny import build_tiny_model
     from gemma4_tune.data.chat import REVISIONS, official_template
     from gemma4_tune.data.collate import UNKNOWN_REVISION
+    from gemma4_tune.model.tiny import build_tiny_model
 
     spec = resolve_variant(variant)
     if template_revision not in REVISIONS:
@@ -49,48 +47,15 @@ def tiny_model(variant: str, out: str | Path, *, seed: int = 0, template_revisio
     return out
 
 
-def meta_model(model: str | Path) -> tuple[Any, ModelProfile]:
-    """The real module tree of ``model`` (directory or catalog id) on the meta device: no weights read."""
-    profile = ModelProfile.from_pretrained(model)
-    return meta_module(profile_config(model)), profile
-
-
-def profile_config(model: str | Path) -> Any:
-    """The Gemma 4 config (either family) of a directory or catalog id."""
-    path = Path(model)
-    if path.is_dir():
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(str(path))
-    data = resolve_variant(str(model)).config
-    config_class = FAMILIES[data["model_type"]].transformers_class("config")
-    return config_class(**{k: v for k, v in data.items() if k not in ("architectures", "transformers_version")})
-
-
-def plan(model: str | Path, targets: str = "text", *, rank: int = 16,
-         quantize: str | None = None) -> tuple[ModelProfile, TargetPlan, WeightMemory]:
-    """Resolve a target spec on a model without loading weights; with engine notes and memory."""
-    from gemma4_tune.engines import deployment_findings
-    from gemma4_tune.memory import weight_memory
-    from gemma4_tune.targets import plan_targets
-
-    module, profile = meta_model(model)
-    target_plan = plan_targets(module, profile, targets, rank=rank)
-    text_names = {t.name for t in target_plan.targets if t.group == "text" and t.kind == "linear"}
-    target_plan.findings = deployment_findings(rank, target_plan.groups, text_names,
-                                               bool(target_plan.target_parameters))
-    return profile, target_plan, weight_memory(module, quantize)
-
-
 def run_training(cfg: RunConfig) -> TrainResult:
     """Train, prove the saved adapter reproduces the trained model, and write the report.
 
     Writes report.json, report.md, report.html and loss.png beside the adapter; raises FindingError (after
     writing the report) when the saved adapter does not reproduce the model or changes nothing.
     """
-    from gemma4_tune.distributed import is_main_process
-    from gemma4_tune.report import write_report
-    from gemma4_tune.train import STAGING, library_versions, loss_went_down, train
+    from gemma4_tune.ranks import is_main_process
+    from gemma4_tune.report.run_report import write_report
+    from gemma4_tune.train.recipe import STAGING, library_versions, loss_went_down, train
     from gemma4_tune.verify.peft import saved_adapter_parity, saved_tensor_parity
 
     out = Path(cfg.out)
@@ -144,9 +109,9 @@ def run_training(cfg: RunConfig) -> TrainResult:
 
 def _dpo_report(cfg: RunConfig, result: TrainResult) -> TrainResult:
     """A DPO run's report: rewards before and after, its preflight, the curves; errors raised after writing it."""
-    from gemma4_tune.dpo import dpo_plot, dpo_summary
-    from gemma4_tune.report import write_report
-    from gemma4_tune.train import library_versions
+    from gemma4_tune.report.run_report import write_report
+    from gemma4_tune.train.dpo import dpo_plot, dpo_summary
+    from gemma4_tune.train.recipe import library_versions
 
     with output_errors(result.out, "the run's report"):
         plot = dpo_plot(result.metrics, result.out / "dpo.png")
@@ -164,7 +129,7 @@ def _dpo_report(cfg: RunConfig, result: TrainResult) -> TrainResult:
 
 def run_preflight(cfg: RunConfig) -> PreflightResult:
     """Preflight only: data, model, LoRA, one real batch forward and backward; nothing is written."""
-    from gemma4_tune.train import prepare_run, preflight_run
+    from gemma4_tune.train.recipe import preflight_run, prepare_run
 
     return preflight_run(cfg, prepare_run(cfg))
 
@@ -190,8 +155,8 @@ def export(base: str | Path, adapter: str | Path, *, merged: str | Path | None =
         raise FindingError(finding(MISSING_ARTEFACT.code, "--gguf converts the merged checkpoint, but no --merged "
                                    "was given", "add --merged DIR (the merged checkpoint is written there first)"))
     if gguf is not None:
+        from gemma4_tune.engines.llamacpp_env import require_llamacpp
         from gemma4_tune.export.gguf import bounded_converter, check_memory, conversion_jobs, plan_gguf_export
-        from gemma4_tune.verify.llamacpp_env import require_llamacpp
 
         if Path(gguf).exists() and any(Path(gguf).iterdir()):
             raise FindingError(finding(OUTPUT_EXISTS.code, f"{gguf} already exists and is not empty",
@@ -213,7 +178,7 @@ def export(base: str | Path, adapter: str | Path, *, merged: str | Path | None =
                           "the GGUF files"))
         check_free_space(needs)
     if vllm_adapter is not None:
-        from gemma4_tune.verify.vllm import vllm_ready_adapter
+        from gemma4_tune.export.vllm_adapter import vllm_ready_adapter
 
         with output_errors(vllm_adapter, "the vLLM-ready adapter"):
             report["vllm_adapter"] = str(vllm_ready_adapter(adapter, base, vllm_adapter))

@@ -11,17 +11,16 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
-
-from gemma4_tune import __version__
 from rich.table import Table
 
+from gemma4_tune import __version__
 from gemma4_tune.console import (
     console,
-    render_mapping,
     err_console,
     print_json,
     render_doctor,
     render_findings,
+    render_mapping,
     render_plan,
     render_preflight,
     render_profile,
@@ -98,7 +97,7 @@ def _main(
 def _fail(exc: FindingError) -> NoReturn:
     """Render the findings; exit 0 when none is an error (nothing to do, G4T415), 2 when the errors are all
     about the command's own settings (a usage error), else 1."""
-    from gemma4_tune.config import BAD_CONFIG
+    from gemma4_tune.config.options import BAD_CONFIG
 
     render_findings(exc.findings, stderr=True)
     if _state["debug"]:
@@ -150,7 +149,7 @@ def inspect(
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Show what a Gemma 4 checkpoint is: towers, per-layer facts, MoE, PLE, parameter counts."""
-    from gemma4_tune.profile import ModelProfile
+    from gemma4_tune.model.profile import ModelProfile
 
     try:
         profile = ModelProfile.from_pretrained(model)
@@ -247,7 +246,7 @@ def _train_command(preflight_only: bool):  # noqa: ANN202 - returns a Typer comm
                                                      "(ours or Axolotl's) became, then stop")] = False,
     ) -> None:
         from gemma4_tune.api import run_preflight, run_training
-        from gemma4_tune.config import ImportedConfig, build_config, read_run_file
+        from gemma4_tune.config.options import ImportedConfig, build_config, read_run_file
 
         flags = {k: v for k, v in dict(model=model, data=data, out=out, method=method, beta=beta, targets=targets,
                                        rank=rank, alpha=alpha,
@@ -266,7 +265,8 @@ def _train_command(preflight_only: bool):  # noqa: ANN202 - returns a Typer comm
             flags["resume"] = True
         if no_preflight:
             flags["preflight"] = False
-        from gemma4_tune.distributed import is_main_process, launch, under_launcher
+        from gemma4_tune.ranks import is_main_process, under_launcher
+        from gemma4_tune.train.distributed import launch
 
         try:
             imported = read_run_file(run_file, flags) if run_file else ImportedConfig(build_config(flags))
@@ -416,7 +416,6 @@ def verify(
     """Load each artefact the way its engine does and compare it with base + adapter in PEFT; exit 0 only if
     every comparison passes and the adapter changes the output in every engine."""
     from gemma4_tune.api import verify as run_verify
-
     from gemma4_tune.verify.parity import ENGINES
 
     wanted = _split(engines)
@@ -463,7 +462,7 @@ def repair(
     """Put an artefact made with the "unwrap" fix (row 2) back into the official layout, exactly, and verify it:
     an adapter's tower factors onto the inner .linear, or a merged checkpoint's renamed keys back (clamp buffers
     and KV-shared keys from the base). What cannot be repaired exactly is refused with the reason."""
-    from gemma4_tune.export.repair import repair_adapter, repair_merged
+    from gemma4_tune.verify.repair import repair_adapter, repair_merged
 
     if merged is None and adapter is None:
         raise typer.BadParameter("give --adapter (an adapter to repair) or --merged (a checkpoint to repair)")
@@ -495,7 +494,7 @@ def compare(
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Several runs' metrics in one table and one plot: loss and held-out loss against step and tokens."""
-    from gemma4_tune.compare import compare_runs
+    from gemma4_tune.report.compare import compare_runs
 
     try:
         report = compare_runs(runs, out)
@@ -579,8 +578,8 @@ def engines_install(
 ) -> None:
     """Install an engine outside the repository, cached: vLLM in its own virtual environment; llama.cpp's
     converters (from the llama-cpp-python sdist) and a prebuilt libllama."""
-    from gemma4_tune.verify.engine_env import install_vllm
-    from gemma4_tune.verify.llamacpp_env import install_llamacpp
+    from gemma4_tune.engines.llamacpp_env import install_llamacpp
+    from gemma4_tune.engines.vllm_env import install_vllm
 
     installers = {"vllm": lambda: install_vllm(force=force), "llama.cpp": lambda: install_llamacpp(force=force).root}
     if engine not in installers:
@@ -595,8 +594,8 @@ def engines_install(
 @engines_app.command("status")
 def engines_status(json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Where the engine environments are and whether they are ready."""
-    from gemma4_tune.verify.engine_env import vllm_status
-    from gemma4_tune.verify.llamacpp_env import llamacpp_status
+    from gemma4_tune.engines.llamacpp_env import llamacpp_status
+    from gemma4_tune.engines.vllm_env import vllm_status
 
     status = {"vllm": vllm_status(size=True), "llama.cpp": llamacpp_status()}
     if json_out:

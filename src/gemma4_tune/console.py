@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gemma4_tune.findings import Finding, Severity
+from gemma4_tune.io import json_text
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -18,8 +19,6 @@ _STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO:
 
 def print_json(data: Any) -> None:
     """Machine output: plain, strict JSON on stdout (NaN as null), nothing else."""
-    from gemma4_tune.io import json_text
-
     sys.stdout.write(json_text(data) + "\n")
 
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gemma4_tune.config import RunConfig
+from gemma4_tune.config.options import RunConfig
 from gemma4_tune.console import console, render_findings
 from gemma4_tune.findings import OUTPUT_EXISTS, FindingError, finding
 from gemma4_tune.io import check_writable, write_json
@@ -100,10 +100,10 @@ def run_demo(out: Path, *, seed: int = 0, steps: int = DEMO_STEPS) -> dict[str, 
     import shutil
 
     from gemma4_tune.api import export, plan, run_training, tiny_model, verify
-    from gemma4_tune.verify.engine_env import vllm_python
     from gemma4_tune.data.demo_data import write_demo_dataset
-    from gemma4_tune.report import write_report
-    from gemma4_tune.train import loss_went_down
+    from gemma4_tune.engines.vllm_env import vllm_python
+    from gemma4_tune.report.run_report import write_report
+    from gemma4_tune.train.recipe import loss_went_down
 
     out = Path(out)
     check_writable(out, "--out")

@@ -135,8 +135,8 @@ def estimate_training_memory(model: str, *, targets: str = "text", rank: int = 1
     supervised positions (``loss.CHUNK_BYTES``: training projects no other position), twice
     (values and gradient).
     """
-    from gemma4_tune.api import plan
-    from gemma4_tune.loss import CHUNK_BYTES
+    from gemma4_tune.model.loss import CHUNK_BYTES
+    from gemma4_tune.plan.overview import plan
 
     profile, target_plan, weights = plan(model, targets, rank=rank, quantize=quantize)
     gib = 1024**3

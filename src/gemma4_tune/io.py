@@ -15,6 +15,7 @@ import os
 import re
 import secrets
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -225,9 +226,7 @@ def atomic_directory(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     stale = remove_stale_temps(out)
     if stale is not None:
-        from gemma4_tune.console import render_findings
-
-        render_findings([stale], stderr=True)
+        sys.stderr.write(stale.one_line() + "\n")
     tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(out)}{os.getpid()}-", dir=out.parent))
     try:
         yield tmp

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from gemma4_tune.findings import Finding, Severity, finding, has_errors, register
-from gemma4_tune.loss import IGNORE_INDEX
-from gemma4_tune.profile import ModelProfile
-from gemma4_tune.targets import EMBED_GROUPS, GROUP_MODALITY, TargetPlan, tower_of
+from gemma4_tune.model.loss import IGNORE_INDEX
+from gemma4_tune.model.profile import ModelProfile
+from gemma4_tune.plan.targets import EMBED_GROUPS, GROUP_MODALITY, TargetPlan, tower_of
 
 LOSS_NOT_FINITE = register("G4T501", Severity.ERROR, "Loss is not finite on a real batch", (19,))
 TOWER_NO_GRADIENT = register("G4T502", Severity.ERROR, "A planned tower's LoRA gets no gradient", (21,))
@@ -90,7 +90,7 @@ class PreflightResult:
 
 def _forward_backward(ctx: PreflightContext) -> None:
     """One forward and backward pass with the training loss; gradients of lora_B summed per tower."""
-    from gemma4_tune.loss import batch_sums
+    from gemma4_tune.model.loss import batch_sums
 
     model = ctx.model
     model.train()
@@ -137,7 +137,7 @@ def run_preflight(model: Any, profile: ModelProfile, plan: TargetPlan, batch: di
 @check(static=True)
 def targets_carry_lora(ctx: PreflightContext) -> list[Finding]:
     """Rows 1, 3, 16: every planned target is a LoRA layer by type, nothing else is, wrappers intact."""
-    from gemma4_tune.adapters import check_lora_placement
+    from gemma4_tune.plan.adapters import check_lora_placement
 
     return check_lora_placement(ctx.model, ctx.plan)
 
@@ -226,7 +226,7 @@ def images_keep_mm_token_type_ids(ctx: PreflightContext) -> list[Finding]:
 @check(static=True)
 def image_masks_as_served(ctx: PreflightContext) -> list[Finding]:
     """Row 31: transformers 5.23's 12B forward masks image tokens unlike its own mask function; say which is used."""
-    from gemma4_tune.patches import UNIFIED_MASK_AFFECTED, uses_model_image_masks
+    from gemma4_tune.model.patches import UNIFIED_MASK_AFFECTED, uses_model_image_masks
 
     if "pixel_values" not in ctx.batch or not uses_model_image_masks(ctx.model):
         return []

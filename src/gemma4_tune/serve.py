@@ -32,10 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gemma4_tune.engines import vllm_max_lora_rank
+from gemma4_tune.engines.vllm_env import engines_root, require_vllm_python, scratch_environ, vllm_status
+from gemma4_tune.export.vllm_adapter import k_eq_v_lora_layers, vllm_ready_adapter
 from gemma4_tune.findings import Finding, FindingError, Severity, finding, register
+from gemma4_tune.plan.deployment import vllm_max_lora_rank
 from gemma4_tune.verify.parity import non_finite_finding, text_only_adapter, worst
-from gemma4_tune.verify.engine_env import engines_root, require_vllm_python, scratch_environ, vllm_status
 from gemma4_tune.verify.vllm import (
     ENGINE_FAILED,
     LOGPROB_TOLERANCE,
@@ -45,10 +46,8 @@ from gemma4_tune.verify.vllm import (
     compare,
     compare_mode,
     hf_reference,
-    k_eq_v_lora_layers,
     unjudged_finding,
     useful_tail,
-    vllm_ready_adapter,
 )
 
 NOT_SERVABLE = register("G4T906", Severity.ERROR, "vLLM would not serve this adapter as trained", (3, 4, 6))

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gemma4_tune.engines import ENGINES, deployment_findings, part_of
 from gemma4_tune.export.manifest import checked_adapter
 from gemma4_tune.findings import Finding, FindingError, Severity, finding, register
-from gemma4_tune.profile import ModelProfile
+from gemma4_tune.model.profile import ModelProfile
+from gemma4_tune.plan.deployment import ENGINES, deployment_findings
+from gemma4_tune.plan.targets import part_of
 
 KV_SHARED_LORA_IGNORED = register("G4T208", Severity.WARNING, "LoRA on k/v of KV-shared layers is ignored", (8,))
 UNKNOWN_ENGINE = register("G4T209", Severity.ERROR, "Unknown target engine")
@@ -65,7 +66,7 @@ def check_adapter_for_engines(base: str | Path, adapter: str | Path, engines: li
         codes = {c for e in engines for c in wanted.get(e, ())}
         findings += [f for f in all_findings if f.code in codes]
     if "vllm" in engines:
-        from gemma4_tune.verify.vllm import k_eq_v_lora_layers
+        from gemma4_tune.export.vllm_adapter import k_eq_v_lora_layers
 
         layers = k_eq_v_lora_layers(base, adapter)
         if layers:

@@ -54,11 +54,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gemma4_tune.engines import LLAMACPP_EXPERTS, part_of
 from gemma4_tune.export.manifest import read_checkpoint
 from gemma4_tune.export.merge import MODELFILE
 from gemma4_tune.findings import MODEL_NOT_FOUND, Finding, FindingError, Severity, finding, register
 from gemma4_tune.io import NO_SPACE, atomic_directory, check_free_space, json_text, output_errors, write_text_atomic
+from gemma4_tune.plan.deployment import LLAMACPP_EXPERTS
+from gemma4_tune.plan.targets import part_of
 
 DAMAGED_CHECKPOINT = register("G4T912", Severity.ERROR, "Checkpoint lost its clipped tower linears (unwrapped)", (2,))
 TENSOR_COUNT_MISMATCH = register("G4T913", Severity.ERROR, "GGUF holds a different number of tensors", (2, 22))
@@ -431,7 +432,7 @@ _BOUNDED_MARK = "INFO:gemma4-tune:"
 
 def bounded_converter(install: Any) -> bool:
     """Whether a llama.cpp install's converters are a release :func:`_bounded_convert` was checked against."""
-    from gemma4_tune.verify.llamacpp_env import CONVERTER_PACKAGE
+    from gemma4_tune.engines.llamacpp_env import CONVERTER_PACKAGE
 
     stamp = install.stamp
     return (stamp.get("pins", {}).get(CONVERTER_PACKAGE), stamp.get("gguf_py_version")) in BOUNDED_CONVERTERS
@@ -459,7 +460,7 @@ def run_converter(script: str, args: Sequence[str], *, what: str, log: Log | Non
     chunks of that many bytes, when :func:`bounded_converter` allows. Output goes to a log file (kept,
     and named in G4T916, when the converter fails); warnings and the final line are echoed through ``log``.
     """
-    from gemma4_tune.verify.llamacpp_env import require_llamacpp
+    from gemma4_tune.engines.llamacpp_env import require_llamacpp
 
     log = log or _stderr
     install = require_llamacpp()
@@ -632,7 +633,7 @@ def export_gguf(merged_dir: str | Path, out_dir: str | Path, gguf_type: str = "f
     convert_adapter, adapter_tensors = plan["convert_adapter"], plan["adapter_tensors"]
     for f in findings:
         log(f"[gguf] {f.one_line()}")
-    from gemma4_tune.verify.llamacpp_env import require_llamacpp
+    from gemma4_tune.engines.llamacpp_env import require_llamacpp
 
     install = require_llamacpp()
     check_free_space([(out_dir, gguf_size(merged_dir, gguf_type, with_base=convert_adapter), "the GGUF files")])

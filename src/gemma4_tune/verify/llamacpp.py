@@ -62,7 +62,7 @@ RUN_FAILED = register("G4T917", Severity.ERROR, "llama.cpp could not run the GGU
 IMAGE_SIZED_OTHERWISE = register("G4T918", Severity.WARNING, "llama.cpp sizes an image otherwise than the "
                                  "processor", (31,))
 
-RUNNER = Path(__file__).with_name("llamacpp_runner.py")
+RUNNER = Path(__file__).parents[1] / "engines" / "llamacpp_runner.py"
 DEFAULT_TIMEOUT_S = 600.0
 #: The adapter must move llama.cpp's logits by at least this share of what it moves the reference's.
 MIN_EFFECT_SHARE = 0.5
@@ -191,8 +191,8 @@ def run_llamacpp(request: dict[str, Any], *, timeout_s: float = DEFAULT_TIMEOUT_
     """Run ``llamacpp_runner.py`` with ``request``; return its result with each mode's logits loaded
     (``result["logits"][mode]``, float32 ``[positions, vocab]``). G4T911 without llama.cpp, G4T917
     when the runtime fails."""
-    from gemma4_tune.verify.engine_env import engines_root
-    from gemma4_tune.verify.llamacpp_env import require_llamacpp
+    from gemma4_tune.engines.llamacpp_env import require_llamacpp
+    from gemma4_tune.engines.vllm_env import engines_root
 
     log = log or _stderr
     install = require_llamacpp()
@@ -796,7 +796,7 @@ def engine_results(base: str | Path, adapter: str | Path, gguf_dir: str | Path, 
     groups = {m: g for m, g in by_modality(verification_prompts(base, processor)).items() if m != "text"}
     results = []
     merged = {k: files[k] for k in ("model", "mmproj") if k in files}
-    from gemma4_tune.verify.engine_env import engines_root
+    from gemma4_tune.engines.vllm_env import engines_root
 
     scratch = engines_root() / "scratch" / "media"
     scratch.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,7 @@ ENGINES = ("peft", "transformers", "vllm", "llama.cpp")
 FP32_TOLERANCE = 2e-4
 HALF_RELATIVE_TOLERANCE = 0.15
 HALF_MIN_GREEDY_AGREEMENT = 0.9
-STOCK_RUNNER = Path(__file__).with_name("stock_runner.py")
+STOCK_RUNNER = Path(__file__).parents[1] / "engines" / "stock_runner.py"
 
 
 @dataclass
@@ -229,10 +229,10 @@ def checkpoint_is_half(model_dir: Path) -> bool:
 
 
 def adapter_parts(adapter: Path) -> set[str]:
-    """The parts of the model (``engines.part_of``: text, vision, audio) the adapter's tensors are in."""
+    """The parts of the model (``plan.targets.part_of``: text, vision, audio) the adapter's tensors are in."""
     from safetensors import safe_open
 
-    from gemma4_tune.engines import part_of
+    from gemma4_tune.plan.targets import part_of
 
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
         return {part_of(k) for k in f.keys()}  # noqa: SIM118
@@ -360,12 +360,12 @@ def verify_artefacts(base: Path, adapter: Path, merged: Path | None, engines: li
 
 def text_only_adapter(adapter: Path, out: Path) -> Path:
     """The adapter without its tower and multimodal-embedder tensors (what vLLM loads without its tower flag);
-    the same split (``engines.part_of``) that export reports and serve --text-only serves."""
+    the same split (``plan.targets.part_of``) that export reports and serve --text-only serves."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    from gemma4_tune.engines import part_of
+    from gemma4_tune.plan.targets import part_of
 
     shutil.copytree(adapter, out)
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
@@ -380,9 +380,10 @@ def vllm_results(base: Path, adapter: Path, merged: Path | None) -> list[EngineR
     runner process."""
     from transformers import AutoTokenizer
 
+    from gemma4_tune.export.vllm_adapter import k_eq_v_lora_layers, vllm_ready_adapter
     from gemma4_tune.findings import FindingError
     from gemma4_tune.verify.prompts import model_modalities
-    from gemma4_tune.verify.vllm import adapter_run, hf_reference, k_eq_v_lora_layers, run_planned, vllm_ready_adapter
+    from gemma4_tune.verify.vllm import adapter_run, hf_reference, run_planned
     from gemma4_tune.verify.vllm_modalities import merged_run
 
     tokenizer = AutoTokenizer.from_pretrained(str(base))

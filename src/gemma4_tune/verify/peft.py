@@ -69,7 +69,7 @@ def saved_adapter_parity(adapter_dir: str | Path, trained: Any, batch: dict[str,
     costs no second copy of the base model; the base output comes from ``disable_adapter``. The
     logits are computed a chunk of positions at a time (``logits_to_keep``, ``loss.CHUNK_BYTES``).
     """
-    from gemma4_tune.loss import CHUNK_BYTES, unwrapped
+    from gemma4_tune.model.loss import CHUNK_BYTES, unwrapped
 
     device = next(trained.parameters()).device
     inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
@@ -153,7 +153,7 @@ def saved_tensor_parity(adapter_dir: str | Path, model: Any, trained: dict[str, 
     processes), keyed as the adapter file keys them (``adapters.adapter_weights``)."""
     from safetensors.torch import load_file
 
-    from gemma4_tune.adapters import adapter_weights
+    from gemma4_tune.plan.adapters import adapter_weights
 
     expected = adapter_weights(model, trained)
     saved = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))

@@ -50,7 +50,7 @@ def load_tuned(base: str | Path, adapter: str | Path | None, dtype: torch.dtype 
     """The base model with the adapter in stock PEFT (or the base alone), in eval mode."""
     from transformers import AutoModelForImageTextToText
 
-    from gemma4_tune.patches import use_model_image_masks
+    from gemma4_tune.model.patches import use_model_image_masks
 
     model = AutoModelForImageTextToText.from_pretrained(str(base), dtype=dtype)
     use_model_image_masks(model)

@@ -37,15 +37,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gemma4_tune.engines import vllm_max_lora_rank
+from gemma4_tune.engines.vllm_env import engines_root, require_vllm_python, scratch_environ, vllm_status
+from gemma4_tune.export.vllm_adapter import k_eq_v_lora_layers
 from gemma4_tune.findings import Finding, FindingError, Severity, finding, register
-from gemma4_tune.verify.engine_env import engines_root, require_vllm_python, scratch_environ, vllm_status
+from gemma4_tune.plan.deployment import vllm_max_lora_rank
 
 ADAPTER_NO_EFFECT = register("G4T902", Severity.ERROR, "Adapter changes nothing in vLLM", (4,))
 PARITY_MISMATCH = register("G4T903", Severity.ERROR, "vLLM output differs from transformers + PEFT", (4, 6, 7))
 ENGINE_FAILED = register("G4T905", Severity.ERROR, "vLLM could not run the model or adapter", (3, 5, 7))
 
-RUNNER = Path(__file__).with_name("vllm_runner.py")
+RUNNER = Path(__file__).parents[1] / "engines" / "vllm_runner.py"
 UNJUDGED_DTYPE = register("G4T909", Severity.WARNING, "vLLM parity in this dtype has no measured bound: not judged")
 #: Max |logprob(vLLM) - logprob(transformers)| allowed, by dtype. fp32 measures at most 3.1e-5 (31B, vLLM-ready
 #: copy; docs/verify.md). bf16/fp16 have no bound: this CPU build does not reproduce transformers bf16 even on a
@@ -183,82 +184,6 @@ def _max_model_len(base_dir: Path, longest_prompt: int, max_tokens: int) -> int:
     length = max(128, 1 << math.ceil(math.log2(need)))
     limit = text.get("max_position_embeddings")
     return min(length, int(limit)) if limit else length
-
-
-_K_LORA = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.([kv])_proj\.lora_[AB]\.")
-
-
-def _text_lora_keys(adapter_dir: Path) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as handle:
-        return [k for k in handle.keys() if "vision_tower" not in k and "audio_tower" not in k]  # noqa: SIM118
-
-
-def k_eq_v_lora_layers(base_dir: str | Path, adapter_dir: str | Path) -> list[int]:
-    """K=V global layers where the adapter has a k_proj LoRA but no v_proj LoRA.
-
-    On ``attention_k_eq_v`` full-attention layers transformers computes the values with
-    ``k_proj`` (there is no ``v_proj``), so a k_proj LoRA changes keys and values alike.
-    vLLM 0.32 loads k_proj's weight into both the K and V slots of its fused ``qkv_proj``
-    but applies the k_proj LoRA to the K slot only: the values lose the delta, silently.
-    """
-    text = json.loads((Path(base_dir) / "config.json").read_text())
-    text = text.get("text_config") or text
-    if not text.get("attention_k_eq_v"):
-        return []
-    types = text.get("layer_types") or []
-    first_shared = len(types) - int(text.get("num_kv_shared_layers") or 0)
-    full = {i for i, t in enumerate(types[:first_shared]) if t == "full_attention"}
-    seen: dict[str, set[int]] = {"k": set(), "v": set()}
-    for key in _text_lora_keys(Path(adapter_dir)):
-        m = _K_LORA.search(key)
-        if m:
-            seen[m.group(2)].add(int(m.group(1)))
-    return sorted((seen["k"] - seen["v"]) & full)
-
-
-def vllm_ready_adapter(adapter_dir: str | Path, base_dir: str | Path, out: str | Path, *,
-                       overwrite: bool = False) -> Path:
-    """A copy of the adapter that vLLM 0.32 serves like transformers + PEFT on K=V global layers.
-
-    The k_proj LoRA of every layer :func:`k_eq_v_lora_layers` names is copied to ``v_proj``
-    (same A, B, rank and alpha), so vLLM applies it to the V slot of ``qkv_proj`` too. For
-    vLLM only: PEFT cannot load it (those layers have no ``v_proj`` module in transformers).
-    """
-    from safetensors.torch import load_file, save_file
-
-    from gemma4_tune.io import atomic_directory
-
-    adapter_dir, out = Path(adapter_dir), Path(out)
-    layers = set(k_eq_v_lora_layers(base_dir, adapter_dir))
-    with atomic_directory(out, overwrite=overwrite) as tmp:
-        shutil.copytree(adapter_dir, tmp, dirs_exist_ok=True)
-        tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
-        extra = {}
-        for key, value in tensors.items():
-            m = _K_LORA.search(key)
-            if m and m.group(2) == "k" and int(m.group(1)) in layers and "vision_tower" not in key \
-                    and "audio_tower" not in key:
-                extra[key.replace(".k_proj.lora_", ".v_proj.lora_")] = value.clone()
-        save_file({**tensors, **extra}, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        config = json.loads((adapter_dir / "adapter_config.json").read_text())
-        targets = config.get("target_modules")
-        if isinstance(targets, list):
-            added = {t.replace(".k_proj", ".v_proj") for t in targets
-                     if t.endswith(".k_proj") and (m := re.search(r"layers\.(\d+)\.", t)) and int(m.group(1)) in layers}
-            config["target_modules"] = sorted(set(targets) | added)
-        for pattern in ("rank_pattern", "alpha_pattern"):
-            values = dict(config.get(pattern) or {})
-            for name, value in list(values.items()):
-                if ".k_proj" in name and (m := re.search(r"layers\.(\d+)\.", name)) and int(m.group(1)) in layers:
-                    values[name.replace(".k_proj", ".v_proj")] = value
-            if values:
-                config[pattern] = values
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "vllm_ready.json").write_text(json.dumps({"source": str(adapter_dir), "k_eq_v_layers_copied_to_v_proj":
-                                                         sorted(layers)}, indent=2) + "\n")
-    return out
 
 
 class _RunnerProcess:

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gemma4_tune.engines.vllm_env import engines_root, require_vllm_python
 from gemma4_tune.findings import Finding, FindingError, finding
 from gemma4_tune.verify.parity import IMAGE_ATTENTION_DIFFERS, MODALITY_NOT_RUN
-from gemma4_tune.verify.engine_env import engines_root, require_vllm_python
 from gemma4_tune.verify.prompts import SAMPLING_RATE, VerifyPrompt, by_modality, verification_prompts
 from gemma4_tune.verify.vllm import (
     ADAPTER_NO_EFFECT,
@@ -36,8 +36,8 @@ from gemma4_tune.verify.vllm import (
     Log,
     ModeParity,
     PlannedRun,
-    RefSequence,
     Reference,
+    RefSequence,
     _check_cpu_shapes,
     _gap,
     _ref_effect,
@@ -47,8 +47,6 @@ from gemma4_tune.verify.vllm import (
     hf_reference,
     run_planned,
 )
-
-
 
 #: Max |logprob(vLLM, merged) - logprob(base + adapter in PEFT)|, by dtype. Above the adapter path's bound
 #: (``vllm.LOGPROB_TOLERANCE``): a merged checkpoint carries the merge's own fp32 rounding too, as in stock
@@ -187,8 +185,8 @@ def _fix(modality: str) -> str:
 def diagnose_attention(result: ModalityParity, where: str, rows: list[dict[str, Any]], other: Reference,
                        engine_bidirectional: bool) -> None:
     """Image rows that fail but match the reference computed with the other image attention: say so (G4T921)."""
-    from gemma4_tune.verify.reference import attention_name
     from gemma4_tune.verify.parity import worst
+    from gemma4_tune.verify.reference import attention_name
 
     if result.modality != "image" or result.parity is None or not any(
             f.code == PARITY_MISMATCH.code for f in result.findings):

@@ -17,11 +17,11 @@ from typing import Any
 
 from torch import nn
 
-from gemma4_tune.engines import deployment_findings
 from gemma4_tune.findings import Finding, FindingError, Severity, finding, register
 from gemma4_tune.io import atomic_directory
-from gemma4_tune.profile import ModelProfile
-from gemma4_tune.targets import TargetPlan, plan_targets, tower_of
+from gemma4_tune.model.profile import ModelProfile
+from gemma4_tune.plan.deployment import deployment_findings
+from gemma4_tune.plan.targets import TargetPlan, plan_targets, tower_of
 
 TARGET_NOT_WRAPPED = register("G4T110", Severity.ERROR, "A planned target carries no LoRA", (1, 3, 16))
 WRAPPER_REPLACED = register("G4T111", Severity.ERROR, "A clipped tower linear was replaced or unwrapped", (2,))
@@ -172,7 +172,7 @@ def save_adapter(peft_model: Any, out: Path, *, plan: TargetPlan | None = None, 
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from gemma4_tune.distributed import check_not_empty
+    from gemma4_tune.ranks import check_not_empty
 
     out = Path(out)
     saved = get_peft_model_state_dict(peft_model, state_dict=state_dict)

@@ -18,9 +18,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from gemma4_tune.catalog import Variant
-from gemma4_tune.catalog.tokenizer import MEDIA_TOKENS, VIDEO_TOKEN, save_tokenizer
-from gemma4_tune.profile import FAMILIES
+from gemma4_tune.model.catalog import Variant
+from gemma4_tune.model.profile import FAMILIES
+from gemma4_tune.model.tokenizer import MEDIA_TOKENS, VIDEO_TOKEN, save_tokenizer
 
 TINY_TEXT = {
     "hidden_size": 64,

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gemma4_tune.config import RunConfig
+from gemma4_tune.config.options import RunConfig
 from gemma4_tune.findings import FindingError, Severity, finding, register
 from gemma4_tune.io import write_json
 

@@ -51,7 +51,7 @@ def patch_accelerate_for_cpu_launch() -> bool:
     returns whether it is in effect."""
     import torch
 
-    from gemma4_tune.distributed import under_launcher
+    from gemma4_tune.ranks import under_launcher
 
     if torch.cuda.is_available() or not under_launcher() or not accelerate_is_affected():
         return False

@@ -2,7 +2,7 @@
 
 A standalone script: it imports nothing from ``gemma4_tune`` and only the standard library and
 numpy at import time; the llama.cpp binding (``llama_cpp_py_sync``, prebuilt libllama and
-libmtmd) comes from ``PYTHONPATH`` (``gemma4_tune.verify.llamacpp_env``). A user with only
+libmtmd) comes from ``PYTHONPATH`` (``gemma4_tune.engines.llamacpp_env``). A user with only
 llama.cpp can run the same calls.
 
     python llamacpp_runner.py REQUEST.json RESULT.json
@@ -217,9 +217,8 @@ def _mtmd_context(mtmd: Any, ffi: Any, req: dict[str, Any], model: Any, marker: 
 def run(req: dict[str, Any], out_dir: str) -> dict[str, Any]:
     """Load the model (and mmproj), evaluate every prompt in every mode, save the logits."""
     t0 = time.monotonic()
-    import numpy as np
-
     import llama_cpp_py_sync as binding
+    import numpy as np
     from llama_cpp_py_sync._cffi_bindings import get_ffi, get_lib
 
     lib, ffi = get_lib(), get_ffi()

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from gemma4_tune.config import RunConfig
+from gemma4_tune.config.options import RunConfig
 from gemma4_tune.console import console, err_console
 from gemma4_tune.findings import Finding, FindingError, Severity, finding, has_errors, register
 from gemma4_tune.io import check_writable, ensure_empty_target, write_json
@@ -273,9 +273,9 @@ def build_trainer(cfg: RunConfig, pairs: list[Any], eval_pairs: list[Any], stagi
     from transformers.trainer_callback import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
-    from gemma4_tune.adapters import LoraSettings, check_quantization, prepare_model
-    from gemma4_tune.profile import ModelProfile
-    from gemma4_tune.train import check_optimizer, load_model, trainer_settings
+    from gemma4_tune.model.profile import ModelProfile
+    from gemma4_tune.plan.adapters import LoraSettings, check_quantization, prepare_model
+    from gemma4_tune.train.recipe import check_optimizer, load_model, trainer_settings
 
     check_quantization(cfg.quantize)
     check_optimizer(cfg.optimizer)
@@ -298,7 +298,7 @@ def build_trainer(cfg: RunConfig, pairs: list[Any], eval_pairs: list[Any], stagi
 def _samples(cfg: RunConfig, model: Any, processor: Any, pairs: list[Any], *, held_out: bool) -> list[Any]:
     """Greedy answers of the base and the tuned model to a few prompts, beside the chosen answer (as for SFT)."""
     from gemma4_tune.data.collate import Gemma4Batcher
-    from gemma4_tune.evaluate import generate_samples, pick_samples
+    from gemma4_tune.train.evaluate import generate_samples, pick_samples
 
     batcher = Gemma4Batcher(processor, revision=cfg.template_revision, max_seq_len=cfg.max_seq_len)
     picked = pick_samples([pair.chosen_conversation() for pair in pairs], cfg.samples)
@@ -330,8 +330,9 @@ def probe_batch(trainer: Any) -> dict[str, Any]:
 
 def train_dpo(cfg: RunConfig) -> Any:
     """One DPO run: pairs, model and LoRA, preflight, training with checkpoints, held-out rewards, the adapter."""
-    from gemma4_tune.adapters import save_adapter
-    from gemma4_tune.callbacks import (
+    from gemma4_tune.export.manifest import write_manifest
+    from gemma4_tune.plan.adapters import save_adapter
+    from gemma4_tune.train.callbacks import (
         AtomicCheckpointCallback,
         GuardCallback,
         MetricsCallback,
@@ -339,9 +340,8 @@ def train_dpo(cfg: RunConfig) -> Any:
         TokenCounter,
         scan_checkpoints,
     )
-    from gemma4_tune.export.manifest import write_manifest
-    from gemma4_tune.rundir import check_not_in_use, lock_run_dir
-    from gemma4_tune.train import NO_CHECKPOINT, STAGING, TrainResult, library_versions
+    from gemma4_tune.train.recipe import NO_CHECKPOINT, STAGING, TrainResult, library_versions
+    from gemma4_tune.train.rundir import check_not_in_use, lock_run_dir
 
     started = time.perf_counter()
     out = Path(cfg.out)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from gemma4_tune.loss import SupervisedLoss, no_logits
+from gemma4_tune.model.loss import SupervisedLoss, no_logits
 
 
 class SupervisedLogitsTrainer(Trainer):

@@ -11,20 +11,6 @@ from collections.abc import Iterable
 from gemma4_tune.findings import Finding, Severity, finding, register
 
 ENGINES = ("transformers", "vllm", "llama.cpp")
-#: Where a tower's weights live in a checkpoint key: the tower and its multimodal embedder (which projects the
-#: tower's output into the text width; the 12B has only the embedder, its patch layers stored as
-#: ``vision_embedder``). vLLM's text LoRA refuses them all (row 3), so all are that part here.
-TOWER_PARTS = {"vision": (".vision_tower.", ".embed_vision.", ".vision_embedder."),
-               "audio": (".audio_tower.", ".embed_audio.")}
-
-
-def part_of(key: str) -> str:
-    """``text``, ``vision`` or ``audio``: the part of the model a checkpoint or adapter key belongs to.
-
-    The one rule export, verify and serve use to decide what vLLM can serve of an adapter (its text part).
-    """
-    dotted = f".{key}"
-    return next((part for part, marks in TOWER_PARTS.items() if any(m in dotted for m in marks)), "text")
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_TEXT_MODULES = frozenset({
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",

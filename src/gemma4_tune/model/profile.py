@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gemma4_tune.catalog import Variant, resolve_variant, variants
 from gemma4_tune.findings import MODEL_NOT_FOUND, NOT_GEMMA4, FindingError, finding
+from gemma4_tune.model.catalog import Variant, resolve_variant, variants
 
 TINY_MARKER = "gemma4_tune_tiny.json"
 

@@ -87,7 +87,7 @@ def repair_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> di
 
 
 def _kv_shared_layers(base: Path) -> set[int]:
-    from gemma4_tune.profile import ModelProfile
+    from gemma4_tune.model.profile import ModelProfile
 
     profile = ModelProfile.from_pretrained(base, count_parameters=False)
     return {layer.index for layer in profile.layers if layer.kv_sharing == "reuse"}

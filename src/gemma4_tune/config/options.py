@@ -15,8 +15,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gemma4_tune.data.formats import FORMATS, ChatOptions
 from gemma4_tune.data.records import DataSource
@@ -216,7 +224,7 @@ class ImportedConfig:
 
 
 def _did_you_mean(key: str) -> str:
-    from gemma4_tune.axolotl import our_name
+    from gemma4_tune.config.axolotl import our_name
 
     if our_name(key):
         return f"did you mean '{our_name(key)}'? ('{key}' is Axolotl's name; a file with base_model is read as Axolotl's)"
@@ -266,7 +274,7 @@ def load_yaml(path: str | Path, overrides: dict[str, Any] | None = None) -> RunC
 
 def read_run_file(path: str | Path, overrides: dict[str, Any] | None = None) -> ImportedConfig:
     """Read a YAML run file: ours (keys = flags) or Axolotl's (read with Axolotl's meaning, see ``axolotl``)."""
-    from gemma4_tune import axolotl
+    from gemma4_tune.config import axolotl
 
     path = Path(path)
     try:

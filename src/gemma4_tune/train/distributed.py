@@ -33,7 +33,6 @@ FSDP_FILE = "fsdp.json"
 EXTENSIONS_VAR = "TORCH_EXTENSIONS_DIR"  # where DeepSpeed caches the ops it compiles on first start
 
 LAUNCH_INVALID = register("G4T410", Severity.ERROR, "The distributed run cannot start")
-EMPTY_ADAPTER = register("G4T411", Severity.ERROR, "The adapter would be saved with empty tensors", (23,))
 NOT_ONE_JOB = register("G4T412", Severity.ERROR, "The processes did not form the requested distributed job", (27,))
 WRAP_CLASS_MISSING = register("G4T413", Severity.ERROR, "An FSDP wrap class is not in the model", (25,))
 
@@ -118,7 +117,7 @@ class DistributedPlan:
 
 def plan_distributed(cfg: Any) -> DistributedPlan:
     """Decide the distributed settings of a RunConfig for its model, refusing what cannot run."""
-    from gemma4_tune.api import plan as target_plan
+    from gemma4_tune.plan.overview import plan as target_plan
 
     strategy = cfg.distributed
     cpu = not torch.cuda.is_available()
@@ -190,7 +189,7 @@ def launch(cfg: Any, *, dry_run: bool = False, log: Any = print) -> int:
     Returns torchrun's exit status (0 for a dry run). Node 0's launcher holds the run directory's lock
     for the whole job (G4T417 for a second run on it); its processes know it by ``LOCK_ENV``.
     """
-    from gemma4_tune.rundir import LOCK_ENV, check_not_in_use, lock_run_dir, release_run_dir
+    from gemma4_tune.train.rundir import LOCK_ENV, check_not_in_use, lock_run_dir, release_run_dir
 
     out = Path(cfg.out)
     holds_lock = cfg.node_rank == 0 and not dry_run
@@ -233,67 +232,6 @@ def _start(cfg: Any, dplan: DistributedPlan, *, dry_run: bool, log: Any,
 # -- inside the processes -----------------------------------------------------------------------------
 
 
-def under_launcher() -> bool:
-    """True inside a process started by torchrun (or another launcher that sets LOCAL_RANK)."""
-    return int(os.environ.get("LOCAL_RANK", -1)) != -1
-
-
-def is_main_process() -> bool:
-    """Rank 0 of the job (or a single process): the one that reports and writes."""
-    return int(os.environ.get("RANK", 0)) == 0
-
-
-def _initialized() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def barrier() -> None:
-    """Wait for every process (no-op in a single process)."""
-    if _initialized():
-        torch.distributed.barrier()
-
-
-def all_reduce(value: float, op: str = "sum") -> float:
-    """``value`` summed (or maxed) over all processes (itself in a single process)."""
-    if not _initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM)
-    return float(t.item())
-
-
-def local_data(param: torch.Tensor) -> torch.Tensor:
-    """The part of a parameter this process holds: its ZeRO-3 partition, its FSDP2 shard, or all of it."""
-    if hasattr(param, "ds_tensor"):
-        return param.ds_tensor
-    if hasattr(param, "to_local"):
-        return param.to_local()
-    return param
-
-
-def gather_trainable(model: Any) -> dict[str, torch.Tensor]:
-    """Full copies of every trainable tensor on every process (collective under ZeRO-3 and FSDP2)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    partitioned = [p for _, p in named if hasattr(p, "ds_id")]
-    if partitioned:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
-            return {n: p.detach().clone() for n, p in named}
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in named}
-
-
-def check_not_empty(state: dict[str, torch.Tensor], where: str) -> None:
-    """Refuse to write an adapter with a 0-element tensor (a ZeRO-3 partition saved ungathered, row 23)."""
-    empty = [n for n, t in state.items() if t.numel() == 0 or hasattr(t, "full_tensor")]
-    if empty:
-        raise FindingError(finding(EMPTY_ADAPTER.code, f"{len(empty)} of {len(state)} LoRA tensors for {where} "
-                                   f"are empty or shards (e.g. {empty[0]}): they are still partitioned across processes",
-                                   "gather them before saving (gemma4-tune does this under --distributed); when "
-                                   "saving yourself under ZeRO-3, use deepspeed.zero.GatheredParameters or "
-                                   "Trainer.save_model"))
-
-
 def check_job(trainer: Any, dplan: DistributedPlan) -> dict[str, Any]:
     """Refuse a run whose processes did not form the job the plan asked for (row 27); return what they formed."""
     from accelerate.utils import DistributedType
@@ -309,7 +247,7 @@ def check_job(trainer: Any, dplan: DistributedPlan) -> dict[str, Any]:
                                    f"process(es) of type {formed['distributed_type']}, but {world} were started: "
                                    "each would train alone on all the data", "report the versions in `gemma4-tune "
                                    "doctor`; on CPU-only machines gemma4-tune patches accelerate 1.15 for this "
-                                   "(gemma4_tune.patches), so a newer accelerate may need a new gemma4-tune"))
+                                   "(gemma4_tune.model.patches), so a newer accelerate may need a new gemma4-tune"))
     return formed
 
 

@@ -22,8 +22,19 @@ from typing import Any
 
 import torch
 
-from gemma4_tune.adapters import LoraSettings, check_quantization, prepare_model, save_adapter
-from gemma4_tune.callbacks import (
+from gemma4_tune.config.options import RunConfig
+from gemma4_tune.console import console, err_console
+from gemma4_tune.export.manifest import write_manifest
+from gemma4_tune.findings import MODEL_NOT_FOUND, Finding, FindingError, Severity, finding, has_errors, register
+from gemma4_tune.io import check_writable, ensure_empty_target, write_json
+from gemma4_tune.model.loss import SupervisedLoss
+from gemma4_tune.model.patches import use_model_image_masks
+from gemma4_tune.model.profile import ModelProfile
+from gemma4_tune.plan.adapters import LoraSettings, check_quantization, prepare_model, save_adapter
+from gemma4_tune.plan.targets import TargetPlan
+from gemma4_tune.preflight import PreflightResult
+from gemma4_tune.ranks import barrier, check_not_empty, gather_trainable, is_main_process, under_launcher
+from gemma4_tune.train.callbacks import (
     AtomicCheckpointCallback,
     EvalCallback,
     GuardCallback,
@@ -33,28 +44,9 @@ from gemma4_tune.callbacks import (
     scan_checkpoints,
     skipped_checkpoints_finding,
 )
-from gemma4_tune.config import RunConfig
-from gemma4_tune.console import console, err_console
-from gemma4_tune.distributed import (
-    DistributedPlan,
-    barrier,
-    check_job,
-    check_not_empty,
-    check_wrap_classes,
-    gather_trainable,
-    is_main_process,
-    read_plan,
-    under_launcher,
-)
-from gemma4_tune.evaluate import generate_samples, pick_samples
-from gemma4_tune.export.manifest import write_manifest
-from gemma4_tune.findings import MODEL_NOT_FOUND, Finding, FindingError, Severity, finding, has_errors, register
-from gemma4_tune.io import check_writable, ensure_empty_target, write_json
-from gemma4_tune.loss import SupervisedLoss
-from gemma4_tune.preflight import PreflightResult
-from gemma4_tune.patches import use_model_image_masks
-from gemma4_tune.profile import ModelProfile
-from gemma4_tune.rundir import (
+from gemma4_tune.train.distributed import DistributedPlan, check_job, check_wrap_classes, read_plan
+from gemma4_tune.train.evaluate import generate_samples, pick_samples
+from gemma4_tune.train.rundir import (
     check_not_in_use,
     check_resume,
     lock_run_dir,
@@ -62,7 +54,6 @@ from gemma4_tune.rundir import (
     run_record,
     write_run_start,
 )
-from gemma4_tune.targets import TargetPlan
 
 NOTHING_SUPERVISED = register("G4T402", Severity.ERROR, "No supervised tokens after rendering", (12,))
 NO_CHECKPOINT = register("G4T401", Severity.ERROR, "--resume found no complete checkpoint")
@@ -366,13 +357,13 @@ def _join_launch(cfg: RunConfig) -> DistributedPlan | None:
     """Under a launcher: this process's part of the plan; rank 0 alone prints. None for a single process."""
     if cfg.distributed is None:
         return None
-    from gemma4_tune.distributed import LAUNCH_INVALID
-    from gemma4_tune.patches import patch_accelerate_for_cpu_launch
+    from gemma4_tune.model.patches import patch_accelerate_for_cpu_launch
+    from gemma4_tune.train.distributed import LAUNCH_INVALID
 
     if not under_launcher():
         raise FindingError(finding(LAUNCH_INVALID.code, f"distributed: {cfg.distributed} is set, but this process "
                                    "was not started by a launcher", "use `gemma4-tune train --distributed ...` "
-                                   "(it starts torchrun), or gemma4_tune.distributed.launch(cfg) from Python"))
+                                   "(it starts torchrun), or gemma4_tune.train.distributed.launch(cfg) from Python"))
     dplan = read_plan(cfg.out)
     if dplan.cpu:
         patch_accelerate_for_cpu_launch()
@@ -389,7 +380,7 @@ def train(cfg: RunConfig) -> TrainResult:
     """
     try:
         if cfg.method == "dpo":
-            from gemma4_tune.dpo import train_dpo
+            from gemma4_tune.train.dpo import train_dpo
 
             return train_dpo(cfg)
         return _train(cfg)
@@ -402,7 +393,7 @@ def _train(cfg: RunConfig) -> TrainResult:
     from transformers.trainer_callback import PrinterCallback
 
     from gemma4_tune.preflight import skipped_finding
-    from gemma4_tune.trainer import SupervisedLogitsTrainer
+    from gemma4_tune.train.trainer import SupervisedLogitsTrainer
 
     started = time.perf_counter()
     dplan = _join_launch(cfg)

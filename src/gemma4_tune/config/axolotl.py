@@ -280,14 +280,14 @@ def translate(data: dict[str, Any], *, source: str) -> tuple[dict[str, Any], lis
 
     Refused and unknown keys raise one ``FindingError`` (G4T005) that lists them all.
     """
-    from gemma4_tune.config import BAD_CONFIG
+    from gemma4_tune.config.options import BAD_CONFIG
     from gemma4_tune.findings import FindingError
 
     t = _Translation(source)
     given = {k: v for k, v in data.items() if v is not None}
     for key in sorted(set(data) - set(given)):
         t.row(key, None, "absent", "null, so absent (as in Axolotl)")
-    from gemma4_tune.config import RunConfig
+    from gemma4_tune.config.options import RunConfig
 
     own = {k for k in given if k in RunConfig.model_fields and k not in _KNOWN}
     unknown = sorted(k for k in given if k not in _KNOWN and k not in own

@@ -15,9 +15,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from gemma4_tune.console import console
-from gemma4_tune.distributed import all_reduce, barrier, is_main_process, local_data
 from gemma4_tune.findings import Finding, Severity, finding, register
 from gemma4_tune.io import json_text, write_text_atomic
+from gemma4_tune.ranks import all_reduce, barrier, is_main_process, local_data
 
 NON_FINITE = register("G4T403", Severity.ERROR, "Loss or gradient became NaN/inf during training", (19,))
 ZERO_GRADIENT = register("G4T404", Severity.ERROR, "Gradient norm stuck at zero", (12, 21))
@@ -312,7 +312,7 @@ class EvalCallback(TrainerCallback):
         self.results: list[Any] = []
 
     def _run(self, step: int) -> None:
-        from gemma4_tune.evaluate import evaluate
+        from gemma4_tune.train.evaluate import evaluate
 
         result = evaluate(self.model, self.batcher, self.examples, batch_size=self.batch_size, step=step)
         self.results.append(result)

@@ -13,7 +13,7 @@ Two parts, installed once into ``${GEMMA4_TUNE_ENGINES:-~/.cache/gemma4-tune/eng
   the PyPI ``gguf`` release is older than these converters (``AttributeError: DFLASH``).
 - ``site/``: ``llama-cpp-py-sync``, a cffi binding shipping prebuilt ``libllama``/``libggml``/
   ``libmtmd``, installed with ``pip install --target``. Its libraries need glibc 2.38; on an
-  older glibc (Debian 12: 2.36) they are patched by :mod:`gemma4_tune.verify.glibc_compat`, the
+  older glibc (Debian 12: 2.36) they are patched by :mod:`gemma4_tune.engines.glibc_compat`, the
   originals kept in ``unpatched/``. GGUF files are run by ``llamacpp_runner.py`` in a subprocess.
 
 A stamp, written only after the runtime loads and the converter imports in a subprocess,
@@ -38,9 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gemma4_tune.findings import FindingError, Severity, finding, register
-from gemma4_tune.verify import glibc_compat
-from gemma4_tune.verify.engine_env import (
+from gemma4_tune.engines import glibc_compat
+from gemma4_tune.engines.vllm_env import (
     engines_root,
     install_lock,
     quiet_pip,
@@ -48,6 +47,7 @@ from gemma4_tune.verify.engine_env import (
     run_streaming,
     stamp_path,
 )
+from gemma4_tune.findings import FindingError, Severity, finding, register
 
 INSTALL_FAILED = register("G4T910", Severity.ERROR, "llama.cpp install failed")
 NOT_INSTALLED = register("G4T911", Severity.ERROR, "llama.cpp not installed")

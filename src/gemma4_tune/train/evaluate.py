@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from gemma4_tune.data.chat import END_OF_TURN
-from gemma4_tune.loss import batch_sums
+from gemma4_tune.model.loss import batch_sums
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Run a model in a real vLLM engine, without and with a LoRA adapter, and write what it produced.
 
-A standalone script: it runs with the vLLM environment's python (``gemma4_tune.verify.engine_env``),
+A standalone script: it runs with the vLLM environment's python (``gemma4_tune.engines.vllm_env``),
 whose transformers release differs from the training one, so it imports nothing from
 ``gemma4_tune`` and only standard-library modules at import time (vLLM is imported in ``main``).
 

@@ -1,0 +1,1 @@
+"""What people read: a run's report (Markdown, HTML, loss plot) and the comparison of runs."""

@@ -1,0 +1,34 @@
+"""The import contract (issue 23): layers follow the data flow, and the check fails on an upward import."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LINT = Path(sys.executable).with_name("lint-imports")
+
+
+def _lint(src: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    return subprocess.run([str(LINT), "--config", str(ROOT / "pyproject.toml"), "--no-cache"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, check=False)
+
+
+def test_every_import_goes_down_the_layers() -> None:
+    result = _lint(ROOT / "src")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 kept, 0 broken" in result.stdout
+
+
+def test_an_upward_import_breaks_the_contract(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "src" / "gemma4_tune", src / "gemma4_tune", ignore=shutil.ignore_patterns("__pycache__"))
+    profile = src / "gemma4_tune" / "model" / "profile.py"
+    profile.write_text(profile.read_text() + "\n\ndef _upward() -> None:\n    from gemma4_tune.api import plan  # noqa\n")
+    result = _lint(src)
+    assert result.returncode != 0
+    assert "gemma4_tune.model.profile -> gemma4_tune.api" in result.stdout
