@@ -34,7 +34,8 @@ def measure(variant: str, root: Path) -> dict[str, Any]:
 
     from gemma4_tune.api import export, tiny_model
     from gemma4_tune.export.gguf import export_gguf
-    from gemma4_tune.verify.llamacpp import default_prompts, engine_results, peft_logits, verify_gguf
+    from gemma4_tune.verify.llamacpp import default_prompts, engine_results, verify_gguf
+    from gemma4_tune.verify.reference import token_logits
     from gemma4_tune.verify.parity import verify_artefacts, vllm_results, worst
 
     from gemma4_tune.verify.prompts import model_modalities
@@ -73,12 +74,12 @@ def measure(variant: str, root: Path) -> dict[str, Any]:
         "adapter_effect": r.adapter_effect, "positions": r.positions, "ok": r.ok, "not_run": r.not_run[:300],
         "findings": [f.code for f in r.findings]} for r in merged_rows}
     prompts = default_prompts(base)
-    reference = peft_logits(base, adapter, prompts)
+    reference = token_logits(base, adapter, prompts)
     keys = ("max_logit_diff", "mean_kl", "top1_in_top5", "greedy_agreement", "adapter_effect")
     for gguf_type in GGUF_TYPES:
         folder = root / f"gguf-{gguf_type}"
         export_gguf(merged, folder, gguf_type, adapter_dir=adapter, base_dir=base, repoint=False)
-        report = verify_gguf(folder, reference["adapter"], prompts, gguf_type, adapter_reference=reference,
+        report = verify_gguf(folder, reference["tuned"], prompts, gguf_type, adapter_reference=reference,
                              base_dir=base, adapter_dir=adapter, base_reference=reference["base"],
                              log=lambda _line: None)
         row = {"merged": {k: report["model"].get(k) for k in keys}, "findings": [f.code for f in report["findings"]]}

@@ -40,15 +40,15 @@ from gemma4_tune.export.gguf import (
     repoint_modelfile,
 )
 from gemma4_tune.findings import FindingError
-from gemma4_tune.plan.targets import part_of
+from gemma4_tune.model.profile import part_of
 from gemma4_tune.verify.llamacpp import (
     MEDIA_TOLERANCES,
     TOLERANCES,
     default_prompts,
     engine_results,
-    peft_logits,
     verify_gguf,
 )
+from gemma4_tune.verify.reference import token_logits
 from tests.lora_helpers import random_lora, zeroed_lora_b
 
 REQUIRE = bool(os.environ.get("GEMMA4_TUNE_REQUIRE_ENGINES"))
@@ -94,7 +94,7 @@ def _exported_case(tiny: Path, root: Path, seed: int, towers: str) -> dict:
     merged = merge_adapter(tiny, trained, root / "merged", progress=False).out_dir
     prompts = default_prompts(tiny)
     return {"root": root, "base": tiny, "trained": trained, "adapter": adapter, "merged": merged, "prompts": prompts,
-            "peft": peft_logits(tiny, adapter, prompts),
+            "peft": token_logits(tiny, adapter, prompts),
             "f32": export_gguf(merged, root / "gguf-f32", "f32", adapter_dir=adapter, base_dir=tiny)}
 
 
@@ -470,7 +470,7 @@ def test_e2b_merged_q8_0_is_within_its_tolerance(e2b) -> None:
     summary = export_gguf(e2b["merged"], e2b["root"] / "gguf-q8_0", "q8_0", repoint=False)
     assert summary["tensors"]["model"]["written"] == 108 and summary["tensors"]["mmproj"]["written"] == 217
     assert Path(summary["files"]["model"]).stat().st_size < 0.5 * Path(e2b["f32"]["files"]["model"]).stat().st_size
-    report = verify_gguf(summary["out_dir"], e2b["peft"]["adapter"], e2b["prompts"])
+    report = verify_gguf(summary["out_dir"], e2b["peft"]["tuned"], e2b["prompts"])
     _show("e2b q8_0", report)
     _assert_ok(report)
     assert report["gguf_type"] == "q8_0"
@@ -485,7 +485,7 @@ def test_31b_merged_f32_model_and_mmproj_match_transformers(b31) -> None:
     summary = b31["f32"]
     assert summary["tensors"]["model"]["written"] == summary["tensors"]["model"]["expected"] == 85
     assert summary["tensors"]["mmproj"]["written"] == summary["tensors"]["mmproj"]["expected"] == 31
-    report = verify_gguf(summary["out_dir"], b31["peft"]["adapter"], b31["prompts"])
+    report = verify_gguf(summary["out_dir"], b31["peft"]["tuned"], b31["prompts"])
     _show("31b f32", report)
     _assert_ok(report)
     assert report["mmproj"]["vision"] and not report["mmproj"]["audio"]
@@ -515,7 +515,7 @@ def test_31b_merged_f16_text_is_within_its_tolerance(b31, tmp_path) -> None:
     out = tmp_path / "model-f16.gguf"
     convert_model(b31["merged"], out, "f16", log=lambda _line: None)
     check_tensor_count(out, 85, "model")
-    report = verify_gguf({"model": out}, b31["peft"]["adapter"], b31["prompts"], "f16")
+    report = verify_gguf({"model": out}, b31["peft"]["tuned"], b31["prompts"], "f16")
     _show("31b f16", report)
     _assert_ok(report)
 
@@ -623,7 +623,7 @@ def test_mmproj_without_the_vision_deltas_fails_the_image_rows(b31, tmp_path) ->
     from safetensors.torch import load_file, save_file
 
     from gemma4_tune.export.merge import merge_adapter
-    from gemma4_tune.plan.targets import part_of
+    from gemma4_tune.model.profile import part_of
 
     lost = tmp_path / "adapter-no-vision"
     shutil.copytree(b31["trained"], lost)

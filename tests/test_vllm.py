@@ -18,13 +18,12 @@ import pytest
 from gemma4_tune.engines import vllm_env as engine_env
 from gemma4_tune.export.vllm_adapter import k_eq_v_lora_layers, vllm_ready_adapter
 from gemma4_tune.findings import FindingError
+from gemma4_tune.verify.reference import RefSequence, hf_reference
 from gemma4_tune.verify.vllm import (
     LOGPROB_TOLERANCE,
     RUNNER,
     VLLM_CPU_HEAD_SIZES,
-    RefSequence,
     compare,
-    hf_reference,
     vllm_parity,
     vllm_parity_many,
 )

@@ -33,7 +33,7 @@ def _zero_tower_b(adapter: Path, out: Path, part: str) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from gemma4_tune.plan.targets import part_of
+    from gemma4_tune.model.profile import part_of
 
     shutil.copytree(adapter, out)
     path = out / "adapter_model.safetensors"

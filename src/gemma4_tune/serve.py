@@ -37,6 +37,7 @@ from gemma4_tune.export.vllm_adapter import k_eq_v_lora_layers, vllm_ready_adapt
 from gemma4_tune.findings import Finding, FindingError, Severity, finding, register
 from gemma4_tune.plan.deployment import vllm_max_lora_rank
 from gemma4_tune.verify.parity import non_finite_finding, text_only_adapter, worst
+from gemma4_tune.verify.reference import hf_reference
 from gemma4_tune.verify.vllm import (
     ENGINE_FAILED,
     LOGPROB_TOLERANCE,
@@ -45,7 +46,6 @@ from gemma4_tune.verify.vllm import (
     banned_token_ids,
     compare,
     compare_mode,
-    hf_reference,
     unjudged_finding,
     useful_tail,
 )

@@ -2,9 +2,9 @@
 
 The GGUF files of ``export/gguf.py`` are run by ``llamacpp_runner.py`` (prebuilt libllama of the
 llama.cpp install, ``llamacpp_env``) on token-id prompts: every position's logits, one batch per
-prompt, f32 KV cache, no flash attention. The reference is stock transformers on CPU in float32:
-the merged checkpoint for ``model-<T>.gguf``; base + adapter in PEFT (and the base alone, under
-``disable_adapter()``) for ``base-<T>.gguf`` + ``adapter-<T>.gguf``.
+prompt, f32 KV cache, no flash attention. The reference is stock transformers on CPU in float32
+(``reference.token_logits``): the merged checkpoint for ``model-<T>.gguf``; base + adapter in PEFT (and
+the base alone, under ``disable_adapter()``) for ``base-<T>.gguf`` + ``adapter-<T>.gguf``.
 
 Per comparison: max |logit difference|, mean and max KL(reference || GGUF) over positions, the
 share of positions whose reference top-1 token is among the GGUF's top 5, and the exact greedy
@@ -56,6 +56,7 @@ import numpy as np
 from gemma4_tune.findings import Finding, FindingError, Severity, finding, register
 from gemma4_tune.verify.parity import IMAGE_ATTENTION_DIFFERS, MODALITY_NOT_RUN, NO_EFFECT_IN_ENGINE
 from gemma4_tune.verify.prompts import TEXT_PROMPTS
+from gemma4_tune.verify.reference import attention_name, bidirectional_vision, logits_by_modality, token_logits
 
 GGUF_PARITY_FAILED = register("G4T915", Severity.ERROR, "GGUF output differs from transformers", (2, 22))
 RUN_FAILED = register("G4T917", Severity.ERROR, "llama.cpp could not run the GGUF", (22,))
@@ -147,39 +148,6 @@ def default_prompts(model_dir: str | Path) -> list[list[int]]:
         rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                                  tokenize=False)
         out.append(list(tokenizer(rendered, add_special_tokens=False).input_ids))
-    return out
-
-
-def _forward(model: Any, prompts: Sequence[Sequence[int]]) -> list[np.ndarray]:
-    import torch
-
-    rows = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = torch.tensor([list(prompt)], dtype=torch.long)
-            rows.append(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].float().numpy())
-    return rows
-
-
-def hf_logits(model_dir: str | Path, prompts: Sequence[Sequence[int]]) -> list[np.ndarray]:
-    """Per-prompt logits ``[len, vocab]`` of a checkpoint (e.g. the merged one) in transformers, CPU float32."""
-    import torch
-    from transformers import AutoModelForImageTextToText
-
-    return _forward(AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch.float32).eval(), prompts)
-
-
-def peft_logits(base_dir: str | Path, adapter_dir: str | Path, prompts: Sequence[Sequence[int]]) -> dict[str, list]:
-    """``{"base": [...], "adapter": [...]}``: base + adapter in PEFT, and the base under ``disable_adapter()``."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForImageTextToText
-
-    base = AutoModelForImageTextToText.from_pretrained(str(base_dir), dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    out = {"adapter": _forward(model, prompts)}
-    with model.disable_adapter():
-        out["base"] = _forward(model, prompts)
     return out
 
 
@@ -367,8 +335,9 @@ def verify_gguf(gguf: str | Path | dict[str, str | Path], reference: str | Path 
     "base": ..., "adapter": ...}``. ``reference``: the merged checkpoint directory (default: the
     record's) or precomputed per-prompt logits for ``model``. ``prompts``: token ids (default:
     :func:`default_prompts`). ``base_reference``: the base model's logits; with it the model's figures
-    get ``adapter_effect`` (max |GGUF - base|). ``adapter_reference``: precomputed :func:`peft_logits`; otherwise
-    computed from ``base_dir``/``adapter_dir`` (default: the record's). ``n_threads``: llama.cpp's
+    get ``adapter_effect`` (max |GGUF - base|). ``adapter_reference``: precomputed
+    ``reference.token_logits(base_dir, adapter_dir, prompts)``; otherwise computed from
+    ``base_dir``/``adapter_dir`` (default: the record's). ``n_threads``: llama.cpp's
     threads (default: the CPU count, at most 8). ``media``: runner request keys for prompts with images or
     audio (:func:`media_request`), run in the same llama.cpp process as ``model``; what libmtmd made of them
     and their logits come back as ``out["media"]`` (compared by :func:`engine_results`). Parity problems
@@ -419,7 +388,7 @@ def verify_gguf(gguf: str | Path | dict[str, str | Path], reference: str | Path 
             if ref_dir is None:
                 raise ValueError("no reference: pass the merged checkpoint directory or precomputed logits")
             log(f"[llama.cpp] computing the transformers reference from {ref_dir} (CPU, float32)")
-            ref_rows: Sequence[np.ndarray] = hf_logits(ref_dir, prompts)
+            ref_rows: Sequence[np.ndarray] = token_logits(ref_dir, None, prompts)["base"]
         else:
             ref_rows = reference
         out["timings"]["reference_s"] = round(time.monotonic() - start, 3)
@@ -465,14 +434,14 @@ def verify_gguf(gguf: str | Path | dict[str, str | Path], reference: str | Path 
             if base_dir is None or adapter_dir is None:
                 raise ValueError("no adapter reference: pass base_dir and adapter_dir (or adapter_reference)")
             log(f"[llama.cpp] computing the transformers + PEFT reference ({base_dir} + {adapter_dir})")
-            adapter_reference = peft_logits(base_dir, adapter_dir, prompts)
+            adapter_reference = token_logits(base_dir, adapter_dir, prompts)
         out["timings"]["adapter_reference_s"] = round(time.monotonic() - start, 3)
         out["timings"]["adapter_run_s"] = result["timings"].get("wall_s")
         base_fig = compare_logits(adapter_reference["base"], result["logits"]["base"], combo)
-        lora_fig = compare_logits(adapter_reference["adapter"], result["logits"]["adapter"], combo)
+        lora_fig = compare_logits(adapter_reference["tuned"], result["logits"]["adapter"], combo)
         effect = float(np.abs(result["logits"]["adapter"].astype(np.float64) - result["logits"]["base"]).max())
         ref_effect = float(max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max()
-                               for a, b in zip(adapter_reference["adapter"], adapter_reference["base"], strict=True)))
+                               for a, b in zip(adapter_reference["tuned"], adapter_reference["base"], strict=True)))
         threshold = max(MIN_EFFECT, MIN_EFFECT_SHARE * ref_effect)
         out["adapter"] = {"base": base_fig, "adapter": lora_fig, "adapter_effect": effect,
                           "reference_effect": ref_effect, "min_effect": threshold, "tolerance_type": combo}
@@ -720,8 +689,6 @@ def _media_parity_finding(name: str, modality: str, figures: dict[str, Any], got
                           alternative: Callable[[str], dict[str, Any]] | None,
                           bidirectional_reference: bool) -> Finding:
     """G4T915 for a failed image/audio row, or G4T921 when llama.cpp matches the other image-token attention."""
-    from gemma4_tune.verify.reference import attention_name
-
     what = f"{name} on {modality} prompts"
     if modality != "image" or alternative is None or figures.get("non_finite"):
         return _parity_finding(what, figures, "convert the towers again from the merged checkpoint with "
@@ -779,7 +746,6 @@ def engine_results(base: str | Path, adapter: str | Path, gguf_dir: str | Path, 
     from transformers import AutoProcessor
 
     from gemma4_tune.verify.prompts import by_modality, processed, verification_prompts
-    from gemma4_tune.verify.reference import bidirectional_vision, logits_by_modality
 
     log = log or _stderr
     files, record = _files(gguf_dir)
@@ -791,7 +757,7 @@ def engine_results(base: str | Path, adapter: str | Path, gguf_dir: str | Path, 
 
     prompts = default_prompts(base)
     log(f"[llama.cpp] computing the transformers + PEFT reference ({base} + {adapter})")
-    reference = peft_logits(base, adapter, prompts)
+    reference = token_logits(base, adapter, prompts)
     processor = AutoProcessor.from_pretrained(str(base))
     groups = {m: g for m, g in by_modality(verification_prompts(base, processor)).items() if m != "text"}
     results = []
@@ -803,12 +769,12 @@ def engine_results(base: str | Path, adapter: str | Path, gguf_dir: str | Path, 
     work = Path(tempfile.mkdtemp(prefix="llamacpp-media-", dir=scratch))
     try:
         media_req = media_request(processor, groups, work) if groups and "mmproj" in files else {}
-        report = verify_gguf(merged, reference["adapter"], prompts, gguf_type, base_dir=base,
+        report = verify_gguf(merged, reference["tuned"], prompts, gguf_type, base_dir=base,
                              base_reference=reference["base"], log=log, media=media_req or None)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     effect = float(max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max()
-                       for a, b in zip(reference["adapter"], reference["base"], strict=True)))
+                       for a, b in zip(reference["tuned"], reference["base"], strict=True)))
     ours = report["model"]["adapter_effect"]
     findings = list(report["findings"])
     findings += template_findings(adapter, files["model"].name, report.get("chat_template"), read_manifest(adapter),
@@ -874,5 +840,5 @@ def _row(name: str, figures: dict[str, Any] | None, effect: float, findings: lis
 
 __all__ = ["GGUF_PARITY_FAILED", "IMAGE_ATTENTION_DIFFERS", "MEDIA_TOLERANCES", "MODALITY_NOT_RUN", "RUN_FAILED",
            "TOLERANCES", "Tolerance", "align", "coarser", "compare_logits", "default_prompts", "engine_results",
-           "hf_logits", "media_request", "media_rows", "media_tolerance", "peft_logits", "processor_pixels",
+           "media_request", "media_rows", "media_tolerance", "processor_pixels",
            "run_llamacpp", "verify_gguf"]

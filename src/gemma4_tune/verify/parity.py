@@ -229,10 +229,10 @@ def checkpoint_is_half(model_dir: Path) -> bool:
 
 
 def adapter_parts(adapter: Path) -> set[str]:
-    """The parts of the model (``plan.targets.part_of``: text, vision, audio) the adapter's tensors are in."""
+    """The parts of the model (``model.profile.part_of``: text, vision, audio) the adapter's tensors are in."""
     from safetensors import safe_open
 
-    from gemma4_tune.plan.targets import part_of
+    from gemma4_tune.model.profile import part_of
 
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
         return {part_of(k) for k in f.keys()}  # noqa: SIM118
@@ -360,12 +360,12 @@ def verify_artefacts(base: Path, adapter: Path, merged: Path | None, engines: li
 
 def text_only_adapter(adapter: Path, out: Path) -> Path:
     """The adapter without its tower and multimodal-embedder tensors (what vLLM loads without its tower flag);
-    the same split (``plan.targets.part_of``) that export reports and serve --text-only serves."""
+    the same split (``model.profile.part_of``) that export reports and serve --text-only serves."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    from gemma4_tune.plan.targets import part_of
+    from gemma4_tune.model.profile import part_of
 
     shutil.copytree(adapter, out)
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
@@ -383,7 +383,8 @@ def vllm_results(base: Path, adapter: Path, merged: Path | None) -> list[EngineR
     from gemma4_tune.export.vllm_adapter import k_eq_v_lora_layers, vllm_ready_adapter
     from gemma4_tune.findings import FindingError
     from gemma4_tune.verify.prompts import model_modalities
-    from gemma4_tune.verify.vllm import adapter_run, hf_reference, run_planned
+    from gemma4_tune.verify.reference import hf_reference
+    from gemma4_tune.verify.vllm import adapter_run, run_planned
     from gemma4_tune.verify.vllm_modalities import merged_run
 
     tokenizer = AutoTokenizer.from_pretrained(str(base))

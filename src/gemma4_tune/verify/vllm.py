@@ -3,8 +3,8 @@
 One engine start covers both modes: the same token prompts are generated greedily without and
 with the adapter (``LoRARequest``) by ``vllm_runner.py`` in the vLLM environment
 (``engine_env``). The reference is computed here with stock transformers + PEFT
-(``PeftModel.from_pretrained`` on a fresh base): greedy tokens, and the log-softmax of the
-logits at each generated and each prompt position.
+(``reference.hf_reference``: ``PeftModel.from_pretrained`` on a fresh base): greedy tokens, and the
+log-softmax of the logits at each generated and each prompt position.
 
 Checks:
 - parity (G4T903): greedy tokens agree at every position (fp32), and vLLM's reported
@@ -41,6 +41,7 @@ from gemma4_tune.engines.vllm_env import engines_root, require_vllm_python, scra
 from gemma4_tune.export.vllm_adapter import k_eq_v_lora_layers
 from gemma4_tune.findings import Finding, FindingError, Severity, finding, register
 from gemma4_tune.plan.deployment import vllm_max_lora_rank
+from gemma4_tune.verify.reference import Reference, ReferenceFn, RefSequence, hf_reference
 
 ADAPTER_NO_EFFECT = register("G4T902", Severity.ERROR, "Adapter changes nothing in vLLM", (4,))
 PARITY_MISMATCH = register("G4T903", Severity.ERROR, "vLLM output differs from transformers + PEFT", (4, 6, 7))
@@ -75,27 +76,7 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-# --------------------------------------------------------------------------- reference
-
-
-@dataclass
-class RefSequence:
-    """One prompt's greedy continuation in transformers + PEFT, with full log-softmax rows.
-
-    ``logprobs[j]`` is the distribution that chose ``token_ids[j]``; ``prompt_logprobs[i]`` the
-    one at prompt position ``i`` (predicting prompt token ``i + 1``). Both are float64 lists-of-rows
-    (or tensors) of vocabulary width.
-    """
-
-    token_ids: list[int]
-    logprobs: Any
-    prompt_logprobs: Any = None
-    prompt_token_ids: list[int] | None = None  # the processed prompt (media placeholders expanded)
-
-
-#: ``{"base": [RefSequence per prompt], "lora": [...]}``
-Reference = dict[str, list[RefSequence]]
-ReferenceFn = Callable[..., Reference]
+# --------------------------------------------------------------------------- what neither side generates
 
 
 def banned_token_ids(base_dir: str | Path) -> list[int]:
@@ -114,58 +95,6 @@ def banned_token_ids(base_dir: str | Path) -> list[int]:
         if isinstance(tok, int):
             banned.add(tok)
     return sorted(banned)
-
-
-def hf_reference(base_dir: str | Path, adapter_dir: str | Path | None, prompts: Sequence[Any], *,
-                 max_tokens: int = 8, banned: Sequence[int] = (), dtype: str = "float32",
-                 flip_image_attention: bool = False) -> Reference:
-    """Greedy generation and log-softmax rows from stock transformers + PEFT, without and with the adapter.
-
-    ``prompts`` are token-id lists or ``verify.prompts.VerifyPrompt`` objects (processed with the
-    model's processor, media included). ``PeftModel.from_pretrained`` on a fresh base; the base mode
-    runs under ``disable_adapter()``. Without ``adapter_dir`` only the base mode is computed.
-    ``generate(output_logits=True)`` returns the raw logits (before ``suppress_tokens`` masks the
-    banned ids), which is what vLLM's logprobs are computed from. ``flip_image_attention``: image
-    tokens attend the way the model does not (``verify.reference.image_attention``).
-    """
-    import torch
-
-    from gemma4_tune.verify.prompts import VerifyPrompt, processed
-    from gemma4_tune.verify.reference import bidirectional_vision, image_attention, load_tuned
-
-    model = load_tuned(base_dir, adapter_dir, getattr(torch, dtype))
-    pad = model.config.get_text_config().pad_token_id
-    processor = None
-    if any(isinstance(p, VerifyPrompt) for p in prompts):
-        from transformers import AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(str(base_dir))
-
-    def one(prompt: Any) -> RefSequence:
-        if isinstance(prompt, VerifyPrompt):
-            batch = processed(processor, [prompt])
-        else:
-            ids = torch.tensor([list(prompt)], dtype=torch.long)
-            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        n = batch["input_ids"].shape[1]
-        with torch.no_grad():
-            prompt_rows = torch.log_softmax(model(**batch).logits[0].double(), -1)
-            out = model.generate(**batch, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
-                                 suppress_tokens=list(banned) or None, output_logits=True,
-                                 return_dict_in_generate=True, pad_token_id=pad, eos_token_id=None,
-                                 temperature=None, top_p=None, top_k=None)
-        rows = torch.log_softmax(torch.stack([step[0] for step in out.logits]).double(), -1)
-        return RefSequence(token_ids=out.sequences[0, n:].tolist(), logprobs=rows, prompt_logprobs=prompt_rows[:-1],
-                           prompt_token_ids=batch["input_ids"][0].tolist())
-
-    with image_attention(model, bidirectional_vision(base_dir) != flip_image_attention):
-        if adapter_dir is None:
-            return {"base": [one(p) for p in prompts]}
-        result: Reference = {"lora": [one(p) for p in prompts]}
-        with model.disable_adapter():
-            result["base"] = [one(p) for p in prompts]
-    del model
-    return result
 
 
 # --------------------------------------------------------------------------- engine run

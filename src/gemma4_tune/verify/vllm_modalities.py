@@ -29,6 +29,7 @@ from gemma4_tune.engines.vllm_env import engines_root, require_vllm_python
 from gemma4_tune.findings import Finding, FindingError, finding
 from gemma4_tune.verify.parity import IMAGE_ATTENTION_DIFFERS, MODALITY_NOT_RUN
 from gemma4_tune.verify.prompts import SAMPLING_RATE, VerifyPrompt, by_modality, verification_prompts
+from gemma4_tune.verify.reference import Reference, RefSequence, bidirectional_vision, hf_reference
 from gemma4_tune.verify.vllm import (
     ADAPTER_NO_EFFECT,
     MIN_AGREEMENT,
@@ -36,15 +37,12 @@ from gemma4_tune.verify.vllm import (
     Log,
     ModeParity,
     PlannedRun,
-    Reference,
-    RefSequence,
     _check_cpu_shapes,
     _gap,
     _ref_effect,
     _stderr,
     banned_token_ids,
     compare_mode,
-    hf_reference,
     run_planned,
 )
 
@@ -219,7 +217,6 @@ def merged_run(base_dir: str | Path, adapter_dir: str | Path, merged_dir: str | 
     from transformers import AutoProcessor
 
     from gemma4_tune.verify.prompts import processed
-    from gemma4_tune.verify.reference import bidirectional_vision
     from gemma4_tune.verify.vllm import _max_model_len
 
     log = log or _stderr
