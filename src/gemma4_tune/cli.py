@@ -5,18 +5,24 @@ Exit codes: 0 ok, 1 a check failed (findings with errors), 2 usage error.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import sys
 import traceback
+import types
+from inspect import Parameter, Signature, signature
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, Literal, NoReturn, Union, get_args, get_origin
 
 import typer
 from rich.table import Table
 
 from gemma4_tune import __version__
+from gemma4_tune.config.options import RunConfig, cli_spec
 from gemma4_tune.console import (
     console,
     err_console,
+    json_only_stdout,
     print_json,
     render_doctor,
     render_findings,
@@ -34,15 +40,6 @@ class TinyDtype(str, enum.Enum):
 
     float32 = "float32"
     bfloat16 = "bfloat16"
-
-
-class Strategy(str, enum.Enum):
-    """How a run is spread over processes."""
-
-    ddp = "ddp"
-    fsdp2 = "fsdp2"
-    zero2 = "zero2"
-    zero3 = "zero3"
 
 
 class GgufType(str, enum.Enum):
@@ -187,80 +184,68 @@ def plan(
         raise typer.Exit(1)
 
 
-def _train_command(preflight_only: bool):  # noqa: ANN202 - returns a Typer command
-    """`train` and `preflight` take the same arguments; build either command."""
+def _alternatives(annotation: Any) -> list[Any]:
+    """The types a field accepts, without None and Annotated's constraints (``Whole | None`` -> ``[int]``)."""
+    if get_origin(annotation) is Annotated:
+        return _alternatives(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, types.UnionType):
+        return [kind for arg in get_args(annotation) for kind in _alternatives(arg)]
+    return [] if annotation is type(None) else [annotation]
+
+
+def _flag_type(name: str, annotation: Any, choices: bool) -> Any:
+    """A field's type on the command line: int, float, bool or str as declared, a Literal as str (RunConfig checks
+    it) or, with ``choices``, as its values; anything else as one string (``data``: a path)."""
+    kinds = _alternatives(annotation)
+    if len(kinds) == 1 and get_origin(kinds[0]) is Literal:
+        values = [str(value) for value in get_args(kinds[0])]
+        return enum.Enum(f"{name}_choice", [(value, value) for value in values], type=str) if choices else str
+    return kinds[0] if len(kinds) == 1 and kinds[0] in (int, float, bool, str) else str
+
+
+def run_options(config: type[RunConfig] = RunConfig) -> list[Parameter]:
+    """The flags of ``train`` and ``preflight``, one per field of ``config`` (``max_steps`` -> ``--max-steps``, help =
+    the field's description), except the fields marked ``YAML_ONLY`` or ``OWN_FLAG``. Each defaults to None: only
+    the flags given reach ``build_config``, where the run file and the defaults fill the rest."""
+    params = []
+    for name, info in config.model_fields.items():
+        spec = cli_spec(info)
+        if not isinstance(spec, dict):  # "yaml-only", or "own": declared by _train_command itself
+            continue
+        flag = spec["flag"] or "--" + name.replace("_", "-")
+        kind = _flag_type(name, info.annotation, spec["choices"])
+        params.append(Parameter(name, Parameter.KEYWORD_ONLY, default=None,
+                                annotation=Annotated[kind | None, typer.Option(flag, help=info.description)]))
+    return params
+
+
+def _field_help(name: str) -> str | None:
+    """The help of a flag that ``_train_command`` declares itself for a field (``OWN_FLAG``): its description."""
+    return RunConfig.model_fields[name].description
+
+
+def _train_command(preflight_only: bool, config: type[RunConfig] = RunConfig):  # noqa: ANN202 - a Typer command
+    """`train` and `preflight` take the same arguments; build either command. Its options are ``run_options``
+    (RunConfig's fields) between the run file and the flags below, which are no field or spell one otherwise."""
 
     def command(
         run_file: Annotated[Path | None, typer.Argument(help="YAML run file with the same keys as the flags")] = None,
-        model: Annotated[str | None, typer.Option("--model", help="Base model directory")] = None,
-        data: Annotated[str | None, typer.Option("--data", help="Data file (JSONL, JSON, Parquet, CSV) or save_to_disk directory; docs/formats.md")] = None,
-        out: Annotated[str | None, typer.Option("--out", help="Run directory (adapter, checkpoints, report)")] = None,
-        method: Annotated[str | None, typer.Option("--method", help="sft (default) or dpo (preference pairs: "
-                                                   "prompt / chosen / rejected; docs/formats.md)")] = None,
-        beta: Annotated[float | None, typer.Option("--beta", help="DPO: weight of the KL term [0.1]")] = None,
-        targets: Annotated[str | None, typer.Option("--targets", help="LoRA target spec (see `plan`)")] = None,
-        rank: Annotated[int | None, typer.Option("--rank", help="LoRA rank [16]")] = None,
-        alpha: Annotated[int | None, typer.Option("--alpha", help="LoRA alpha [2 x rank]")] = None,
-        lora_dropout: Annotated[float | None, typer.Option("--lora-dropout", help="LoRA dropout [0]")] = None,
-        max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after N optimizer steps")] = None,
-        epochs: Annotated[float | None, typer.Option("--epochs", help="Epochs when --max-steps is not set [1]")] = None,
-        lr: Annotated[float | None, typer.Option("--lr", help="Learning rate [2e-4]")] = None,
-        batch_size: Annotated[int | None, typer.Option("--batch-size", help="Micro-batch size [1]")] = None,
-        grad_accum: Annotated[int | None, typer.Option("--grad-accum", help="Gradient accumulation steps [1]")] = None,
-        max_seq_len: Annotated[int | None, typer.Option("--max-seq-len", help="Truncate examples to N tokens")] = None,
-        save_steps: Annotated[int | None, typer.Option("--save-steps", help="Checkpoint every N steps [50]")] = None,
-        seed: Annotated[int | None, typer.Option("--seed", help="Seed for weights init, data order, dropout")] = None,
-        train_on: Annotated[str | None, typer.Option("--train-on", help="assistant (default) or all")] = None,
-        packing: Annotated[bool | None, typer.Option("--packing/--no-packing", help="Padding-free packing")] = None,
-        skip_invalid: Annotated[bool | None, typer.Option("--skip-invalid", help="Drop bad rows, report them")] = None,
-        template_revision: Annotated[str | None, typer.Option("--template-revision",
-                                                              help="Chat template revision (v1..v5)")] = None,
-        quantize: Annotated[Quantize | None, typer.Option("--quantize", help="QLoRA: 4-bit base weights (CUDA + "
-                                                          "bitsandbytes)")] = None,
-        eval_data: Annotated[str | None, typer.Option("--eval-data", help="Held-out JSONL/dataset for eval loss")
-                             ] = None,
-        eval_split: Annotated[float | None, typer.Option("--eval-split", help="Hold out this share of --data's "
-                                                         "conversations (seeded)")] = None,
-        eval_steps: Annotated[int | None, typer.Option("--eval-steps", help="Evaluate every N steps [a quarter "
-                                                       "of the run]")] = None,
-        samples: Annotated[int | None, typer.Option("--samples", help="Held-out prompts answered by base and "
-                                                    "tuned model in the report [4]")] = None,
-        sample_max_tokens: Annotated[int | None, typer.Option("--sample-max-tokens", help="Tokens per sample "
-                                                              "answer [32]")] = None,
-        distributed: Annotated[Strategy | None, typer.Option("--distributed", help="Train on several processes "
-                                                             "(torchrun): ddp, fsdp2, zero2 or zero3")] = None,
-        nproc: Annotated[int | None, typer.Option("--nproc", help="Processes per node [GPUs on the node, else 1]")
-                         ] = None,
-        nnodes: Annotated[int | None, typer.Option("--nnodes", help="Nodes in the job [1]")] = None,
-        node_rank: Annotated[int | None, typer.Option("--node-rank", help="This node's rank [0]")] = None,
-        master_addr: Annotated[str | None, typer.Option("--master-addr", help="Address of node 0 (several "
-                                                        "nodes)")] = None,
-        master_port: Annotated[int | None, typer.Option("--master-port", help="Port on node 0 [29500]")] = None,
+        *,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="--distributed: write the launch files and "
                                               "print the command, start nothing")] = False,
-        resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint")] = False,
+        resume: Annotated[bool, typer.Option("--resume", help=_field_help("resume"))] = False,
         no_preflight: Annotated[bool, typer.Option("--no-preflight", help="Skip preflight (reported as G4T510)")
                                 ] = False,
         json_out: Annotated[bool, typer.Option("--json", help="preflight: machine-readable output")] = False,
         explain_config: Annotated[bool, typer.Option("--explain-config", help="Show what each key of the run file "
                                                      "(ours or Axolotl's) became, then stop")] = False,
+        **options: Any,
     ) -> None:
         from gemma4_tune.api import run_preflight, run_training
         from gemma4_tune.config.options import ImportedConfig, build_config, read_run_file
 
-        flags = {k: v for k, v in dict(model=model, data=data, out=out, method=method, beta=beta, targets=targets,
-                                       rank=rank, alpha=alpha,
-                                       lora_dropout=lora_dropout, max_steps=max_steps, epochs=epochs, lr=lr,
-                                       batch_size=batch_size, grad_accum=grad_accum, max_seq_len=max_seq_len,
-                                       save_steps=save_steps, seed=seed, train_on=train_on, packing=packing,
-                                       skip_invalid=skip_invalid, template_revision=template_revision,
-                                       quantize=quantize.value if quantize else None, eval_data=eval_data,
-                                       eval_split=eval_split, eval_steps=eval_steps, samples=samples,
-                                       sample_max_tokens=sample_max_tokens,
-                                       distributed=distributed.value if distributed else None, nproc=nproc,
-                                       nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
-                                       master_port=master_port).items()
-                 if v is not None}
+        flags = {name: value.value if isinstance(value, enum.Enum) else value for name, value in options.items()
+                 if value is not None}
         if resume:
             flags["resume"] = True
         if no_preflight:
@@ -285,9 +270,6 @@ def _train_command(preflight_only: bool):  # noqa: ANN202 - returns a Typer comm
                 check_writable(cfg.out, "--out")  # before the launcher or the model (G4T021)
             if cfg.distributed and not preflight_only and not under_launcher():
                 raise typer.Exit(launch(cfg, dry_run=dry_run, log=typer.echo))
-            if preflight_only and cfg.method == "dpo":
-                raise typer.BadParameter("`train --method dpo` runs the DPO preflight before training; "
-                                         "`preflight` checks SFT runs")
             if preflight_only:
                 result = run_preflight(cfg)
             else:
@@ -308,6 +290,11 @@ def _train_command(preflight_only: bool):  # noqa: ANN202 - returns a Typer comm
         if has_errors(result.findings):
             raise typer.Exit(1)
 
+    own = signature(command, eval_str=True).parameters
+    params = [own["run_file"], *run_options(config),
+              *(param for name, param in own.items() if name != "run_file" and param.kind is not Parameter.VAR_KEYWORD)]
+    command.__signature__ = Signature(params, return_annotation=None)  # what Typer reads
+    command.__annotations__ = {param.name: param.annotation for param in params}
     return command
 
 
@@ -623,7 +610,8 @@ def main() -> None:
     """Console-script entry point."""
     _quiet_libraries()
     try:
-        app()
+        with json_only_stdout() if "--json" in sys.argv[1:] else contextlib.nullcontext():
+            app()
     except Exception as exc:
         if _state["debug"]:
             raise

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.table import Table
@@ -17,9 +19,27 @@ err_console = Console(stderr=True, highlight=False)
 _STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
 
 
+_JSON_STREAM: list[TextIO] = []  # where print_json writes while json_only_stdout holds stdout
+
+
 def print_json(data: Any) -> None:
     """Machine output: plain, strict JSON on stdout (NaN as null), nothing else."""
-    sys.stdout.write(json_text(data) + "\n")
+    (_JSON_STREAM[-1] if _JSON_STREAM else sys.stdout).write(json_text(data) + "\n")
+
+
+@contextlib.contextmanager
+def json_only_stdout() -> Iterator[None]:
+    """Keep stdout for :func:`print_json` alone: everything else printed meanwhile goes to stderr.
+
+    Libraries log to stdout (DeepSpeed's logger, imported with TRL, writes its accelerator warning there),
+    which would make ``--json`` output unreadable; loggers created inside this context bind to stderr.
+    """
+    _JSON_STREAM.append(sys.stdout)
+    sys.stdout = sys.stderr
+    try:
+        yield
+    finally:
+        sys.stdout = _JSON_STREAM.pop()
 
 
 def render_findings(findings: list[Finding], *, stderr: bool = False) -> None:
@@ -155,6 +175,10 @@ def render_preflight(result: Any) -> None:
                   f"{result.supervised_in_batch} supervised of {result.tokens_in_batch} tokens")
     for tower, grad in result.lora_grad.items():
         console.print(f"  LoRA gradient reaching {tower:6s} |sum| = {grad:.3e}")
+    if result.reference:
+        console.print(f"  reference: step-0 log-ratio policy vs reference {result.reference['max_abs_log_ratio_step0']:.1e}; "
+                      f"reference = base with the adapter disabled: "
+                      f"{'yes' if result.reference['reference_equals_base'] else 'NO'}")
     if result.sample:
         console.print("Masked sample (supervised tokens in ⟦ ⟧):", style="bold")
         console.print(result.sample, markup=False, highlight=False)

@@ -1,4 +1,4 @@
-"""RunConfig: every training knob, from CLI flags or a YAML file that maps 1:1 to them.
+"""RunConfig: every training knob, declared once; the CLI flags and the YAML keys are made from it.
 
 Unknown keys of our own YAML are refused (with a did-you-mean only when one key is close). A file written
 for Axolotl (one with ``base_model``, which Axolotl requires) is read by ``axolotl.translate`` with Axolotl's
@@ -25,6 +25,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
 from gemma4_tune.data.formats import FORMATS, ChatOptions
 from gemma4_tune.data.records import DataSource
@@ -64,6 +65,28 @@ _ALLOWED = {
 }
 
 
+CLI_KEY = "cli"
+"""The key of a RunConfig field's ``json_schema_extra`` that says how ``train``/``preflight`` offer it."""
+YAML_ONLY: dict[str, Any] = {CLI_KEY: "yaml-only"}
+"""A run-file key (and ``RunConfig`` keyword) with no flag."""
+OWN_FLAG: dict[str, Any] = {CLI_KEY: "own"}
+"""A field whose flag ``cli.py`` declares itself (``--resume``, ``--no-preflight``)."""
+
+
+def cli(flag: str | None = None, *, choices: bool = False) -> dict[str, Any]:
+    """``json_schema_extra`` of a field whose flag is not the plain ``--field-name`` with the field's type:
+    ``flag`` spells it (``--packing/--no-packing``); ``choices`` offers a Literal's values (``<ddp|fsdp2>``), so the
+    command line refuses the others (other Literals are plain strings there, checked by RunConfig)."""
+    return {CLI_KEY: {"flag": flag, "choices": choices}}
+
+
+def cli_spec(info: FieldInfo) -> dict[str, Any] | str:
+    """How a field is offered on the command line: ``"yaml-only"``, ``"own"`` or ``{"flag": ..., "choices": ...}``
+    (``flag`` None: ``--field-name``)."""
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    return extra.get(CLI_KEY) or {"flag": None, "choices": False}
+
+
 class DatasetSpec(BaseModel):
     """One dataset of a run: where it is, which split, and how its rows are read (docs/formats.md)."""
 
@@ -96,60 +119,82 @@ class DatasetSpec(BaseModel):
 
 
 class RunConfig(BaseModel):
-    """One training run. Field names are the CLI flags (``--max-steps`` -> ``max_steps``)."""
+    """One training run: every option declared once, here.
+
+    A field is a key of the YAML run file, a keyword of ``RunConfig(...)`` and a flag of ``train`` and
+    ``preflight`` (``max_steps`` -> ``--max-steps``), whose help is the field's ``description``; ``cli.py`` builds
+    the flags from these fields. ``json_schema_extra=cli(...)`` spells a flag otherwise, ``YAML_ONLY`` marks a
+    run-file key with no flag, ``OWN_FLAG`` one whose flag ``cli.py`` declares itself.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str
-    data: list[DatasetSpec]
-    out: str | None = None
-    method: Literal["sft", "dpo"] = "sft"
-    beta: Number = Field(0.1, gt=0)
-    targets: str = "text"
-    rank: Whole = Field(16, ge=1)
-    alpha: Whole | None = Field(None, ge=1)
-    lora_dropout: Number = Field(0.0, ge=0.0, lt=1.0)
-    max_steps: Whole = Field(-1, ge=-1)
-    epochs: Number = Field(1.0, gt=0)
-    lr: Number = Field(2e-4, gt=0, le=MAX_LR)
-    batch_size: Whole = Field(1, ge=1)
-    grad_accum: Whole = Field(1, ge=1)
-    max_seq_len: Whole = Field(2048, ge=16)
-    save_steps: Whole = Field(50, ge=1)
-    save_total_limit: Whole = Field(2, ge=1)
-    seed: Whole = Field(0, ge=0, le=MAX_SEED)
-    train_on: Literal["assistant", "all"] = "assistant"
-    packing: Flag = False
-    skip_invalid: Flag = False
-    gradient_checkpointing: Flag = True
-    warmup_steps: Whole = Field(0, ge=0)
-    warmup_ratio: Number = Field(0.0, ge=0.0, lt=1.0)
-    optimizer: str = "adamw_torch"
-    lr_scheduler: str = "linear"
-    weight_decay: Number = Field(0.0, ge=0.0)
-    max_grad_norm: Number = Field(1.0, ge=0.0)
-    adam_beta1: Number = Field(0.9, gt=0.0, lt=1.0)
-    adam_beta2: Number = Field(0.999, gt=0.0, lt=1.0)
-    adam_epsilon: Number = Field(1e-8, gt=0.0)
-    optim_args: str | None = None
-    evals_per_epoch: Whole | None = Field(None, ge=1)
-    saves_per_epoch: Whole | None = Field(None, ge=1)
-    logging_steps: Whole = Field(1, ge=1)
-    resume: Flag = False
-    preflight: Flag = True
-    template_revision: str | None = None
-    quantize: Literal["4bit"] | None = None
-    eval_data: str | None = None
-    eval_split: Number = Field(0.0, ge=0.0)
-    eval_steps: Whole | None = Field(None, ge=1)
-    samples: Whole = Field(4, ge=0)
-    sample_max_tokens: Whole = Field(32, ge=1)
-    distributed: Literal["ddp", "fsdp2", "zero2", "zero3"] | None = None
-    nproc: Whole | None = Field(None, ge=1)
-    nnodes: Whole = Field(1, ge=1)
-    node_rank: Whole = Field(0, ge=0)
-    master_addr: str = "127.0.0.1"
-    master_port: Whole = Field(29500, ge=1, le=65535)
+    model: str = Field(description="Base model directory")
+    data: list[DatasetSpec] = Field(description="Data file (JSONL, JSON, Parquet, CSV) or save_to_disk directory; "
+                                                "docs/formats.md")
+    out: str | None = Field(None, description="Run directory (adapter, checkpoints, report)")
+    method: Literal["sft", "dpo", "kto"] = Field("sft", description="sft (default), dpo or kto (preference pairs: "
+                                                                    "prompt / chosen / rejected; docs/formats.md)")
+    beta: Number = Field(0.1, gt=0, description="DPO and KTO: weight of the KL term [0.1]")
+    targets: str = Field("text", description="LoRA target spec (see `plan`)")
+    rank: Whole = Field(16, ge=1, description="LoRA rank [16]")
+    alpha: Whole | None = Field(None, ge=1, description="LoRA alpha [2 x rank]")
+    lora_dropout: Number = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout [0]")
+    max_steps: Whole = Field(-1, ge=-1, description="Stop after N optimizer steps")
+    epochs: Number = Field(1.0, gt=0, description="Epochs when --max-steps is not set [1]")
+    lr: Number = Field(2e-4, gt=0, le=MAX_LR, description="Learning rate [2e-4]")
+    batch_size: Whole = Field(1, ge=1, description="Micro-batch size [1]")
+    grad_accum: Whole = Field(1, ge=1, description="Gradient accumulation steps [1]")
+    max_seq_len: Whole = Field(2048, ge=16, description="Truncate examples to N tokens")
+    save_steps: Whole = Field(50, ge=1, description="Checkpoint every N steps [50]")
+    save_total_limit: Whole = Field(2, ge=1, description="Checkpoints kept, the oldest deleted first [2]",
+                                    json_schema_extra=YAML_ONLY)
+    seed: Whole = Field(0, ge=0, le=MAX_SEED, description="Seed for weights init, data order, dropout")
+    train_on: Literal["assistant", "all"] = Field("assistant", description="assistant (default) or all")
+    packing: Flag = Field(False, description="Padding-free packing", json_schema_extra=cli("--packing/--no-packing"))
+    skip_invalid: Flag = Field(False, description="Drop bad rows, report them")
+    gradient_checkpointing: Flag = Field(True, description="Recompute activations in the backward pass to save "
+                                                           "memory [true]", json_schema_extra=YAML_ONLY)
+    warmup_steps: Whole = Field(0, ge=0, description="Learning-rate warmup steps [0]", json_schema_extra=YAML_ONLY)
+    warmup_ratio: Number = Field(0.0, ge=0.0, lt=1.0, description="Warmup as a share of the run's steps [0]",
+                                 json_schema_extra=YAML_ONLY)
+    optimizer: str = Field("adamw_torch", description="transformers optimizer name [adamw_torch]",
+                           json_schema_extra=YAML_ONLY)
+    lr_scheduler: str = Field("linear", description="transformers learning-rate schedule [linear]",
+                              json_schema_extra=YAML_ONLY)
+    weight_decay: Number = Field(0.0, ge=0.0, description="Weight decay [0]", json_schema_extra=YAML_ONLY)
+    max_grad_norm: Number = Field(1.0, ge=0.0, description="Clip gradients to this norm [1]",
+                                  json_schema_extra=YAML_ONLY)
+    adam_beta1: Number = Field(0.9, gt=0.0, lt=1.0, description="Adam beta1 [0.9]", json_schema_extra=YAML_ONLY)
+    adam_beta2: Number = Field(0.999, gt=0.0, lt=1.0, description="Adam beta2 [0.999]", json_schema_extra=YAML_ONLY)
+    adam_epsilon: Number = Field(1e-8, gt=0.0, description="Adam epsilon [1e-8]", json_schema_extra=YAML_ONLY)
+    optim_args: str | None = Field(None, description="Extra optimizer arguments (transformers' optim_args string)",
+                                   json_schema_extra=YAML_ONLY)
+    evals_per_epoch: Whole | None = Field(None, ge=1, description="Evaluations per epoch (instead of eval_steps)",
+                                          json_schema_extra=YAML_ONLY)
+    saves_per_epoch: Whole | None = Field(None, ge=1, description="Checkpoints per epoch (instead of save_steps)",
+                                          json_schema_extra=YAML_ONLY)
+    logging_steps: Whole = Field(1, ge=1, description="Log the loss every N steps [1]", json_schema_extra=YAML_ONLY)
+    resume: Flag = Field(False, description="Continue from the last complete checkpoint",
+                         json_schema_extra=OWN_FLAG)  # --resume, listed with the other run-only flags
+    preflight: Flag = Field(True, description="Run preflight before training [true]; false is reported as G4T510",
+                            json_schema_extra=OWN_FLAG)  # --no-preflight
+    template_revision: str | None = Field(None, description="Chat template revision (v1..v5)")
+    quantize: Literal["4bit"] | None = Field(None, description="QLoRA: 4-bit base weights (CUDA + bitsandbytes)",
+                                             json_schema_extra=cli(choices=True))
+    eval_data: str | None = Field(None, description="Held-out JSONL/dataset for eval loss")
+    eval_split: Number = Field(0.0, ge=0.0, description="Hold out this share of --data's conversations (seeded)")
+    eval_steps: Whole | None = Field(None, ge=1, description="Evaluate every N steps [1/4 of the run]")
+    samples: Whole = Field(4, ge=0, description="Held-out prompts answered by base and tuned model in the report [4]")
+    sample_max_tokens: Whole = Field(32, ge=1, description="Tokens per sample answer [32]")
+    distributed: Literal["ddp", "fsdp2", "zero2", "zero3"] | None = Field(
+        None, description="Train on several processes (torchrun): ddp, fsdp2, zero2 or zero3",
+        json_schema_extra=cli(choices=True))
+    nproc: Whole | None = Field(None, ge=1, description="Processes per node [GPUs on the node, else 1]")
+    nnodes: Whole = Field(1, ge=1, description="Nodes in the job [1]")
+    node_rank: Whole = Field(0, ge=0, description="This node's rank [0]")
+    master_addr: str = Field("127.0.0.1", description="Address of node 0 (several nodes)")
+    master_port: Whole = Field(29500, ge=1, le=65535, description="Port on node 0 [29500]")
 
     @field_validator("targets", mode="before")
     @classmethod
@@ -192,16 +237,16 @@ class RunConfig(BaseModel):
             raise ValueError("give eval_steps or evals_per_epoch, not both")
         if self.node_rank >= self.nnodes:
             raise ValueError(f"--node-rank {self.node_rank} must be below --nnodes {self.nnodes}")
-        if "beta" in self.model_fields_set and self.method != "dpo":
-            raise ValueError("beta (DPO's KL weight) has no effect without method: dpo")
-        if self.method == "dpo" and (self.packing or self.distributed or self.train_on != "assistant"):
-            raise ValueError("method dpo trains the answers of preference pairs on one process: packing, "
+        if "beta" in self.model_fields_set and self.method == "sft":
+            raise ValueError("beta (DPO's and KTO's KL weight) has no effect without method: dpo or kto")
+        if self.method != "sft" and (self.packing or self.distributed or self.train_on != "assistant"):
+            raise ValueError(f"method {self.method} trains the answers of preference pairs on one process: packing, "
                              "--distributed and --train-on all are SFT settings")
         return self
 
     def dump(self) -> dict[str, Any]:
-        """Plain dict (for reports, manifests and launch files); ``beta`` only where it means something (DPO)."""
-        return self.model_dump(exclude=set() if self.method == "dpo" else {"beta"})
+        """Plain dict (for reports, manifests and launch files); ``beta`` only where it means something (DPO, KTO)."""
+        return self.model_dump(exclude=set() if self.method != "sft" else {"beta"})
 
     def sources(self) -> list[DataSource]:
         """The datasets to read, in order."""
