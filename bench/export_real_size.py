@@ -1,7 +1,7 @@
 """Export at real size: merge and GGUF conversion of an E2B-sized checkpoint, against `cp` and PEFT.
 
 Builds (seeded, in a work directory) a checkpoint of the real Gemma 4 E2B size and key set without
-downloading anything: the published E2B config (``catalog/variants/gemma-4-e2b.json``), the model
+downloading anything: the published E2B config (``model/variants/gemma-4-e2b.json``), the model
 built on the meta device for its key set, shapes and dtypes (clamp buffers included, the tied
 ``lm_head`` left out as the published files do), plus the k/v/k_norm keys of the KV-shared layers
 that official files carry (row 7). Tensors are written one at a time with random values, bf16, in
@@ -238,7 +238,6 @@ def compare(base: Path, adapter: Path, merged: Path, peft: Path | None) -> dict[
     """Copied tensors byte for byte; sampled merged tensors against the fp32 reference and PEFT's merge."""
     import random
 
-    import torch
     from safetensors import safe_open
 
     from gemma4_tune.export.manifest import read_checkpoint, resolve_adapter

@@ -56,7 +56,7 @@ from typing import Any
 import common
 
 VOCAB = 262_144
-# E2B's text values (catalog/variants/gemma-4-e2b.json), all but the depth.
+# E2B's text values (model/variants/gemma-4-e2b.json), all but the depth.
 E2B_TEXT = {"hidden_size": 1536, "intermediate_size": 6144, "num_attention_heads": 8, "num_key_value_heads": 1,
             "head_dim": 256, "global_head_dim": 512, "hidden_size_per_layer_input": 256, "sliding_window": 512,
             "max_position_embeddings": 131072}

@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from gemma4_tune.findings import FindingError
-from gemma4_tune.model.profile import ModelProfile
+from gemma4_tune.model.profile import ModelProfile, tower_of
 from gemma4_tune.plan.adapters import LoraSettings, prepare_model, save_adapter, trainable_by_group
-from gemma4_tune.plan.targets import tower_of
 from tests.stock.batch import fixed_batch
 
 PEFT_LOGITS = Path(__file__).parent / "stock" / "peft_logits.py"

@@ -59,7 +59,7 @@ def write_pairs(folder: Path, *, images: bool, n: int = 12, n_eval: int = 6) -> 
 
 def dpo_args(model: Path, data: tuple[Path, Path], targets: str = "text,vision") -> list:
     return ["--method", "dpo", "--model", model, "--data", data[0], "--eval-data", data[1], "--targets", targets,
-            "--max-steps", 6, "--lr", 5e-3, "--batch-size", 2, "--rank", 8, "--seed", 1]
+            "--max-steps", 6, "--lr", 5e-3, "--batch-size", 2, "--rank", 8, "--seed", 1, "--eval-steps", 3]
 
 
 @pytest.mark.slow
@@ -72,7 +72,7 @@ def test_dpo_raises_held_out_reward_accuracy_with_the_base_as_reference(tiny_mod
     report = json.loads((out / "report.json").read_text())
     first, last = report["dpo"]["evals"][0], report["dpo"]["evals"][-1]
     print(json.dumps({"variant": variant, "before": first, "after": last}))
-    assert (first["step"], last["step"]) == (0, 6)
+    assert [e["step"] for e in report["dpo"]["evals"]] == [0, 3, 6]  # before, every --eval-steps, at the end
     assert first["eval_reward_margin"] == 0.0  # the base is the reference: every reward is 0 at step 0
     assert last["eval_reward_accuracy"] > first["eval_reward_accuracy"] and last["eval_reward_margin"] > 0.1
     pf = report["dpo"]["preflight"]
@@ -97,7 +97,7 @@ def test_dpo_raises_held_out_reward_accuracy_with_the_base_as_reference(tiny_mod
 @pytest.fixture(scope="module")
 def b31_trainer(tiny_models, tmp_path_factory):
     """TRL's DPOTrainer on the tiny 31B with image pairs, as train --method dpo builds it; and a real batch."""
-    from gemma4_tune.train.dpo import build_trainer, load_pairs, probe_batch
+    from gemma4_tune.train.preference import build_trainer, load_pairs, probe_batch
 
     root = tmp_path_factory.mktemp("dpo-31b")
     train, held = write_pairs(root / "data", images=True)
@@ -117,7 +117,7 @@ def test_the_reference_is_the_base_with_the_adapter_disabled_and_one_that_keeps_
                                                                                             monkeypatch):
     from trl.trainer import dpo_trainer
 
-    from gemma4_tune.train.dpo import dpo_preflight
+    from gemma4_tune.train.preference import dpo_preflight
 
     built, batch = b31_trainer
     model, profile = built["model"], built["profile"]
@@ -135,17 +135,35 @@ def test_the_reference_is_the_base_with_the_adapter_disabled_and_one_that_keeps_
 
 @pytest.mark.slow
 def test_31b_image_pairs_without_mm_token_type_ids_are_g4t505(b31_trainer):
-    from gemma4_tune.train.dpo import dpo_preflight
+    from gemma4_tune.train.preference import preflight_pairs
 
     built, batch = b31_trainer
+    data = {"modalities": {"image": 4}}
+    result = preflight_pairs(built, batch, data)  # SFT's checks on the DPO batch, then DPO's own
+    assert result.findings == [] and result.reference["reference_equals_base"] and result.loss > 0
+    assert set(result.lora_grad) == {"text", "vision"} and all(g > 0 for g in result.lora_grad.values())
+    assert "⟦" in result.sample  # the answer is what is supervised
     dropped = {k: v for k, v in batch.items() if k != "mm_token_type_ids"}
-    findings, _ = dpo_preflight(built["model"], built["profile"], dropped)
-    assert "G4T505" in _codes(findings)
+    result = preflight_pairs(built, dropped, data)
+    assert _codes(result.findings) == ["G4T505"] and result.reference == {}
+
+
+@pytest.mark.slow
+def test_preflight_method_dpo_runs_the_sft_and_dpo_checks_and_writes_nothing(tiny_models, tmp_path):
+    data = write_pairs(tmp_path / "data", images=True)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    proc = cli("preflight", *dpo_args(tiny_models["e2b"], data), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["reference"]["reference_equals_base"] and result["reference"]["max_abs_log_ratio_step0"] == 0.0
+    assert {"text", "vision"} <= set(result["lora_grad"]) and result["supervised_in_batch"] > 0
+    assert [f["code"] for f in result["findings"] if f["severity"] == "error"] == []
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
 @pytest.mark.slow
 def test_a_policy_that_does_not_start_at_the_reference_is_g4t513(b31_trainer):
-    from gemma4_tune.train.dpo import dpo_preflight
+    from gemma4_tune.train.preference import dpo_preflight
 
     built, batch = b31_trainer
     model = built["model"]
@@ -165,7 +183,7 @@ def test_a_policy_that_does_not_start_at_the_reference_is_g4t513(b31_trainer):
 @pytest.mark.slow
 def test_bad_pairs_stop_before_the_model_loads_and_audio_pairs_are_g4t514(tmp_path):
     from gemma4_tune.data.demo_data import write_demo_dataset
-    from gemma4_tune.train.dpo import load_pairs
+    from gemma4_tune.train.preference import load_pairs
 
     same = tmp_path / "same.jsonl"
     same.write_text(json.dumps({"prompt": "Hi?", "chosen": "Hello.", "rejected": "Hello."}) + "\n")
@@ -256,6 +274,11 @@ def test_dpo_sigkill_then_resume_ends_with_the_uninterrupted_adapter(tiny_models
     assert proc.returncode == 0, proc.stderr[-3000:]
     killed = tmp_path / "killed"
     kill_at_checkpoint(args, killed, "checkpoint-2")
+    other = list(args)
+    other[other.index("--lr") + 1] = 1e-3
+    proc = cli("train", *other, "--beta", 0.5, "--out", killed, "--resume", env=SAME_THREADS)
+    assert proc.returncode != 0 and "G4T414" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    assert "beta: 0.1 -> 0.5" in proc.stdout + proc.stderr and "lr: 0.005 -> 0.001" in proc.stdout + proc.stderr
     proc = cli("train", *args, "--out", killed, "--resume", env=SAME_THREADS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((killed / "report.json").read_text())
@@ -267,4 +290,51 @@ def test_dpo_sigkill_then_resume_ends_with_the_uninterrupted_adapter(tiny_models
         assert torch.allclose(expected[key], got[key], atol=1e-6), key
     rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 7))
-    assert [r["step"] for r in rows if "eval_reward_accuracy" in r] == [0, 6]
+    assert [r["step"] for r in rows if "eval_reward_accuracy" in r] == [0, 3, 6]
+    assert json.loads((killed / "run-start.json").read_text())["recipe"]["beta"] == 0.1
+
+
+def test_held_out_pairs_repeating_training_pairs_are_g4t407_and_the_split_keeps_twins_together(tmp_path) -> None:
+    from gemma4_tune.train.preference import load_pairs
+
+    train, held = write_pairs(tmp_path / "data", images=False, n=6, n_eval=2)
+    twice = tmp_path / "twice.jsonl"  # every pair twice: a split must keep both copies on one side
+    twice.write_text(train.read_text() * 2)
+    leaky = tmp_path / "leaky.jsonl"
+    leaky.write_text(held.read_text() + train.read_text().splitlines(keepends=True)[0])
+    _, eval_pairs, _, findings = load_pairs(RunConfig(model="m", data=str(train), eval_data=str(leaky), method="dpo"))
+    assert len(eval_pairs) == 3 and [f.code for f in findings] == ["G4T407"]
+    assert "1 of 3 held-out preference pairs" in findings[0].message
+    _, _, _, findings = load_pairs(RunConfig(model="m", data=str(train), eval_data=str(held), method="dpo"))
+    assert findings == []
+    kept, eval_pairs, data, _ = load_pairs(RunConfig(model="m", data=str(twice), eval_split=0.34, method="dpo"))
+    assert (len(kept), len(eval_pairs)) == (8, 4) and data["eval_pairs"] == 4
+    held_prompts = {json.dumps(p.prompt) for p in eval_pairs}
+    assert not held_prompts & {json.dumps(p.prompt) for p in kept}
+
+
+@pytest.mark.slow
+def test_trl_renders_pairs_token_for_token_as_our_batcher_and_supervises_the_same_answer(tiny_models, tmp_path):
+    """prompt + chosen and prompt + rejected, text and image pairs, through TRL's collator: the same tokens as
+    Gemma4Batcher.encode of the same conversation, the same supervised positions (SFT's: the answer up to its
+    end-of-turn token; TRL alone would also train the template's newline after it), the same pixels."""
+    from gemma4_tune.data.collate import Gemma4Batcher
+    from gemma4_tune.train.preference import build_trainer, load_pairs, probe_batch
+
+    train, held = write_pairs(tmp_path / "data", images=True, n=4, n_eval=2)
+    cfg = RunConfig(model=str(tiny_models["e2b"]), data=str(train), eval_data=str(held), out=str(tmp_path / "run"),
+                    method="dpo", rank=8)
+    pairs, eval_pairs, _, _ = load_pairs(cfg)
+    built = build_trainer(cfg, pairs, eval_pairs, tmp_path / "staging")
+    batch = probe_batch(built["trainer"])  # the first pair with an image, then the first without
+    batcher = Gemma4Batcher(built["processor"], revision=cfg.template_revision, max_seq_len=cfg.max_seq_len)
+    picked = [pairs[0], pairs[1]]
+    assert picked[0].images and not picked[1].images
+    rows = [(p, side) for side in ("chosen", "rejected") for p in picked]
+    for i, (pair, side) in enumerate(rows):
+        ours = batcher.encode(pair.chosen_conversation() if side == "chosen" else pair.rejected_conversation())
+        keep = batch["attention_mask"][i].bool()
+        assert batch["input_ids"][i][keep].tolist() == list(ours["input_ids"]), (i, side)
+        assert batch["completion_mask"][i][keep].tolist() == [int(x != -100) for x in ours["labels"]], (i, side)
+        if pair.images:
+            assert torch.equal(batch["pixel_values"][0], torch.as_tensor(ours["pixel_values"])[0])

@@ -32,3 +32,13 @@ def test_an_upward_import_breaks_the_contract(tmp_path: Path) -> None:
     result = _lint(src)
     assert result.returncode != 0
     assert "gemma4_tune.model.profile -> gemma4_tune.api" in result.stdout
+
+
+def test_the_readme_names_the_contract_layers() -> None:
+    import re
+    import tomllib
+
+    contract = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"][0]
+    layers = [layer.replace("gemma4_tune.", "") for layer in contract["layers"]]
+    line = re.search(r"Layers, top to bottom: (.+?)\.\n", (ROOT / "README.md").read_text(), re.S).group(1)
+    assert [part.strip().strip("`") for part in line.replace("\n", " ").split(">")] == layers

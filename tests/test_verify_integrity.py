@@ -124,7 +124,7 @@ def test_an_adapter_without_manifest_is_said_so_and_still_checked_by_names_and_s
 def test_a_stock_peft_all_linear_adapter_gets_one_verdict_from_export_verify_and_serve(tiny_models, tmp_path):
     """Issue 16, item 5 (row 3): PEFT's all-linear reaches the towers and the multimodal embedders. Export says
     vLLM can serve the text part; verify and serve --text-only serve exactly that part (one rule,
-    plan.targets.part_of) and both pass, where verify used to die on the embedder keys with a raw G4T905."""
+    model.profile.part_of) and both pass, where verify used to die on the embedder keys with a raw G4T905."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Gemma4ForConditionalGeneration
@@ -158,7 +158,8 @@ def test_vllm_half_precision_parity_is_shown_not_judged_but_a_dead_adapter_still
     is still an error."""
     import torch
 
-    from gemma4_tune.verify.vllm import RefSequence, compare
+    from gemma4_tune.verify.reference import RefSequence
+    from gemma4_tune.verify.vllm import compare
 
     def ref(value: float) -> RefSequence:
         rows = torch.full((1, 4), -1.5, dtype=torch.float64)

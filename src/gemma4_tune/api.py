@@ -63,7 +63,7 @@ def run_training(cfg: RunConfig) -> TrainResult:
         result = train(cfg)
     if not is_main_process():
         return result
-    if cfg.method == "dpo":
+    if cfg.method in ("dpo", "kto"):
         return _dpo_report(cfg, result)
     parity = tensors = None
     if result.adapter is not None and result.trained_state:
@@ -108,17 +108,19 @@ def run_training(cfg: RunConfig) -> TrainResult:
 
 
 def _dpo_report(cfg: RunConfig, result: TrainResult) -> TrainResult:
-    """A DPO run's report: rewards before and after, its preflight, the curves; errors raised after writing it."""
+    """A DPO (or KTO) run's report: rewards before and after, its preflight, the curves (``report[method]``,
+    ``<method>.png``); errors raised after writing it."""
     from gemma4_tune.report.run_report import write_report
-    from gemma4_tune.train.dpo import dpo_plot, dpo_summary
+    from gemma4_tune.train.preference import dpo_plot, dpo_summary
     from gemma4_tune.train.recipe import library_versions
 
     with output_errors(result.out, "the run's report"):
-        plot = dpo_plot(result.metrics, result.out / "dpo.png")
-        result.report = {"summary": dpo_summary(result), "config": cfg.dump(), "data": result.data,
+        plot = dpo_plot(result.metrics, result.out / f"{cfg.method}.png")
+        result.report = {"summary": dpo_summary(result, cfg.method), "config": cfg.dump(), "data": result.data,
                          "plan": {"spec": result.plan.spec, "trainable": result.plan.trainable_by_group(),
                                   "skipped": len(result.plan.skipped)},
-                         "dpo": {**result.dpo, "plot": plot.name if plot else None},
+                         "preflight": result.preflight.to_dict() if result.preflight else None,
+                         cfg.method: {**result.dpo, "plot": plot.name if plot else None},
                          "samples": [s.to_dict() for s in result.samples], "metrics": result.metrics,
                          "timings": {"run seconds": result.seconds}, "versions": library_versions()}
         write_report(result.out, result.report, result.findings)
@@ -129,6 +131,10 @@ def _dpo_report(cfg: RunConfig, result: TrainResult) -> TrainResult:
 
 def run_preflight(cfg: RunConfig) -> PreflightResult:
     """Preflight only: data, model, LoRA, one real batch forward and backward; nothing is written."""
+    if cfg.method in ("dpo", "kto"):
+        from gemma4_tune.train.preference import preflight_only
+
+        return preflight_only(cfg)
     from gemma4_tune.train.recipe import preflight_run, prepare_run
 
     return preflight_run(cfg, prepare_run(cfg))

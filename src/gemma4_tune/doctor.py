@@ -132,7 +132,7 @@ def estimate_training_memory(model: str, *, targets: str = "text", rank: int = 1
     fp32 with fp32 gradients and two fp32 Adam moments; activations: with checkpointing one
     bf16 hidden state per layer plus one layer's working set, without it ~34 x hidden per
     token and layer (the usual transformer rule of thumb); logits in fp32 for one chunk of
-    supervised positions (``loss.CHUNK_BYTES``: training projects no other position), twice
+    supervised positions (``model.loss.CHUNK_BYTES``: training projects no other position), twice
     (values and gradient).
     """
     from gemma4_tune.model.loss import CHUNK_BYTES

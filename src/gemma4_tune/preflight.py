@@ -18,8 +18,8 @@ import torch
 
 from gemma4_tune.findings import Finding, Severity, finding, has_errors, register
 from gemma4_tune.model.loss import IGNORE_INDEX
-from gemma4_tune.model.profile import ModelProfile
-from gemma4_tune.plan.targets import EMBED_GROUPS, GROUP_MODALITY, TargetPlan, tower_of
+from gemma4_tune.model.profile import ModelProfile, tower_of
+from gemma4_tune.plan.targets import EMBED_GROUPS, GROUP_MODALITY, TargetPlan
 
 LOSS_NOT_FINITE = register("G4T501", Severity.ERROR, "Loss is not finite on a real batch", (19,))
 TOWER_NO_GRADIENT = register("G4T502", Severity.ERROR, "A planned tower's LoRA gets no gradient", (21,))
@@ -80,12 +80,14 @@ class PreflightResult:
     lora_grad: dict[str, float]
     seconds: float
     sample: str = ""
+    reference: dict[str, Any] = field(default_factory=dict)  # DPO/KTO: the reference checks (train.preference.dpo_preflight)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {"findings": [f.to_dict() for f in self.findings], "loss": self.loss,
                 "supervised_in_batch": self.supervised_in_batch, "tokens_in_batch": self.tokens_in_batch,
-                "lora_grad": self.lora_grad, "seconds": self.seconds, "sample": self.sample}
+                "lora_grad": self.lora_grad, "seconds": self.seconds, "sample": self.sample,
+                **({"reference": self.reference} if self.reference else {})}
 
 
 def _forward_backward(ctx: PreflightContext) -> None:

@@ -2,7 +2,7 @@
 
 Reads the adapter as it is on disk (its config and tensor names, mapped onto the base
 checkpoint by ``manifest.checked_adapter``), so it judges what the engine will load, not
-what the training plan meant. The rules are the data in ``engines.py``.
+what the training plan meant. The rules are the data in ``plan/deployment.py``.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from typing import Any
 
 from gemma4_tune.export.manifest import checked_adapter
 from gemma4_tune.findings import Finding, FindingError, Severity, finding, register
-from gemma4_tune.model.profile import ModelProfile
+from gemma4_tune.model.profile import ModelProfile, part_of
 from gemma4_tune.plan.deployment import ENGINES, deployment_findings
-from gemma4_tune.plan.targets import part_of
 
 KV_SHARED_LORA_IGNORED = register("G4T208", Severity.WARNING, "LoRA on k/v of KV-shared layers is ignored", (8,))
 UNKNOWN_ENGINE = register("G4T209", Severity.ERROR, "Unknown target engine")

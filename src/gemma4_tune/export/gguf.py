@@ -58,8 +58,8 @@ from gemma4_tune.export.manifest import read_checkpoint
 from gemma4_tune.export.merge import MODELFILE
 from gemma4_tune.findings import MODEL_NOT_FOUND, Finding, FindingError, Severity, finding, register
 from gemma4_tune.io import NO_SPACE, atomic_directory, check_free_space, json_text, output_errors, write_text_atomic
+from gemma4_tune.model.profile import part_of
 from gemma4_tune.plan.deployment import LLAMACPP_EXPERTS
-from gemma4_tune.plan.targets import part_of
 
 DAMAGED_CHECKPOINT = register("G4T912", Severity.ERROR, "Checkpoint lost its clipped tower linears (unwrapped)", (2,))
 TENSOR_COUNT_MISMATCH = register("G4T913", Severity.ERROR, "GGUF holds a different number of tensors", (2, 22))

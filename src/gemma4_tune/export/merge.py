@@ -25,9 +25,9 @@ import resource
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 import torch

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from gemma4_tune.io import atomic_directory
-from gemma4_tune.plan.targets import part_of
+from gemma4_tune.model.profile import part_of
 
 _K_LORA = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.([kv])_proj\.lora_[AB]\.")
 

@@ -118,7 +118,7 @@ class SupervisedLoss:
     """The Trainer's ``compute_loss_func``: cross-entropy at supervised positions only (see the module doc).
 
     ``capture(model)`` wraps the Trainer's forward, which must have been asked for no logits
-    (``logits_to_keep=no_logits(labels)``): :class:`gemma4_tune.train.recipe.SupervisedLogitsTrainer` does both.
+    (``logits_to_keep=no_logits(labels)``): :class:`gemma4_tune.train.trainer.SupervisedLogitsTrainer` does both.
     The sum is divided by ``num_items_in_batch`` (the supervised tokens of all micro-batches of one
     optimizer step) so every token weighs the same under gradient accumulation, which Gemma 4's own
     loss does not do (``accepts_loss_kwargs = False``, row 26).

@@ -20,7 +20,7 @@ every forward the class's own masks through its public input (``attention_mask``
 no library code is replaced. tests/test_12b.py fails once a release makes the two agree.
 
 The only other patch is to files, not to code in this process: llama.cpp's prebuilt libraries are
-rebound to glibc < 2.38 at install time (``verify/glibc_compat.py``, beside the engine install it
+rebound to glibc < 2.38 at install time (``engines/glibc_compat.py``, beside the engine install it
 serves; tested the same way).
 """
 

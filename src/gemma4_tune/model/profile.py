@@ -325,6 +325,30 @@ def meta_module(config: Any) -> Any:
         return FAMILIES[config.model_type].transformers_class()(config)
 
 
+#: Where each group's modules are, as dotted path segments: transformers' module names and, for the 12B's
+#: vision embedder, the name its checkpoint stores (``vision_embedder``, renamed on load).
+PART_MARKS = {"vision": (".vision_tower.",), "audio": (".audio_tower.",),
+              "vision-embed": (".embed_vision.", ".vision_embedder."), "audio-embed": (".embed_audio.",)}
+
+
+def tower_of(path: str) -> str:
+    """The group a module path, parameter, checkpoint or adapter key belongs to: ``text``, a tower or an embedder.
+
+    The one rule for "which part of the model is this": with or without PEFT's ``base_model.model.`` and
+    the ``model.`` prefix, and under the names a checkpoint stores (the 12B's ``vision_embedder``).
+    """
+    dotted = f".{path}."
+    return next((group for group, marks in PART_MARKS.items() if any(m in dotted for m in marks)), "text")
+
+
+def part_of(key: str) -> str:
+    """``text``, ``vision`` or ``audio``: :func:`tower_of` with each embedder counted in its tower's part.
+
+    What export, verify and serve use to split an adapter into what vLLM's text LoRA serves and the rest.
+    """
+    return tower_of(key).removesuffix("-embed")
+
+
 def count_parameters_by_part(config: Any) -> dict[str, int]:
     """Parameter counts per part of the model, from the real classes on the meta device."""
     model = meta_module(config)

@@ -19,9 +19,9 @@ from torch import nn
 
 from gemma4_tune.findings import Finding, FindingError, Severity, finding, register
 from gemma4_tune.io import atomic_directory
-from gemma4_tune.model.profile import ModelProfile
+from gemma4_tune.model.profile import ModelProfile, tower_of
 from gemma4_tune.plan.deployment import deployment_findings
-from gemma4_tune.plan.targets import TargetPlan, plan_targets, tower_of
+from gemma4_tune.plan.targets import TargetPlan, plan_targets
 
 TARGET_NOT_WRAPPED = register("G4T110", Severity.ERROR, "A planned target carries no LoRA", (1, 3, 16))
 WRAPPER_REPLACED = register("G4T111", Severity.ERROR, "A clipped tower linear was replaced or unwrapped", (2,))

@@ -26,7 +26,7 @@ from gemma4_tune.findings import (
     finding,
     register,
 )
-from gemma4_tune.model.profile import ModelProfile
+from gemma4_tune.model.profile import ModelProfile, tower_of
 
 BAD_TARGET_SPEC = register("G4T101", Severity.ERROR, "Target spec matches nothing that can carry LoRA", (1, 3))
 TOWER_NOT_IN_MODEL = register("G4T102", Severity.ERROR, "Target group names a tower this model lacks")
@@ -39,10 +39,6 @@ GROUPS = ("text", "text-attention", "text-mlp", "text-experts", "vision", "audio
           "all")
 TOWER_GROUPS = {"vision": "model.vision_tower", "audio": "model.audio_tower"}
 EMBED_GROUPS = {"vision-embed": "model.embed_vision", "audio-embed": "model.embed_audio"}
-#: Where each group's modules are, as dotted path segments: transformers' module names and, for the 12B's
-#: vision embedder, the name its checkpoint stores (``vision_embedder``, renamed on load).
-PART_MARKS = {"vision": (".vision_tower.",), "audio": (".audio_tower.",),
-              "vision-embed": (".embed_vision.", ".vision_embedder."), "audio-embed": (".embed_audio.",)}
 #: The data modality a group's LoRA learns from: a batch without it gives the group no gradient.
 GROUP_MODALITY = {"vision": "image", "vision-embed": "image", "audio": "audio", "audio-embed": "audio"}
 PATTERN_PREFIX = "re:"
@@ -122,24 +118,6 @@ class TargetPlan:
             "skipped": [asdict(s) for s in self.skipped],
             "findings": [f.to_dict() for f in self.findings],
         }
-
-
-def tower_of(path: str) -> str:
-    """The group a module path, parameter, checkpoint or adapter key belongs to: ``text``, a tower or an embedder.
-
-    The one rule for "which part of the model is this": with or without PEFT's ``base_model.model.`` and
-    the ``model.`` prefix, and under the names a checkpoint stores (the 12B's ``vision_embedder``).
-    """
-    dotted = f".{path}."
-    return next((group for group, marks in PART_MARKS.items() if any(m in dotted for m in marks)), "text")
-
-
-def part_of(key: str) -> str:
-    """``text``, ``vision`` or ``audio``: :func:`tower_of` with each embedder counted in its tower's part.
-
-    What export, verify and serve use to split an adapter into what vLLM's text LoRA serves and the rest.
-    """
-    return tower_of(key).removesuffix("-embed")
 
 
 def parse_spec(spec: str) -> list[str]:

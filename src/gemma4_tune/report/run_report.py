@@ -119,29 +119,8 @@ def build_sections(sections: dict[str, Any], findings: list[Finding], plot: Path
                   rows=[[m["step"], _num(m["eval_loss"], ".4f"), f"{m['eval_accuracy']:.1%}", m.get("tokens")]
                         for m in evals]),
         ]))
-    dpo = sections.get("dpo") or {}
-    if dpo.get("evals") or dpo.get("preflight"):
-        blocks = []
-        evals = dpo.get("evals") or []
-        if len(evals) >= 2:
-            first, last = evals[0], evals[-1]
-            blocks.append(Block("table", header=["held-out pairs", f"step {first['step']} (base)",
-                                                 f"step {last['step']} (tuned)"],
-                                rows=[["reward accuracy (a tie counts as wrong)",
-                                       f"{first['eval_reward_accuracy']:.1%}", f"{last['eval_reward_accuracy']:.1%}"],
-                                      ["reward margin", _num(first["eval_reward_margin"], ".4f"),
-                                       _num(last["eval_reward_margin"], ".4f")],
-                                      ["DPO loss", _num(first["eval_dpo_loss"], ".4f"),
-                                       _num(last["eval_dpo_loss"], ".4f")]]))
-        pf = dpo.get("preflight") or {}
-        if pf:
-            blocks.append(Block("kv", [["step-0 log-ratio, policy vs reference", f"{pf['max_abs_log_ratio_step0']:.1e}"],
-                                       ["reference = base (adapter disabled), lora_B noised",
-                                        f"{pf['reference_equals_base']} (off by {pf['reference_minus_base']:.1e}; "
-                                        f"policy moved {pf['policy_minus_base']:.2e})"]]))
-        if dpo.get("plot"):
-            blocks.append(Block("image", text=dpo["plot"]))
-        out.append(("Preference tuning (DPO)", blocks))
+    for method in ("dpo", "kto"):
+        out += _preference_section(method, sections.get(method) or {})
     if plot:
         out.append(("Curves", [Block("image", text=plot.name)]))
     samples = sections.get("samples") or []
@@ -309,3 +288,42 @@ def write_report(out: Path, sections: dict[str, Any], findings: list[Finding]) -
     if plot:
         paths["plot"] = plot
     return paths
+
+
+def _preference_section(method: str, dpo: dict[str, Any]) -> list[tuple[str, list[Block]]]:
+    """``Preference tuning (DPO)`` or ``(KTO)``: held-out rewards before and after, the reference checks, the plot."""
+    if not (dpo.get("evals") or dpo.get("preflight")):
+        return []
+    blocks = []
+    evals = dpo.get("evals") or []
+    if len(evals) >= 2 and method == "kto":
+        first, last = evals[0], evals[-1]
+        blocks.append(Block("table", header=["held-out answers", f"step {first['step']} (base)",
+                                             f"step {last['step']} (tuned)"],
+                            rows=[["reward margin (chosen minus rejected)", _num(first["eval_reward_margin"], ".4f"),
+                                   _num(last["eval_reward_margin"], ".4f")],
+                                  ["reward of the chosen answers", _num(first["eval_reward_chosen"], ".4f"),
+                                   _num(last["eval_reward_chosen"], ".4f")],
+                                  ["reward of the rejected answers", _num(first["eval_reward_rejected"], ".4f"),
+                                   _num(last["eval_reward_rejected"], ".4f")],
+                                  ["KL estimate", _num(first["eval_kl"], ".4f"), _num(last["eval_kl"], ".4f")],
+                                  ["KTO loss", _num(first["eval_kto_loss"], ".4f"), _num(last["eval_kto_loss"], ".4f")]]))
+    if len(evals) >= 2 and method == "dpo":
+        first, last = evals[0], evals[-1]
+        blocks.append(Block("table", header=["held-out pairs", f"step {first['step']} (base)",
+                                             f"step {last['step']} (tuned)"],
+                            rows=[["reward accuracy (a tie counts as wrong)",
+                                   f"{first['eval_reward_accuracy']:.1%}", f"{last['eval_reward_accuracy']:.1%}"],
+                                  ["reward margin", _num(first["eval_reward_margin"], ".4f"),
+                                   _num(last["eval_reward_margin"], ".4f")],
+                                  ["DPO loss", _num(first["eval_dpo_loss"], ".4f"),
+                                   _num(last["eval_dpo_loss"], ".4f")]]))
+    pf = dpo.get("preflight") or {}
+    if pf:
+        blocks.append(Block("kv", [["step-0 log-ratio, policy vs reference", f"{pf['max_abs_log_ratio_step0']:.1e}"],
+                                   ["reference = base (adapter disabled), lora_B noised",
+                                    f"{pf['reference_equals_base']} (off by {pf['reference_minus_base']:.1e}; "
+                                    f"policy moved {pf['policy_minus_base']:.2e})"]]))
+    if dpo.get("plot"):
+        blocks.append(Block("image", text=dpo["plot"]))
+    return [(f"Preference tuning ({method.upper()})", blocks)]

@@ -1,6 +1,6 @@
 """Did the fine-tune help? Held-out loss and accuracy, and base-vs-tuned generations side by side.
 
-The eval loss is the training loss (``loss.batch_sums``: same shift, same masking, per
+The eval loss is the training loss (``model.loss.batch_sums``: same shift, same masking, per
 supervised token, logits only at the supervised positions) summed over the whole held-out set;
 accuracy is the share of supervised (assistant) tokens whose greedy prediction is right.
 """

@@ -1,10 +1,13 @@
-"""Preference tuning (``train --method dpo``) on TRL's DPOTrainer, with gemma4-tune's model preparation.
+"""Preference tuning (``train --method dpo``) on TRL's DPOTrainer, with gemma4-tune's model preparation;
+``train --method kto`` the same way on TRL's KTOTrainer (the pairs unpaired by :func:`kto_dataset`).
 
-The LoRA plan, the towers kept clipped and the model loading are SFT's (``train.load_model``,
-``adapters.prepare_model``); the pairs are read and validated before any model loads
+The LoRA plan, the towers kept clipped and the model loading are SFT's (``train.recipe.load_model``,
+``plan.adapters.prepare_model``); the pairs are read and validated before any model loads
 (``data.preference``). TRL renders prompt, chosen and rejected with the model's own chat template
-through its processor, keeps every processor output in image batches, and runs one policy and one
-reference forward over ``[chosen; rejected]``.
+through its processor, token for token as ``Gemma4Batcher`` renders the same conversations (text and
+image pairs; tests/test_dpo.py), keeps every processor output in image batches, and runs one policy
+and one reference forward over ``[chosen; rejected]``. The answers are supervised as in SFT: up to and
+including their end-of-turn token (``end_answers_at_end_of_turn``).
 
 The reference is the base with the adapter disabled, never a second copy: handed a PeftModel, TRL 1.16
 copies the adapter into a frozen second adapter named ``ref``; it is deleted here, so TRL's reference
@@ -12,7 +15,8 @@ context disables the adapter (``trl.trainer.utils.use_adapter`` with no name). P
 a real batch: with the reference as TRL computes it, step 0's chosen/rejected log-ratios are exactly
 0, and with noise put into every ``lora_B`` the reference still equals the base exactly while the
 policy moves (a fresh adapter changes nothing, so step 0 alone cannot tell a reference that keeps the
-adapter on). Images without ``mm_token_type_ids`` on a bidirectional model are G4T505, as for SFT.
+adapter on). Before that, the DPO batch goes through SFT's own preflight (``preflight_pairs``): a
+gradient into every planned tower, a finite loss, supervised answers, ``mm_token_type_ids`` (G4T505)...
 """
 
 from __future__ import annotations
@@ -29,17 +33,27 @@ from transformers import TrainerCallback
 
 from gemma4_tune.config.options import RunConfig
 from gemma4_tune.console import console, err_console
+from gemma4_tune.data.chat import END_OF_TURN
 from gemma4_tune.findings import Finding, FindingError, Severity, finding, has_errors, register
 from gemma4_tune.io import check_writable, ensure_empty_target, write_json
-from gemma4_tune.preflight import LOSS_NOT_FINITE, MM_TYPE_IDS_DROPPED
+from gemma4_tune.model.loss import IGNORE_INDEX
+from gemma4_tune.preflight import LOSS_NOT_FINITE, PREFLIGHT_SKIPPED, PreflightResult
 
-REFERENCE_NOT_BASE = register("G4T512", Severity.ERROR, "DPO's reference model is not the base model")
-POLICY_NOT_REFERENCE = register("G4T513", Severity.ERROR, "DPO's policy differs from its reference at step 0")
-DPO_AUDIO = register("G4T514", Severity.ERROR, "DPO pairs with audio, tools or tool calls")
-DPO_NOT_LEARNING = register("G4T515", Severity.WARNING, "DPO did not raise held-out reward accuracy or margin")
+REFERENCE_NOT_BASE = register("G4T512", Severity.ERROR, "DPO/KTO reference model is not the base model")
+POLICY_NOT_REFERENCE = register("G4T513", Severity.ERROR, "DPO/KTO policy differs from its reference at step 0")
+DPO_AUDIO = register("G4T514", Severity.ERROR, "DPO/KTO pairs with audio, tools or tool calls")
+DPO_NOT_LEARNING = register("G4T515", Severity.WARNING, "DPO/KTO did not raise held-out reward accuracy or margin")
 
-#: Keys of TRL's DPO batch that are bookkeeping, not model inputs.
-_NOT_INPUTS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
+#: Keys of TRL's DPO and KTO batches that are bookkeeping (or KTO's mismatched KL rows), not model inputs.
+_NOT_INPUTS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps", "label", "ref_logps", "ref_KL_logps",
+               "KL_input_ids", "KL_attention_mask", "KL_completion_mask", "KL_token_type_ids", "KL_mm_token_type_ids")
+
+
+def _trl_module(batch: dict[str, Any]) -> Any:
+    """The TRL trainer module whose reference context a batch is computed under: KTO's batches carry labels."""
+    from trl.trainer import dpo_trainer, kto_trainer
+
+    return kto_trainer if "label" in batch else dpo_trainer
 
 
 # --------------------------------------------------------------------------- data
@@ -74,6 +88,32 @@ def trl_dataset(pairs: list[Any]) -> Any:
     return Dataset.from_dict(rows)
 
 
+def kto_dataset(pairs: list[Any]) -> Any:
+    """The pairs unpaired for KTO: each chosen answer a row labelled True, each rejected one a row labelled False
+    (as ``trl.data_utils.unpair_preference_dataset``, which KTOTrainer refuses to run itself on image rows).
+
+    The order is ours: TRL's puts all chosen rows before all rejected ones, and KTOTrainer samples in order (its
+    KL estimate pairs each row with its neighbour's answer), so every batch would hold one label only. Here the
+    labels alternate, pair ``i``'s chosen row next to pair ``i + 1``'s rejected row: each batch of two holds one
+    of each, and the neighbours whose answers make the mismatched KL rows have different prompts.
+    """
+    from datasets import Dataset
+
+    paired = trl_dataset(pairs)
+    n = len(paired)
+    rows: dict[str, list[Any]] = {"prompt": [], "completion": [], "label": []}
+    if "images" in paired.column_names:
+        rows["images"] = []
+    for i in range(n):
+        for j, side, label in ((i, "chosen", True), ((i + 1) % n, "rejected", False)):
+            rows["prompt"].append(paired[j]["prompt"])
+            rows["completion"].append(paired[j][side])
+            rows["label"].append(label)
+            if "images" in rows:
+                rows["images"].append(paired[j]["images"])
+    return Dataset.from_dict(rows)
+
+
 #: What a message may hold that the TRL rows (:func:`trl_dataset`) keep: the role and text/image parts.
 _PASSED_KEYS = frozenset({"role", "content"})
 
@@ -85,11 +125,22 @@ def _not_passed(pair: Any) -> list[str]:
     return (["audio"] if pair.audios else []) + (["tools"] if pair.tools else []) + found
 
 
-def load_pairs(cfg: RunConfig) -> tuple[list[Any], list[Any], dict[str, Any], list[Finding]]:
-    """Training and held-out pairs (``--eval-data`` or ``--eval-split``), validated before any model loads."""
-    import random
+def _as_conversation(pair: Any) -> Any:
+    """A pair as one conversation (prompt, chosen, rejected): what identity means for the held-out split."""
+    from gemma4_tune.data.records import Conversation
 
+    return Conversation(messages=[*pair.prompt, *pair.chosen, *pair.rejected], tools=pair.tools, source=pair.source)
+
+
+def load_pairs(cfg: RunConfig) -> tuple[list[Any], list[Any], dict[str, Any], list[Finding]]:
+    """Training and held-out pairs (``--eval-data`` or ``--eval-split``), validated before any model loads.
+
+    ``--eval-split`` holds pairs out as SFT holds out conversations (seeded, identical pairs on one side);
+    held-out pairs that repeat training pairs are G4T407, as for SFT.
+    """
     from gemma4_tune.data.preference import load_preference_data
+    from gemma4_tune.data.records import split_conversations
+    from gemma4_tune.train.recipe import eval_overlap
 
     pairs, report, findings = load_preference_data(cfg.sources(), skip_invalid=cfg.skip_invalid)
     err_console.print(f"data: {report.summary()}")
@@ -97,17 +148,18 @@ def load_pairs(cfg: RunConfig) -> tuple[list[Any], list[Any], dict[str, Any], li
     if cfg.eval_data:
         eval_pairs, eval_report, eval_findings = load_preference_data(cfg.eval_data, skip_invalid=cfg.skip_invalid)
         findings += eval_findings
+        findings += eval_overlap([_as_conversation(p) for p in pairs], [_as_conversation(p) for p in eval_pairs],
+                                 "preference pairs", "held-out reward figures")
     elif cfg.eval_split:
-        order = list(range(len(pairs)))
-        random.Random(cfg.seed).shuffle(order)
-        n = int(cfg.eval_split) if cfg.eval_split >= 1 else max(1, round(cfg.eval_split * len(pairs)))
-        held = set(order[:n])
-        eval_pairs = [p for i, p in enumerate(pairs) if i in held]
-        pairs = [p for i, p in enumerate(pairs) if i not in held]
+        by_view = [(_as_conversation(pair), pair) for pair in pairs]
+        kept, held = split_conversations([view for view, _ in by_view], cfg.eval_split, cfg.seed)
+        pair_of = {id(view): pair for view, pair in by_view}
+        pairs, eval_pairs = [pair_of[id(v)] for v in kept], [pair_of[id(v)] for v in held]
+        err_console.print(f"eval: {len(eval_pairs)} pairs held out, {len(pairs)} to train on")
     unpassed = [(p.source, what) for p in [*pairs, *eval_pairs] if (what := _not_passed(p))]
     if unpassed:
         raise FindingError(finding(DPO_AUDIO.code, f"{len(unpassed)} preference pairs have what TRL 1.16's "
-                                   f"DPOTrainer rows do not carry (first: {unpassed[0][0]}: "
+                                   f"DPOTrainer and KTOTrainer rows do not carry (first: {unpassed[0][0]}: "
                                    f"{', '.join(unpassed[0][1])}): it passes text and images to the processor, not "
                                    "audio, tools, tool calls, reasoning or per-turn train flags",
                                    "drop those pairs (or those parts), or train on them with SFT"))
@@ -120,15 +172,23 @@ def load_pairs(cfg: RunConfig) -> tuple[list[Any], list[Any], dict[str, Any], li
 # --------------------------------------------------------------------------- log-probabilities as TRL computes them
 
 
+def as_supervised(batch: dict[str, Any]) -> dict[str, Any]:
+    """TRL's DPO or KTO batch as a supervised one: the same model inputs (KTO's KL rows left out), labels on the
+    answers (chosen and rejected)."""
+    inputs = {k: v for k, v in batch.items() if k not in _NOT_INPUTS}
+    return {**inputs, "labels": batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE_INDEX)}
+
+
+
 def sequence_logps(model: Any, batch: dict[str, Any], *, reference: bool = False, base: bool = False
                    ) -> torch.Tensor:
-    """Per-row sums of completion log-probabilities, exactly as TRL's DPO loss takes them (``fused_lm_head``),
-    without gradients: the policy; ``reference``: under TRL's own reference context (``use_adapter``); ``base``:
-    under PEFT's ``disable_adapter()``, the definition of the reference."""
-    from trl.trainer.dpo_trainer import use_adapter
-
-    inputs = {k: v for k, v in batch.items() if k not in _NOT_INPUTS}
-    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    """Per-row sums of completion log-probabilities, exactly as TRL's DPO and KTO losses take them
+    (``fused_lm_head``), without gradients: the policy; ``reference``: under the trainer's own reference context
+    (``use_adapter`` of TRL's DPO or KTO module); ``base``: under PEFT's ``disable_adapter()``, the definition of
+    the reference."""
+    use_adapter = _trl_module(batch).use_adapter
+    inputs = as_supervised(batch)
+    labels = inputs.pop("labels")
     length = batch["completion_mask"].size(1) - 1
     if base:
         context = model.disable_adapter()
@@ -146,13 +206,11 @@ def sequence_logps(model: Any, batch: dict[str, Any], *, reference: bool = False
 
 def dpo_preflight(model: Any, profile: Any, batch: dict[str, Any], *, seed: int = 0) -> tuple[list[Finding],
                                                                                             dict[str, Any]]:
-    """The DPO checks on one real batch (TRL's own, after its collator); the model is left as it was."""
+    """DPO's (or KTO's) own checks on one real batch (TRL's, after its collator): the reference; the model is left
+    as it was."""
+    name = "KTO" if "label" in batch else "DPO"
     started = time.perf_counter()
     findings: list[Finding] = []
-    if profile.bidirectional_attention == "vision" and "pixel_values" in batch and "mm_token_type_ids" not in batch:
-        findings.append(finding(MM_TYPE_IDS_DROPPED.code, "the DPO batch has images but no mm_token_type_ids: this "
-                                "model attends bidirectionally over image tokens only when it gets them (row 10)",
-                                "keep every processor output in the preference collator (TRL's own does)"))
     was_training = model.training
     model.eval()
     try:
@@ -161,11 +219,11 @@ def dpo_preflight(model: Any, profile: Any, batch: dict[str, Any], *, seed: int 
         half = policy.shape[0] // 2
         ratios = (policy - reference)
         figures: dict[str, Any] = {
-            "pairs_in_batch": half, "max_abs_log_ratio_step0": float(ratios.abs().max()),
+            **({"completions_in_batch": policy.shape[0]} if name == "KTO" else {"pairs_in_batch": half}), "max_abs_log_ratio_step0": float(ratios.abs().max()),
             "policy_logps": [round(float(v), 4) for v in policy],
         }
         if not torch.isfinite(policy).all() or not torch.isfinite(reference).all():
-            findings.append(finding(LOSS_NOT_FINITE.code, "DPO log-probabilities on the first batch are not finite "
+            findings.append(finding(LOSS_NOT_FINITE.code, f"{name} log-probabilities on the first batch are not finite "
                                     f"(policy {policy.tolist()}, reference {reference.tolist()})",
                                     "check the data of the first batch and the dtype (bf16 on GPU, fp32 on CPU)"))
         elif not torch.equal(policy, reference):
@@ -176,12 +234,12 @@ def dpo_preflight(model: Any, profile: Any, batch: dict[str, Any], *, seed: int 
         probe = _reference_probe(model, batch, seed)
         figures.update(probe)
         if not probe["reference_equals_base"] or not probe["policy_moves"]:
-            findings.append(finding(REFERENCE_NOT_BASE.code, "with every lora_B set to noise, the DPO reference moves "
+            findings.append(finding(REFERENCE_NOT_BASE.code, f"with every lora_B set to noise, the {name} reference moves "
                                     f"{probe['reference_minus_base']:.3e} from the base model (policy "
                                     f"{probe['policy_minus_base']:.3e}): the reference is not the base with the "
                                     "adapter disabled, so the loss compares the model with itself",
-                                    "let the reference be the base with the adapter disabled (gemma4-tune's DPO "
-                                    "does; never pass the tuned model or keep the adapter on for it)"))
+                                    "let the reference be the base with the adapter disabled (gemma4-tune's "
+                                    f"{name} does; never pass the tuned model or keep the adapter on for it)"))
     finally:
         model.train(was_training)
     figures["seconds"] = round(time.perf_counter() - started, 2)
@@ -211,6 +269,49 @@ def _reference_probe(model: Any, batch: dict[str, Any], seed: int) -> dict[str, 
             "policy_moves": bool((policy - base).abs().max() > 0)}
 
 
+def answer_tokens(trainer: Any, batch: dict[str, Any]) -> int:
+    """Answer tokens (chosen and rejected) in the training data as TRL tokenized it; the batch's where TRL
+    tokenizes image rows only in its collator."""
+    data = trainer.train_dataset
+    if {"chosen_ids", "rejected_ids"} <= set(data.column_names):
+        return sum(len(ids) for column in ("chosen_ids", "rejected_ids") for ids in data[column])
+    if "completion_ids" in data.column_names:  # KTO's text rows
+        return sum(len(ids) for ids in data["completion_ids"])
+    return int(batch["completion_mask"].sum())
+
+
+def preflight_pairs(built: dict[str, Any], batch: dict[str, Any], data: dict[str, Any], *, seed: int = 0
+                    ) -> PreflightResult:
+    """SFT's preflight on the DPO or KTO batch (targets wrapped, a gradient into every planned tower, finite loss,
+    answers supervised, mm_token_type_ids, attention, KV sharing...), then the reference checks."""
+    from gemma4_tune.preflight import masked_sample, run_preflight
+
+    supervised = as_supervised(batch)
+    tokenizer = getattr(built["processor"], "tokenizer", built["processor"])
+    keep = batch["attention_mask"][0].bool()  # the first pair's chosen row, without its padding
+    sample = masked_sample(tokenizer, supervised["input_ids"][0][keep], supervised["labels"][0][keep])
+    result = run_preflight(built["model"], built["profile"], built["plan"], supervised,
+                           dataset_modalities=data.get("modalities") or {},
+                           dataset_supervised=answer_tokens(built["trainer"], batch), sample=sample)
+    if not has_errors(result.findings):  # on a batch that cannot train, the reference checks say nothing more
+        findings, result.reference = dpo_preflight(built["model"], built["profile"], batch, seed=seed)
+        result.findings += findings
+    return result
+
+
+def preflight_only(cfg: RunConfig) -> PreflightResult:
+    """``preflight --method dpo`` (or ``kto``): pairs, model, LoRA and TRL's trainer as training builds them, the checks on
+    a real batch; nothing is written."""
+    import tempfile
+
+    pairs, eval_pairs, data, findings = load_pairs(cfg)
+    with tempfile.TemporaryDirectory(prefix=f"gemma4-tune-{cfg.method}-preflight-") as staging:
+        built = build_trainer(cfg, pairs, eval_pairs, Path(staging))
+        result = preflight_pairs(built, probe_batch(built["trainer"]), data, seed=cfg.seed)
+    result.findings[:0] = [*findings, *built["plan"].findings]
+    return result
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -218,27 +319,59 @@ def _metrics(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
 
 
-class _StepZeroEval(TrainerCallback):
-    """Writes the base model's held-out rewards as the first line of metrics.jsonl (which a resume keeps)."""
+class HeldOutRewards(TrainerCallback):
+    """Held-out reward accuracy and margin into ``metrics.jsonl``: the base's before the first step, every
+    ``every`` steps (a quarter of the run by default, as SFT's held-out loss) and at the end.
 
-    def __init__(self, row: dict[str, Any], path: Path) -> None:
-        self.row, self.path = row, path
+    Each ``trainer.evaluate()`` reaches :meth:`on_evaluate`; the step-0 row waits for ``on_train_begin``,
+    after which a fresh run's metrics file exists (a resume keeps the rows up to its checkpoint).
+    """
+
+    def __init__(self, path: Path, every: int | None, method: str = "dpo") -> None:
+        self.path, self.every, self.method = path, every, method
+        self.pending: dict[str, Any] | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.global_step == 0:
-            with self.path.open("a") as handle:
-                handle.write(json.dumps(self.row) + "\n")
+        if self.every is None:
+            self.every = max(1, state.max_steps // 4)
+        if self.pending is not None and state.global_step == 0:
+            self._write(self.pending)
+        self.pending = None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step % (self.every or state.max_steps or 1) == 0 and state.global_step < state.max_steps:
+            control.should_evaluate = True
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
+                    **kwargs: Any) -> None:
+        row = rewards_row(metrics or {}, state.global_step, self.method)
+        if state.global_step == 0:  # before training (the state train() starts is a new one)
+            self.pending = row
+        else:
+            self._write(row)
+
+    def _write(self, row: dict[str, Any]) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
 
 
-def _eval_row(trainer: Any, step: int) -> dict[str, Any]:
-    """Held-out reward accuracy (a tie counts as wrong, as TRL counts it), margin and loss at ``step``."""
-    metrics = trainer.evaluate()
+def rewards_row(metrics: dict[str, float], step: int, method: str = "dpo") -> dict[str, Any]:
+    """Held-out reward accuracy (a tie counts as wrong, as TRL counts it), margin and loss at ``step``.
+
+    KTO's evaluation has no pairs to count an accuracy on: its figures are the mean rewards of the chosen and of
+    the rejected answers (the margin is their difference), its KL estimate, its loss and log-probabilities."""
+    if method == "kto":
+        chosen, rejected = metrics["eval_rewards/chosen"], metrics["eval_rewards/rejected"]
+        return {"step": step, "eval_reward_margin": chosen - rejected, "eval_reward_chosen": chosen,
+                "eval_reward_rejected": rejected, "eval_kl": metrics["eval_kl"], "eval_kto_loss": metrics["eval_loss"],
+                "eval_logps_chosen": metrics["eval_logps/chosen"],
+                "eval_logps_rejected": metrics["eval_logps/rejected"]}
     return {"step": step, "eval_reward_accuracy": metrics["eval_rewards/accuracies"],
             "eval_reward_margin": metrics["eval_rewards/margins"], "eval_dpo_loss": metrics["eval_loss"],
             "eval_logps_chosen": metrics["eval_logps/chosen"], "eval_logps_rejected": metrics["eval_logps/rejected"]}
 
 
-def dpo_plot(metrics: list[dict[str, Any]], path: Path) -> Path | None:
+def dpo_plot(metrics: list[dict[str, Any]], path: Path) -> Path | None:  # DPO's and KTO's
     """Chosen and rejected log-probabilities, and the reward margin, over the training steps."""
     steps = [m for m in metrics if "logps/chosen" in m]
     if not steps:
@@ -267,11 +400,11 @@ def dpo_plot(metrics: list[dict[str, Any]], path: Path) -> Path | None:
 
 
 def build_trainer(cfg: RunConfig, pairs: list[Any], eval_pairs: list[Any], staging: Path) -> dict[str, Any]:
-    """Model, LoRA plan and TRL's DPOTrainer whose reference is the base with the adapter disabled
-    (``{"trainer", "model", "plan", "profile", "processor"}``)."""
+    """Model, LoRA plan and TRL's DPOTrainer (``--method kto``: KTOTrainer on the pairs unpaired) whose reference
+    is the base with the adapter disabled (``{"trainer", "model", "plan", "profile", "processor"}``)."""
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
     from gemma4_tune.model.profile import ModelProfile
     from gemma4_tune.plan.adapters import LoraSettings, check_quantization, prepare_model
@@ -284,11 +417,16 @@ def build_trainer(cfg: RunConfig, pairs: list[Any], eval_pairs: list[Any], stagi
     model, processor = load_model(cfg.model, cfg.quantize)
     settings = LoraSettings(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout)
     peft_model, plan = prepare_model(model, cfg.targets, settings, profile=profile)
-    args = DPOConfig(**trainer_settings(cfg, staging), beta=cfg.beta, max_length=cfg.max_seq_len,
-                     per_device_eval_batch_size=cfg.batch_size)
-    trainer = DPOTrainer(model=peft_model, ref_model=None, args=args, train_dataset=trl_dataset(pairs),
-                         eval_dataset=trl_dataset(eval_pairs) if eval_pairs else None, processing_class=processor)
+    kto = cfg.method == "kto"
+    Config, Trainer, rows = (KTOConfig, KTOTrainer, kto_dataset) if kto else (DPOConfig, DPOTrainer, trl_dataset)
+    args = Config(**trainer_settings(cfg, staging), beta=cfg.beta, max_length=cfg.max_seq_len,
+                  per_device_eval_batch_size=cfg.batch_size)
+    trainer = Trainer(model=peft_model, ref_model=None, args=args, train_dataset=rows(pairs),
+                      eval_dataset=rows(eval_pairs) if eval_pairs else None, processing_class=processor)
     trainer.remove_callback(PrinterCallback)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    trainer.data_collator = end_answers_at_end_of_turn(trainer.data_collator,
+                                                       tokenizer.convert_tokens_to_ids(END_OF_TURN))
     if "ref" in peft_model.peft_config:  # TRL's copy of the adapter: the reference is the adapter disabled
         peft_model.delete_adapter("ref")
         peft_model.set_adapter("default")
@@ -306,6 +444,30 @@ def _samples(cfg: RunConfig, model: Any, processor: Any, pairs: list[Any], *, he
     return generate_samples(model, batcher, picked, held_out=held_out, max_new_tokens=cfg.sample_max_tokens)
 
 
+def end_answers_at_end_of_turn(collator: Any, end_of_turn: int) -> Any:
+    """TRL's collator with SFT's supervision rule: an answer ends with its end-of-turn token.
+
+    TRL renders prompt and answers with the model's own template, token for token as ``Gemma4Batcher`` does,
+    but also supervises what the template writes after the end of turn (a newline the model never has to
+    produce: generation stops at ``<turn|>``); those positions leave the completion mask here (and KTO's
+    ``KL_completion_mask`` of its mismatched rows).
+    """
+
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = collator(items)
+        for prefix in ("", "KL_"):
+            if f"{prefix}completion_mask" not in batch:
+                continue
+            ids, mask = batch[f"{prefix}input_ids"], batch[f"{prefix}completion_mask"]
+            positions = torch.arange(ids.shape[1], device=ids.device)
+            last = torch.where((ids == end_of_turn) & mask.bool(), positions, -1).max(dim=1).values
+            after = (positions[None, :] > last[:, None]) & (last[:, None] >= 0)
+            batch[f"{prefix}completion_mask"] = mask.masked_fill(after, 0)
+        return batch
+
+    return collate
+
+
 def count_tokens(trainer: Any, counter: Any) -> None:
     """Count the real tokens of every batch TRL's collator makes (the progress and metrics read them)."""
     collator = trainer.data_collator
@@ -320,16 +482,21 @@ def count_tokens(trainer: Any, counter: Any) -> None:
 
 def probe_batch(trainer: Any) -> dict[str, Any]:
     """A real batch through TRL's collator: the first pair with images and the first without, where the data
-    has them (so every check sees each kind), on the model's device."""
+    has them (so every check sees each kind), on the model's device. KTO's rows are answers: the batch also has a
+    chosen (desirable) and a rejected one."""
     data = trainer.train_dataset
     images = data["images"] if "images" in data.column_names else [[]] * len(data)
     picked = [i for i in (next((i for i, m in enumerate(images) if m), None),
                           next((i for i, m in enumerate(images) if not m), None)) if i is not None]
+    if "label" in data.column_names:
+        labels = data["label"]
+        picked += [next(i for i, label in enumerate(labels) if label is want)
+                   for want in (True, False) if want not in {labels[i] for i in picked} and want in labels]
     return trainer._prepare_inputs(trainer.data_collator([data[i] for i in picked]))
 
 
-def train_dpo(cfg: RunConfig) -> Any:
-    """One DPO run: pairs, model and LoRA, preflight, training with checkpoints, held-out rewards, the adapter."""
+def train_preference(cfg: RunConfig) -> Any:
+    """One DPO (or KTO) run: pairs, model and LoRA, preflight, training with checkpoints, held-out rewards, the adapter."""
     from gemma4_tune.export.manifest import write_manifest
     from gemma4_tune.plan.adapters import save_adapter
     from gemma4_tune.train.callbacks import (
@@ -341,30 +508,34 @@ def train_dpo(cfg: RunConfig) -> Any:
         scan_checkpoints,
     )
     from gemma4_tune.train.recipe import NO_CHECKPOINT, STAGING, TrainResult, library_versions
-    from gemma4_tune.train.rundir import check_not_in_use, lock_run_dir
+    from gemma4_tune.train.rundir import check_not_in_use, check_resume, lock_run_dir, run_record, write_run_start
 
     started = time.perf_counter()
     out = Path(cfg.out)
     check_writable(out, "--out")
     check_not_in_use(out)
     checkpoints = out / "checkpoints"
+    record = run_record(cfg)  # what a resume must match (files only)
     resume_from = None
     if cfg.resume:
         done, _ = scan_checkpoints(checkpoints)
         if not done:
             raise FindingError(finding(NO_CHECKPOINT.code, f"{checkpoints} holds no complete checkpoint",
                                        "start the run without --resume (in a new --out)"))
+        check_resume(out, record, done[-1])  # G4T414 (other settings, beta included), G4T415 (nothing left)
         resume_from = str(done[-1])
     else:
         ensure_empty_target(out)
     out.mkdir(parents=True, exist_ok=True)
     lock_run_dir(out)
+    if resume_from is None:
+        write_run_start(out, record)
 
     pairs, eval_pairs, data, findings = load_pairs(cfg)
     counter = TokenCounter()
     staging = out / STAGING
     built = build_trainer(cfg, pairs, eval_pairs, staging)
-    trainer, peft_model, plan, profile = built["trainer"], built["model"], built["plan"], built["profile"]
+    trainer, peft_model, plan = built["trainer"], built["model"], built["plan"]
     findings += plan.findings
     guard = GuardCallback(peft_model)
     for callback in (guard, ProgressCallback(counter), MetricsCallback(out / "metrics.jsonl", counter),
@@ -372,31 +543,41 @@ def train_dpo(cfg: RunConfig) -> Any:
         trainer.add_callback(callback)
     probe = probe_batch(trainer)
     count_tokens(trainer, counter)
-    preflight_findings, preflight = ([], {}) if not cfg.preflight else dpo_preflight(peft_model, profile, probe,
-                                                                                     seed=cfg.seed)
-    findings += preflight_findings
-    if preflight:
-        write_json(out / "preflight.json", {**preflight, "findings": [f.to_dict() for f in preflight_findings]})
-        console.print(f"preflight (dpo): step-0 log-ratio {preflight['max_abs_log_ratio_step0']:.1e}, reference = "
-                      f"base {preflight['reference_equals_base']}, {len(preflight_findings)} findings")
+    preflight = None
+    if cfg.preflight:
+        preflight = preflight_pairs(built, probe, data, seed=cfg.seed)
+        findings += preflight.findings
+        write_json(out / "preflight.json", preflight.to_dict())
+        figures = preflight.reference
+        console.print(f"preflight ({cfg.method}): loss {preflight.loss:.4f}, " + (
+            f"step-0 log-ratio {figures['max_abs_log_ratio_step0']:.1e}, reference = base "
+            f"{figures['reference_equals_base']}, " if figures else "") + f"{len(preflight.findings)} findings")
+    else:
+        findings.append(finding(PREFLIGHT_SKIPPED.code, "preflight was skipped (--no-preflight): nothing checked "
+                                "that the reference is the base or that every planned tower gets a gradient",
+                                "drop --no-preflight (it costs one forward and backward)"))
     if has_errors(findings):
         raise FindingError(*[f for f in findings if f.severity is Severity.ERROR])
-    if eval_pairs and resume_from is None:
-        trainer.add_callback(_StepZeroEval(_eval_row(trainer, 0), out / "metrics.jsonl"))
+    if eval_pairs:
+        trainer.add_callback(HeldOutRewards(out / "metrics.jsonl", cfg.eval_steps, cfg.method))
+        if resume_from is None:
+            trainer.evaluate()  # the base's held-out rewards: the adapter is fresh (B = 0)
     trainer.train(resume_from_checkpoint=resume_from)
     shutil.rmtree(staging, ignore_errors=True)
     findings += guard.findings
     evals: list[dict[str, Any]] = []
     if eval_pairs:
-        with (out / "metrics.jsonl").open("a") as handle:
-            handle.write(json.dumps(_eval_row(trainer, trainer.state.global_step)) + "\n")
-        evals = [row for row in _metrics(out) if "eval_reward_accuracy" in row]
+        trainer.evaluate()
+        evals = [row for row in _metrics(out) if "eval_reward_margin" in row]
         first, last = evals[0], evals[-1]
+        accuracy = "eval_reward_accuracy" in last  # DPO's; KTO has the margin only
         # "did not rise" also when a figure is NaN: a comparison with NaN is never a rise
-        if (not last["eval_reward_accuracy"] > first["eval_reward_accuracy"]
+        if ((not accuracy or not last["eval_reward_accuracy"] > first["eval_reward_accuracy"])
                 and not last["eval_reward_margin"] > first["eval_reward_margin"]):
-            findings.append(finding(DPO_NOT_LEARNING.code, f"held-out reward accuracy {first['eval_reward_accuracy']:.1%} "
-                                    f"-> {last['eval_reward_accuracy']:.1%}, margin {first['eval_reward_margin']:.3f} -> "
+            said = (f"reward accuracy {first['eval_reward_accuracy']:.1%} -> {last['eval_reward_accuracy']:.1%}, "
+                    if accuracy else "")
+            findings.append(finding(DPO_NOT_LEARNING.code, f"held-out {said}{'margin' if accuracy else 'reward margin'} "
+                                    f"{first['eval_reward_margin']:.3f} -> "
                                     f"{last['eval_reward_margin']:.3f}: the tuned model does not prefer the chosen "
                                     "answers more than the base", "train longer or with a higher --lr or --beta, "
                                     "and check that chosen and rejected differ in what you want learned"))
@@ -408,20 +589,21 @@ def train_dpo(cfg: RunConfig) -> Any:
         if cfg.samples:
             samples = _samples(cfg, peft_model, built["processor"], eval_pairs or pairs, held_out=bool(eval_pairs))
     metrics = _metrics(out)
-    write_json(out / "run.json", {"config": cfg.dump(), "method": "dpo", "data": data, "resumed_from": resume_from,
+    write_json(out / "run.json", {"config": cfg.dump(), "method": cfg.method, "data": data, "resumed_from": resume_from,
                                   "plan": {"spec": plan.spec, "trainable": plan.trainable_by_group()},
                                   "versions": library_versions()})
     result = TrainResult(out=out, adapter=adapter, plan=plan, data=data, metrics=metrics,
                          seconds=round(time.perf_counter() - started, 2), findings=findings,
-                         resumed_from=resume_from, model=peft_model, probe_batch={}, preflight=None, samples=samples,
-                         distributed=None, trained_state={}, dpo={"preflight": preflight, "evals": evals})
+                         resumed_from=resume_from, model=peft_model, probe_batch={}, samples=samples,
+                         distributed=None, trained_state={}, preflight=preflight,
+                         dpo={"preflight": preflight.reference if preflight else {}, "evals": evals})  # KTO's too
     return result
 
 
-def dpo_summary(result: Any) -> dict[str, Any]:
-    """The report's result lines for a DPO run."""
+def dpo_summary(result: Any, method: str = "dpo") -> dict[str, Any]:
+    """The report's result lines for a DPO (or KTO) run."""
     steps = [m for m in result.metrics if "loss" in m]
-    summary: dict[str, Any] = {"method": "dpo", "steps": steps[-1]["step"] if steps else 0,
+    summary: dict[str, Any] = {"method": method, "steps": steps[-1]["step"] if steps else 0,
                                "first loss": round(steps[0]["loss"], 4) if steps else None,
                                "last loss": round(steps[-1]["loss"], 4) if steps else None,
                                "seconds": result.seconds, "adapter": str(result.adapter or "-"),
@@ -429,8 +611,9 @@ def dpo_summary(result: Any) -> dict[str, Any]:
     evals = result.dpo["evals"]
     if len(evals) >= 2:
         first, last = evals[0], evals[-1]
-        summary["held-out reward accuracy (base -> tuned)"] = (f"{first['eval_reward_accuracy']:.1%} -> "
-                                                               f"{last['eval_reward_accuracy']:.1%}")
+        if "eval_reward_accuracy" in last:
+            summary["held-out reward accuracy (base -> tuned)"] = (f"{first['eval_reward_accuracy']:.1%} -> "
+                                                                   f"{last['eval_reward_accuracy']:.1%}")
         summary["held-out reward margin (base -> tuned)"] = (f"{first['eval_reward_margin']:.3f} -> "
                                                              f"{last['eval_reward_margin']:.3f}")
     pf = result.dpo["preflight"]
@@ -440,5 +623,6 @@ def dpo_summary(result: Any) -> dict[str, Any]:
     return summary
 
 
-__all__ = ["build_trainer", "count_tokens", "dpo_plot", "dpo_preflight", "dpo_summary", "load_pairs", "probe_batch",
-           "sequence_logps", "train_dpo", "trl_dataset"]
+__all__ = ["HeldOutRewards", "as_supervised", "build_trainer", "count_tokens", "dpo_plot", "dpo_preflight",
+           "dpo_summary", "end_answers_at_end_of_turn", "kto_dataset", "load_pairs", "preflight_only", "preflight_pairs", "probe_batch", "sequence_logps",
+           "train_preference", "trl_dataset"]

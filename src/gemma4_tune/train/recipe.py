@@ -83,6 +83,19 @@ def check_optimizer(name: str) -> None:
                                    f"that has {' and '.join(missing)}"))
 
 
+def eval_overlap(train: list[Any], held: list[Any], noun: str, figure: str) -> list[Finding]:
+    """G4T407: held-out conversations (or pairs, as one conversation each) identical to training ones, counted."""
+    from gemma4_tune.data.records import conversation_key
+
+    seen = {conversation_key(c) for c in train}
+    repeated = [c.source for c in held if conversation_key(c) in seen]
+    if not repeated:
+        return []
+    return [finding(EVAL_OVERLAP.code, f"{len(repeated)} of {len(held)} held-out {noun} also appear in the training "
+                    f"data (e.g. {repeated[0]}): the {figure} will look better than the model is", "remove them "
+                    f"from one of the two files, or use --eval-split, which keeps identical {noun} on one side")]
+
+
 def per_epoch_steps(cfg: RunConfig, n_examples: int, world: int = 1) -> tuple[int | None, int | None]:
     """``(eval_steps, save_steps)`` from ``evals_per_epoch`` / ``saves_per_epoch``, as Axolotl resolves them.
 
@@ -246,7 +259,7 @@ def prepare_run(cfg: RunConfig, *, sharded: bool = False) -> RunSetup:
     from transformers import set_seed
 
     from gemma4_tune.data.collate import Gemma4Batcher, keep_supervised
-    from gemma4_tune.data.records import conversation_key, load_conversations, load_datasets, split_conversations
+    from gemma4_tune.data.records import load_conversations, load_datasets, split_conversations
     from gemma4_tune.data.template_checks import template_findings
 
     if not Path(cfg.model).is_dir():
@@ -269,13 +282,7 @@ def prepare_run(cfg: RunConfig, *, sharded: bool = False) -> RunSetup:
         findings += eval_report.findings
         modalities = {k: n + eval_report.modalities.get(k, 0) for k, n in modalities.items()}
         eval_source = cfg.eval_data
-        seen = {conversation_key(c) for c in conversations}
-        repeated = [c.source for c in eval_convs if conversation_key(c) in seen]
-        if repeated:
-            findings.append(finding(EVAL_OVERLAP.code, f"{len(repeated)} of {len(eval_convs)} held-out conversations "
-                                    f"also appear in the training data (e.g. {repeated[0]}): the eval loss will "
-                                    "look better than the model is", "remove them from one of the two files, or "
-                                    "use --eval-split, which keeps identical conversations on one side"))
+        findings += eval_overlap(conversations, eval_convs, "conversations", "eval loss")
     elif cfg.eval_split:
         conversations, eval_convs = split_conversations(conversations, cfg.eval_split, cfg.seed)
         eval_source = f"{cfg.eval_split:g} of {cfg.data_label} (seed {cfg.seed})"
@@ -379,10 +386,10 @@ def train(cfg: RunConfig) -> TrainResult:
     directory is locked from the first check to the end (G4T417 for a second run on it).
     """
     try:
-        if cfg.method == "dpo":
-            from gemma4_tune.train.dpo import train_dpo
+        if cfg.method in ("dpo", "kto"):  # both on TRL's trainers, one implementation (train.preference)
+            from gemma4_tune.train.preference import train_preference
 
-            return train_dpo(cfg)
+            return train_preference(cfg)
         return _train(cfg)
     finally:
         release_run_dir(cfg.out)

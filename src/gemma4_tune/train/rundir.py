@@ -93,7 +93,8 @@ def run_record(cfg: RunConfig, world_size: int = 1) -> dict[str, Any]:
                  "eval_split": cfg.eval_split},
         "lora": {"targets": cfg.targets, "rank": cfg.rank, "alpha": cfg.alpha or 2 * cfg.rank,
                  "lora_dropout": cfg.lora_dropout},
-        "recipe": {**{key: getattr(cfg, key) for key in RECIPE_KEYS}, "world_size": world_size},
+        "recipe": {**{key: getattr(cfg, key) for key in RECIPE_KEYS}, "world_size": world_size,
+                   "method": cfg.method, **({"beta": cfg.beta} if cfg.method != "sft" else {})},
         "length": {"max_steps": cfg.max_steps, "epochs": cfg.epochs},  # may grow on resume
     }
 
@@ -145,9 +146,10 @@ def record_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     if old_eval.get("eval_split") != new_eval["eval_split"]:
         changes.append(f"eval_split: {_show(old_eval.get('eval_split'))} -> {_show(new_eval['eval_split'])}")
     for section in ("lora", "recipe"):
-        before = old.get(section, {})
-        changes += [f"{key}: {_show(before.get(key))} -> {_show(value)}" for key, value in new[section].items()
-                    if before.get(key) != value]
+        before = {"method": "sft", **old.get(section, {})} if section == "recipe" else old.get(section, {})
+        after = new[section]  # a key only the old record has (a DPO run's beta) is a change too
+        changes += [f"{key}: {_show(before.get(key))} -> {_show(after.get(key))}"
+                    for key in [*after, *(k for k in before if k not in after)] if before.get(key) != after.get(key)]
     return changes
 
 

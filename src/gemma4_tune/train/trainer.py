@@ -1,4 +1,4 @@
-"""The transformers Trainer with the loss of ``loss.py``: no vocabulary projection beyond the supervised positions."""
+"""The transformers Trainer with the loss of ``model/loss.py``: no vocabulary projection beyond the supervised positions."""
 
 from __future__ import annotations
 
