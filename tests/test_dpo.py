@@ -265,10 +265,11 @@ def test_dpo_that_learns_nothing_is_g4t515_and_compare_shows_it_beside_an_sft_ru
 
 
 @pytest.mark.slow
-def test_dpo_sigkill_then_resume_ends_with_the_uninterrupted_adapter(tiny_models, tmp_path):
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_preference_sigkill_then_resume_ends_with_the_uninterrupted_adapter(tiny_models, tmp_path, method):
     data = write_pairs(tmp_path / "data", images=False, n=8, n_eval=2)
-    args = [*dpo_args(tiny_models["31b"], data, targets="text"), "--save-steps", 2]
-    args[args.index("--max-steps") + 1] = 6
+    args = [*dpo_args(tiny_models["31b"], data, targets="text"), "--save-steps", 2, "--samples", 0]
+    args[args.index("--method") + 1] = method
     reference = tmp_path / "reference"
     proc = cli("train", *args, "--out", reference, env=SAME_THREADS)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -290,8 +291,10 @@ def test_dpo_sigkill_then_resume_ends_with_the_uninterrupted_adapter(tiny_models
         assert torch.allclose(expected[key], got[key], atol=1e-6), key
     rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 7))
-    assert [r["step"] for r in rows if "eval_reward_accuracy" in r] == [0, 3, 6]
-    assert json.loads((killed / "run-start.json").read_text())["recipe"]["beta"] == 0.1
+    held_out = "eval_reward_accuracy" if method == "dpo" else "eval_reward_margin"  # KTO counts no accuracy
+    assert [r["step"] for r in rows if held_out in r] == [0, 3, 6]
+    recipe = json.loads((killed / "run-start.json").read_text())["recipe"]
+    assert (recipe["method"], recipe["beta"]) == (method, 0.1)
 
 
 def test_held_out_pairs_repeating_training_pairs_are_g4t407_and_the_split_keeps_twins_together(tmp_path) -> None:
