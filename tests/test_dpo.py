@@ -341,3 +341,23 @@ def test_trl_renders_pairs_token_for_token_as_our_batcher_and_supervises_the_sam
         assert batch["completion_mask"][i][keep].tolist() == [int(x != -100) for x in ours["labels"]], (i, side)
         if pair.images:
             assert torch.equal(batch["pixel_values"][0], torch.as_tensor(ours["pixel_values"])[0])
+
+
+def test_held_out_rewards_are_strict_json_and_a_nan_figure_is_no_rise(tmp_path) -> None:
+    """A NaN held-out margin is written as null (as every metrics row) and read back as no rise: G4T515."""
+    from types import SimpleNamespace
+
+    from gemma4_tune.train.preference import HeldOutRewards, not_learning
+
+    path = tmp_path / "metrics.jsonl"
+    callback = HeldOutRewards(path, 3, "dpo")
+    metrics = {"eval_rewards/accuracies": 0.5, "eval_rewards/margins": float("nan"), "eval_loss": 0.7,
+               "eval_logps/chosen": -3.0, "eval_logps/rejected": -4.0}
+    callback.on_evaluate(None, SimpleNamespace(global_step=6), None, metrics=metrics)
+    line = path.read_text().strip()
+    assert "NaN" not in line and json.loads(line)["eval_reward_margin"] is None
+    first = {"eval_reward_accuracy": 0.5, "eval_reward_margin": 0.0}
+    found = not_learning(first, json.loads(line))
+    assert [f.code for f in found] == ["G4T515"] and "margin 0.000 -> nan" in found[0].message
+    assert not_learning(first, {"eval_reward_accuracy": 1.0, "eval_reward_margin": None}) == []
+    assert [f.code for f in not_learning({"eval_reward_margin": 0.0}, {"eval_reward_margin": None})] == ["G4T515"]

@@ -133,6 +133,12 @@ def strict(data: Any) -> Any:
     return data
 
 
+def figure_text(value: float | None, spec: str) -> str:
+    """A figure read back from strict JSON, formatted by ``spec``; ``nan`` for a null (a NaN when written) or
+    non-finite one."""
+    return "nan" if value is None or not math.isfinite(value) else format(value, spec)
+
+
 def json_text(data: Any, *, indent: int | None = 2, sort_keys: bool = False) -> str:
     """Strict JSON (never NaN or Infinity: those become null); unknown objects as ``str``."""
     return json.dumps(strict(data), indent=indent, sort_keys=sort_keys, allow_nan=False, default=str)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gemma4_tune.findings import Finding
-from gemma4_tune.io import atomic_file, write_json, write_text_atomic
+from gemma4_tune.io import atomic_file, figure_text, write_json, write_text_atomic
 
 
 @dataclass
@@ -71,11 +71,6 @@ def _value(value: float | None) -> float:
     return float("nan") if value is None else float(value)
 
 
-def _num(value: float | None, spec: str) -> str:
-    """``value`` formatted by ``spec``; ``nan`` for a missing (null in JSON) or non-finite figure."""
-    return "nan" if value is None or not math.isfinite(value) else format(value, spec)
-
-
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4g}"
@@ -111,12 +106,12 @@ def build_sections(sections: dict[str, Any], findings: list[Finding], plot: Path
                                f"held-out conversations ({data.get('eval_source')}); loss computed exactly like "
                                "the training loss. Step 0 is the base model."),
             Block("table", header=["", f"step {first['step']} (base)", f"step {last['step']} (tuned)", "change"],
-                  rows=[["loss", _num(first["eval_loss"], ".4f"), _num(last["eval_loss"], ".4f"),
-                         _num(_value(last["eval_loss"]) - _value(first["eval_loss"]), "+.4f")],
+                  rows=[["loss", figure_text(first["eval_loss"], ".4f"), figure_text(last["eval_loss"], ".4f"),
+                         figure_text(_value(last["eval_loss"]) - _value(first["eval_loss"]), "+.4f")],
                         ["token accuracy", f"{first['eval_accuracy']:.1%}", f"{last['eval_accuracy']:.1%}",
                          f"{100 * (last['eval_accuracy'] - first['eval_accuracy']):+.1f} pt"]]),
             Block("table", header=["step", "held-out loss", "token accuracy", "training tokens seen"],
-                  rows=[[m["step"], _num(m["eval_loss"], ".4f"), f"{m['eval_accuracy']:.1%}", m.get("tokens")]
+                  rows=[[m["step"], figure_text(m["eval_loss"], ".4f"), f"{m['eval_accuracy']:.1%}", m.get("tokens")]
                         for m in evals]),
         ]))
     for method in ("dpo", "kto"):
@@ -193,8 +188,8 @@ def build_sections(sections: dict[str, Any], findings: list[Finding], plot: Path
         out.append(("Timings and throughput", [Block("kv", [[k, v] for k, v in timing.items()])]))
     if steps:
         out.append(("Steps", [Block("table", header=["step", "loss", "lr", "grad norm", "tokens/s"], rows=[
-            [m["step"], _num(m["loss"], ".4f"), _num(m.get("learning_rate", 0), ".2e"),
-             _num(m.get("grad_norm"), ".3f"), _num(m.get("tokens_per_s", 0), ".0f")] for m in steps])]))
+            [m["step"], figure_text(m["loss"], ".4f"), figure_text(m.get("learning_rate", 0), ".2e"),
+             figure_text(m.get("grad_norm"), ".3f"), figure_text(m.get("tokens_per_s", 0), ".0f")] for m in steps])]))
     if findings:
         out.append(("Findings", [Block("table", header=["code", "severity", "message", "fix"],
                                        rows=[[f.code, f.severity.value, f.message, f.fix] for f in findings])]))
@@ -300,24 +295,24 @@ def _preference_section(method: str, dpo: dict[str, Any]) -> list[tuple[str, lis
         first, last = evals[0], evals[-1]
         blocks.append(Block("table", header=["held-out answers", f"step {first['step']} (base)",
                                              f"step {last['step']} (tuned)"],
-                            rows=[["reward margin (chosen minus rejected)", _num(first["eval_reward_margin"], ".4f"),
-                                   _num(last["eval_reward_margin"], ".4f")],
-                                  ["reward of the chosen answers", _num(first["eval_reward_chosen"], ".4f"),
-                                   _num(last["eval_reward_chosen"], ".4f")],
-                                  ["reward of the rejected answers", _num(first["eval_reward_rejected"], ".4f"),
-                                   _num(last["eval_reward_rejected"], ".4f")],
-                                  ["KL estimate", _num(first["eval_kl"], ".4f"), _num(last["eval_kl"], ".4f")],
-                                  ["KTO loss", _num(first["eval_kto_loss"], ".4f"), _num(last["eval_kto_loss"], ".4f")]]))
+                            rows=[["reward margin (chosen minus rejected)", figure_text(first["eval_reward_margin"], ".4f"),
+                                   figure_text(last["eval_reward_margin"], ".4f")],
+                                  ["reward of the chosen answers", figure_text(first["eval_reward_chosen"], ".4f"),
+                                   figure_text(last["eval_reward_chosen"], ".4f")],
+                                  ["reward of the rejected answers", figure_text(first["eval_reward_rejected"], ".4f"),
+                                   figure_text(last["eval_reward_rejected"], ".4f")],
+                                  ["KL estimate", figure_text(first["eval_kl"], ".4f"), figure_text(last["eval_kl"], ".4f")],
+                                  ["KTO loss", figure_text(first["eval_kto_loss"], ".4f"), figure_text(last["eval_kto_loss"], ".4f")]]))
     if len(evals) >= 2 and method == "dpo":
         first, last = evals[0], evals[-1]
         blocks.append(Block("table", header=["held-out pairs", f"step {first['step']} (base)",
                                              f"step {last['step']} (tuned)"],
                             rows=[["reward accuracy (a tie counts as wrong)",
                                    f"{first['eval_reward_accuracy']:.1%}", f"{last['eval_reward_accuracy']:.1%}"],
-                                  ["reward margin", _num(first["eval_reward_margin"], ".4f"),
-                                   _num(last["eval_reward_margin"], ".4f")],
-                                  ["DPO loss", _num(first["eval_dpo_loss"], ".4f"),
-                                   _num(last["eval_dpo_loss"], ".4f")]]))
+                                  ["reward margin", figure_text(first["eval_reward_margin"], ".4f"),
+                                   figure_text(last["eval_reward_margin"], ".4f")],
+                                  ["DPO loss", figure_text(first["eval_dpo_loss"], ".4f"),
+                                   figure_text(last["eval_dpo_loss"], ".4f")]]))
     pf = dpo.get("preflight") or {}
     if pf:
         blocks.append(Block("kv", [["step-0 log-ratio, policy vs reference", f"{pf['max_abs_log_ratio_step0']:.1e}"],

@@ -298,6 +298,11 @@ class GuardCallback(TrainerCallback):
                        "targets are on the path of the loss (gemma4-tune preflight)")
 
 
+def eval_interval(every: int | None, max_steps: int) -> int:
+    """Steps between held-out evaluations: ``every`` (``--eval-steps``), else a quarter of the run."""
+    return every or max(1, max_steps // 4)
+
+
 class EvalCallback(TrainerCallback):
     """Held-out loss and accuracy before the first step (the base model), every ``every`` steps and at the end.
 
@@ -327,8 +332,7 @@ class EvalCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
-        if self.every is None:
-            self.every = max(1, state.max_steps // 4)
+        self.every = eval_interval(self.every, state.max_steps)
         if state.global_step == 0:
             self._run(0)
 

@@ -35,9 +35,10 @@ from gemma4_tune.config.options import RunConfig
 from gemma4_tune.console import console, err_console
 from gemma4_tune.data.chat import END_OF_TURN
 from gemma4_tune.findings import Finding, FindingError, Severity, finding, has_errors, register
-from gemma4_tune.io import check_writable, ensure_empty_target, write_json
+from gemma4_tune.io import check_writable, ensure_empty_target, figure_text, json_text, write_json
 from gemma4_tune.model.loss import IGNORE_INDEX
 from gemma4_tune.preflight import LOSS_NOT_FINITE, PREFLIGHT_SKIPPED, PreflightResult
+from gemma4_tune.train.callbacks import eval_interval
 
 REFERENCE_NOT_BASE = register("G4T512", Severity.ERROR, "DPO/KTO reference model is not the base model")
 POLICY_NOT_REFERENCE = register("G4T513", Severity.ERROR, "DPO/KTO policy differs from its reference at step 0")
@@ -179,7 +180,6 @@ def as_supervised(batch: dict[str, Any]) -> dict[str, Any]:
     return {**inputs, "labels": batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE_INDEX)}
 
 
-
 def sequence_logps(model: Any, batch: dict[str, Any], *, reference: bool = False, base: bool = False
                    ) -> torch.Tensor:
     """Per-row sums of completion log-probabilities, exactly as TRL's DPO and KTO losses take them
@@ -219,7 +219,8 @@ def dpo_preflight(model: Any, profile: Any, batch: dict[str, Any], *, seed: int 
         half = policy.shape[0] // 2
         ratios = (policy - reference)
         figures: dict[str, Any] = {
-            **({"completions_in_batch": policy.shape[0]} if name == "KTO" else {"pairs_in_batch": half}), "max_abs_log_ratio_step0": float(ratios.abs().max()),
+            **({"completions_in_batch": policy.shape[0]} if name == "KTO" else {"pairs_in_batch": half}),
+            "max_abs_log_ratio_step0": float(ratios.abs().max()),
             "policy_logps": [round(float(v), 4) for v in policy],
         }
         if not torch.isfinite(policy).all() or not torch.isfinite(reference).all():
@@ -332,14 +333,13 @@ class HeldOutRewards(TrainerCallback):
         self.pending: dict[str, Any] | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.every is None:
-            self.every = max(1, state.max_steps // 4)
+        self.every = eval_interval(self.every, state.max_steps)
         if self.pending is not None and state.global_step == 0:
             self._write(self.pending)
         self.pending = None
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.global_step % (self.every or state.max_steps or 1) == 0 and state.global_step < state.max_steps:
+        if state.global_step % self.every == 0 and state.global_step < state.max_steps:
             control.should_evaluate = True
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
@@ -351,8 +351,8 @@ class HeldOutRewards(TrainerCallback):
             self._write(row)
 
     def _write(self, row: dict[str, Any]) -> None:
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        with self.path.open("a") as handle:  # strict JSON, as every metrics row: a NaN figure is null
+            handle.write(json_text(row, indent=None) + "\n")
 
 
 def rewards_row(metrics: dict[str, float], step: int, method: str = "dpo") -> dict[str, Any]:
@@ -369,6 +369,26 @@ def rewards_row(metrics: dict[str, float], step: int, method: str = "dpo") -> di
     return {"step": step, "eval_reward_accuracy": metrics["eval_rewards/accuracies"],
             "eval_reward_margin": metrics["eval_rewards/margins"], "eval_dpo_loss": metrics["eval_loss"],
             "eval_logps_chosen": metrics["eval_logps/chosen"], "eval_logps_rejected": metrics["eval_logps/rejected"]}
+
+
+def _rose(first: dict[str, Any], last: dict[str, Any], key: str) -> bool:
+    """Whether a held-out figure rose; a NaN (null in metrics.jsonl) or missing one never did."""
+    before, after = first.get(key), last.get(key)
+    return before is not None and after is not None and after > before
+
+
+def not_learning(first: dict[str, Any], last: dict[str, Any]) -> list[Finding]:
+    """G4T515 when neither the held-out reward accuracy (DPO's; KTO has none) nor the margin rose."""
+    accuracy = "eval_reward_accuracy" in last
+    if (accuracy and _rose(first, last, "eval_reward_accuracy")) or _rose(first, last, "eval_reward_margin"):
+        return []
+    said = (f"reward accuracy {figure_text(first['eval_reward_accuracy'], '.1%')} -> "
+            f"{figure_text(last['eval_reward_accuracy'], '.1%')}, " if accuracy else "")
+    return [finding(DPO_NOT_LEARNING.code, f"held-out {said}{'margin' if accuracy else 'reward margin'} "
+                    f"{figure_text(first['eval_reward_margin'], '.3f')} -> "
+                    f"{figure_text(last['eval_reward_margin'], '.3f')}: the tuned model does not prefer the chosen "
+                    "answers more than the base", "train longer or with a higher --lr or --beta, and check that "
+                    "chosen and rejected differ in what you want learned")]
 
 
 def dpo_plot(metrics: list[dict[str, Any]], path: Path) -> Path | None:  # DPO's and KTO's
@@ -569,18 +589,7 @@ def train_preference(cfg: RunConfig) -> Any:
     if eval_pairs:
         trainer.evaluate()
         evals = [row for row in _metrics(out) if "eval_reward_margin" in row]
-        first, last = evals[0], evals[-1]
-        accuracy = "eval_reward_accuracy" in last  # DPO's; KTO has the margin only
-        # "did not rise" also when a figure is NaN: a comparison with NaN is never a rise
-        if ((not accuracy or not last["eval_reward_accuracy"] > first["eval_reward_accuracy"])
-                and not last["eval_reward_margin"] > first["eval_reward_margin"]):
-            said = (f"reward accuracy {first['eval_reward_accuracy']:.1%} -> {last['eval_reward_accuracy']:.1%}, "
-                    if accuracy else "")
-            findings.append(finding(DPO_NOT_LEARNING.code, f"held-out {said}{'margin' if accuracy else 'reward margin'} "
-                                    f"{first['eval_reward_margin']:.3f} -> "
-                                    f"{last['eval_reward_margin']:.3f}: the tuned model does not prefer the chosen "
-                                    "answers more than the base", "train longer or with a higher --lr or --beta, "
-                                    "and check that chosen and rejected differ in what you want learned"))
+        findings += not_learning(evals[0], evals[-1])
     adapter = None
     samples = []
     if not guard.findings:
@@ -612,10 +621,11 @@ def dpo_summary(result: Any, method: str = "dpo") -> dict[str, Any]:
     if len(evals) >= 2:
         first, last = evals[0], evals[-1]
         if "eval_reward_accuracy" in last:
-            summary["held-out reward accuracy (base -> tuned)"] = (f"{first['eval_reward_accuracy']:.1%} -> "
-                                                                   f"{last['eval_reward_accuracy']:.1%}")
-        summary["held-out reward margin (base -> tuned)"] = (f"{first['eval_reward_margin']:.3f} -> "
-                                                             f"{last['eval_reward_margin']:.3f}")
+            summary["held-out reward accuracy (base -> tuned)"] = (
+                f"{figure_text(first['eval_reward_accuracy'], '.1%')} -> "
+                f"{figure_text(last['eval_reward_accuracy'], '.1%')}")
+        summary["held-out reward margin (base -> tuned)"] = (f"{figure_text(first['eval_reward_margin'], '.3f')} -> "
+                                                             f"{figure_text(last['eval_reward_margin'], '.3f')}")
     pf = result.dpo["preflight"]
     if pf:
         summary["step-0 log-ratio (policy vs reference)"] = f"{pf['max_abs_log_ratio_step0']:.1e}"
