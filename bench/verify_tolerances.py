@@ -35,10 +35,10 @@ def measure(variant: str, root: Path) -> dict[str, Any]:
     from gemma4_tune.api import export, tiny_model
     from gemma4_tune.export.gguf import export_gguf
     from gemma4_tune.verify.llamacpp import default_prompts, engine_results, verify_gguf
-    from gemma4_tune.verify.reference import token_logits
-    from gemma4_tune.verify.parity import verify_artefacts, vllm_results, worst
-
+    from gemma4_tune.verify.parity import verify_artefacts, vllm_results
     from gemma4_tune.verify.prompts import model_modalities
+    from gemma4_tune.verify.reference import token_logits
+    from gemma4_tune.verify.verdict import worst
 
     base = tiny_model(variant, root / "base", seed=0)
     adapter = random_lora(base, root / "adapter", seed=3)

@@ -21,7 +21,18 @@ def _lint(src: Path) -> subprocess.CompletedProcess[str]:
 def test_every_import_goes_down_the_layers() -> None:
     result = _lint(ROOT / "src")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 kept, 0 broken" in result.stdout
+    assert "2 kept, 0 broken" in result.stdout
+
+
+def test_an_engine_comparison_importing_another_breaks_the_verify_contract(tmp_path: Path) -> None:
+    """The verify contract (issue 32): vLLM's comparison reaching back into parity (as it did) is refused."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "src" / "gemma4_tune", src / "gemma4_tune", ignore=shutil.ignore_patterns("__pycache__"))
+    vllm = src / "gemma4_tune" / "verify" / "vllm.py"
+    vllm.write_text(vllm.read_text() + "\n\ndef _back() -> None:\n    from gemma4_tune.verify.parity import ENGINES  # noqa\n")
+    result = _lint(src)
+    assert result.returncode != 0
+    assert "gemma4_tune.verify.vllm -> gemma4_tune.verify.parity" in result.stdout
 
 
 def test_an_upward_import_breaks_the_contract(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ that is not first, so each comparison is written to fail on NaN."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import subprocess
@@ -16,7 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gemma4_tune.findings import FindingError
-from gemma4_tune.verify.parity import _compare, verify_artefacts, worst
+from gemma4_tune.verify.parity import _compare, verify_artefacts
+from gemma4_tune.verify.verdict import worst
 
 CLI = [sys.executable, "-c", "from gemma4_tune.cli import main; main()"]
 
@@ -76,6 +78,13 @@ def test_nan_in_lora_b_fails_verify_engine_peft_before_any_comparison(tiny_model
         verify_artefacts(tiny_models["e2b"], poisoned, None, ["peft"])
     assert [f.code for f in info.value.findings] == ["G4T618"]
     assert "the trained model (base + " in info.value.findings[0].message
+    from gemma4_tune.api import verify
+
+    with pytest.raises(FindingError):  # refused before comparing: verify --out still writes its verdict
+        verify(tiny_models["e2b"], poisoned, engines=("peft",), out=tmp_path / "report")
+    verdict = json.loads((tmp_path / "report" / "verify.json").read_text())
+    assert (verdict["ok"], verdict["refused"]) == (False, True)
+    assert [f["code"] for f in verdict["findings"]] == ["G4T618"]
 
 
 def test_saved_adapter_with_nan_is_not_called_an_adapter_that_changes_nothing(tiny_models, tmp_path):

@@ -197,7 +197,10 @@ def test_an_unknown_served_template_stops_verify_before_any_model_loads(trained:
     assert [f.code for f in err.value.findings] == ["G4T813"]
     assert "trained with the official chat template v5" in err.value.findings[0].message
     assert "no official Gemma 4 revision" in err.value.findings[0].message
-    assert not (tmp_path / "verify" / "verify.json").exists()
+    verdict = json.loads((tmp_path / "verify" / "verify.json").read_text())  # refused: the verdict says so
+    assert (verdict["ok"], verdict["refused"], verdict["engines"]) == (False, True, [])
+    assert [f["code"] for f in verdict["findings"]] == ["G4T813"]
+    assert "Refused before any engine was compared" in (tmp_path / "verify" / "verify.md").read_text()
     missing = base_with_template(e2b, tmp_path / "none", None)
     assert "has no chat template" in served_template_findings(trained, missing, json.loads(
         (trained / MANIFEST_NAME).read_text()))[0].message

@@ -53,6 +53,7 @@ def run_training(cfg: RunConfig) -> TrainResult:
     Writes report.json, report.md, report.html and loss.png beside the adapter; raises FindingError (after
     writing the report) when the saved adapter does not reproduce the model or changes nothing.
     """
+    from gemma4_tune.model.quantization import base_weights_line
     from gemma4_tune.ranks import is_main_process
     from gemma4_tune.report.run_report import write_report
     from gemma4_tune.train.recipe import STAGING, library_versions, loss_went_down, train
@@ -81,7 +82,7 @@ def run_training(cfg: RunConfig) -> TrainResult:
     first, last = loss_went_down(result.metrics)
     summary = {"steps": result.metrics[-1]["step"] if result.metrics else 0, "first loss": round(first, 4),
                "last loss": round(last, 4), "seconds": result.seconds, "adapter": str(result.adapter or "-"),
-               "resumed from": result.resumed_from or "-"}
+               "resumed from": result.resumed_from or "-", **base_weights_line(result.quant)}
     if result.distributed:
         summary["distributed"] = (f"{result.distributed['strategy']} on {result.distributed['world_size']} processes "
                                   f"({result.distributed['distributed_type']})")
@@ -143,14 +144,16 @@ def run_preflight(cfg: RunConfig) -> PreflightResult:
 def export(base: str | Path, adapter: str | Path, *, merged: str | Path | None = None,
            engines: tuple[str, ...] = ("transformers", "vllm", "llama.cpp"),
            shard_size_mb: int = 2000, vllm_adapter: str | Path | None = None, gguf: str | Path | None = None,
-           gguf_type: str = "f32", log: Callable[[str], None] | None = None) -> dict[str, Any]:
+           gguf_type: str = "f32", log: Callable[[str], None] | None = None,
+           merge_into: str | None = None) -> dict[str, Any]:
     """Check the adapter against each engine (refusing a foreign base); with ``merged``, write a
     streaming-merged checkpoint in the official key layout plus an Ollama Modelfile; with
     ``vllm_adapter``, a copy that vLLM serves like PEFT on K=V layers; with ``gguf`` (needs
     ``merged``), the merged model, its tower projector and the text LoRA as GGUF, converted by
-    llama.cpp's own converters, and the Modelfile pointed at the GGUF."""
+    llama.cpp's own converters, and the Modelfile pointed at the GGUF. A QLoRA adapter is merged into the
+    dequantized 4-bit weights it was trained with unless ``merge_into="original"`` (G4T814 then says so)."""
     from gemma4_tune.export.adapter import check_adapter_for_engines
-    from gemma4_tune.export.merge import merge_adapter, merged_size
+    from gemma4_tune.export.merge import merge_adapter, merge_findings, merged_size
 
     for path, option in ((merged, "--merged"), (gguf, "--gguf"), (vllm_adapter, "--vllm-adapter")):
         if path is not None:
@@ -189,11 +192,13 @@ def export(base: str | Path, adapter: str | Path, *, merged: str | Path | None =
         with output_errors(vllm_adapter, "the vLLM-ready adapter"):
             report["vllm_adapter"] = str(vllm_ready_adapter(adapter, base, vllm_adapter))
     if merged is not None:
-        result = merge_adapter(base, adapter, merged, shard_size_mb=shard_size_mb)
+        result = merge_adapter(base, adapter, merged, shard_size_mb=shard_size_mb, into=merge_into)
         report["merged"] = {"path": str(result.out_dir), "tensors_merged": result.tensors_merged,
                             "tensors_copied": result.tensors_copied, "bytes_written": result.bytes_written,
                             "shards": result.shards, "seconds": result.seconds, "peak_rss_mb": result.peak_rss_mb,
-                            "copied_by": result.copied_by}
+                            "copied_by": result.copied_by, "weights": result.weights,
+                            "tensors_dequantized": result.tensors_dequantized}
+        report["findings"] += merge_findings(adapter, result)
     if gguf is not None:
         from gemma4_tune.export.gguf import export_gguf
 
@@ -201,6 +206,14 @@ def export(base: str | Path, adapter: str | Path, *, merged: str | Path | None =
         report["findings"] += converted.pop("findings")
         report["gguf"] = converted
     return report
+
+
+def _write_verdict(out_dir: Path, report: dict[str, Any], lines: list[str]) -> None:
+    """``verify.json`` and ``verify.md`` in ``out_dir``, each written whole."""
+    with output_errors(out_dir, "verify.json and verify.md"):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / "verify.json", report)
+        write_text_atomic(out_dir / "verify.md", "\n".join(lines) + "\n")
 
 
 def verify(base: str | Path, adapter: str | Path, *, merged: str | Path | None = None,
@@ -212,37 +225,45 @@ def verify(base: str | Path, adapter: str | Path, *, merged: str | Path | None =
     Writes ``verify.json`` and ``verify.md`` into ``out`` (default: the adapter's parent folder).
     """
     from gemma4_tune.export.manifest import check_adapter_matches_base, check_served_template
-    from gemma4_tune.verify.parity import (
-        MISSING_ARTEFACT,
-        check_engines,
-        report_findings,
-        require_comparisons,
-        verify_artefacts,
-    )
+    from gemma4_tune.verify.parity import MISSING_ARTEFACT, check_engines, verify_artefacts
+    from gemma4_tune.verify.reference import trained_quantization
+    from gemma4_tune.verify.verdict import explain_four_bit, report_findings, require_comparisons
 
     check_engines(engines)
     base, adapter = Path(base), Path(adapter)
     out_dir = Path(out) if out else adapter.parent
     check_writable(out_dir, "--out")  # before any model is loaded (G4T021)
-    notes = check_adapter_matches_base(adapter, base)
-    notes += check_served_template(adapter, [base, merged])  # G4T812 warns, G4T813 stops (catalog row 34)
-    if "llama.cpp" in engines and gguf is None:
-        raise FindingError(finding(MISSING_ARTEFACT.code, "--engine llama.cpp checks the GGUF export, but no --gguf "
-                                   "was given", "pass --gguf DIR (make one with `gemma4-tune export --merged M "
-                                   "--gguf DIR`) or drop llama.cpp from --engine"))
-    others = [e for e in engines if e != "llama.cpp"]
-    results = verify_artefacts(base, adapter, Path(merged) if merged else None, others) if others else []
-    if "llama.cpp" in engines:
-        from gemma4_tune.verify.llamacpp import engine_results
+    header = {"base": str(base), "adapter": str(adapter), "merged": str(merged) if merged else None,
+              "gguf": str(gguf) if gguf else None}
+    try:
+        notes = check_adapter_matches_base(adapter, base)
+        notes += check_served_template(adapter, [base, merged])  # G4T812 warns, G4T813 stops (catalog row 34)
+        if "llama.cpp" in engines and gguf is None:
+            raise FindingError(finding(MISSING_ARTEFACT.code, "--engine llama.cpp checks the GGUF export, but no "
+                                       "--gguf was given", "pass --gguf DIR (make one with `gemma4-tune export "
+                                       "--merged M --gguf DIR`) or drop llama.cpp from --engine"))
+        quant = trained_quantization(adapter)
+        others = [e for e in engines if e != "llama.cpp"]
+        results = verify_artefacts(base, adapter, Path(merged) if merged else None, others) if others else []
+        if "llama.cpp" in engines:
+            from gemma4_tune.verify.llamacpp import engine_results
 
-        results += engine_results(base, adapter, gguf, log=log)
+            results += engine_results(base, adapter, gguf, log=log)
+    except FindingError as exc:  # refused before anything was compared: the verdict says so too
+        _write_verdict(out_dir, {**header, "engines": [], "ok": False, "refused": True,
+                                 "findings": [f.to_dict() for f in exc.findings]},
+                       ["# gemma4-tune verify", "", "Refused before any engine was compared:", "",
+                        *[f"- **{f.code}**: {f.message} — {f.fix}" for f in exc.findings]])
+        raise
     require_comparisons(results)
-    report = {"base": str(base), "adapter": str(adapter), "merged": str(merged) if merged else None,
-              "gguf": str(gguf) if gguf else None,
+    explain_four_bit(results, quant)  # QLoRA: a row off the 4-bit model says so (G4T619, row 38)
+    report = {**header, "quantization": quant.to_dict() if quant else None,
               "engines": [r.to_dict() for r in results], "ok": all(r.ok for r in results)}
+    trained = f"the base in {quant.describe()} + adapter in transformers + PEFT, as trained" if quant else \
+        "base + adapter in transformers + PEFT (fp32)"
     lines = ["# gemma4-tune verify", "",
              f"base `{base}`, adapter `{adapter}`, merged `{merged or '-'}`, GGUF `{gguf or '-'}`", "",
-             "One row per engine and modality: what it ran, against base + adapter in transformers + PEFT (fp32).", "",
+             f"One row per engine and modality: what it ran, against {trained}.", "",
              "| engine | modality | compared | max logit diff | tolerance | greedy agreement | adapter effect | "
              "verdict |", "|---|---|---|---:|---:|---:|---:|---|"]
     lines += [f"| {r.engine} | {', '.join(r.modalities) or '-'} | {r.prompts} prompts, {r.positions} positions | "
@@ -251,10 +272,7 @@ def verify(base: str | Path, adapter: str | Path, *, merged: str | Path | None =
     findings = [*notes, *report_findings(results)]
     if findings:
         lines += ["", "## Findings", ""] + [f"- **{f.code}**: {f.message} — {f.fix}" for f in findings]
-    with output_errors(out_dir, "verify.json and verify.md"):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(out_dir / "verify.json", report)
-        write_text_atomic(out_dir / "verify.md", "\n".join(lines) + "\n")
+    _write_verdict(out_dir, report, lines)
     report["findings"] = findings
     report["paths"] = {"json": str(out_dir / "verify.json"), "markdown": str(out_dir / "verify.md")}
     return report

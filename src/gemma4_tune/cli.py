@@ -56,6 +56,13 @@ class Quantize(str, enum.Enum):
 
     four_bit = "4bit"
 
+
+class MergeInto(str, enum.Enum):
+    """What a QLoRA adapter is merged into: the dequantized 4-bit weights it trained with, or the originals."""
+
+    dequantized = "dequantized"
+    original = "original"
+
 app = typer.Typer(
     name="gemma4-tune",
     help="Fine-tune Gemma 4 with LoRA correctly the first time, and prove every export behaves like the trained model.",
@@ -352,6 +359,9 @@ def export(
     gguf: Annotated[Path | None, typer.Option("--gguf", help="With --merged: also write GGUF files for llama.cpp "
                                               "and Ollama here (model, tower mmproj, text LoRA)")] = None,
     gguf_type: Annotated[GgufType, typer.Option("--gguf-type", help="GGUF tensor type")] = GgufType.f32,
+    merge_into: Annotated[MergeInto | None, typer.Option(
+        "--merge-into", help="QLoRA adapters: merge into the dequantized 4-bit weights it was trained with "
+        "[default], or into the original weights (another model: G4T814)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Check an adapter against each serving engine; with --merged, write a merged checkpoint in the official
@@ -361,7 +371,8 @@ def export(
     try:
         report = run_export(base, adapter, merged=merged, engines=_split(engines), shard_size_mb=shard_size_mb,
                             vllm_adapter=vllm_adapter, gguf=gguf, gguf_type=gguf_type.value,
-                            log=lambda line: err_console.print(line, markup=False))
+                            log=lambda line: err_console.print(line, markup=False),
+                            merge_into=merge_into.value if merge_into else None)
     except FindingError as exc:
         _fail(exc)
     findings = report.pop("findings")
@@ -375,7 +386,9 @@ def export(
             m = report["merged"]
             console.print(f"merged checkpoint {m['path']}: {m['tensors_merged']} tensors merged, "
                           f"{m['tensors_copied']} copied, {m['bytes_written'] / 1e6:.1f} MB in {len(m['shards'])} "
-                          f"shard(s), {m['seconds']:.1f} s, peak RSS {m['peak_rss_mb']:.0f} MB")
+                          f"shard(s), {m['seconds']:.1f} s, peak RSS {m['peak_rss_mb']:.0f} MB"
+                          + (f"; merged into the dequantized 4-bit weights ({m['tensors_dequantized']} tensors), "
+                             "the model you trained" if m["weights"] == "dequantized" else ""))
         if "gguf" in report:
             g = report["gguf"]
             for kind, path in g["files"].items():

@@ -36,8 +36,9 @@ from gemma4_tune.engines.vllm_env import engines_root, require_vllm_python, scra
 from gemma4_tune.export.vllm_adapter import k_eq_v_lora_layers, vllm_ready_adapter
 from gemma4_tune.findings import Finding, FindingError, Severity, finding, register
 from gemma4_tune.plan.deployment import vllm_max_lora_rank
-from gemma4_tune.verify.parity import non_finite_finding, text_only_adapter, worst
+from gemma4_tune.verify.parity import text_only_adapter
 from gemma4_tune.verify.reference import hf_reference
+from gemma4_tune.verify.verdict import non_finite_finding, worst
 from gemma4_tune.verify.vllm import (
     ENGINE_FAILED,
     LOGPROB_TOLERANCE,
@@ -408,7 +409,7 @@ def _non_finite(plan: ServePlan, mode: Any) -> list[Finding]:
 
 def _unreferenced(plan: ServePlan, rows: list[dict[str, Any]], base_ref: list[Any]) -> SmokeResult:
     """A merged checkpoint served without its adapter: only how far it is from the base can be measured."""
-    from gemma4_tune.verify.parity import NO_EFFECT_IN_ENGINE
+    from gemma4_tune.verify.verdict import NO_EFFECT_IN_ENGINE
 
     mode = compare_mode("merged against the base", rows, base_ref)
     effect = worst((mode.max_logprob_diff, mode.max_prompt_logprob_diff))

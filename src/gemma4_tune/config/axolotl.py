@@ -47,7 +47,6 @@ _NO_EFFECT: dict[str, str] = {
     "moe_bnb_fast": "speed kernel", "moe_dequant_chunk_size": "speed kernel", "cut_cross_entropy": "speed kernel",
     "activation_offloading": "memory setting not used here",
     "tf32": "matmul precision is PyTorch's default",
-    "bnb_config_kwargs": "4-bit uses NF4 with double quantization and bf16 compute",
     "quantize_moe_experts": "MoE experts stay bf16 under 4-bit (bitsandbytes quantizes nn.Linear only, catalog row 18; "
                             "`gemma4-tune plan --quantize 4bit` shows the memory)",
     "processor_type": "the model's AutoProcessor is always used",
@@ -94,7 +93,8 @@ _DATASET_KEYS = frozenset({"path", "type", "split", "field_messages", "message_p
                            "message_field_role", "message_field_content", "roles", "roles_to_train", "train_on_eos",
                            "message_field_training", "ds_type", "field", "chat_template"})
 _KNOWN = (MARKERS | set(_NO_EFFECT) | set(_DIRECT) | set(_DEFAULTS)
-          | {"load_in_4bit", "load_in_8bit", "lora_target_modules", "lora_target_linear", "lora_target_parameters",
+          | {"load_in_4bit", "bnb_config_kwargs", "load_in_8bit", "lora_target_modules", "lora_target_linear",
+             "lora_target_parameters",
              "lora_modules_to_save", "optim_args", "train_on_inputs", "fp16", "val_set_size", "chat_template",
              "chat_template_jinja", "eot_tokens", "special_tokens", "tokens", "resume_from_checkpoint",
              "image_size", "image_resize_algorithm", "rl", "rl_beta", "dpo_beta", "test_datasets"})
@@ -159,6 +159,32 @@ def _finite(value: Any) -> float | None:
 def _show(value: Any) -> str:
     text = repr(value) if not isinstance(value, str) else value
     return text if len(text) <= 100 else text[:97] + "..."
+
+
+#: Axolotl's ``bnb_config_kwargs`` keys (BitsAndBytesConfig's names) -> the RunConfig field and the values it takes.
+_BNB_KEYS = {"bnb_4bit_quant_type": ("quant_type", ("nf4", "fp4")),
+             "bnb_4bit_use_double_quant": ("double_quant", (True, False)),
+             "bnb_4bit_compute_dtype": ("compute_dtype", ("float32", "bfloat16"))}
+
+
+def _bnb_settings(kwargs: Any, four_bit: bool, t: _Translation) -> None:
+    """``bnb_config_kwargs``: each key read with its BitsAndBytesConfig meaning, or refused with the reason."""
+    if kwargs is None:
+        return
+    if not isinstance(kwargs, dict):
+        t.refuse("bnb_config_kwargs", kwargs, "expected a mapping of BitsAndBytesConfig keywords")
+        return
+    for key, value in kwargs.items():
+        where = f"bnb_config_kwargs[{key}]"
+        field_name, allowed = _BNB_KEYS.get(key, (None, ()))
+        if not four_bit:
+            t.refuse(where, value, "bitsandbytes settings need load_in_4bit: true")
+        elif field_name is None:
+            t.refuse(where, value, f"not a 4-bit setting gemma4-tune applies (it reads {', '.join(_BNB_KEYS)})")
+        elif value not in allowed:
+            t.refuse(where, value, f"{key} must be one of {', '.join(map(str, allowed))} here")
+        else:
+            t.map(where, value, field_name, value)
 
 
 def _targets(data: dict[str, Any], t: _Translation) -> None:
@@ -319,7 +345,9 @@ def translate(data: dict[str, Any], *, source: str) -> tuple[dict[str, Any], lis
     if adapter == "qlora" and not given.get("load_in_4bit"):
         t.refuse("adapter", adapter, "adapter: qlora needs load_in_4bit: true (as in Axolotl)")
     if given.get("load_in_4bit"):
-        t.map("load_in_4bit", True, "quantize", "4bit", "QLoRA: needs CUDA and bitsandbytes")
+        t.map("load_in_4bit", True, "quantize", "4bit", "QLoRA through bitsandbytes, on CUDA or the CPU; NF4 with "
+              "double quantization unless bnb_config_kwargs says otherwise, as in Axolotl")
+    _bnb_settings(given.get("bnb_config_kwargs"), bool(given.get("load_in_4bit")), t)
     if given.get("load_in_8bit"):
         t.refuse("load_in_8bit", True, "8-bit base weights are not supported; use load_in_4bit (QLoRA) or neither")
     if given.get("lora_modules_to_save"):

@@ -30,6 +30,7 @@ from pydantic.fields import FieldInfo
 from gemma4_tune.data.formats import FORMATS, ChatOptions
 from gemma4_tune.data.records import DataSource
 from gemma4_tune.findings import Finding, FindingError, Severity, finding, register
+from gemma4_tune.model.quantization import QuantSpec, default_compute_dtype
 
 BAD_CONFIG = register("G4T005", Severity.ERROR, "Invalid run configuration")
 
@@ -180,8 +181,16 @@ class RunConfig(BaseModel):
     preflight: Flag = Field(True, description="Run preflight before training [true]; false is reported as G4T510",
                             json_schema_extra=OWN_FLAG)  # --no-preflight
     template_revision: str | None = Field(None, description="Chat template revision (v1..v5)")
-    quantize: Literal["4bit"] | None = Field(None, description="QLoRA: 4-bit base weights (CUDA + bitsandbytes)",
+    quantize: Literal["4bit"] | None = Field(None, description="QLoRA: 4-bit base weights (bitsandbytes, CPU or "
+                                                               "CUDA; docs/qlora.md)",
                                              json_schema_extra=cli(choices=True))
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="QLoRA: 4-bit type [nf4]",
+                                              json_schema_extra=cli(choices=True))
+    double_quant: Flag = Field(True, description="QLoRA: quantize the block constants too [true]",
+                               json_schema_extra=cli("--double-quant/--no-double-quant"))
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="QLoRA: dtype of the 4-bit layers' matmuls [auto: bfloat16 on CUDA, float32 on CPU]",
+        json_schema_extra=cli(choices=True))
     eval_data: str | None = Field(None, description="Held-out JSONL/dataset for eval loss")
     eval_split: Number = Field(0.0, ge=0.0, description="Hold out this share of --data's conversations (seeded)")
     eval_steps: Whole | None = Field(None, ge=1, description="Evaluate every N steps [1/4 of the run]")
@@ -237,6 +246,9 @@ class RunConfig(BaseModel):
             raise ValueError("give eval_steps or evals_per_epoch, not both")
         if self.node_rank >= self.nnodes:
             raise ValueError(f"--node-rank {self.node_rank} must be below --nnodes {self.nnodes}")
+        quant_keys = sorted({"quant_type", "double_quant", "compute_dtype"} & self.model_fields_set)
+        if quant_keys and self.quantize is None:
+            raise ValueError(f"{', '.join(quant_keys)} only mean something with quantize: 4bit (QLoRA)")
         if "beta" in self.model_fields_set and self.method == "sft":
             raise ValueError("beta (DPO's and KTO's KL weight) has no effect without method: dpo or kto")
         if self.method != "sft" and (self.packing or self.distributed or self.train_on != "assistant"):
@@ -247,6 +259,13 @@ class RunConfig(BaseModel):
     def dump(self) -> dict[str, Any]:
         """Plain dict (for reports, manifests and launch files); ``beta`` only where it means something (DPO, KTO)."""
         return self.model_dump(exclude=set() if self.method != "sft" else {"beta"})
+
+    def quant_spec(self) -> QuantSpec | None:
+        """The 4-bit settings of a QLoRA run (compute dtype resolved for this machine), None without --quantize."""
+        if self.quantize is None:
+            return None
+        compute = default_compute_dtype() if self.compute_dtype == "auto" else self.compute_dtype
+        return QuantSpec(quant_type=self.quant_type, double_quant=self.double_quant, compute_dtype=compute)
 
     def sources(self) -> list[DataSource]:
         """The datasets to read, in order."""

@@ -4,7 +4,8 @@ Standalone: it never imports gemma4_tune (run it with ``python -P`` so this fold
 on sys.path), and it refuses to compare anything (exit 3) when gemma4_tune, or a tool known to patch
 transformers or PEFT (Unsloth, Axolotl), is imported in its process: its verdict is what a user with only
 transformers and PEFT gets. Usage: stock_runner.py REQUEST.json, where the request names the base model,
-an optional adapter and merged checkpoint, a batch file (torch.save of ``{modality: batch}``, each batch a
+an optional adapter and merged checkpoint, optionally the 4-bit settings a QLoRA adapter's base was loaded with
+(``quantization``: ``BitsAndBytesConfig`` keywords, applied to the base only), a batch file (torch.save of ``{modality: batch}``, each batch a
 dict of tensors) and the output file. Output (torch.save): ``{artefact: {modality: logits}}``.
 """
 
@@ -45,6 +46,18 @@ def with_model_image_masks(model, batch: dict) -> dict:
     return {**batch, "attention_mask": masks}
 
 
+def quantized(settings: dict | None) -> dict:
+    """``from_pretrained`` keywords that load the base in 4 bits as a QLoRA adapter was trained (bitsandbytes'
+    settings as ``BitsAndBytesConfig`` keywords); none for a full-precision base."""
+    if not settings:
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    settings = {**settings, "bnb_4bit_compute_dtype": getattr(torch, settings["bnb_4bit_compute_dtype"])}
+    return {"quantization_config": BitsAndBytesConfig(**settings),
+            "device_map": {"": 0} if torch.cuda.is_available() else "cpu"}
+
+
 def main() -> None:
     refuse_if_foreign("before loading")
     request = json.loads(open(sys.argv[1]).read())
@@ -57,7 +70,8 @@ def main() -> None:
                 for modality, batch in batches.items()}
 
     with torch.no_grad():
-        base = AutoModelForImageTextToText.from_pretrained(request["base"], dtype=dtype).eval()
+        base = AutoModelForImageTextToText.from_pretrained(request["base"], dtype=dtype,
+                                                           **quantized(request.get("quantization"))).eval()
         out["base"] = run(base)
         if request.get("adapter"):
             from peft import PeftModel

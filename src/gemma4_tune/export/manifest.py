@@ -35,6 +35,7 @@ from typing import Any
 
 from gemma4_tune.findings import Finding, FindingError, Severity, finding, register
 from gemma4_tune.io import write_json
+from gemma4_tune.model.quantization import QuantSpec
 
 DIFFERENT_BASE = register("G4T801", Severity.ERROR, "Adapter was trained on a different base")
 ADAPTER_DOES_NOT_FIT = register("G4T802", Severity.ERROR, "Adapter does not fit this base checkpoint", (2, 17))
@@ -256,9 +257,11 @@ def base_fingerprint(model_dir: str | Path) -> dict[str, Any]:
 
 
 def write_manifest(adapter_dir: str | Path, base_dir: str | Path, *, training: dict[str, Any],
-                   versions: dict[str, Any], template_revision: str | None = None) -> Path:
-    """Write ``gemma4_tune_manifest.json`` beside an adapter: base fingerprint, training settings, versions and,
-    with ``template_revision``, the chat template it was trained with (its revision and the sha256 of its text)."""
+                   versions: dict[str, Any], template_revision: str | None = None,
+                   quantization: QuantSpec | None = None) -> Path:
+    """Write ``gemma4_tune_manifest.json`` beside an adapter: base fingerprint, training settings, versions,
+    with ``template_revision`` the chat template it was trained with (its revision and the sha256 of its text),
+    and with ``quantization`` (QLoRA) exactly how the base it trained against was quantized."""
     adapter_dir, base_dir = Path(adapter_dir), Path(base_dir)
     data = {
         "schema": 1,
@@ -272,6 +275,8 @@ def write_manifest(adapter_dir: str | Path, base_dir: str | Path, *, training: d
         from gemma4_tune.data.chat import OFFICIAL_REVISIONS
 
         data["chat_template"] = {"revision": template_revision, "sha256": OFFICIAL_REVISIONS[template_revision]}
+    if quantization is not None:
+        data["quantization"] = quantization.to_dict()
     return write_json(adapter_dir / MANIFEST_NAME, data, sort_keys=True)
 
 
@@ -292,6 +297,21 @@ def read_manifest(adapter_dir: str | Path) -> dict[str, Any] | None:
 
 
 _COMPARED = ("config_sha256", "tensors_sha256", "sample_sha256")
+
+
+def manifest_quantization(adapter_dir: str | Path) -> QuantSpec | None:
+    """How the base of a QLoRA adapter was quantized in training (its manifest's record), None for LoRA on a
+    full-precision base or an adapter without a manifest."""
+    manifest = read_manifest(adapter_dir)
+    section = (manifest or {}).get("quantization")
+    if not section:
+        return None
+    try:
+        return QuantSpec.from_dict(section)
+    except TypeError as exc:
+        raise FindingError(finding(ADAPTER_INCOMPLETE.code, f"{Path(adapter_dir) / MANIFEST_NAME}: its quantization "
+                                   f"record cannot be read ({exc})", "re-export the adapter with the gemma4-tune "
+                                   "version that trained it")) from exc
 
 
 def manifest_findings(adapter_dir: Path, base_dir: Path, manifest: dict[str, Any] | None,
@@ -479,7 +499,7 @@ def _meta_model(base_dir: Path) -> Any:
         return cls(config)
 
 
-def _checkpoint_names(base_dir: Path) -> Callable[[str], str]:
+def checkpoint_names(base_dir: Path) -> Callable[[str], str]:
     """Module-tree key -> the key the checkpoint stores it under: transformers' own renamings of this model
     (the 12B's ``embed_vision.patch_dense`` is ``vision_embedder.patch_dense`` on disk), reversed as
     ``save_pretrained`` reverses them. Legacy load-time renamings are not reversed: saving never applies them."""
@@ -650,7 +670,7 @@ def resolve_adapter(adapter_dir: str | Path, base_dir: str | Path,
 
     def checkpoint_key(key: str) -> str:
         if not names:
-            names.append(_checkpoint_names(base_dir))
+            names.append(checkpoint_names(base_dir))
         return names[0](key)
 
     unwrapped: list[str] = []

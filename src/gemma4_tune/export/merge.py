@@ -33,20 +33,27 @@ from typing import Any, BinaryIO
 import torch
 
 from gemma4_tune.export.manifest import (
+    ADAPTER_DOES_NOT_FIT,
     ADAPTER_WEIGHTS,
     INDEX_NAME,
     MANIFEST_NAME,
     SINGLE_NAME,
+    UNSUPPORTED_ADAPTER,
     LoraDelta,
     TensorInfo,
     checked_adapter,
+    checkpoint_names,
+    manifest_quantization,
     read_checkpoint,
     tensors_in_file,
 )
-from gemma4_tune.findings import OUTPUT_EXISTS, FindingError, Severity, finding, register
+from gemma4_tune.findings import OUTPUT_EXISTS, Finding, FindingError, Severity, finding, register
 from gemma4_tune.io import atomic_directory, check_free_space, json_text, output_errors
+from gemma4_tune.model.quantization import QuantSpec, dequantized
 
 MERGED_NOT_FINITE = register("G4T806", Severity.ERROR, "Merged weights are not finite", (19,))
+MERGED_INTO_ORIGINAL = register("G4T814", Severity.WARNING, "A QLoRA adapter was merged into the original weights",
+                                (38,))
 
 MERGE_RECORD = "gemma4_tune_merge.json"
 MODELFILE = "Modelfile"
@@ -84,6 +91,8 @@ class MergeResult:
     peak_rss_mb: float  # the whole process's peak resident set (getrusage), not only the merge
     shards: list[str] = field(default_factory=list)
     copied_by: list[str] = field(default_factory=list)  # how unchanged tensors were copied (_Copier's ways)
+    weights: str = "original"  # what the deltas were added to: the base's own or its dequantized 4-bit weights
+    tensors_dequantized: int = 0  # weights replaced by their dequantized 4-bit values (QLoRA)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -378,8 +387,13 @@ def _copy_other_files(base_dir: Path, out: Path) -> None:
 
 
 def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *, shard_size_mb: int = 2000,
-                  progress: bool = True, overwrite: bool = False) -> MergeResult:
+                  progress: bool = True, overwrite: bool = False, into: str | None = None) -> MergeResult:
     """Merge a PEFT LoRA adapter into ``base_dir`` and write a full checkpoint to ``out_dir``.
+
+    A QLoRA adapter (its manifest records a 4-bit base) is merged ``into`` the ``"dequantized"`` weights by
+    default: every weight bitsandbytes held in 4 bits in training is quantized and dequantized exactly as then
+    (LoRA or not), so the checkpoint is the model that was trained (row 38). ``"original"`` merges into the
+    base's own weights, another model (verify measures how far). Without a 4-bit record only ``"original"`` is.
 
     Output shards hold at most ``shard_size_mb`` MB (10**6 bytes, as transformers counts) of tensor
     data, or one larger tensor; one shard is written as ``model.safetensors``, several get a
@@ -397,6 +411,8 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
                                        "write the merged checkpoint to a new directory"))
     checked = checked_adapter(adapter_dir, base_dir)
     layout, base = checked.layout, checked.base_tensors
+    quant, into = merge_weights(adapter_dir, into)
+    requantized = quantized_tensors(base_dir, quant, base) if into == "dequantized" else set()
     shards = plan_shards(list(base.values()), shard_size_mb)
     adapter_index = {t.name: t for t in tensors_in_file(layout.weights)} if layout.weights else {}
     total = sum(info.nbytes for info in base.values())
@@ -425,7 +441,8 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
             for shard in shards:
                 bar.update(task, shard=shard.name)
                 counts = _write_shard(tmp / shard.name, shard, layout.deltas, handle, layout.weights, adapter_index,
-                                      memory, copier, lambda n: bar.advance(task, n))
+                                      memory, copier, lambda n: bar.advance(task, n),
+                                      (requantized, quant) if requantized else None)
                 merged, copied, written = merged + counts[0], copied + counts[1], written + counts[2]
             if len(shards) > 1:
                 index = {"metadata": {"total_size": total},
@@ -443,7 +460,8 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
                             "lora_alpha": layout.config.get("lora_alpha"),
                             "use_rslora": bool(layout.config.get("use_rslora")),
                             "training": (checked.manifest or {}).get("training")},
-                "tensors_merged": merged, "tensors_copied": copied,
+                "weights": into, "quantization": quant.to_dict() if quant else None,
+                "tensors_merged": merged, "tensors_copied": copied, "tensors_dequantized": len(requantized),
                 "shards": [s.name for s in shards],
                 "files": sorted([p.name for p in tmp.iterdir()] + [MERGE_RECORD]),  # what the merge wrote
             }
@@ -452,33 +470,77 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
         for fh in handles.values():
             fh.close()
     return MergeResult(out, merged, copied, written, time.perf_counter() - started, peak_rss_mb(),
-                       [s.name for s in shards], sorted(copier.used))
+                       [s.name for s in shards], sorted(copier.used), into, len(requantized))
+
+
+def merge_findings(adapter_dir: str | Path, result: MergeResult) -> list[Finding]:
+    """G4T814 when a QLoRA adapter was merged into the base's original weights, as asked: another model."""
+    quant = manifest_quantization(adapter_dir)
+    if quant is None or result.weights != "original":
+        return []
+    return [finding(MERGED_INTO_ORIGINAL.code, f"{result.out_dir} holds the adapter merged into the original "
+                    f"weights, but it was trained on the base in {quant.describe()}: every 4-bit layer now computes "
+                    "with other weights than in training, so this is another model than the one you trained "
+                    "(`gemma4-tune verify --merged` measures how far and fails it, G4T619)",
+                    "leave --merge-into out to merge into the dequantized 4-bit weights (the model you trained)")]
+
+
+def merge_weights(adapter_dir: str | Path, into: str | None) -> tuple[QuantSpec | None, str]:
+    """The adapter's 4-bit record and the weights to merge into (``into`` resolved: ``dequantized`` for a QLoRA
+    adapter, ``original`` otherwise); asking for the dequantized weights of a full-precision run is G4T803."""
+    quant = manifest_quantization(adapter_dir)
+    if into not in (None, "dequantized", "original"):
+        raise ValueError(f"into={into!r}: use 'dequantized' or 'original'")
+    if into == "dequantized" and quant is None:
+        raise FindingError(finding(UNSUPPORTED_ADAPTER.code, f"--merge-into dequantized: {adapter_dir} was not "
+                                   "trained on a 4-bit base (its manifest records no quantization), so there are no "
+                                   "4-bit weights to merge into", "leave --merge-into out (or use original)"))
+    return quant, into or ("dequantized" if quant else "original")
+
+
+def quantized_tensors(base_dir: str | Path, quant: QuantSpec | None, base: dict[str, TensorInfo]) -> set[str]:
+    """The checkpoint names of the weights training held in 4 bits (the manifest's modules, under the names the
+    checkpoint stores them by); a module the base does not have means another base or a broken record (G4T802)."""
+    if quant is None:
+        return set()
+    rename = checkpoint_names(Path(base_dir))
+    names = {rename(f"{module}.weight") for module in quant.modules}
+    missing = sorted(names - base.keys())
+    if missing or not names:
+        raise FindingError(finding(ADAPTER_DOES_NOT_FIT.code, f"the adapter's manifest says {len(quant.modules)} "
+                                   f"modules were held in 4 bits, but the base has no {missing[:3]}" if missing else
+                                   "the adapter's manifest records a 4-bit base but no module that was quantized",
+                                   "merge with the base the adapter was trained on, or re-train it"))
+    return names
 
 
 def _write_shard(path: Path, shard: _Shard, deltas: dict[str, list[LoraDelta]],
                  handle: Callable[[Path, str], BinaryIO],
                  adapter_file: Path | None, adapter_index: dict[str, TensorInfo], memory: _WorkMemory,
-                 copier: _Copier, advance: Callable[[int], None]) -> tuple[int, int, int]:
+                 copier: _Copier, advance: Callable[[int], None],
+                 requantize: tuple[set[str], QuantSpec] | None = None) -> tuple[int, int, int]:
     """Write one output shard: its header, then each tensor, copied in the kernel or merged. Merged
     tensors are computed here while a background thread writes and copies (:class:`_ShardWriter`) and
-    the kernel reads the next merged tensor ahead. Returns ``(merged, copied, bytes)``."""
+    the kernel reads the next merged tensor ahead. ``requantize``: the tensors that are merged into their
+    dequantized 4-bit values, with or without LoRA (QLoRA), and how. Returns ``(merged, copied, bytes)``."""
     merged = copied = 0
+    names, quant = requantize or (set(), None)
     with open(path, "wb", buffering=0) as dst:
         writer = _ShardWriter(dst, memory, copier, advance)
         try:
             offset = _write_tensor_bytes(dst, shard.header(), 0)
-            upcoming = [t for t in shard.tensors if t.name in deltas]
+            upcoming = [t for t in shard.tensors if t.name in deltas or t.name in names]
             if upcoming:
                 _prefetch(handle(upcoming[0].file, "merge"), upcoming[0])
             for info in shard.tensors:
-                if info.name in deltas:
+                if info.name in deltas or info.name in names:
                     upcoming.pop(0)
                     if upcoming:
                         _prefetch(handle(upcoming[0].file, "merge"), upcoming[0])
-                    assert adapter_file is not None
                     slot, raw = writer.buffer(info.nbytes)
-                    data = _merged_bytes(handle(info.file, "merge"), handle(adapter_file, "merge"), adapter_index,
-                                         info, deltas[info.name], memory, raw)
+                    data = _merged_bytes(handle(info.file, "merge"), adapter_file and handle(adapter_file, "merge"),
+                                         adapter_index, info, deltas.get(info.name, []), memory, raw,
+                                         quant if info.name in names else None)
                     writer.write(slot, data, offset, info.name)
                     merged += 1
                 else:
@@ -513,10 +575,12 @@ def _one_torch_thread() -> Iterator[None]:
 
 
 @_one_torch_thread()
-def _merged_bytes(src: BinaryIO, adapter: BinaryIO, adapter_index: dict[str, TensorInfo], info: TensorInfo,
-                  deltas: list[LoraDelta], memory: _WorkMemory, raw: torch.Tensor) -> torch.Tensor:
+def _merged_bytes(src: BinaryIO, adapter: BinaryIO | None, adapter_index: dict[str, TensorInfo], info: TensorInfo,
+                  deltas: list[LoraDelta], memory: _WorkMemory, raw: torch.Tensor,
+                  quant: QuantSpec | None = None) -> torch.Tensor:
     """One base tensor read into ``raw`` (uint8, its size), its LoRA deltas added in fp32 (fp64 for fp64
-    bases), rounded once back into ``raw`` in the base dtype and checked finite; returns ``raw``.
+    bases), rounded once back into ``raw`` in the base dtype and checked finite; returns ``raw``. With
+    ``quant`` the deltas are added to the tensor's dequantized 4-bit values (:func:`dequantized`, whole).
 
     Each ``B @ A`` is one full-size product, the very call PEFT makes; the element-wise rest (to fp32,
     times the scaling, added, rounded, summed for the finiteness check) runs block by block while the
@@ -530,8 +594,14 @@ def _merged_bytes(src: BinaryIO, adapter: BinaryIO, adapter_index: dict[str, Ten
     numel = info.nbytes // info.itemsize
     stored = _read_into(src, info.start, raw).view(dtype).view(info.shape)
     factors = [(d, _read_tensor(adapter, adapter_index[d.lora_a]).to(compute),
-                _read_tensor(adapter, adapter_index[d.lora_b]).to(compute)) for d in deltas]
-    if any(d.kind != "linear" and d.num_experts > 1 for d in deltas):
+                _read_tensor(adapter, adapter_index[d.lora_b]).to(compute)) for d in deltas if adapter is not None]
+    if quant is not None:  # the 4-bit weights training computed with, in the dtype they were quantized from
+        weight = dequantized(stored, quant).to(compute)
+        for d, a, b in factors:
+            add_lora_(weight, d, a, b)
+        stored.copy_(weight)
+        finite = _all_finite(stored)
+    elif any(d.kind != "linear" and d.num_experts > 1 for d in deltas):
         weight = stored if dtype == compute else memory.get("sum", numel, compute).view(info.shape).copy_(stored)
         for d, a, b in factors:
             add_lora_(weight, d, a, b)
@@ -570,5 +640,5 @@ def _prefetch(fh: BinaryIO, info: TensorInfo) -> None:
         os.posix_fadvise(fh.fileno(), info.start, info.nbytes, os.POSIX_FADV_WILLNEED)
 
 
-__all__ = ["ADAPTER_WEIGHTS", "MERGED_NOT_FINITE", "MergeResult", "add_lora_", "lora_delta", "merge_adapter",
-           "plan_shards"]
+__all__ = ["ADAPTER_WEIGHTS", "MERGED_INTO_ORIGINAL", "MERGED_NOT_FINITE", "MergeResult", "add_lora_", "lora_delta",
+           "merge_adapter", "merge_findings", "merge_weights", "plan_shards", "quantized_tensors"]

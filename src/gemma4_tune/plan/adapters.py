@@ -27,7 +27,7 @@ TARGET_NOT_WRAPPED = register("G4T110", Severity.ERROR, "A planned target carrie
 WRAPPER_REPLACED = register("G4T111", Severity.ERROR, "A clipped tower linear was replaced or unwrapped", (2,))
 UNPLANNED_LORA = register("G4T112", Severity.ERROR, "LoRA landed on a module outside the plan", (3,))
 PEFT_REJECTED = register("G4T113", Severity.ERROR, "PEFT refused a target module", (1,))
-QUANTIZE_UNAVAILABLE = register("G4T120", Severity.ERROR, "4-bit quantization needs CUDA and bitsandbytes", (18,))
+QUANTIZE_UNAVAILABLE = register("G4T120", Severity.ERROR, "4-bit quantization cannot run here", (18,))
 
 
 @dataclass(frozen=True)
@@ -189,19 +189,16 @@ def save_adapter(peft_model: Any, out: Path, *, plan: TargetPlan | None = None, 
 
 
 def check_quantization(quantize: str | None) -> None:
-    """Refuse 4-bit where it cannot run, with the fix (QLoRA needs CUDA + bitsandbytes)."""
+    """Refuse 4-bit only where bitsandbytes cannot run it (G4T120), with the fix."""
     if quantize in (None, "none"):
         return
     if quantize != "4bit":
         raise FindingError(finding(QUANTIZE_UNAVAILABLE.code, f"unknown quantization {quantize!r}",
                                    "use --quantize 4bit or leave it out"))
-    import importlib.util
+    from gemma4_tune.model.quantization import MIN_CPU_BITSANDBYTES, unavailable_reason
 
-    import torch
-
-    if not torch.cuda.is_available():
-        raise FindingError(finding(QUANTIZE_UNAVAILABLE.code, "--quantize 4bit needs a CUDA GPU; none was found",
-                                   "run on a CUDA machine, or drop --quantize to train LoRA in full precision"))
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise FindingError(finding(QUANTIZE_UNAVAILABLE.code, "--quantize 4bit needs bitsandbytes, which is not "
-                                   "installed", "pip install 'bitsandbytes>=0.45'"))
+    reason = unavailable_reason()
+    if reason is not None:
+        raise FindingError(finding(QUANTIZE_UNAVAILABLE.code, f"--quantize 4bit cannot run here: {reason}",
+                                   f"pip install 'bitsandbytes>={MIN_CPU_BITSANDBYTES}' (gemma4-tune's own "
+                                   "dependency), or drop --quantize to train LoRA in full precision"))

@@ -37,6 +37,7 @@ from gemma4_tune.data.chat import END_OF_TURN
 from gemma4_tune.findings import Finding, FindingError, Severity, finding, has_errors, register
 from gemma4_tune.io import check_writable, ensure_empty_target, figure_text, json_text, write_json
 from gemma4_tune.model.loss import IGNORE_INDEX
+from gemma4_tune.model.quantization import base_weights_line
 from gemma4_tune.preflight import LOSS_NOT_FINITE, PREFLIGHT_SKIPPED, PreflightResult
 from gemma4_tune.train.callbacks import eval_interval
 
@@ -434,7 +435,7 @@ def build_trainer(cfg: RunConfig, pairs: list[Any], eval_pairs: list[Any], stagi
     check_optimizer(cfg.optimizer)
     set_seed(cfg.seed)
     profile = ModelProfile.from_pretrained(cfg.model, count_parameters=False)
-    model, processor = load_model(cfg.model, cfg.quantize)
+    model, processor, quant = load_model(cfg.model, cfg.quant_spec())
     settings = LoraSettings(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout)
     peft_model, plan = prepare_model(model, cfg.targets, settings, profile=profile)
     kto = cfg.method == "kto"
@@ -450,7 +451,8 @@ def build_trainer(cfg: RunConfig, pairs: list[Any], eval_pairs: list[Any], stagi
     if "ref" in peft_model.peft_config:  # TRL's copy of the adapter: the reference is the adapter disabled
         peft_model.delete_adapter("ref")
         peft_model.set_adapter("default")
-    return {"trainer": trainer, "model": peft_model, "plan": plan, "profile": profile, "processor": processor}
+    return {"trainer": trainer, "model": peft_model, "plan": plan, "profile": profile, "processor": processor,
+            "quant": quant}
 
 
 def _samples(cfg: RunConfig, model: Any, processor: Any, pairs: list[Any], *, held_out: bool) -> list[Any]:
@@ -594,7 +596,8 @@ def train_preference(cfg: RunConfig) -> Any:
     samples = []
     if not guard.findings:
         adapter = save_adapter(peft_model, out / "adapter", plan=plan, overwrite=True)
-        write_manifest(adapter, cfg.model, training=cfg.dump(), versions=library_versions(), template_revision=None)
+        write_manifest(adapter, cfg.model, training=cfg.dump(), versions=library_versions(), template_revision=None,
+                       quantization=built["quant"])
         if cfg.samples:
             samples = _samples(cfg, peft_model, built["processor"], eval_pairs or pairs, held_out=bool(eval_pairs))
     metrics = _metrics(out)
@@ -605,7 +608,8 @@ def train_preference(cfg: RunConfig) -> Any:
                          seconds=round(time.perf_counter() - started, 2), findings=findings,
                          resumed_from=resume_from, model=peft_model, probe_batch={}, samples=samples,
                          distributed=None, trained_state={}, preflight=preflight,
-                         dpo={"preflight": preflight.reference if preflight else {}, "evals": evals})  # KTO's too
+                         dpo={"preflight": preflight.reference if preflight else {}, "evals": evals},  # KTO's too
+                         quant=built["quant"])
     return result
 
 
@@ -616,7 +620,7 @@ def dpo_summary(result: Any, method: str = "dpo") -> dict[str, Any]:
                                "first loss": round(steps[0]["loss"], 4) if steps else None,
                                "last loss": round(steps[-1]["loss"], 4) if steps else None,
                                "seconds": result.seconds, "adapter": str(result.adapter or "-"),
-                               "resumed from": result.resumed_from or "-"}
+                               "resumed from": result.resumed_from or "-", **base_weights_line(result.quant)}
     evals = result.dpo["evals"]
     if len(evals) >= 2:
         first, last = evals[0], evals[-1]

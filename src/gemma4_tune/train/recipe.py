@@ -15,7 +15,7 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import compress
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from gemma4_tune.io import check_writable, ensure_empty_target, write_json
 from gemma4_tune.model.loss import SupervisedLoss
 from gemma4_tune.model.patches import use_model_image_masks
 from gemma4_tune.model.profile import ModelProfile
+from gemma4_tune.model.quantization import QuantSpec, load_quantized, spec_of
 from gemma4_tune.plan.adapters import LoraSettings, check_quantization, prepare_model, save_adapter
 from gemma4_tune.plan.targets import TargetPlan
 from gemma4_tune.preflight import PreflightResult
@@ -68,19 +69,15 @@ _OPTIMIZER_NEEDS = (("bnb", "bitsandbytes"), ("paged_", "bitsandbytes"), ("lion_
 
 
 def check_optimizer(name: str) -> None:
-    """Refuse an optimizer whose package or GPU is missing before any model is loaded (G4T420)."""
+    """Refuse an optimizer whose package is missing before any model is loaded (G4T420). bitsandbytes' and torchao's
+    8-bit and 4-bit optimizers step on the CPU too (bitsandbytes >= 0.46.1, torchao 0.18), so no GPU is asked for."""
     import importlib.util
 
     package = next((pkg for key, pkg in _OPTIMIZER_NEEDS if key in name), None)
-    if package is None:
+    if package is None or importlib.util.find_spec(package) is not None:
         return
-    gpu = package in ("bitsandbytes", "torchao")
-    missing = [what for what, ok in ((f"the {package} package", importlib.util.find_spec(package) is not None),
-                                     ("a CUDA GPU", not gpu or torch.cuda.is_available())) if not ok]
-    if missing:
-        raise FindingError(finding(OPTIMIZER_UNAVAILABLE.code, f"optimizer {name} needs {' and '.join(missing)}",
-                                   "use optimizer: adamw_torch (or adamw_torch_fused) here, or run on a machine "
-                                   f"that has {' and '.join(missing)}"))
+    raise FindingError(finding(OPTIMIZER_UNAVAILABLE.code, f"optimizer {name} needs the {package} package, which is "
+                               "not installed", f"pip install {package}, or use optimizer: adamw_torch"))
 
 
 def eval_overlap(train: list[Any], held: list[Any], noun: str, figure: str) -> list[Finding]:
@@ -134,6 +131,7 @@ class TrainResult:
     distributed: dict[str, Any] | None = None  # the job the processes formed (strategy, world size, type)
     trained_state: dict[str, torch.Tensor] = field(default_factory=dict)  # gathered LoRA weights (sharded runs)
     dpo: dict[str, Any] = field(default_factory=dict)  # --method dpo: its preflight figures and held-out rewards
+    quant: QuantSpec | None = None  # QLoRA: how the base was quantized (the model trained is that base + adapter)
 
 
 class _Examples(torch.utils.data.Dataset):
@@ -205,31 +203,29 @@ def trainer_settings(cfg: RunConfig, staging: Path, dplan: DistributedPlan | Non
     return {**settings, **extra}
 
 
-def load_model(path: str, quantize: str | None = None, *, sharded: bool = False) -> tuple[Any, Any]:
-    """Model and processor with transformers' default attention: sdpa for the text and vision
-    towers (never FlashAttention-2, which cannot do the head_dim-512 global layers, row 14) and
-    eager for the audio tower, the only implementation it has.
+def load_model(path: str, quant: QuantSpec | None = None, *,
+               sharded: bool = False) -> tuple[Any, Any, QuantSpec | None]:
+    """Model, processor and (QLoRA) the quantization as it was applied, with transformers' default attention:
+    sdpa for the text and vision towers (never FlashAttention-2, which cannot do the head_dim-512 global layers,
+    row 14) and eager for the audio tower, the only implementation it has.
 
     On GPUs the model goes to this process's GPU, except when FSDP2 or ZeRO-3 will shard it
-    (``sharded``): they move only their shard."""
+    (``sharded``): they move only their shard. ``quant``: the base's ``nn.Linear`` weights in 4 bits
+    (bitsandbytes, on the CPU or this process's GPU); the returned spec names the modules it replaced."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     _, dtype = _device_and_dtype()
     processor = AutoProcessor.from_pretrained(path)
-    if quantize == "4bit":
-        from transformers import BitsAndBytesConfig
-
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, quantization_config=bnb,
-                                                            device_map={"": _local_gpu()})
+    if quant is not None:
+        quant = replace(quant, load_dtype=str(dtype).removeprefix("torch."))
+        model = load_quantized(path, quant, dtype)
         use_model_image_masks(model)
-        return model, processor
+        return model, processor, spec_of(model, quant)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
     use_model_image_masks(model)
     if torch.cuda.is_available() and not sharded:
         model.to(f"cuda:{_local_gpu()}")
-    return model, processor
+    return model, processor, None
 
 
 def _local_gpu() -> int:
@@ -252,6 +248,7 @@ class RunSetup:
     eval_conversations: list[Any] = field(default_factory=list)
     eval_examples: list[dict[str, Any]] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
+    quant: QuantSpec | None = None  # QLoRA: how the base was quantized (the manifest records it)
 
 
 def prepare_run(cfg: RunConfig, *, sharded: bool = False) -> RunSetup:
@@ -302,7 +299,7 @@ def prepare_run(cfg: RunConfig, *, sharded: bool = False) -> RunSetup:
     check_quantization(cfg.quantize)
     check_optimizer(cfg.optimizer)
     set_seed(cfg.seed)
-    model, processor = load_model(cfg.model, cfg.quantize, sharded=sharded)
+    model, processor, quant = load_model(cfg.model, cfg.quant_spec(), sharded=sharded)
     settings = LoraSettings(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout)
     peft_model, plan = prepare_model(model, cfg.targets, settings, profile=profile)
 
@@ -344,7 +341,7 @@ def prepare_run(cfg: RunConfig, *, sharded: bool = False) -> RunSetup:
             "eval_conversations": len(eval_convs), "eval_supervised_tokens": eval_supervised,
             "eval_truncated": eval_truncated, "eval_unsupervised_dropped": unsupervised["eval"]}
     return RunSetup(profile, peft_model, plan, batcher, examples, probe, data, conversations, eval_convs,
-                    eval_examples, findings)
+                    eval_examples, findings, quant)
 
 
 def preflight_run(cfg: RunConfig, setup: RunSetup) -> PreflightResult:
@@ -502,7 +499,7 @@ def _train(cfg: RunConfig) -> TrainResult:
             adapter = save_adapter(peft_model, out / "adapter", plan=plan, overwrite=True,
                                    state_dict=trained_state or None)
             write_manifest(adapter, cfg.model, training=cfg.dump(), versions=library_versions(),
-                           template_revision=batcher.revision)
+                           template_revision=batcher.revision, quantization=setup.quant)
         else:
             adapter = out / "adapter"
         barrier()
@@ -524,7 +521,7 @@ def _train(cfg: RunConfig) -> TrainResult:
                        seconds=round(time.perf_counter() - started, 2), findings=findings,
                        resumed_from=resume_from, model=peft_model, probe_batch=setup.probe,
                        preflight=preflight, samples=samples, distributed=job,
-                       trained_state=trained_state if dplan is not None and dplan.sharded else {})
+                       trained_state=trained_state if dplan is not None and dplan.sharded else {}, quant=setup.quant)
 
 
 def _one_per_modality(examples: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -54,9 +54,9 @@ from typing import Any
 import numpy as np
 
 from gemma4_tune.findings import Finding, FindingError, Severity, finding, register
-from gemma4_tune.verify.parity import IMAGE_ATTENTION_DIFFERS, MODALITY_NOT_RUN, NO_EFFECT_IN_ENGINE
 from gemma4_tune.verify.prompts import TEXT_PROMPTS
 from gemma4_tune.verify.reference import attention_name, bidirectional_vision, logits_by_modality, token_logits
+from gemma4_tune.verify.verdict import IMAGE_ATTENTION_DIFFERS, MODALITY_NOT_RUN, NO_EFFECT_IN_ENGINE
 
 GGUF_PARITY_FAILED = register("G4T915", Severity.ERROR, "GGUF output differs from transformers", (2, 22))
 RUN_FAILED = register("G4T917", Severity.ERROR, "llama.cpp could not run the GGUF", (22,))
@@ -267,7 +267,7 @@ def compare_logits(reference: Sequence[np.ndarray], got: np.ndarray, gguf_type: 
 
 
 def _parity_finding(what: str, figures: dict[str, Any], fix: str) -> Finding:
-    from gemma4_tune.verify.parity import non_finite_finding
+    from gemma4_tune.verify.verdict import non_finite_finding
 
     if figures.get("non_finite"):  # the cause: the NaN figures it makes are not a second finding
         return non_finite_finding(f"{what} in llama.cpp", figures["non_finite"], figures["values"],
@@ -463,7 +463,7 @@ def verify_gguf(gguf: str | Path | dict[str, str | Path], reference: str | Path 
                                             "serve the merged GGUF (model-<T>.gguf) instead; an adapter GGUF loses "
                                             "what convert_lora_to_gguf.py cannot map"))
     if "model" not in files and not ("base" in files and "adapter" in files):
-        from gemma4_tune.verify.parity import NOTHING_COMPARED
+        from gemma4_tune.verify.verdict import NOTHING_COMPARED
 
         findings.append(finding(NOTHING_COMPARED.code, f"{gguf}: no model-<type>.gguf, nor a base-<type>.gguf with "
                                 "an adapter-<type>.gguf, was recognised: nothing was compared",
@@ -575,7 +575,7 @@ def align(ids: Sequence[int], types: Sequence[int], chunks: list[dict[str, Any]]
 def _not_run_row(name: str, modality: str, reason: str, build: str | None) -> Any:
     """A row for a modality llama.cpp did not run: a G4T920 warning, nothing compared (0 prompts, 0 positions)
     and ``not_run`` set, so it reads "not run", never "pass" (and ``require_comparisons`` leaves it be)."""
-    from gemma4_tune.verify.parity import EngineResult
+    from gemma4_tune.verify.verdict import EngineResult
 
     what = f"llama.cpp {build or '(unknown build)'} cannot run the {modality} prompts"
     f = finding(MODALITY_NOT_RUN.code, f"{name}: {what}: {reason}; the {modality} tower is not verified in llama.cpp",
@@ -826,7 +826,7 @@ def _row(name: str, figures: dict[str, Any] | None, effect: float, findings: lis
          positions: int, modalities: list[str], tolerance: Tolerance | None = None) -> Any:
     """An ``EngineResult`` row of compared ``figures`` (:func:`compare_logits`; ``None``: nothing compared, with
     ``tolerance`` the bound it would have had), with the figures kept on the row."""
-    from gemma4_tune.verify.parity import EngineResult
+    from gemma4_tune.verify.verdict import EngineResult
 
     tol = figures["tolerance"] if figures else asdict(tolerance or TOLERANCES["f32"])
     rule = f"KL {tol['mean_kl']:.0e}, top-5 {tol['min_top1_in_top5']:.0%}"

@@ -11,37 +11,32 @@ engine must show that the adapter changes the output (failure-catalog row 4).
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gemma4_tune.findings import Finding, Severity, finding, register
+from gemma4_tune.findings import Severity, finding, register
+from gemma4_tune.model.quantization import QuantSpec
 from gemma4_tune.verify.prompts import TEXT_PROMPTS
+from gemma4_tune.verify.verdict import (
+    MODALITY_NOT_RUN,
+    EngineResult,
+    effect_findings,
+    four_bit_finding,
+    non_finite_finding,
+)
 
 PARITY_FAILED = register("G4T610", Severity.ERROR, "An artefact does not reproduce the trained model", (2, 4, 7, 17))
-NO_EFFECT_IN_ENGINE = register("G4T611", Severity.ERROR, "The adapter changes nothing in an engine", (4,))
 MERGED_LOAD_REPORT = register("G4T612", Severity.ERROR, "Merged checkpoint does not load cleanly", (2, 7))
 STOCK_RUN_FAILED = register("G4T613", Severity.ERROR, "A stock loader failed")
 MISSING_ARTEFACT = register("G4T614", Severity.ERROR, "Verify was asked for an artefact it was not given")
 UNKNOWN_ENGINE = register("G4T615", Severity.ERROR, "Unknown engine name")
-NOTHING_COMPARED = register("G4T616", Severity.ERROR, "An engine compared nothing")
-BARELY_MOVES = register("G4T617", Severity.WARNING, "The adapter barely moves the model", (4,))
-NON_FINITE_OUTPUT = register("G4T618", Severity.ERROR, "An output holds NaN or infinite values")
-MODALITY_NOT_RUN = register("G4T920", Severity.WARNING, "An engine cannot run a modality of this model", (31,))
-IMAGE_ATTENTION_DIFFERS = register("G4T921", Severity.ERROR, "An engine attends image tokens differently from "
-                                   "transformers", (31,))
 
-#: An adapter effect above the parity tolerance but below this many tolerances, or below this share of the
-#: reference's logit scale, is reported as barely moving the model (a warning: too little training, a tiny lr).
-BARELY_TOLERANCES = 10
-BARELY_SCALE = 1e-3
 
 ENGINES = ("peft", "transformers", "vllm", "llama.cpp")
 
@@ -56,127 +51,6 @@ HALF_MIN_GREEDY_AGREEMENT = 0.9
 STOCK_RUNNER = Path(__file__).parents[1] / "engines" / "stock_runner.py"
 
 
-@dataclass
-class EngineResult:
-    """One engine's comparison with the reference."""
-
-    engine: str
-    max_logit_diff: float
-    greedy_agreement: float
-    adapter_effect: float
-    tolerance: float
-    findings: list[Finding] = field(default_factory=list)
-    criterion: str = ""  # the pass rule in words where it is not a max |logit diff| (GGUF types: KL)
-    prompts: int = 0  # what was compared: prompts, token positions, and the modalities they held
-    positions: int = 0
-    modalities: list[str] = field(default_factory=list)
-    not_run: str = ""  # why the engine could not run this row's prompts (its finding says so); not a pass
-    figures: dict[str, Any] = field(default_factory=dict, repr=False)  # the engine's own figures for this row
-
-    @property
-    def verdict(self) -> str:
-        """``pass``, ``FAIL`` or ``not run``, for tables."""
-        return "FAIL" if not self.ok else ("not run" if self.not_run else "pass")
-
-    @property
-    def compared(self) -> str:
-        """``4 prompts, 75 positions (text, image)``: what the verdict rests on."""
-        kinds = f" ({', '.join(self.modalities)})" if self.modalities else ""
-        return f"{self.prompts} prompts, {self.positions} positions{kinds}"
-
-    @property
-    def rule(self) -> str:
-        """What the comparison had to meet, for tables."""
-        return self.criterion or f"{self.tolerance:.0e}"
-
-    @property
-    def ok(self) -> bool:
-        """No error findings."""
-        return not any(f.severity is Severity.ERROR for f in self.findings)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        data = asdict(self)
-        figures = data.pop("figures")
-        data["reference_effect"] = figures.get("reference_effect")  # the adapter's effect in transformers + PEFT
-        data["findings"] = [f.to_dict() for f in self.findings]
-        data["ok"] = self.ok
-        data["rule"] = self.rule
-        data["compared"] = self.compared
-        data["verdict"] = self.verdict
-        return data
-
-
-def summarize(rows: list[EngineResult]) -> dict[str, Any]:
-    """One engine's modality rows as one verdict: the worst difference, the smallest effect, what was compared."""
-    kinds = [m for r in rows for m in r.modalities]
-    return {"ok": all(r.ok for r in rows), "max_logit_diff": worst(r.max_logit_diff for r in rows),
-            "adapter_effect": min((r.adapter_effect for r in rows), default=0.0),
-            "compared": f"{sum(r.prompts for r in rows)} prompts, {sum(r.positions for r in rows)} positions "
-                        f"({', '.join(kinds)})", "rows": [r.to_dict() for r in rows]}
-
-
-def report_findings(rows: list[EngineResult]) -> list[Finding]:
-    """The rows' findings with one problem said once: a code an engine raises on several modality rows becomes
-    one finding that names them (each row keeps its own, for its verdict)."""
-    from dataclasses import replace
-
-    groups: dict[tuple[str, str], list[tuple[EngineResult, Finding]]] = {}
-    for row in rows:
-        for f in row.findings:
-            groups.setdefault((row.engine, f.code), []).append((row, f))
-    out = []
-    for items in groups.values():
-        first_row, first = items[0]
-        if len(items) == 1:
-            out.append(first)
-            continue
-        kinds = [m for row, _ in items for m in row.modalities]
-        out.append(replace(first, message=f"{first.message} [{first_row.engine}: the same on {len(items)} rows, "
-                                          f"{', '.join(kinds)}; each row's figures in verify.md]",
-                           details={**first.details, "modalities": kinds, "rows": len(items)}))
-    return out
-
-
-def effect_findings(engine: str, effect: float, tolerance: float, scale: float = 0.0) -> list[Finding]:
-    """Whether the adapter changes ``engine``'s output: an error when the change is within the parity tolerance
-    (it cannot be told from noise: the adapter does nothing), a warning when it is within a small factor of it or
-    a tiny share of the logit ``scale``. The one rule every engine's verdict uses (row 4)."""
-    if not (effect > tolerance):  # within the tolerance, or NaN: nothing shown to change
-        return [finding(NO_EFFECT_IN_ENGINE.code, f"{engine}: with the adapter the output moves by at most "
-                        f"{effect:.3g}, within the parity tolerance {tolerance:.0e}: the adapter changes nothing",
-                        "check that lora_B is not all zeros (was the adapter saved after training?)",
-                        adapter_effect=effect, tolerance=tolerance)]
-    floor = max(BARELY_TOLERANCES * tolerance, BARELY_SCALE * scale)
-    if effect < floor:
-        return [finding(BARELY_MOVES.code, f"{engine}: the adapter moves the output by only {effect:.3g} (under "
-                        f"{floor:.2g}: {BARELY_TOLERANCES} x the parity tolerance {tolerance:.0e}"
-                        + (f", or {BARELY_SCALE:g} of the logit scale {scale:.3g}" if scale else "") + ")",
-                        "check that training ran long enough to change the model (metrics.jsonl, the report's "
-                        "samples); a very small learning rate or few steps leave the adapter near zero",
-                        adapter_effect=effect, floor=floor)]
-    return []
-
-
-def worst(values: Any, start: float = 0.0) -> float:
-    """The largest of ``values`` (and ``start``), NaN if any is NaN: Python's ``max`` keeps the first of two
-    values whenever the comparison is false, so a NaN that is not first would vanish from a running maximum."""
-    out = start
-    for value in values:
-        value = float(value)
-        if math.isnan(value) or math.isnan(out):
-            return math.nan
-        out = max(out, value)
-    return out
-
-
-def non_finite_finding(what: str, count: int, total: int, fix: str, unit: str = "output values") -> Finding:
-    """G4T618: ``count`` of ``total`` ``unit`` of ``what`` are NaN or infinite. Such a comparison proves
-    nothing either way (NaN compares false with every bound), so it fails on its own finding."""
-    return finding(NON_FINITE_OUTPUT.code, f"{what}: NaN or infinite in {count} of {total} {unit}, so nothing "
-                   "can be compared", fix, non_finite=count, values=total)
-
-
 def check_engines(engines: tuple[str, ...] | list[str]) -> None:
     """Refuse an empty or unknown engine list (G4T615): comparing nothing must never pass."""
     from gemma4_tune.findings import FindingError
@@ -186,16 +60,6 @@ def check_engines(engines: tuple[str, ...] | list[str]) -> None:
         what = f"unknown engine(s) {', '.join(map(repr, unknown))}" if unknown else "no engine was given"
         raise FindingError(finding(UNKNOWN_ENGINE.code, f"{what}: nothing would be compared",
                                    f"use a comma list of {', '.join(ENGINES)} (names are lower case)"))
-
-
-def require_comparisons(results: list[EngineResult]) -> None:
-    """Each engine row must rest on something: zero prompts or positions is an error (G4T616), never a pass."""
-    for result in results:
-        if (result.prompts <= 0 or result.positions <= 0) and result.ok and not result.not_run:  # a failed or
-            # not-run row already says why
-            result.findings.append(finding(NOTHING_COMPARED.code, f"{result.engine}: compared "
-                                           f"{result.compared}, so it verified nothing",
-                                           "run verify again; if it persists, report it with verify.json"))
 
 
 def fixed_batch(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -288,14 +152,17 @@ def check_reference(reference: torch.Tensor, mask: torch.Tensor, adapter: Path) 
             "the run's G4T403 findings); there is nothing right to compare the artefacts with"))
 
 
-def run_stock(base: Path, adapter: Path | None, merged: Path | None, batch: dict[str, torch.Tensor]) -> dict:
-    """Run the stock-loader script in a fresh process that never imports gemma4-tune."""
+def run_stock(base: Path, adapter: Path | None, merged: Path | None, batch: dict[str, torch.Tensor],
+              quant: QuantSpec | None = None) -> dict:
+    """Run the stock-loader script in a fresh process that never imports gemma4-tune; ``quant``: the base loaded
+    in 4 bits with these settings (stock transformers + bitsandbytes), as a QLoRA adapter was trained."""
     with tempfile.TemporaryDirectory(prefix="g4t-verify-") as tmp:
         batch_path, out_path, request = Path(tmp) / "batch.pt", Path(tmp) / "out.pt", Path(tmp) / "request.json"
         torch.save(batch, batch_path)
         request.write_text(json.dumps({"base": str(base), "adapter": str(adapter) if adapter else None,
                                        "merged": str(merged) if merged else None, "batch": str(batch_path),
-                                       "out": str(out_path)}))
+                                       "out": str(out_path), "quantization": quant.bnb_kwargs() if quant else None,
+                                       "dtype": quant.load_dtype if quant else "float32"}))
         threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}  # the count this process chose (threads.py)
         proc = subprocess.run([sys.executable, "-P", str(STOCK_RUNNER), str(request)], capture_output=True,
                               text=True, timeout=3600, env={**os.environ, **threads})
@@ -317,11 +184,12 @@ def verify_artefacts(base: Path, adapter: Path, merged: Path | None, engines: li
                                    "`gemma4-tune export --merged DIR`) or drop transformers from --engine"))
     check_engines(engines)
     from gemma4_tune.verify.prompts import batches as verification_batches
-    from gemma4_tune.verify.reference import logits_by_modality
+    from gemma4_tune.verify.reference import logits_by_modality, trained_quantization
 
     batches = verification_batches(base)
     masks = {m: b["attention_mask"].bool() for m, b in batches.items()}
-    reference = logits_by_modality(base, adapter, batches)["tuned"]
+    quant = trained_quantization(adapter)
+    reference = logits_by_modality(base, adapter, batches)["tuned"]  # the model as trained (4-bit base for QLoRA)
     for m in batches:
         check_reference(reference[m], masks[m], adapter)
     reach = adapter_reach(adapter)
@@ -330,7 +198,7 @@ def verify_artefacts(base: Path, adapter: Path, merged: Path | None, engines: li
     if stock_needed:
         try:
             stock = run_stock(base, adapter if "peft" in engines else None,
-                              merged if "transformers" in engines else None, batches)
+                              merged if "transformers" in engines else None, batches, quant)
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             results.append(EngineResult(",".join(stock_needed), float("nan"), 0.0, 0.0, 0.0, [finding(
                 STOCK_RUN_FAILED.code, f"the stock loader failed: {exc}", "read the error above; the artefact "
@@ -353,9 +221,37 @@ def verify_artefacts(base: Path, adapter: Path, merged: Path | None, engines: li
                             "saved from unwrapped towers is put back exactly by `gemma4-tune repair --base "
                             f"{base} --merged {merged} --adapter {adapter} --out DIR`"))
                     results.append(result)
+            if quant is not None:
+                _original_weights_gap(results, stock, base, adapter, batches, masks, quant)
     if "vllm" in engines:
         results += vllm_results(base, adapter, merged)
     return results
+
+
+def _original_weights_gap(results: list[EngineResult], stock: dict[str, Any], base: Path, adapter: Path,
+                          batches: dict[str, dict[str, Any]], masks: dict[str, torch.Tensor], quant: QuantSpec) -> None:
+    """A QLoRA artefact that is not the trained model (G4T610) is measured against the full-precision base + adapter
+    too, and its finding (G4T619) says which of the two models it is: a merge into the original weights matches
+    the second (row 38)."""
+    from gemma4_tune.verify.reference import logits_by_modality
+
+    failed = [r for r in results if any(f.code == PARITY_FAILED.code for f in r.findings)]
+    if not failed:
+        return
+    original = logits_by_modality(base, adapter, batches, as_trained=False)["tuned"]
+    for row in failed:
+        m = row.modalities[0]
+        gap = float((stock[row.engine][m] - original[m])[masks[m]].abs().max())
+        if gap <= row.tolerance:
+            cause = (f"it matches the adapter on the full-precision base (max diff {gap:.3g}): it was merged into, or "
+                     "is run on, the original weights")
+        else:
+            cause = f"it is not the adapter on the full-precision base either (max diff {gap:.3g})"
+        row.findings = [f for f in row.findings if f.code != PARITY_FAILED.code]
+        row.findings.append(four_bit_finding(row.engine, quant, f"max diff {row.max_logit_diff:.3g}, tolerance "
+                                             f"{row.tolerance:.0e}, greedy agreement {row.greedy_agreement:.1%}",
+                                             cause))
+        row.figures["original_weights_diff"] = gap
 
 
 def text_only_adapter(adapter: Path, out: Path) -> Path:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from gemma4_tune.findings import Finding, Severity, finding, register
-from gemma4_tune.verify.parity import non_finite_finding, worst
+from gemma4_tune.verify.verdict import non_finite_finding, worst
 
 RELOAD_MISMATCH = register("G4T601", Severity.ERROR, "Saved adapter does not reproduce the trained model", (2, 4))
 ADAPTER_NO_EFFECT = register("G4T602", Severity.ERROR, "Adapter does not change the model's output", (4,))

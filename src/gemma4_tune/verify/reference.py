@@ -1,4 +1,7 @@
-"""The reference every engine comparison is made against: base + adapter in stock PEFT, fp32 unless told.
+"""The reference every engine comparison is made against: the model as trained, base + adapter in stock PEFT.
+
+The base is loaded as it was in training: fp32 unless told, and in 4 bits, exactly as the adapter's manifest
+records, for a QLoRA adapter (:func:`trained_quantization`, failure-catalog row 38).
 
 This module is the one place that loads the trained model for a comparison (:func:`load_tuned`:
 ``PeftModel.from_pretrained`` on a fresh base) and computes its outputs, each with the adapter and
@@ -30,6 +33,8 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from gemma4_tune.model.quantization import QuantSpec
+
 
 def bidirectional_vision(model_dir: str | Path) -> bool:
     """Whether the model's image tokens attend to each other bidirectionally (its config says so)."""
@@ -58,14 +63,30 @@ def image_attention(model: Any, bidirectional: bool) -> Iterator[None]:
         config.use_bidirectional_attention = old
 
 
-def load_tuned(base: str | Path, adapter: str | Path | None, dtype: str = "float32") -> Any:
-    """The base model (a checkpoint directory) with the adapter in stock PEFT (or the model alone), in eval mode."""
+def trained_quantization(adapter: str | Path | None) -> QuantSpec | None:
+    """How the base was quantized when ``adapter`` was trained (QLoRA), from its manifest; None for LoRA."""
+    from gemma4_tune.export.manifest import manifest_quantization
+
+    return manifest_quantization(adapter) if adapter is not None else None
+
+
+def load_tuned(base: str | Path, adapter: str | Path | None, dtype: str = "float32", *,
+               as_trained: bool = True) -> Any:
+    """The model as trained, in eval mode: the base (a checkpoint directory) with the adapter in stock PEFT (or the
+    model alone). A QLoRA adapter's base is loaded in 4 bits exactly as its manifest records (row 38): that, not
+    the full-precision base, is what the adapter was trained with; ``as_trained=False`` loads the full-precision
+    base instead (what an engine serving the adapter on the original weights computes)."""
     import torch
     from transformers import AutoModelForImageTextToText
 
     from gemma4_tune.model.patches import use_model_image_masks
+    from gemma4_tune.model.quantization import load_quantized
 
-    model = AutoModelForImageTextToText.from_pretrained(str(base), dtype=getattr(torch, dtype))
+    quant = trained_quantization(adapter) if as_trained else None
+    if quant is not None:
+        model = load_quantized(str(base), quant, getattr(torch, quant.load_dtype))
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(str(base), dtype=getattr(torch, dtype))
     use_model_image_masks(model)
     if adapter is None:
         return model.eval()
@@ -109,13 +130,14 @@ def token_logits(model_dir: str | Path, adapter: str | Path | None,
 
 
 def logits_by_modality(base: str | Path, adapter: str | Path | None, batches: dict[str, dict[str, Any]], *,
-                       flip_image_attention: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+                       flip_image_attention: bool = False, as_trained: bool = True) -> dict[str, dict[str, torch.Tensor]]:
     """``{"tuned": {modality: logits}, "base": {modality: logits}}`` (fp32) on each verification batch.
 
     ``"tuned"`` is left out without an adapter. ``flip_image_attention`` computes both with the
-    image-token attention the model does not use (see :func:`image_attention`).
+    image-token attention the model does not use (see :func:`image_attention`); ``as_trained``: see
+    :func:`load_tuned`.
     """
-    model = load_tuned(base, adapter)
+    model = load_tuned(base, adapter, as_trained=as_trained)
     with image_attention(model, bidirectional_vision(base) != flip_image_attention):
         return with_and_without(model, adapter, lambda: {m: model(**b).logits.float() for m, b in batches.items()})
 
@@ -184,4 +206,4 @@ def hf_reference(base_dir: str | Path, adapter_dir: str | Path | None, prompts: 
 
 __all__ = ["RefSequence", "Reference", "ReferenceFn", "attention_name", "bidirectional_vision", "greedy_rows",
            "hf_reference", "image_attention", "load_tuned", "logits_by_modality", "token_batch", "token_logits",
-           "with_and_without"]
+           "trained_quantization", "with_and_without"]

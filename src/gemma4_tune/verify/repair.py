@@ -52,7 +52,8 @@ def repair_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> di
     from safetensors.torch import load_file, save_file
 
     from gemma4_tune.export.manifest import check_adapter_matches_base, read_adapter
-    from gemma4_tune.verify.parity import report_findings, summarize, verify_artefacts
+    from gemma4_tune.verify.parity import verify_artefacts
+    from gemma4_tune.verify.verdict import report_findings, summarize
 
     base, adapter, out = Path(base), Path(adapter), Path(out)
     base_tensors = read_checkpoint(base)
@@ -103,7 +104,8 @@ def repair_merged(base: str | Path, merged: str | Path, out: str | Path,
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from gemma4_tune.verify.parity import report_findings, summarize, verify_artefacts
+    from gemma4_tune.verify.parity import verify_artefacts
+    from gemma4_tune.verify.verdict import report_findings, summarize
 
     base, merged, out = Path(base), Path(merged), Path(out)
     base_tensors, damaged = read_checkpoint(base), read_checkpoint(merged)

@@ -306,7 +306,7 @@ class VllmParity:
     @property
     def max_logprob_diff(self) -> float:
         """Largest logprob difference over both modes, generated and prompt positions."""
-        from gemma4_tune.verify.parity import worst
+        from gemma4_tune.verify.verdict import worst
 
         return worst((self.base.max_logprob_diff, self.lora.max_logprob_diff, self.base.max_prompt_logprob_diff,
                       self.lora.max_prompt_logprob_diff))
@@ -353,7 +353,7 @@ def compare_mode(mode: str, vllm_rows: list[dict[str, Any]], reference: list[Ref
     two sides continue from different contexts); positions after it count as disagreeing.
     Every prompt position vLLM reports is compared. A NaN anywhere makes the figure NaN.
     """
-    from gemma4_tune.verify.parity import worst
+    from gemma4_tune.verify.verdict import worst
 
     positions = agreeing = 0
     max_diff = max_prompt_diff = 0.0
@@ -379,7 +379,7 @@ def compare_mode(mode: str, vllm_rows: list[dict[str, Any]], reference: list[Ref
 
 def _vllm_effect(base_rows: list[dict[str, Any]], lora_rows: list[dict[str, Any]]) -> tuple[float, float]:
     """Max logprob change the adapter causes in vLLM (same contexts only), and share of tokens changed."""
-    from gemma4_tune.verify.parity import worst
+    from gemma4_tune.verify.verdict import worst
 
     effect = 0.0
     changed = total = 0
@@ -402,7 +402,7 @@ def _ref_effect(base: list[RefSequence], lora: list[RefSequence]) -> float:
     """Max logprob change the adapter causes in the reference, on prompt positions and the first generated one."""
     import torch
 
-    from gemma4_tune.verify.parity import worst
+    from gemma4_tune.verify.verdict import worst
 
     effect = 0.0
     for b, a in zip(base, lora, strict=True):
@@ -442,7 +442,7 @@ def compare(result: dict[str, Any], reference: Reference, *, mode: str = "lora",
 
 
 def _findings(p: VllmParity) -> list[Finding]:
-    from gemma4_tune.verify.parity import non_finite_finding, worst
+    from gemma4_tune.verify.verdict import non_finite_finding, worst
 
     where = f"vLLM {p.vllm_version}"
     broken = [m for m in (p.base, p.lora) if m.non_finite]
@@ -465,7 +465,7 @@ def _findings(p: VllmParity) -> list[Finding]:
         out.append(finding(ADAPTER_NO_EFFECT.code, msg, fix, adapter=p.adapter, adapter_effect=p.adapter_effect,
                            reference_effect=p.reference_effect))
     elif p.judged:  # does the adapter itself (in transformers + PEFT, same units) barely move the model?
-        from gemma4_tune.verify.parity import effect_findings
+        from gemma4_tune.verify.verdict import effect_findings
 
         out += [f for f in effect_findings(f"{where} (transformers + PEFT reference)", p.reference_effect, p.tolerance)
                 if f.severity is Severity.WARNING]

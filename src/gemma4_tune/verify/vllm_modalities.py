@@ -27,9 +27,9 @@ from typing import Any
 
 from gemma4_tune.engines.vllm_env import engines_root, require_vllm_python
 from gemma4_tune.findings import Finding, FindingError, finding
-from gemma4_tune.verify.parity import IMAGE_ATTENTION_DIFFERS, MODALITY_NOT_RUN
 from gemma4_tune.verify.prompts import SAMPLING_RATE, VerifyPrompt, by_modality, verification_prompts
 from gemma4_tune.verify.reference import Reference, RefSequence, bidirectional_vision, hf_reference
+from gemma4_tune.verify.verdict import IMAGE_ATTENTION_DIFFERS, MODALITY_NOT_RUN
 from gemma4_tune.verify.vllm import (
     ADAPTER_NO_EFFECT,
     MIN_AGREEMENT,
@@ -69,7 +69,7 @@ class ModalityParity:
     @property
     def max_logprob_diff(self) -> float:
         """Largest logprob difference over generated and prompt positions."""
-        from gemma4_tune.verify.parity import worst
+        from gemma4_tune.verify.verdict import worst
 
         return worst((self.parity.max_logprob_diff, self.parity.max_prompt_logprob_diff)) if self.parity else math.nan
 
@@ -104,7 +104,7 @@ def _prompt_positions(rows: list[dict[str, Any]]) -> int:
 
 def _effect(rows: list[dict[str, Any]], base: list[RefSequence]) -> float:
     """Max |logprob(vLLM) - logprob(transformers base)| over prompt positions and the first generated one."""
-    from gemma4_tune.verify.parity import worst
+    from gemma4_tune.verify.verdict import worst
 
     effect = 0.0
     for got, ref in zip(rows, base, strict=True):
@@ -138,7 +138,7 @@ def _token_findings(where: str, rows: list[dict[str, Any]], refs: list[RefSequen
 def compare_modality(modality: str, where: str, rows: list[dict[str, Any]], reference: Reference,
                      prompts: list[VerifyPrompt], *, dtype: str = "float32") -> ModalityParity:
     """Figures and findings of the merged checkpoint's ``rows`` (one modality) against ``reference``."""
-    from gemma4_tune.verify.parity import non_finite_finding, worst
+    from gemma4_tune.verify.verdict import non_finite_finding, worst
 
     tolerance = MERGED_LOGPROB_TOLERANCE[dtype]
     findings, bad = _token_findings(where, rows, reference["lora"], prompts)
@@ -183,8 +183,8 @@ def _fix(modality: str) -> str:
 def diagnose_attention(result: ModalityParity, where: str, rows: list[dict[str, Any]], other: Reference,
                        engine_bidirectional: bool) -> None:
     """Image rows that fail but match the reference computed with the other image attention: say so (G4T921)."""
-    from gemma4_tune.verify.parity import worst
     from gemma4_tune.verify.reference import attention_name
+    from gemma4_tune.verify.verdict import worst
 
     if result.modality != "image" or result.parity is None or not any(
             f.code == PARITY_MISMATCH.code for f in result.findings):
