@@ -182,3 +182,38 @@ def test_low_bit_optimizers_run_on_this_cpu_and_a_missing_package_is_g4t420():
     with pytest.raises(FindingError) as info:
         check_optimizer("schedule_free_adamw")
     assert info.value.findings[0].code == "G4T420" and "schedulefree" in info.value.findings[0].message
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_qlora_exports_serve_in_vllm_and_llamacpp_as_the_4bit_model(qlora_run, tiny_models, tmp_path):
+    """Item 4: the dequantized merge converts to GGUF and verifies in llama.cpp and vLLM; the adapter served on the
+    full-precision base (vLLM's LoRA) is another model and says so (G4T619); no adapter GGUF is written (G4T922)."""
+    base, adapter = tiny_models["e2b"], qlora_run / "adapter"
+    proc = cli("export", "--base", base, "--adapter", adapter, "--merged", tmp_path / "merged", "--gguf",
+               tmp_path / "gguf")
+    assert proc.returncode == 0 and "G4T922" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    assert not list((tmp_path / "gguf").glob("adapter-*.gguf"))
+    proc = cli("verify", "--base", base, "--adapter", adapter, "--merged", tmp_path / "merged", "--gguf",
+               tmp_path / "gguf", "--engine", "vllm,llama.cpp", "--out", tmp_path / "v")
+    rows = json.loads((tmp_path / "v" / "verify.json").read_text())["engines"]
+    by = {(r["engine"].split(" (")[0], r["modalities"][0] if r["modalities"] else None): r for r in rows}
+    assert by["vllm merged", "text"]["ok"] and by["vllm merged", "image"]["ok"], rows
+    assert by["llama.cpp model-f32.gguf", "text"]["ok"] and by["llama.cpp model-f32.gguf", "audio"]["ok"], rows
+    served = by["vllm adapter", "text"]
+    assert [f["code"] for f in served["findings"] if f["severity"] == "error"] == ["G4T619"], served["findings"]
+    assert "vLLM serves the adapter on the full-precision base" in served["findings"][-1]["message"]
+    assert proc.returncode == 1
+
+
+@pytest.mark.slow
+def test_serve_refuses_a_qlora_adapter_on_the_full_precision_base(qlora_run, tiny_models, tmp_path):
+    """vLLM serves LoRA on the full-precision base: for a QLoRA adapter that is another model (G4T906 with the
+    merged fix); the merged checkpoint is what serve takes (its parity is the `vllm merged` rows above)."""
+    from gemma4_tune.serve import plan_serving
+
+    adapter = qlora_run / "adapter"
+    with pytest.raises(FindingError) as info:
+        plan_serving(tiny_models["e2b"], {"run": adapter}, tmp_path, flavour="cpu")
+    refusal = next(f for f in info.value.findings if "4-bit" in f.message)
+    assert refusal.code == "G4T906" and "--merged MERGED" in refusal.fix

@@ -248,7 +248,7 @@ def verify(base: str | Path, adapter: str | Path, *, merged: str | Path | None =
         if "llama.cpp" in engines:
             from gemma4_tune.verify.llamacpp import engine_results
 
-            results += engine_results(base, adapter, gguf, log=log)
+            results += engine_results(base, adapter, Path(gguf).resolve(), log=log)  # llama.cpp runs elsewhere
     except FindingError as exc:  # refused before anything was compared: the verdict says so too
         _write_verdict(out_dir, {**header, "engines": [], "ok": False, "refused": True,
                                  "findings": [f.to_dict() for f in exc.findings]},

@@ -434,7 +434,8 @@ def verify(
     if json_out:
         print_json({**report, "findings": [f.to_dict() for f in findings]})
     else:
-        table = Table(title="Verify: each artefact against base + adapter in PEFT")
+        trained = "the 4-bit base" if report.get("quantization") else "base"
+        table = Table(title=f"Verify: each artefact against {trained} + adapter in PEFT, as trained")
         for col in ("engine", "compared", "max |logit diff|", "tolerance", "greedy agreement", "adapter effect",
                     "verdict"):
             table.add_column(col)

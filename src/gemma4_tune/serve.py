@@ -125,7 +125,11 @@ def plan_serving(base: str | Path, adapters: dict[str, Path], work_dir: Path, *,
                  max_model_len: int | None = None, served_name: str | None = None) -> ServePlan:
     """Check every adapter for vLLM and decide what to serve; raises the findings that block serving."""
     from gemma4_tune.export.adapter import check_adapter_for_engines
-    from gemma4_tune.export.manifest import check_adapter_matches_base, check_served_template
+    from gemma4_tune.export.manifest import (
+        check_adapter_matches_base,
+        check_served_template,
+        manifest_quantization,
+    )
 
     base = Path(base)
     flavour = flavour or vllm_status().get("flavour") or "cpu"
@@ -151,6 +155,14 @@ def plan_serving(base: str | Path, adapters: dict[str, Path], work_dir: Path, *,
         codes = {f.code for f in summary.findings}
         blocking += [f for f in summary.findings if f.severity is Severity.ERROR]
         served = adapter
+        quant = manifest_quantization(adapter)
+        if quant is not None:  # row 38: vLLM would serve it on the full-precision base, another model
+            blocking.append(finding(NOT_SERVABLE.code, f"adapter {name} was trained on the base in {quant.describe()}; "
+                                    "vLLM serves LoRA on the full-precision base, another model than the one trained "
+                                    "(verify measures it: G4T619)", f"merge it into the dequantized 4-bit weights and "
+                                    f"serve that: gemma4-tune export --base {base} --adapter {adapter} --merged "
+                                    f"MERGED, then gemma4-tune serve --base {base} --merged MERGED --adapter "
+                                    f"{adapter}", adapter=str(adapter)))
         if "G4T202" in codes:
             blocking.append(finding(NOT_SERVABLE.code, f"adapter {name} trains MoE experts; vLLM drops PEFT's expert "
                                     "LoRA keys, so the served model would be the base model there",

@@ -22,6 +22,7 @@ What is refused before any converter runs (the converters fail silently here):
   tensors without a word (140 -> 72 on the tiny E2B); the adapter GGUF is skipped with a warning,
   the merged GGUF carries the towers' fine-tune.
 - G4T204 (row 22): MoE expert LoRA, which ``convert_lora_to_gguf.py`` cannot map; skipped likewise.
+- G4T922 (row 38): a QLoRA adapter, which llama.cpp would apply to the full-precision base; skipped likewise.
 
 After each conversion the GGUF header's tensor count must equal what the checkpoint holds
 (G4T913): text keys + the generated ``rope_freqs``, every tower key, two tensors per text LoRA
@@ -64,6 +65,8 @@ from gemma4_tune.plan.deployment import LLAMACPP_EXPERTS
 DAMAGED_CHECKPOINT = register("G4T912", Severity.ERROR, "Checkpoint lost its clipped tower linears (unwrapped)", (2,))
 TENSOR_COUNT_MISMATCH = register("G4T913", Severity.ERROR, "GGUF holds a different number of tensors", (2, 22))
 TOWER_LORA_DROPPED = register("G4T914", Severity.WARNING, "Adapter GGUF would drop the tower LoRA", (22,))
+QLORA_ADAPTER_GGUF = register("G4T922", Severity.WARNING, "Adapter GGUF of a QLoRA adapter would run on the "
+                              "full-precision base", (38,))
 CONVERTER_FAILED = register("G4T916", Severity.ERROR, "llama.cpp converter failed", (22,))
 MEMORY_TOO_SMALL = register("G4T919", Severity.ERROR, "Machine cannot hold the GGUF conversion", (22,))
 
@@ -203,7 +206,7 @@ def check_towers(model_dir: str | Path) -> dict[str, Any]:
 
 def _adapter_plan(adapter_dir: Path, base_dir: Path) -> tuple[int, list[Finding]]:
     """(expected adapter GGUF tensors, findings that skip the adapter GGUF) for a text LoRA adapter."""
-    from gemma4_tune.export.manifest import checked_adapter
+    from gemma4_tune.export.manifest import checked_adapter, manifest_quantization
 
     if not base_dir.is_dir() or not (base_dir / "config.json").is_file():
         raise FindingError(finding(MODEL_NOT_FOUND.code, f"--base {base_dir} is not a local checkpoint directory",
@@ -224,6 +227,12 @@ def _adapter_plan(adapter_dir: Path, base_dir: Path) -> tuple[int, list[Finding]
         out.append(finding(LLAMACPP_EXPERTS.code, f"the adapter has MoE expert LoRA on {len(experts)} expert tensors "
                            f"(first: {experts[0]}); convert_lora_to_gguf.py cannot map them: not written",
                            "use the merged GGUF: merge first, then convert", tensors=experts[:20]))
+    quant = manifest_quantization(adapter_dir)
+    if quant is not None:
+        out.append(finding(QLORA_ADAPTER_GGUF.code, f"the adapter was trained on the base in {quant.describe()}; "
+                           "llama.cpp would apply an adapter GGUF to the full-precision base GGUF, another model "
+                           "than the one trained (row 38): not written", "use the merged GGUF (export --merged "
+                           "merges into the dequantized 4-bit weights, the model you trained)"))
     text = [d for d in deltas if d.kind == "linear" and part_of(d.base_key) == "text"]
     return 2 * len(text), out
 

@@ -179,17 +179,20 @@ def four_bit_finding(engine: str, quant: QuantSpec, figures: str, cause: str) ->
 
 
 def explain_four_bit(rows: list[EngineResult], quant: QuantSpec | None) -> None:
-    """On a QLoRA adapter, every row that failed because its output is not the reference's also says that the
-    reference is the 4-bit model and how the artefact left it (G4T619), once per row."""
+    """On a QLoRA adapter, a row that failed because its output is not the reference's fails on G4T619 instead:
+    the reference is the 4-bit model, and the finding says how the artefact left it (the row keeps its figures)."""
     if quant is None:
         return
-    engines_on_original = {"vllm adapter": "vLLM serves the adapter on the full-precision base",
-                           "llama.cpp lora": "llama.cpp applies the LoRA GGUF to the full-precision base"}
     for row in rows:
         codes = {f.code for f in row.findings}
         if NOT_THE_4BIT_MODEL.code in codes or not codes & set(PARITY_CODES):
             continue
-        cause = next((why for name, why in engines_on_original.items() if row.engine.startswith(name)),
-                     "it was made from, or is served on, weights other than the 4-bit ones")
+        if row.engine.startswith("vllm adapter"):
+            cause = "vLLM serves the adapter on the full-precision base"
+        elif row.engine.startswith("llama.cpp") and " + adapter" in row.engine:
+            cause = "llama.cpp applies the adapter GGUF to the full-precision base GGUF"
+        else:
+            cause = "it was made from, or is served on, weights other than the 4-bit ones"
+        row.findings = [f for f in row.findings if f.code not in PARITY_CODES]
         row.findings.append(four_bit_finding(row.engine, quant, f"max diff {row.max_logit_diff:.3g}, greedy "
                                              f"agreement {row.greedy_agreement:.1%}", cause))
