@@ -109,6 +109,7 @@ def test_examples_train_on_tiny_models(name, tiny_models, data, tmp_path):
     if raw.get("load_in_4bit"):  # the 4-bit base, as Axolotl's bnb_config_kwargs set it, is what the manifest says
         double = raw.get("bnb_config_kwargs", {}).get("bnb_4bit_use_double_quant", True)
         assert (manifest["quantization"]["quant_type"], manifest["quantization"]["double_quant"]) == ("nf4", double)
+        assert bool(manifest["quantization"]["experts"]) == bool(raw.get("quantize_moe_experts"))  # Axolotl's key
     else:
         assert "quantization" not in manifest
     assert (record["rank"], record["alpha"], record["lr"], record["packing"], record["lr_scheduler"]) == (

@@ -217,3 +217,55 @@ def test_serve_refuses_a_qlora_adapter_on_the_full_precision_base(qlora_run, tin
         plan_serving(tiny_models["e2b"], {"run": adapter}, tmp_path, flavour="cpu")
     refusal = next(f for f in info.value.findings if "4-bit" in f.message)
     assert refusal.code == "G4T906" and "--merged MERGED" in refusal.fix
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("patched", [False, True])
+def test_peft_bugs_on_4bit_experts_exist_upstream_and_the_patch_fixes_them(tiny_models, patched):
+    """The two PEFT bugs gemma4_tune.model.patches works around (stock transformers + PEFT + bitsandbytes): half of
+    the expert LoRA tensors get no gradient (a stale cached 4-bit value), and the second step fails (a proxy left
+    behind). If the unpatched case stops failing, PEFT fixed them: drop patch_peft_parametrized_lora."""
+    script = Path(__file__).parent / "stock" / "parametrized_lora.py"
+    proc = subprocess.run([sys.executable, *([] if patched else ["-P"]), str(script), str(tiny_models["26b-a4b"]),
+                           *(["patched"] if patched else [])], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if patched:
+        assert (out["lora_tensors_without_grad"], out["parametrizations_after_step"], out["second_step"]) == (0, 1, "ok")
+    else:
+        assert out["lora_tensors_without_grad"] == out["lora_tensors"] // 2
+        assert "only Tensors of floating point dtype can require gradients" in out["second_step"]
+
+
+@pytest.mark.slow
+def test_26b_a4b_qlora_holds_the_experts_in_4_bits_and_exports_the_model_it_trained(tiny_models, text_data, tmp_path):
+    """Item 2: the MoE experts in 4 bits (bitsandbytes' parametrization) with expert LoRA training on them (every
+    expert lora_B moved), recorded, merged into their dequantized values and verified; stock PEFT cannot run LoRA
+    on them (its two bugs) and its row says so."""
+    base = tiny_models["26b-a4b"]
+    proc = cli("train", "--model", base, "--data", text_data, "--out", tmp_path / "run", "--quantize", "4bit",
+               "--targets", "text", "--max-steps", 3, "--lr", 1e-2, "--samples", 0)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    adapter = tmp_path / "run" / "adapter"
+    quant = json.loads((adapter / "gemma4_tune_manifest.json").read_text())["quantization"]
+    layers = json.loads((base / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    assert len(quant["experts"]) == 2 * layers and quant["quantize_experts"]
+    expert_b = {k: v for k, v in adapter_tensors(tmp_path / "run").items() if ".experts." in k and "lora_B" in k}
+    assert len(expert_b) == 2 * layers and all(v.abs().max() > 0 for v in expert_b.values())  # both wrappers trained
+    proc = cli("export", "--base", base, "--adapter", adapter, "--merged", tmp_path / "merged", "--for",
+               "transformers", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["merged"]["tensors_dequantized"] == len(quant["modules"]) + len(quant["experts"])
+    proc = cli("verify", "--base", base, "--adapter", adapter, "--merged", tmp_path / "merged", "--out", tmp_path / "v")
+    rows = json.loads((tmp_path / "v" / "verify.json").read_text())["engines"]
+    assert all(r["ok"] for r in rows if r["engine"] == "transformers"), rows
+    peft_rows = [r for r in rows if r["engine"] == "peft"]
+    assert peft_rows and all([f["code"] for f in r["findings"]] == ["G4T619"] for r in peft_rows)
+    assert "stock PEFT (this release) applies LoRA wrongly to the 4-bit MoE expert stacks" in \
+        peft_rows[0]["findings"][0]["message"]
+    proc = cli("train", "--model", base, "--data", text_data, "--out", tmp_path / "bf16-experts", "--quantize", "4bit",
+               "--no-quantize-experts", "--targets", "text", "--max-steps", 1, "--samples", 0)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / "bf16-experts" / "adapter" / "gemma4_tune_manifest.json").read_text())
+    assert manifest["quantization"]["experts"] == [] and not manifest["quantization"]["quantize_experts"]

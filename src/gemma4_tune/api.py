@@ -67,10 +67,13 @@ def run_training(cfg: RunConfig) -> TrainResult:
     if cfg.method in ("dpo", "kto"):
         return _dpo_report(cfg, result)
     parity = tensors = None
-    if result.adapter is not None and result.trained_state:
+    # sharded runs, and 4-bit MoE experts (PEFT loads no second adapter onto a parametrized expert stack): the saved
+    # tensors against the trained ones; `verify` compares the saved adapter's logits on a fresh 4-bit base
+    four_bit_experts = result.quant is not None and bool(result.quant.experts)
+    if result.adapter is not None and (result.trained_state or four_bit_experts):
         from gemma4_tune.export.manifest import check_adapter_matches_base
 
-        tensors = saved_tensor_parity(result.adapter, result.model, result.trained_state)
+        tensors = saved_tensor_parity(result.adapter, result.model, result.trained_state or None)
         result.findings += tensors.findings()
         try:  # every adapted module must exist in the base: the keys PEFT will load them by
             check_adapter_matches_base(result.adapter, cfg.model)

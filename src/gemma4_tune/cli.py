@@ -611,6 +611,7 @@ def engines_status(json_out: Annotated[bool, typer.Option("--json")] = False) ->
 
 def _quiet_libraries() -> None:
     """Our progress and findings are the output; silence library progress bars and known noise."""
+    import logging
     import warnings
 
     from transformers.utils import logging as hf_logging
@@ -618,6 +619,10 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # torchao (the low-bit optimizers, imported by PEFT through transformers) registers enums with torch's pytree
+    # and looks for a CUDA toolkit at import: torch logs both on every command, nothing a user can act on
+    for name in ("torch.utils._pytree", "torch.utils.cpp_extension"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main() -> None:

@@ -149,7 +149,10 @@ def estimate_training_memory(model: str, *, targets: str = "text", rank: int = 1
     logits = min(tokens * profile.vocab_size * 4, CHUNK_BYTES) * 2
     notes = [weights.summary()]
     if profile.moe and quantize:
-        notes.append("bitsandbytes quantizes nn.Linear only: the MoE experts stay bf16 (failure-catalog row 18)")
+        notes.append("bitsandbytes' loading quantizes nn.Linear only (failure-catalog row 18): gemma4-tune holds the "
+                     "MoE experts in 4 bits once the model is loaded (--no-quantize-experts leaves them bf16); "
+                     "until then the loaded experts are in full precision, so the peak while loading is the "
+                     "bf16 figure")
     return MemoryEstimate(weights=weights.total_bytes / gib, adapter=trainable * 4 / gib,
                           gradients=trainable * 4 / gib, optimizer=trainable * 8 / gib,
                           activations=activations / gib, logits=logits / gib, notes=notes)

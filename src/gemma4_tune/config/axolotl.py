@@ -47,8 +47,6 @@ _NO_EFFECT: dict[str, str] = {
     "moe_bnb_fast": "speed kernel", "moe_dequant_chunk_size": "speed kernel", "cut_cross_entropy": "speed kernel",
     "activation_offloading": "memory setting not used here",
     "tf32": "matmul precision is PyTorch's default",
-    "quantize_moe_experts": "MoE experts stay bf16 under 4-bit (bitsandbytes quantizes nn.Linear only, catalog row 18; "
-                            "`gemma4-tune plan --quantize 4bit` shows the memory)",
     "processor_type": "the model's AutoProcessor is always used",
     "skip_prepare_dataset": "rows are validated and encoded at the start of every run",
     "dataset_prepared_path": "rows are validated and encoded at the start of every run",
@@ -93,7 +91,7 @@ _DATASET_KEYS = frozenset({"path", "type", "split", "field_messages", "message_p
                            "message_field_role", "message_field_content", "roles", "roles_to_train", "train_on_eos",
                            "message_field_training", "ds_type", "field", "chat_template"})
 _KNOWN = (MARKERS | set(_NO_EFFECT) | set(_DIRECT) | set(_DEFAULTS)
-          | {"load_in_4bit", "bnb_config_kwargs", "load_in_8bit", "lora_target_modules", "lora_target_linear",
+          | {"load_in_4bit", "bnb_config_kwargs", "quantize_moe_experts", "load_in_8bit", "lora_target_modules", "lora_target_linear",
              "lora_target_parameters",
              "lora_modules_to_save", "optim_args", "train_on_inputs", "fp16", "val_set_size", "chat_template",
              "chat_template_jinja", "eot_tokens", "special_tokens", "tokens", "resume_from_checkpoint",
@@ -348,6 +346,14 @@ def translate(data: dict[str, Any], *, source: str) -> tuple[dict[str, Any], lis
         t.map("load_in_4bit", True, "quantize", "4bit", "QLoRA through bitsandbytes, on CUDA or the CPU; NF4 with "
               "double quantization unless bnb_config_kwargs says otherwise, as in Axolotl")
     _bnb_settings(given.get("bnb_config_kwargs"), bool(given.get("load_in_4bit")), t)
+    experts = given.get("quantize_moe_experts")
+    if experts and not given.get("load_in_4bit"):
+        t.refuse("quantize_moe_experts", experts, "quantize_moe_experts needs load_in_4bit: true (as in Axolotl)")
+    elif given.get("load_in_4bit"):  # Axolotl leaves the experts in bf16 unless the file asks
+        t.values["quantize_experts"] = bool(experts)
+        t.row("quantize_moe_experts", experts, "mapped" if "quantize_moe_experts" in given else "default",
+              f"quantize_experts = {bool(experts)}" + (" (bitsandbytes' 4-bit parametrization, as Axolotl)" if experts
+                                                       else " (Axolotl's default: the MoE experts stay in bf16)"))
     if given.get("load_in_8bit"):
         t.refuse("load_in_8bit", True, "8-bit base weights are not supported; use load_in_4bit (QLoRA) or neither")
     if given.get("lora_modules_to_save"):

@@ -188,6 +188,8 @@ class RunConfig(BaseModel):
                                               json_schema_extra=cli(choices=True))
     double_quant: Flag = Field(True, description="QLoRA: quantize the block constants too [true]",
                                json_schema_extra=cli("--double-quant/--no-double-quant"))
+    quantize_experts: Flag = Field(True, description="QLoRA on the 26B-A4B: hold the MoE experts in 4 bits too [true]",
+                                   json_schema_extra=cli("--quantize-experts/--no-quantize-experts"))
     compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="QLoRA: dtype of the 4-bit layers' matmuls [auto: bfloat16 on CUDA, float32 on CPU]",
         json_schema_extra=cli(choices=True))
@@ -246,7 +248,7 @@ class RunConfig(BaseModel):
             raise ValueError("give eval_steps or evals_per_epoch, not both")
         if self.node_rank >= self.nnodes:
             raise ValueError(f"--node-rank {self.node_rank} must be below --nnodes {self.nnodes}")
-        quant_keys = sorted({"quant_type", "double_quant", "compute_dtype"} & self.model_fields_set)
+        quant_keys = sorted({"quant_type", "double_quant", "compute_dtype", "quantize_experts"} & self.model_fields_set)
         if quant_keys and self.quantize is None:
             raise ValueError(f"{', '.join(quant_keys)} only mean something with quantize: 4bit (QLoRA)")
         if "beta" in self.model_fields_set and self.method == "sft":
@@ -265,7 +267,8 @@ class RunConfig(BaseModel):
         if self.quantize is None:
             return None
         compute = default_compute_dtype() if self.compute_dtype == "auto" else self.compute_dtype
-        return QuantSpec(quant_type=self.quant_type, double_quant=self.double_quant, compute_dtype=compute)
+        return QuantSpec(quant_type=self.quant_type, double_quant=self.double_quant, compute_dtype=compute,
+                         quantize_experts=self.quantize_experts)
 
     def sources(self) -> list[DataSource]:
         """The datasets to read, in order."""

@@ -58,6 +58,28 @@ def quantized(settings: dict | None) -> dict:
             "device_map": {"": 0} if torch.cuda.is_available() else "cpu"}
 
 
+def quantize_experts(model, settings: dict | None, experts: list[str]) -> None:
+    """The MoE expert stacks a QLoRA run held in 4 bits, held so again with bitsandbytes' own parametrization, after
+    LoRA as in training (the names are the base model's; PEFT's wrappers are looked through)."""
+    if not experts:
+        return
+    from bitsandbytes.nn.parametrize import replace_parameter_4bit
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4TextExperts
+
+    wanted = set(experts)
+    for name, module in model.named_modules():
+        if not isinstance(module, Gemma4TextExperts):
+            continue
+        plain = ".".join(p for p in name.removeprefix("base_model.model.").split(".") if p != "base_layer")
+        for param in ("gate_up_proj", "down_proj"):
+            if f"{plain}.{param}" in wanted:
+                replace_parameter_4bit(module, param, quant_type=settings["bnb_4bit_quant_type"],
+                                       compress_statistics=settings["bnb_4bit_use_double_quant"], blocksize=64)
+                wanted.discard(f"{plain}.{param}")
+    if wanted:
+        raise SystemExit(f"stock runner: the base has no expert parameter {sorted(wanted)[0]}")
+
+
 def main() -> None:
     refuse_if_foreign("before loading")
     request = json.loads(open(sys.argv[1]).read())
@@ -77,6 +99,7 @@ def main() -> None:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(base, request["adapter"]).eval()
+            quantize_experts(model, request.get("quantization"), request.get("experts") or [])
             out["peft"] = run(model)
             del model
         if request.get("merged"):

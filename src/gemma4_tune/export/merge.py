@@ -499,12 +499,13 @@ def merge_weights(adapter_dir: str | Path, into: str | None) -> tuple[QuantSpec 
 
 
 def quantized_tensors(base_dir: str | Path, quant: QuantSpec | None, base: dict[str, TensorInfo]) -> set[str]:
-    """The checkpoint names of the weights training held in 4 bits (the manifest's modules, under the names the
-    checkpoint stores them by); a module the base does not have means another base or a broken record (G4T802)."""
+    """The checkpoint names of the weights training held in 4 bits (the manifest's modules and MoE expert stacks,
+    under the names the checkpoint stores them by); one the base does not have means another base or a broken
+    record (G4T802)."""
     if quant is None:
         return set()
     rename = checkpoint_names(Path(base_dir))
-    names = {rename(f"{module}.weight") for module in quant.modules}
+    names = {rename(f"{module}.weight") for module in quant.modules} | {rename(param) for param in quant.experts}
     missing = sorted(names - base.keys())
     if missing or not names:
         raise FindingError(finding(ADAPTER_DOES_NOT_FIT.code, f"the adapter's manifest says {len(quant.modules)} "

@@ -19,6 +19,17 @@ on the plain forward would learn under masks llama.cpp does not serve with. A fo
 every forward the class's own masks through its public input (``attention_mask`` as a dict of masks);
 no library code is replaced. tests/test_12b.py fails once a release makes the two agree.
 
+PEFT's LoRA on a parameter that already carries a parametrization (QLoRA's 4-bit MoE experts: bitsandbytes'
+``replace_parameter_4bit`` dequantizes them on access, issue 32) has two bugs in the releases below, both silent or
+late: (a) ``ParamWrapper._remove_parametrizations`` only recognises ``_LoraParameterProxy`` when the parameter has
+more than one parametrization, so the single-adapter expert path's ``_LoraFactorsProxy`` is never removed and piles
+up (the second step fails with "only Tensors of floating point dtype can require gradients"); (b) with two expert
+parameters of one module wrapped (``gate_up_proj`` around ``down_proj``), the outer wrapper's
+``parametrize.cached()`` is active when the inner one reads its parameter, which caches the 4-bit value *before*
+its LoRA under the same key: the inner LoRA never reaches the forward and trains nothing (half of the expert LoRA
+tensors get no gradient). :func:`patch_peft_parametrized_lora` fixes both at those two methods; it is applied only
+when experts are quantized, and tests/test_qlora.py fails once a release no longer has either bug.
+
 The only other patch is to files, not to code in this process: llama.cpp's prebuilt libraries are
 rebound to glibc < 2.38 at install time (``engines/glibc_compat.py``, beside the engine install it
 serves; tested the same way).
@@ -35,6 +46,8 @@ ACCELERATE_AFFECTED = (Version("1.15.0"), Version("1.16.0"))
 #: transformers releases whose gemma4_unified forward masks image tokens unlike its own mask function (row 31).
 UNIFIED_MASK_AFFECTED = (Version("5.23.0"), Version("5.24.0"))
 _UNIFIED_HOOK = "_gemma4_tune_image_masks"
+#: PEFT releases whose ParamWrapper mishandles a parameter with another parametrization (4-bit experts).
+PEFT_PARAMETRIZED_AFFECTED = (Version("0.21.0"), Version("0.22.0"))
 
 
 def accelerate_is_affected() -> bool:
@@ -136,3 +149,45 @@ def uses_model_image_masks(model: Any) -> bool:
     """Whether :func:`use_model_image_masks` is in effect on ``model`` (or the PEFT model around it)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return bool(getattr(getattr(base, "model", None), _UNIFIED_HOOK, False))
+
+
+def peft_parametrized_is_affected() -> bool:
+    """True for the PEFT releases whose LoRA on an already parametrized parameter has the two bugs above."""
+    import peft
+
+    low, high = PEFT_PARAMETRIZED_AFFECTED
+    return low <= Version(peft.__version__) < high
+
+
+def patch_peft_parametrized_lora() -> bool:
+    """Make PEFT's ``ParamWrapper`` remove its own proxy whatever its kind, and read its parameter afresh inside an
+    outer wrapper's cache (see the module doc). Idempotent; returns whether it is in effect."""
+    if not peft_parametrized_is_affected():
+        return False
+    from contextlib import contextmanager
+
+    from peft.tuners.lora import layer
+    from torch.nn.utils import parametrize
+
+    wrapper = layer.ParamWrapper
+    if getattr(wrapper._activate_lora, "_gemma4_tune", False):
+        return True
+    remove, activate = wrapper._remove_parametrizations, wrapper._activate_lora
+
+    def _remove_parametrizations(self: Any) -> None:
+        stack = self.get_base_layer().parametrizations[self.parameter_name]
+        if len(stack) > 1 and isinstance(stack[-1], layer._LoraFactorsProxy):
+            del stack[-1]  # the proxy this wrapper registered last, as the upstream branch does for the other kind
+            return
+        remove(self)
+
+    @contextmanager
+    def _activate_lora(self: Any, active_adapters: list[str]) -> Any:
+        with activate(self, active_adapters):  # its proxy registered: drop the value an outer cache kept without it
+            parametrize._cache.pop((id(self.get_base_layer()), self.parameter_name), None)
+            yield
+
+    _activate_lora._gemma4_tune = True  # type: ignore[attr-defined]
+    wrapper._remove_parametrizations = _remove_parametrizations
+    wrapper._activate_lora = _activate_lora
+    return True

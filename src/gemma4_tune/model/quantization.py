@@ -47,7 +47,9 @@ class QuantSpec:
     blocksize: int = BLOCKSIZE
     load_dtype: str = "float32"  # the dtype of the weights when bitsandbytes quantized them
     library: str = ""  # "bitsandbytes X.Y.Z"
+    quantize_experts: bool = True  # MoE: hold the 3-D expert stacks in 4 bits too (bitsandbytes' parametrization)
     modules: tuple[str, ...] = field(default=(), compare=False)  # the modules bitsandbytes replaced (model names)
+    experts: tuple[str, ...] = field(default=(), compare=False)  # the expert parameters held in 4 bits (model names)
 
     def bnb_config(self) -> Any:
         """The transformers ``BitsAndBytesConfig`` that loads the base this way."""
@@ -66,12 +68,13 @@ class QuantSpec:
     def describe(self) -> str:
         """``4-bit nf4 (double quant, blocks of 64, fp32 compute)`` for messages and reports."""
         return (f"4-bit {self.quant_type} ({'double quant, ' if self.double_quant else ''}blocks of {self.blocksize}, "
-                f"{self.compute_dtype} compute, {self.library or 'bitsandbytes'})")
+                f"{self.compute_dtype} compute, {'MoE experts too, ' if self.experts else ''}"
+                f"{self.library or 'bitsandbytes'})")
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest's ``quantization`` section."""
         data = asdict(self)
-        data["modules"] = list(self.modules)
+        data["modules"], data["experts"] = list(self.modules), list(self.experts)
         data["method"] = "bitsandbytes-4bit"
         return data
 
@@ -79,7 +82,7 @@ class QuantSpec:
     def from_dict(cls, data: dict[str, Any]) -> QuantSpec:
         """Read a manifest's ``quantization`` section (unknown keys are not ours to guess: refused)."""
         data = {k: v for k, v in data.items() if k != "method"}
-        data["modules"] = tuple(data.get("modules", ()))
+        data["modules"], data["experts"] = tuple(data.get("modules", ())), tuple(data.get("experts", ()))
         return cls(**data)
 
 
@@ -152,8 +155,9 @@ def base_weights_line(quant: QuantSpec | None) -> dict[str, str]:
     """The report's line on a QLoRA run's base: how it was quantized, and that exports reproduce that model."""
     if quant is None:
         return {}
-    return {"base weights": f"{quant.describe()}, {len(quant.modules)} layers; the model trained is this 4-bit "
-                            "base + the adapter (export merges into these weights, verify compares with them)"}
+    experts = f" and {len(quant.experts)} expert stacks" if quant.experts else ""
+    return {"base weights": f"{quant.describe()}, {len(quant.modules)} layers{experts}; the model trained is this "
+                            "4-bit base + the adapter (export merges into these weights, verify compares with them)"}
 
 
 __all__ = ["BLOCKSIZE", "MIN_CPU_BITSANDBYTES", "QUANT_TYPES", "QuantSpec", "base_weights_line", "bitsandbytes_version",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from torch import nn
 from gemma4_tune.findings import Finding, FindingError, Severity, finding, register
 from gemma4_tune.io import atomic_directory
 from gemma4_tune.model.profile import ModelProfile, tower_of
+from gemma4_tune.model.quantization import QuantSpec
 from gemma4_tune.plan.deployment import deployment_findings
 from gemma4_tune.plan.targets import TargetPlan, plan_targets
 
@@ -92,6 +93,28 @@ def prepare_model(model: nn.Module, spec: str = "text", settings: LoraSettings |
     return peft_model, plan
 
 
+def quantize_experts(model: Any, quant: QuantSpec) -> QuantSpec:
+    """Hold every MoE expert stack (3-D parameters, which bitsandbytes' loading leaves in full precision: row 18)
+    in 4 bits with ``quant``'s settings, through bitsandbytes' parametrization (dequantized on each access); returns
+    ``quant`` naming them. Applied after LoRA (``model`` a PeftModel or a plain one): PEFT's ``target_parameters``
+    matches expert parameters only while they are plain, and its two bugs with a parametrized parameter are
+    patched first (``model.patches``)."""
+    from bitsandbytes.nn.parametrize import replace_parameter_4bit
+
+    from gemma4_tune.model.patches import patch_peft_parametrized_lora
+    from gemma4_tune.plan.targets import EXPERT_PARAMS, _experts_type
+
+    patch_peft_parametrized_lora()
+    experts_type, names = _experts_type(), []
+    for name, module in model.named_modules():
+        if isinstance(module, experts_type):
+            for param in EXPERT_PARAMS:
+                replace_parameter_4bit(module, param, quant_type=quant.quant_type, blocksize=quant.blocksize,
+                                       compress_statistics=quant.double_quant)
+                names.append(f"{WRAPPER_OR_PEFT.sub('', name)}.{param}")
+    return replace(quant, experts=tuple(sorted(names)))
+
+
 def _base(peft_model: Any) -> nn.Module:
     return peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
 
@@ -147,6 +170,9 @@ def trainable_by_group(peft_model: Any) -> dict[str, int]:
 
 #: Module names that wrappers insert into parameter paths: FSDP's activation checkpointing, FSDP1, torch.compile.
 WRAPPER_NAMES = re.compile(r"(?:_checkpoint_wrapped_module|_fsdp_wrapped_module|_orig_mod)\.")
+#: PEFT's and the wrappers' parts of a module name: what is left is the name in the base model (and checkpoint).
+WRAPPER_OR_PEFT = re.compile(r"^base_model\.model\.|\.(?:base_layer|_checkpoint_wrapped_module|_fsdp_wrapped_module|"
+                             r"_orig_mod)(?=\.|$)")
 
 
 def adapter_weights(peft_model: Any, state_dict: dict[str, Any] | None = None) -> dict[str, Any]:

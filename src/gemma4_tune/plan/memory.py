@@ -1,8 +1,8 @@
 """Memory estimates from the real module tree (meta device), per tower and dtype.
 
-bitsandbytes 4-bit quantizes ``nn.Linear`` weights only: the MoE experts are 3-D
-parameters and stay in bf16, which is why QLoRA barely shrinks the 26B-A4B
-(failure-catalog row 18). The estimate says so instead of promising a 4x saving.
+bitsandbytes' loading quantizes ``nn.Linear`` weights only: the MoE experts are 3-D parameters and would stay
+in bf16, which is why plain QLoRA barely shrinks the 26B-A4B (failure-catalog row 18). gemma4-tune holds them in
+4 bits too (``plan.adapters.quantize_experts``, unless ``--no-quantize-experts``); the estimate gives both figures.
 """
 
 from __future__ import annotations
@@ -25,12 +25,19 @@ class WeightMemory:
     quantize: str | None
     quantized_bytes: float
     bf16_bytes: float
-    experts_bf16_bytes: float
+    experts_bf16_bytes: float  # the MoE expert stacks in bf16
+    experts_4bit_bytes: float = 0.0  # the same stacks in 4 bits
+    experts_quantized: bool = False  # whether the run holds them in 4 bits
+
+    @property
+    def experts_bytes(self) -> float:
+        """The expert stacks as the run stores them."""
+        return self.experts_4bit_bytes if self.experts_quantized else self.experts_bf16_bytes
 
     @property
     def total_bytes(self) -> float:
         """All weights."""
-        return self.quantized_bytes + self.bf16_bytes + self.experts_bf16_bytes
+        return self.quantized_bytes + self.bf16_bytes + self.experts_bytes
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, in GiB."""
@@ -40,6 +47,9 @@ class WeightMemory:
             "quantized_gib": round(self.quantized_bytes / GIB, 3),
             "bf16_gib": round(self.bf16_bytes / GIB, 3),
             "experts_bf16_gib": round(self.experts_bf16_bytes / GIB, 3),
+            "experts_4bit_gib": round(self.experts_4bit_bytes / GIB, 3),
+            "experts_quantized": self.experts_quantized,
+            "total_gib_experts_bf16": round((self.total_bytes - self.experts_bytes + self.experts_bf16_bytes) / GIB, 3),
         }
 
     def summary(self) -> str:
@@ -48,11 +58,15 @@ class WeightMemory:
             f"base weights ~{_size(self.total_bytes)} with {self.quantize} ({_size(self.quantized_bytes)} " \
             f"quantized, {_size(self.bf16_bytes)} bf16 embeddings/norms"
         if self.quantize:
-            if self.experts_bf16_bytes:
+            if self.experts_quantized:
+                without = self.total_bytes - self.experts_bytes + self.experts_bf16_bytes
+                text += (f", {_size(self.experts_4bit_bytes)} MoE experts in 4 bits too; ~{_size(without)} with "
+                         f"the experts left in bf16 as bitsandbytes' loading leaves them")
+            elif self.experts_bf16_bytes:
                 text += f", {_size(self.experts_bf16_bytes)} MoE experts that bitsandbytes leaves in bf16"
             text += ")"
         elif self.experts_bf16_bytes:
-            text += f" (MoE experts {_size(self.experts_bf16_bytes)}; 4-bit would not shrink them)"
+            text += f" (MoE experts {_size(self.experts_bf16_bytes)}; in 4 bits {_size(self.experts_4bit_bytes)})"
         return text
 
 
@@ -60,8 +74,9 @@ def _size(n: float) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 1024**2:.1f} MiB"
 
 
-def weight_memory(model: nn.Module, quantize: str | None = None) -> WeightMemory:
-    """Estimate base-weight memory for ``model`` (any device, meta included)."""
+def weight_memory(model: nn.Module, quantize: str | None = None, quantize_experts: bool = True) -> WeightMemory:
+    """Estimate base-weight memory for ``model`` (any device, meta included); with ``quantize`` the MoE experts
+    in 4 bits too unless ``quantize_experts`` is False."""
     from transformers.models.gemma4.modeling_gemma4 import Gemma4TextExperts
 
     linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
@@ -72,9 +87,11 @@ def weight_memory(model: nn.Module, quantize: str | None = None) -> WeightMemory
     for param in {id(p): p for p in model.parameters()}.values():
         n = param.numel()
         if id(param) in expert_params:
-            experts += n * BF16
+            experts += n
         elif quantize == "4bit" and id(param) in linear_weights and id(param) not in skip:
             quantized += n * NF4
         else:
             bf16 += n * BF16
-    return WeightMemory(quantize if quantize == "4bit" else None, quantized, bf16, experts)
+    four_bit = quantize == "4bit"
+    return WeightMemory(quantize if four_bit else None, quantized, bf16, experts * BF16, experts * NF4,
+                        four_bit and quantize_experts and experts > 0)

@@ -141,7 +141,7 @@ def build_sections(sections: dict[str, Any], findings: list[Finding], plot: Path
             ["verdict", "pass" if reload["ok"] else "FAIL"]]))
     tensors = verification.get("saved_tensors")
     if tensors:
-        blocks.append(Block("table", header=["check (saved adapter vs weights gathered from all processes)", "figure"],
+        blocks.append(Block("table", header=["check (saved adapter vs the trained LoRA weights, tensor by tensor)", "figure"],
                             rows=[["tensors saved", str(tensors["tensors"])],
                                   ["max tensor difference", f"{tensors['max_tensor_diff']:.2e}"],
                                   ["trained tensors missing", str(len(tensors["missing"]))],

@@ -428,7 +428,7 @@ def build_trainer(cfg: RunConfig, pairs: list[Any], eval_pairs: list[Any], stagi
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
     from gemma4_tune.model.profile import ModelProfile
-    from gemma4_tune.plan.adapters import LoraSettings, check_quantization, prepare_model
+    from gemma4_tune.plan.adapters import LoraSettings, check_quantization, prepare_model, quantize_experts
     from gemma4_tune.train.recipe import check_optimizer, load_model, trainer_settings
 
     check_quantization(cfg.quantize)
@@ -438,6 +438,8 @@ def build_trainer(cfg: RunConfig, pairs: list[Any], eval_pairs: list[Any], stagi
     model, processor, quant = load_model(cfg.model, cfg.quant_spec())
     settings = LoraSettings(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout)
     peft_model, plan = prepare_model(model, cfg.targets, settings, profile=profile)
+    if quant is not None and quant.quantize_experts and profile.moe:
+        quant = quantize_experts(peft_model, quant)
     kto = cfg.method == "kto"
     Config, Trainer, rows = (KTOConfig, KTOTrainer, kto_dataset) if kto else (DPOConfig, DPOTrainer, trl_dataset)
     args = Config(**trainer_settings(cfg, staging), beta=cfg.beta, max_length=cfg.max_seq_len,

@@ -31,7 +31,13 @@ from gemma4_tune.model.loss import SupervisedLoss
 from gemma4_tune.model.patches import use_model_image_masks
 from gemma4_tune.model.profile import ModelProfile
 from gemma4_tune.model.quantization import QuantSpec, load_quantized, spec_of
-from gemma4_tune.plan.adapters import LoraSettings, check_quantization, prepare_model, save_adapter
+from gemma4_tune.plan.adapters import (
+    LoraSettings,
+    check_quantization,
+    prepare_model,
+    quantize_experts,
+    save_adapter,
+)
 from gemma4_tune.plan.targets import TargetPlan
 from gemma4_tune.preflight import PreflightResult
 from gemma4_tune.ranks import barrier, check_not_empty, gather_trainable, is_main_process, under_launcher
@@ -302,6 +308,8 @@ def prepare_run(cfg: RunConfig, *, sharded: bool = False) -> RunSetup:
     model, processor, quant = load_model(cfg.model, cfg.quant_spec(), sharded=sharded)
     settings = LoraSettings(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout)
     peft_model, plan = prepare_model(model, cfg.targets, settings, profile=profile)
+    if quant is not None and quant.quantize_experts and profile.moe:
+        quant = quantize_experts(peft_model, quant)
 
     # 3. Batches: assistant-only labels, media never labelled, every processor output kept.
     batcher = Gemma4Batcher(processor, revision=cfg.template_revision, max_seq_len=cfg.max_seq_len,

@@ -38,7 +38,8 @@ _TOKENIZER_FILES = ("chat_template.jinja", "tokenizer.json", "tokenizer.model", 
 RECIPE_KEYS = ("lr", "batch_size", "grad_accum", "max_seq_len", "seed", "lr_scheduler", "warmup_steps",
                "warmup_ratio", "optimizer", "optim_args", "weight_decay", "max_grad_norm", "adam_beta1",
                "adam_beta2", "adam_epsilon", "packing", "train_on", "template_revision", "skip_invalid",
-               "quantize", "quant_type", "double_quant", "compute_dtype", "distributed")
+               "quantize", "quant_type", "double_quant", "compute_dtype", "quantize_experts",
+               "distributed")
 _HELD: dict[Path, int] = {}  # lock file -> descriptor, for the run directories this process holds
 
 

@@ -162,6 +162,7 @@ def run_stock(base: Path, adapter: Path | None, merged: Path | None, batch: dict
         request.write_text(json.dumps({"base": str(base), "adapter": str(adapter) if adapter else None,
                                        "merged": str(merged) if merged else None, "batch": str(batch_path),
                                        "out": str(out_path), "quantization": quant.bnb_kwargs() if quant else None,
+                                       "experts": list(quant.experts) if quant else [],
                                        "dtype": quant.load_dtype if quant else "float32"}))
         threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}  # the count this process chose (threads.py)
         proc = subprocess.run([sys.executable, "-P", str(STOCK_RUNNER), str(request)], capture_output=True,
@@ -233,6 +234,7 @@ def _original_weights_gap(results: list[EngineResult], stock: dict[str, Any], ba
     """A QLoRA artefact that is not the trained model (G4T610) is measured against the full-precision base + adapter
     too, and its finding (G4T619) says which of the two models it is: a merge into the original weights matches
     the second (row 38)."""
+    from gemma4_tune.model.patches import peft_parametrized_is_affected
     from gemma4_tune.verify.reference import logits_by_modality
 
     failed = [r for r in results if any(f.code == PARITY_FAILED.code for f in r.findings)]
@@ -247,6 +249,10 @@ def _original_weights_gap(results: list[EngineResult], stock: dict[str, Any], ba
                      "is run on, the original weights")
         else:
             cause = f"it is not the adapter on the full-precision base either (max diff {gap:.3g})"
+        if row.engine == "peft" and quant.experts and peft_parametrized_is_affected():
+            cause += ("; stock PEFT (this release) applies LoRA wrongly to the 4-bit MoE expert stacks: it leaves its "
+                      "proxy behind and reads a cached 4-bit value without the LoRA (gemma4_tune.model.patches), so "
+                      "the adapter cannot be served on the 4-bit base with stock PEFT: deploy the merged checkpoint")
         row.findings = [f for f in row.findings if f.code != PARITY_FAILED.code]
         row.findings.append(four_bit_finding(row.engine, quant, f"max diff {row.max_logit_diff:.3g}, tolerance "
                                              f"{row.tolerance:.0e}, greedy agreement {row.greedy_agreement:.1%}",

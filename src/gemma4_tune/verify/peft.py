@@ -148,9 +148,9 @@ class TensorParity:
         return out
 
 
-def saved_tensor_parity(adapter_dir: str | Path, model: Any, trained: dict[str, torch.Tensor]) -> TensorParity:
+def saved_tensor_parity(adapter_dir: str | Path, model: Any, trained: dict[str, torch.Tensor] | None) -> TensorParity:
     """Compare the saved ``adapter_model.safetensors`` with ``trained`` (full LoRA tensors gathered from all
-    processes), keyed as the adapter file keys them (``adapters.adapter_weights``)."""
+    processes; None: the model's own), keyed as the adapter file keys them (``adapters.adapter_weights``)."""
     from safetensors.torch import load_file
 
     from gemma4_tune.plan.adapters import adapter_weights

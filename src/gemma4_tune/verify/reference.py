@@ -92,7 +92,13 @@ def load_tuned(base: str | Path, adapter: str | Path | None, dtype: str = "float
         return model.eval()
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(adapter)).eval()
+    tuned = PeftModel.from_pretrained(model, str(adapter)).eval()
+    if quant is not None and quant.experts:  # the MoE experts were held in 4 bits too, after LoRA as in training
+        from gemma4_tune.plan.adapters import quantize_experts
+
+        if quantize_experts(tuned, quant).experts != quant.experts:
+            raise ValueError(f"{adapter}: the manifest's 4-bit experts are not this base's experts")
+    return tuned
 
 
 def with_and_without(model: Any, adapter: Any, compute: Callable[[], Any]) -> dict[str, Any]:
