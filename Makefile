@@ -55,9 +55,11 @@ bench: setup
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/real_vocab.py --profile
 	$(BIN)/python bench/dpo_throughput.py
+	$(BIN)/python bench/qlora.py
 	$(BIN)/python bench/clippable_lora.py
 	$(BIN)/python bench/merge_memory.py
 	$(BIN)/python bench/export_real_size.py
+	$(BIN)/python bench/qlora_real_size.py --variant 12b
 	$(BIN)/python bench/preflight_verify.py
 	$(BIN)/python bench/verify_tolerances.py
 	$(BIN)/python bench/under_load.py

@@ -74,27 +74,27 @@ export_gguf(sys.argv[1], sys.argv[2], "bf16", repoint=False)
 # ---------------------------------------------------------------------------------------------- building
 
 
-def real_config() -> dict[str, Any]:
-    """The published E2B config, with the tiny tokenizer's special-token ids (the tokenizer shipped here)."""
+def real_config(variant: str = VARIANT) -> dict[str, Any]:
+    """The published config of ``variant`` (a catalog name)."""
     from gemma4_tune.model.catalog import resolve_variant
 
-    return json.loads(json.dumps(resolve_variant(VARIANT).config))
+    return json.loads(json.dumps(resolve_variant(variant).config))
 
 
-def key_set(config: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Name -> (shape, safetensors dtype) of every tensor the published checkpoint holds."""
-    import torch
-    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
-
+def key_set(variant: str = VARIANT, rename: Any = None) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Name -> (shape, safetensors dtype) of every tensor the published checkpoint of ``variant`` holds: the model's
+    on the meta device, the tied ``lm_head`` left out, the KV-shared layers' k/v/k_norm added (row 7); ``rename``
+    maps a module-tree name to the checkpoint's (``export.manifest.checkpoint_names``)."""
     from gemma4_tune.model.tiny import kv_shared_keys
+    from gemma4_tune.plan.overview import meta_model
 
-    cfg = Gemma4Config(**{k: v for k, v in config.items() if k != "architectures"})
-    with torch.device("meta"):
-        model = Gemma4ForConditionalGeneration(cfg)
-    tied = {"lm_head.weight"} if cfg.get_text_config().tie_word_embeddings else set()
-    out = {name: (tuple(t.shape), "BF16" if t.is_floating_point() else "I64")
-           for name, t in model.state_dict().items() if name not in tied}
-    out.update({name: (shape, "BF16") for name, shape in kv_shared_keys(cfg.get_text_config()).items()})
+    module, _ = meta_model(variant)
+    rename = rename or (lambda key: key)
+    text = module.config.get_text_config()
+    tied = {"lm_head.weight"} if text.tie_word_embeddings else set()
+    out = {rename(name): (tuple(t.shape), "BF16" if t.is_floating_point() else "I64")
+           for name, t in module.state_dict().items() if name not in tied}
+    out.update({name: (shape, "BF16") for name, shape in kv_shared_keys(text).items()})
     return out
 
 
@@ -112,40 +112,40 @@ def _fill(name: str, n: int, gen: Any, buf: Any) -> Any:
     return part.copy_(torch.empty(n, dtype=torch.float32).normal_(0.0, 0.02, generator=gen))
 
 
-def build_base(out: Path, seed: int = SEED) -> dict[str, Any]:
-    """Write the E2B-sized checkpoint into ``out`` tensor by tensor; return what was built."""
+def build_base(out: Path, seed: int = SEED, *, variant: str = VARIANT, shard_mb: int = SHARD_MB) -> dict[str, Any]:
+    """Write the real-size checkpoint of ``variant`` into ``out`` tensor by tensor; return what was built."""
     import math
 
     import torch
     from real_vocab import pad_vocabulary
 
     from gemma4_tune.api import tiny_model
-    from gemma4_tune.export.manifest import TensorInfo
+    from gemma4_tune.export.manifest import TensorInfo, checkpoint_names
     from gemma4_tune.export.merge import plan_shards
 
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="g4t-tiny-") as tmp:
-        tiny = tiny_model("e2b", Path(tmp) / "e2b")
+        tiny = tiny_model(variant.removeprefix("gemma-4-"), Path(tmp) / "tiny")
         tiny_cfg = json.loads((tiny / "config.json").read_text())
         for src in tiny.iterdir():
             if src.suffix != ".safetensors" and src.name not in ("config.json", "gemma4_tune_tiny.json"):
                 shutil.copy(src, out / src.name)
     pad_vocabulary(out / "tokenizer.json", VOCAB)
-    config = real_config()
+    config = real_config(variant)
     for part, tiny_part in ((config, tiny_cfg), (config["text_config"], tiny_cfg["text_config"])):
         for key, value in tiny_part.items():
             if key.endswith(("token_id", "token_ids", "token_index")):
                 part[key] = value
     config["dtype"] = config["text_config"]["dtype"] = "bfloat16"
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    keys = key_set(config)
+    keys = key_set(variant, checkpoint_names(out))
     infos, offset = [], 0
     for name, (shape, dtype) in keys.items():
         nbytes = math.prod(shape) * (2 if dtype == "BF16" else 8)
         infos.append(TensorInfo(name, dtype, shape, out, offset, offset + nbytes))
         offset += nbytes
-    shards = plan_shards(infos, SHARD_MB)
+    shards = plan_shards(infos, shard_mb)
     gen = torch.Generator().manual_seed(seed)
     buf = torch.empty(CHUNK, dtype=torch.bfloat16)
     for i, shard in enumerate(shards):
@@ -166,7 +166,7 @@ def build_base(out: Path, seed: int = SEED) -> dict[str, Any]:
     index = {"metadata": {"total_size": offset},
              "weight_map": dict(sorted((t.name, s.name) for s in shards for t in s.tensors))}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return {"seconds": round(time.perf_counter() - started, 1)}
+    return {"bytes": offset, "tensors": len(keys), "seconds": round(time.perf_counter() - started, 1)}
 
 
 def _is_kv_shared(config: dict[str, Any], key: str) -> bool:
@@ -375,7 +375,7 @@ def needed_disk() -> int:
     """Bytes the run needs on the work directory's disk (from the key set, before building)."""
     import math
 
-    keys = key_set(real_config())
+    keys = key_set()
     return int(DISK_FACTOR * sum(math.prod(shape) * 2 for shape, _ in keys.values()))
 
 

@@ -125,7 +125,9 @@ def main() -> None:
     parser.add_argument("--part", choices=("memory_speed", "merge_gap"))
     args = parser.parse_args()
     started = common.machine()
-    payload: dict[str, Any] = {}
+    payload: dict[str, Any] = {"what": "QLoRA beside LoRA (memory, tokens/s) on the real-vocabulary E2B-width model, "
+                               "and the QLoRA merge gap: the trained 4-bit model against the merge into the original "
+                               "weights, into the dequantized weights and PEFT's merge_and_unload (bench/qlora.py)."}
     with tempfile.TemporaryDirectory(prefix="g4t-bench-qlora-") as tmp:
         root = Path(tmp)
         if args.part in (None, "merge_gap"):

@@ -9,7 +9,7 @@ import common
 
 DOC = common.BENCH.parent / "docs" / "performance.md"
 ORDER = ("train_throughput", "packing", "real_vocab", "dpo_throughput", "clippable_lora", "merge_memory",
-         "export_real_size", "preflight_verify",
+         "export_real_size", "preflight_verify", "qlora", "qlora_real_size_12b",
          "under_load", "under_load_demo", "gpu")
 
 
@@ -54,6 +54,26 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[str]:
             continue
         if name == "export_real_size":
             rows += export_rows(r)
+            continue
+        if name == "qlora":
+            m = r["memory_speed"]
+            rows.append(_row("QLoRA / LoRA peak RSS, real vocabulary, E2B width",
+                             f"{m['median']['qlora']['peak_rss_mb']:.0f} vs {m['median']['lora']['peak_rss_mb']:.0f} MB",
+                             m["peak_rss_ratio"], None))
+            rows.append(_row("QLoRA / LoRA tokens/s, real vocabulary, E2B width",
+                             f"{m['median']['qlora']['tokens_per_s']} vs {m['median']['lora']['tokens_per_s']} tokens/s",
+                             m["tokens_per_s_ratio"], None))
+            for size, gap in r["merge_gap"].items():
+                for merge in ("merged into the original weights", "merged into the dequantized weights"):
+                    text = gap[merge]["text"]
+                    rows.append(_row(f"QLoRA {merge} vs the trained 4-bit model ({size}, text)",
+                                     f"max logit diff {text['max_logit_diff']:.3g}, greedy "
+                                     f"{text['greedy_agreement']:.0%}", None, None))
+            continue
+        if name.startswith("qlora_real_size_"):
+            rows.append(_row(f"QLoRA at real size ({r['variant']}, CPU): peak anonymous RSS / doctor's estimate",
+                             f"{r['peak_rss_anon_gib']} vs {r['doctor_estimate_gib']['total']} GiB",
+                             r["peak_anon_vs_estimate"], None))
             continue
         if name == "dpo_throughput":
             sides = r["sides"]

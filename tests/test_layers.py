@@ -24,23 +24,26 @@ def test_every_import_goes_down_the_layers() -> None:
     assert "2 kept, 0 broken" in result.stdout
 
 
-def test_an_engine_comparison_importing_another_breaks_the_verify_contract(tmp_path: Path) -> None:
-    """The verify contract (issue 32): vLLM's comparison reaching back into parity (as it did) is refused."""
+def _lint_with(tmp_path: Path, module: str, addition: str) -> subprocess.CompletedProcess[str]:
+    """lint-imports on a copy of the package with ``addition`` appended to ``module`` (a path under gemma4_tune)."""
     src = tmp_path / "src"
     shutil.copytree(ROOT / "src" / "gemma4_tune", src / "gemma4_tune", ignore=shutil.ignore_patterns("__pycache__"))
-    vllm = src / "gemma4_tune" / "verify" / "vllm.py"
-    vllm.write_text(vllm.read_text() + "\n\ndef _back() -> None:\n    from gemma4_tune.verify.parity import ENGINES  # noqa\n")
-    result = _lint(src)
+    path = src / "gemma4_tune" / module
+    path.write_text(path.read_text() + addition)
+    return _lint(src)
+
+
+def test_an_engine_comparison_importing_another_breaks_the_verify_contract(tmp_path: Path) -> None:
+    """The verify contract (issue 32): vLLM's comparison reaching back into parity (as it did) is refused."""
+    result = _lint_with(tmp_path, "verify/vllm.py",
+                        "\n\ndef _back() -> None:\n    from gemma4_tune.verify.parity import ENGINES  # noqa\n")
     assert result.returncode != 0
     assert "gemma4_tune.verify.vllm -> gemma4_tune.verify.parity" in result.stdout
 
 
 def test_an_upward_import_breaks_the_contract(tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    shutil.copytree(ROOT / "src" / "gemma4_tune", src / "gemma4_tune", ignore=shutil.ignore_patterns("__pycache__"))
-    profile = src / "gemma4_tune" / "model" / "profile.py"
-    profile.write_text(profile.read_text() + "\n\ndef _upward() -> None:\n    from gemma4_tune.api import plan  # noqa\n")
-    result = _lint(src)
+    result = _lint_with(tmp_path, "model/profile.py",
+                        "\n\ndef _upward() -> None:\n    from gemma4_tune.api import plan  # noqa\n")
     assert result.returncode != 0
     assert "gemma4_tune.model.profile -> gemma4_tune.api" in result.stdout
 
