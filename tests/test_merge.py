@@ -190,11 +190,12 @@ def test_merged_logits_equal_peft_base_plus_adapter_fp32(cases, variant):
     case = cases(variant)
     assert (case.logits_base - case.logits_peft).abs().max().item() > 1e-2, "the adapter must change the model"
     ours = (case.logits_merged - case.logits_peft).abs().max().item()
-    # fp32 reassociation (x W^T + s (x A^T) B^T vs x (W + s B A)^T) costs ~1e-5 on logits: no more than
-    # PEFT's own merge_and_unload; the fp64 test below shows the 1e-6 equality itself.
+    # fp32 reassociation (x W^T + s (x A^T) B^T vs x (W + s B A)^T) costs ~1e-5 to 2e-4 on logits (the 12B: 1.5e-4
+    # with two threads, 2.1e-4 with one, on an AVX-512 CPU): no more than PEFT's own merge_and_unload; the fp64
+    # test below shows the 1e-6 equality itself.
     peft_own = (case.logits_peft_merged - case.logits_peft).abs().max().item()
     assert ours <= peft_own + TOL
-    assert ours <= 1e-4
+    assert ours <= 5e-4
 
 
 @pytest.mark.slow

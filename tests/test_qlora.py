@@ -70,9 +70,11 @@ def test_quant_settings_need_quantize_and_resolve_per_device():
     assert (spec.quant_type, spec.double_quant, spec.compute_dtype) == ("fp4", False, "float32")  # CPU: fp32
     assert QuantSpec.from_dict(spec.to_dict()) == spec
     assert RunConfig(model="m", data="d.jsonl").quant_spec() is None
-    with pytest.raises(FindingError) as info:
-        from gemma4_tune.config.options import build_config
+    from gemma4_tune.config.options import build_config
 
+    for written in (cfg, RunConfig(model="m", data="d.jsonl")):  # a launch file (cfg.dump()) reads back as it was
+        assert build_config(written.dump()) == written
+    with pytest.raises(FindingError) as info:
         build_config({"model": "m", "data": "d.jsonl", "quant_type": "fp4"})
     assert info.value.findings[0].code == "G4T005" and "quantize: 4bit" in info.value.findings[0].message
 

@@ -38,6 +38,8 @@ MAX_LR = 1.0
 """Adam moves every LoRA weight by about the learning rate each step: above 1 the adapter turns to noise (the loss of
 a tiny model stops falling) or overflows (``lr: 1e30`` made it inf at step 2, stopped only then by G4T403)."""
 MAX_SEED = 2**32 - 1
+#: The QLoRA settings: each means something only with ``quantize`` (G4T005 otherwise).
+QUANT_SETTINGS = ("quant_type", "double_quant", "compute_dtype", "quantize_experts")
 """The largest seed numpy's ``np.random.seed`` (called by transformers' ``set_seed``) accepts."""
 
 
@@ -248,7 +250,7 @@ class RunConfig(BaseModel):
             raise ValueError("give eval_steps or evals_per_epoch, not both")
         if self.node_rank >= self.nnodes:
             raise ValueError(f"--node-rank {self.node_rank} must be below --nnodes {self.nnodes}")
-        quant_keys = sorted({"quant_type", "double_quant", "compute_dtype", "quantize_experts"} & self.model_fields_set)
+        quant_keys = sorted(set(QUANT_SETTINGS) & self.model_fields_set)
         if quant_keys and self.quantize is None:
             raise ValueError(f"{', '.join(quant_keys)} only mean something with quantize: 4bit (QLoRA)")
         if "beta" in self.model_fields_set and self.method == "sft":
@@ -259,8 +261,10 @@ class RunConfig(BaseModel):
         return self
 
     def dump(self) -> dict[str, Any]:
-        """Plain dict (for reports, manifests and launch files); ``beta`` only where it means something (DPO, KTO)."""
-        return self.model_dump(exclude=set() if self.method != "sft" else {"beta"})
+        """Plain dict (for reports, manifests and launch files); ``beta`` only where it means something (DPO, KTO),
+        the 4-bit settings only with ``quantize``: a launch file read back must pass the same validation."""
+        excluded = (set() if self.method != "sft" else {"beta"}) | (set() if self.quantize else set(QUANT_SETTINGS))
+        return self.model_dump(exclude=excluded)
 
     def quant_spec(self) -> QuantSpec | None:
         """The 4-bit settings of a QLoRA run (compute dtype resolved for this machine), None without --quantize."""

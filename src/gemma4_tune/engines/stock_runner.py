@@ -58,7 +58,7 @@ def quantized(settings: dict | None) -> dict:
             "device_map": {"": 0} if torch.cuda.is_available() else "cpu"}
 
 
-def quantize_experts(model, settings: dict | None, experts: list[str]) -> None:
+def quantize_experts(model, settings: dict | None, experts: list[str], blocksize: int) -> None:
     """The MoE expert stacks a QLoRA run held in 4 bits, held so again with bitsandbytes' own parametrization, after
     LoRA as in training (the names are the base model's; PEFT's wrappers are looked through)."""
     if not experts:
@@ -74,7 +74,7 @@ def quantize_experts(model, settings: dict | None, experts: list[str]) -> None:
         for param in ("gate_up_proj", "down_proj"):
             if f"{plain}.{param}" in wanted:
                 replace_parameter_4bit(module, param, quant_type=settings["bnb_4bit_quant_type"],
-                                       compress_statistics=settings["bnb_4bit_use_double_quant"], blocksize=64)
+                                       compress_statistics=settings["bnb_4bit_use_double_quant"], blocksize=blocksize)
                 wanted.discard(f"{plain}.{param}")
     if wanted:
         raise SystemExit(f"stock runner: the base has no expert parameter {sorted(wanted)[0]}")
@@ -99,7 +99,8 @@ def main() -> None:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(base, request["adapter"]).eval()
-            quantize_experts(model, request.get("quantization"), request.get("experts") or [])
+            quantize_experts(model, request.get("quantization"), request.get("experts") or [],
+                             request.get("blocksize"))
             out["peft"] = run(model)
             del model
         if request.get("merged"):

@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 
 #: The oldest bitsandbytes whose CPU backend transformers 5.23 accepts for 4-bit.
 MIN_CPU_BITSANDBYTES = Version("0.46.1")
-QUANT_TYPES = ("nf4", "fp4")
 #: The block size transformers' bitsandbytes integration quantizes 4-bit weights with (``Params4bit``'s default).
 BLOCKSIZE = 64
 
@@ -160,6 +159,6 @@ def base_weights_line(quant: QuantSpec | None) -> dict[str, str]:
                             "4-bit base + the adapter (export merges into these weights, verify compares with them)"}
 
 
-__all__ = ["BLOCKSIZE", "MIN_CPU_BITSANDBYTES", "QUANT_TYPES", "QuantSpec", "base_weights_line", "bitsandbytes_version",
+__all__ = ["BLOCKSIZE", "MIN_CPU_BITSANDBYTES", "QuantSpec", "base_weights_line", "bitsandbytes_version",
            "default_compute_dtype", "dequantized", "device_map", "load_quantized", "quantized_modules", "spec_of",
            "unavailable_reason"]

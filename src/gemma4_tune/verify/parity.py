@@ -1,6 +1,7 @@
 """``verify``: every artefact, loaded the way its engine loads it, against the reference.
 
-Reference: the base model with the adapter in PEFT, in this process. Each engine loads the
+Reference: the model as trained, the base model with the adapter in PEFT (the base in 4 bits for a QLoRA adapter,
+``verify.reference``), in this process. Each engine loads the
 artefact on its own terms: ``peft`` (stock PEFT in a process that never imports
 gemma4-tune), ``transformers`` (the merged checkpoint in stock transformers, same kind of
 process) and ``vllm`` (a real vLLM in its own environment). Each comparison reports the max
@@ -41,11 +42,12 @@ UNKNOWN_ENGINE = register("G4T615", Severity.ERROR, "Unknown engine name")
 ENGINES = ("peft", "transformers", "vllm", "llama.cpp")
 
 # Max |logit difference| allowed (docs/verify.md; bench/verify_tolerances.py measures it, tests/test_tolerances.py
-# keeps it within 10x). fp32: absolute; a right merged checkpoint measures at most 6.7e-5 (31B) over the four
-# variants. A bf16/fp16 merged checkpoint rounds every merged weight to ~3 significant digits, so its bound is
+# keeps it within 10x). fp32: absolute; a right merged checkpoint measures at most 8.9e-5 (31B) over the four
+# variants with a random LoRA, and a trained 12B adapter's right merge 2.9e-4 on image prompts with one thread
+# on an AVX-512 CPU (1.3e-4 with two): the reduction order moves fp32 logits that much. A bf16/fp16 merged checkpoint rounds every merged weight to ~3 significant digits, so its bound is
 # relative to the largest reference logit: right bf16 merges of the dense variants measure up to 8.0% (E2B) and
 # 94.4% greedy agreement; the 26B-A4B measures 28% and 88.9% (rounding flips expert routing) and fails.
-FP32_TOLERANCE = 2e-4
+FP32_TOLERANCE = 5e-4
 HALF_RELATIVE_TOLERANCE = 0.15
 HALF_MIN_GREEDY_AGREEMENT = 0.9
 STOCK_RUNNER = Path(__file__).parents[1] / "engines" / "stock_runner.py"
@@ -163,6 +165,7 @@ def run_stock(base: Path, adapter: Path | None, merged: Path | None, batch: dict
                                        "merged": str(merged) if merged else None, "batch": str(batch_path),
                                        "out": str(out_path), "quantization": quant.bnb_kwargs() if quant else None,
                                        "experts": list(quant.experts) if quant else [],
+                                       "blocksize": quant.blocksize if quant else None,
                                        "dtype": quant.load_dtype if quant else "float32"}))
         threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}  # the count this process chose (threads.py)
         proc = subprocess.run([sys.executable, "-P", str(STOCK_RUNNER), str(request)], capture_output=True,

@@ -94,10 +94,14 @@ def load_tuned(base: str | Path, adapter: str | Path | None, dtype: str = "float
 
     tuned = PeftModel.from_pretrained(model, str(adapter)).eval()
     if quant is not None and quant.experts:  # the MoE experts were held in 4 bits too, after LoRA as in training
+        from gemma4_tune.export.manifest import ADAPTER_DOES_NOT_FIT
+        from gemma4_tune.findings import FindingError, finding
         from gemma4_tune.plan.adapters import quantize_experts
 
         if quantize_experts(tuned, quant).experts != quant.experts:
-            raise ValueError(f"{adapter}: the manifest's 4-bit experts are not this base's experts")
+            raise FindingError(finding(ADAPTER_DOES_NOT_FIT.code, f"{adapter}: the MoE expert stacks its manifest "
+                                       f"says were held in 4 bits are not {base}'s", "verify against the base the "
+                                       "adapter was trained on"))
     return tuned
 
 
