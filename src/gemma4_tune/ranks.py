@@ -21,6 +21,11 @@ def under_launcher() -> bool:
     return int(os.environ.get("LOCAL_RANK", -1)) != -1
 
 
+def local_gpu() -> int:
+    """This process's GPU index: LOCAL_RANK under a launcher, else 0."""
+    return max(0, int(os.environ.get("LOCAL_RANK", 0)))
+
+
 def is_main_process() -> bool:
     """Rank 0 of the job (or a single process): the one that reports and writes."""
     return int(os.environ.get("RANK", 0)) == 0

@@ -14,7 +14,6 @@ bitsandbytes runs 4-bit on CUDA and, since 0.46.1, on the CPU; transformers then
 from __future__ import annotations
 
 import importlib.metadata
-import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -113,9 +112,9 @@ def device_map() -> Any:
     """Where transformers puts a 4-bit model: this process's GPU (LOCAL_RANK under a launcher), else the CPU."""
     import torch
 
-    if torch.cuda.is_available():
-        return {"": max(0, int(os.environ.get("LOCAL_RANK", 0)))}
-    return "cpu"
+    from gemma4_tune.ranks import local_gpu
+
+    return {"": local_gpu()} if torch.cuda.is_available() else "cpu"
 
 
 def load_quantized(path: str, spec: QuantSpec, dtype: torch.dtype) -> Any:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import shutil
 import time
@@ -40,7 +39,14 @@ from gemma4_tune.plan.adapters import (
 )
 from gemma4_tune.plan.targets import TargetPlan
 from gemma4_tune.preflight import PreflightResult
-from gemma4_tune.ranks import barrier, check_not_empty, gather_trainable, is_main_process, under_launcher
+from gemma4_tune.ranks import (
+    barrier,
+    check_not_empty,
+    gather_trainable,
+    is_main_process,
+    local_gpu,
+    under_launcher,
+)
 from gemma4_tune.train.callbacks import (
     AtomicCheckpointCallback,
     EvalCallback,
@@ -230,13 +236,8 @@ def load_model(path: str, quant: QuantSpec | None = None, *,
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
     use_model_image_masks(model)
     if torch.cuda.is_available() and not sharded:
-        model.to(f"cuda:{_local_gpu()}")
+        model.to(f"cuda:{local_gpu()}")
     return model, processor, None
-
-
-def _local_gpu() -> int:
-    """This process's GPU: LOCAL_RANK under a launcher, else 0."""
-    return max(0, int(os.environ.get("LOCAL_RANK", 0)))
 
 
 @dataclass
