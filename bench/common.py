@@ -51,7 +51,7 @@ def machine() -> dict[str, Any]:
 
 def versions() -> dict[str, str]:
     """Versions of the libraries that decide the figures."""
-    from gemma4_tune.train.recipe import library_versions
+    from gemma4_tune.train.base import library_versions
 
     return library_versions()
 

@@ -2,8 +2,8 @@
 
 Preflight, in a fresh process on the CPU-sized Gemma 4 with the training settings of
 train_throughput.py: ``run_preflight`` (data, model load, LoRA, one real batch forward and backward,
-checks), then ``prepare_run`` alone (data, model load, LoRA: what a training run pays before its
-first step), then one training step (forward, loss, backward and AdamW, gradient checkpointing on,
+checks), then the SFT unit's ``read_data`` + ``prepare`` alone (data, model load, LoRA: what a training run
+pays before its first step), then one training step (forward, loss, backward and AdamW, gradient checkpointing on,
 the second of two so the first's warm-up is left out). Verify: a rank-16 text adapter with random
 factors and its streaming-merged checkpoint, then `gemma4-tune verify` once per engine (peft,
 transformers, and vllm when `gemma4-tune engines status` says it is installed), each a fresh process.
@@ -28,12 +28,12 @@ ROWS = 16
 
 
 def preflight_figures(model: Path, data: Path, out: Path) -> dict[str, Any]:
-    """Seconds of run_preflight, of prepare_run, and of one training step (run in a fresh process)."""
+    """Seconds of run_preflight, of the SFT run's preparation, and of one training step (run in a fresh process)."""
     import torch
 
     from gemma4_tune.api import run_preflight
     from gemma4_tune.config.options import RunConfig
-    from gemma4_tune.train.recipe import prepare_run, token_mean_loss
+    from gemma4_tune.train.methods.sft import METHOD as sft
 
     cfg = RunConfig(model=str(model), data=str(data), out=str(out), batch_size=BATCH_SIZE,
                     max_seq_len=MAX_SEQ_LEN, rank=RANK, lr=LR)
@@ -41,7 +41,7 @@ def preflight_figures(model: Path, data: Path, out: Path) -> dict[str, Any]:
     result = run_preflight(cfg)
     preflight = time.perf_counter() - started
     started = time.perf_counter()
-    setup = prepare_run(cfg)
+    setup = sft.prepare(cfg, sft.read_data(cfg))
     prepare = time.perf_counter() - started
     model_ = setup.model
     model_.train()
@@ -52,8 +52,7 @@ def preflight_figures(model: Path, data: Path, out: Path) -> dict[str, Any]:
     steps = []
     for _ in range(2):
         started = time.perf_counter()
-        outputs = model_(**{k: v for k, v in batch.items() if k != "labels"})
-        token_mean_loss(outputs, batch["labels"]).backward()
+        model_(**batch).loss.backward()  # the token-mean loss (token_mean_loss left in 5964677)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         steps.append(time.perf_counter() - started)

@@ -8,7 +8,7 @@ from typing import Any
 import common
 
 DOC = common.BENCH.parent / "docs" / "performance.md"
-ORDER = ("train_throughput", "packing", "real_vocab", "dpo_throughput", "clippable_lora", "merge_memory",
+ORDER = ("train_throughput", "packing", "real_vocab", "dpo_throughput", "methods_real_vocab", "clippable_lora", "merge_memory",
          "export_real_size", "preflight_verify", "qlora", "qlora_real_size_12b",
          "under_load", "under_load_demo", "gpu")
 
@@ -81,6 +81,20 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[str]:
                              f"{sides['ours']['tokens_per_s']} vs {sides['trl']['tokens_per_s']} tokens/s (same "
                              f"tokens: {'yes' if r['same_tokens'] else 'NO'})", r["ratio_tokens_per_s_ours_over_trl"],
                              r["goal"]))
+            continue
+        if name == "methods_real_vocab":
+            f, ratios = r["figures"], r["ratios"]
+            rows.append(_row("DPO at vocabulary 262,144, `train --method dpo` / TRL DPOTrainer used plainly, tokens/s",
+                             f"{f['dpo']['tokens_per_s']} vs {f['trl_dpo']['tokens_per_s']} tokens/s; peak above the "
+                             f"weights x{ratios['dpo/trl_dpo peak_above_weights']}",
+                             ratios["dpo/trl_dpo tokens_per_s"], None))
+            rows.append(_row("DPO / SFT step time at vocabulary 262,144 (same prompts)",
+                             f"{f['dpo']['step_seconds_median']} vs {f['sft']['step_seconds_median']} s per step",
+                             ratios["dpo/sft step_seconds"], None))
+            rows.append(_row("GRPO at vocabulary 262,144, `train --method grpo` / TRL GRPOTrainer used plainly, tokens/s",
+                             f"{f['grpo']['tokens_per_s']} vs {f['trl_grpo']['tokens_per_s']} tokens/s; peak above "
+                             f"the weights x{ratios['grpo/trl_grpo peak_above_weights']}",
+                             ratios["grpo/trl_grpo tokens_per_s"], None))
             continue
         f = r["figures"]
         if name == "train_throughput":
@@ -268,7 +282,7 @@ def missed(results: dict[str, dict[str, Any]]) -> list[str]:
                        f"{(f['streaming']['peak_rss_mb'] - f['import_only_peak_rss_mb']) / (r['model']['checkpoint_bytes'] / 2**20):.2f}"
                        " of the checkpoint). Most of the import cost is torch itself (the libraries of this CUDA build "
                        "of torch). (`export` no longer imports the training stack: "
-                       "`gemma4_tune.api` imports `gemma4_tune.train.recipe` lazily since this benchmark found it.)")
+                       "`gemma4_tune.api` imports `gemma4_tune.train` lazily since this benchmark found it.)")
         if not g["wall_time"]["met"]:
             out.append(f"- **merge wall time** ({g['wall_time']['ratio']}, goal {g['wall_time']['target']}): the "
                        f"streaming merge proper takes {f['streaming']['merge_seconds']} s of "
@@ -397,6 +411,9 @@ def render(results: dict[str, dict[str, Any]]) -> str:
            "vocabulary and E2B's width: peak memory and tokens/s, unpacked and packed; `--profile` adds a memory "
            "profile of one step per side), `bench/clippable_lora.py`, `bench/merge_memory.py`, `bench/export_real_size.py` "
            "(merge and GGUF conversion of a 10 GB E2B-shaped checkpoint against `cp` and PEFT), "
+           "`bench/methods_real_vocab.py` (SFT, DPO and GRPO against TRL's trainers used plainly at the real "
+           "vocabulary), `bench/grpo_traps.py` (TRL's GRPOTrainer used plainly on Gemma 4: the traps docs/grpo.md "
+           "lists), "
            "`bench/preflight_verify.py`, `bench/verify_tolerances.py` (the verify tolerances, docs/verify.md), "
            "`bench/under_load.py` (threads on a busy machine), `bench/gpu.py`; `bench/report.py` writes this page.",
            "",

@@ -97,7 +97,7 @@ def _chat(question: str, answer: str) -> dict:
 @pytest.mark.slow
 def test_over_long_rows_are_cut_said_once_and_dropped_when_nothing_is_left(tiny_models, tmp_path: Path) -> None:
     from gemma4_tune.preflight import run_preflight
-    from gemma4_tune.train.recipe import preflight_run, prepare_run
+    from gemma4_tune.train.methods.sft import METHOD as sft
 
     long_row = _chat("word " * 300 + "What is one plus one?", "Two.")
     data = tmp_path / "train.jsonl"
@@ -107,7 +107,8 @@ def test_over_long_rows_are_cut_said_once_and_dropped_when_nothing_is_left(tiny_
     held_out.write_text(json.dumps(_chat("7 plus 7?", "14.")) + "\n" + json.dumps(long_row) + "\n")
     cfg = build_config({"model": str(tiny_models["e2b"]), "data": str(data), "eval_data": str(held_out),
                         "max_seq_len": 64, "out": str(tmp_path / "unused")})
-    setup = prepare_run(cfg)
+    conversations = sft.read_data(cfg)
+    setup = sft.prepare(cfg, conversations)
 
     by_code = {f.code: f for f in setup.findings if f.code in ("G4T318", "G4T319")}
     assert [f.code for f in setup.findings].count("G4T318") == 1 and [f.code for f in setup.findings].count(
@@ -124,7 +125,7 @@ def test_over_long_rows_are_cut_said_once_and_dropped_when_nothing_is_left(tiny_
         1, 1, 1)
 
     # the first row was the over-long one: preflight runs on one that trains, and finds nothing wrong
-    result = preflight_run(cfg, setup)
+    result = sft.preflight(cfg, setup, conversations)
     assert not [f for f in result.findings if f.severity is Severity.ERROR], result.findings
     assert result.supervised_in_batch > 0 and math.isfinite(result.loss)
     # a batch with no supervised token is said once (G4T504), not also as a NaN loss or a frozen tower

@@ -133,8 +133,8 @@ def test_demo_runs_offline_trains_verifies_and_the_loss_goes_down(tmp_path: Path
 # --- train / preflight options: declared once, as RunConfig's fields ------------------------------------------------
 
 #: the flags of train/preflight that are no RunConfig field, or spell one otherwise (OWN_FLAG: resume, preflight)
-EXPLICIT = {"--dry-run", "--resume", "--no-preflight", "--json", "--explain-config"}
-OWN = {"resume": "--resume", "preflight": "--no-preflight"}
+EXPLICIT = {"--dry-run", "--resume", "--no-preflight", "--json", "--explain-config", "--reward", "--reward-weights"}
+OWN = {"resume": "--resume", "preflight": "--no-preflight", "rewards": "--reward", "reward_weights": "--reward-weights"}
 
 
 def test_every_run_config_field_is_a_flag_with_its_description_or_marked() -> None:

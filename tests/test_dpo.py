@@ -97,14 +97,14 @@ def test_dpo_raises_held_out_reward_accuracy_with_the_base_as_reference(tiny_mod
 @pytest.fixture(scope="module")
 def b31_trainer(tiny_models, tmp_path_factory):
     """TRL's DPOTrainer on the tiny 31B with image pairs, as train --method dpo builds it; and a real batch."""
-    from gemma4_tune.train.preference import build_trainer, load_pairs, probe_batch
+    from gemma4_tune.train.methods.dpo import METHOD as dpo
+    from gemma4_tune.train.preference import probe_batch
 
     root = tmp_path_factory.mktemp("dpo-31b")
     train, held = write_pairs(root / "data", images=True)
     cfg = RunConfig(model=str(tiny_models["31b"]), data=str(train), eval_data=str(held), out=str(root / "run"),
                     method="dpo", targets="text,vision", rank=8, batch_size=2)
-    pairs, eval_pairs, _, _ = load_pairs(cfg)
-    built = build_trainer(cfg, pairs, eval_pairs, root / "staging")
+    built = dpo.build_trainer(cfg, dpo.read_data(cfg), root / "staging")
     return built, probe_batch(built["trainer"])
 
 
@@ -183,7 +183,7 @@ def test_a_policy_that_does_not_start_at_the_reference_is_g4t513(b31_trainer):
 @pytest.mark.slow
 def test_bad_pairs_stop_before_the_model_loads_and_audio_pairs_are_g4t514(tmp_path):
     from gemma4_tune.data.demo_data import write_demo_dataset
-    from gemma4_tune.train.preference import load_pairs
+    from gemma4_tune.train.methods.dpo import METHOD as dpo
 
     same = tmp_path / "same.jsonl"
     same.write_text(json.dumps({"prompt": "Hi?", "chosen": "Hello.", "rejected": "Hello."}) + "\n")
@@ -198,7 +198,7 @@ def test_bad_pairs_stop_before_the_model_loads_and_audio_pairs_are_g4t514(tmp_pa
         "chosen": [{"role": "assistant", "content": "A tone."}],
         "rejected": [{"role": "assistant", "content": "No."}]}) + "\n")
     with pytest.raises(FindingError) as info:
-        load_pairs(RunConfig(model="m", data=str(audio), method="dpo"))
+        dpo.read_data(RunConfig(model="m", data=str(audio), method="dpo"))
     assert _codes(info.value.findings) == ["G4T514"] and "audio.jsonl:1: audio" in info.value.findings[0].message
     tool = tmp_path / "tool.jsonl"  # a tool call in the answer: TRL's rows would drop it, so it is refused
     tool.write_text(json.dumps({
@@ -207,7 +207,7 @@ def test_bad_pairs_stop_before_the_model_loads_and_audio_pairs_are_g4t514(tmp_pa
             {"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]}],
         "rejected": [{"role": "assistant", "content": "No."}]}) + "\n")
     with pytest.raises(FindingError) as info:
-        load_pairs(RunConfig(model="m", data=str(tool), method="dpo"))
+        dpo.read_data(RunConfig(model="m", data=str(tool), method="dpo"))
     assert _codes(info.value.findings) == ["G4T514"] and "tool_calls" in info.value.findings[0].message
 
 
@@ -236,7 +236,7 @@ def test_axolotl_rl_dpo_and_its_beta_map_and_other_objectives_are_refused(tmp_pa
     path.write_text("base_model: m\nadapter: lora\nrl: orpo\ndatasets:\n  - path: d.jsonl\n")
     with pytest.raises(FindingError) as info:
         read_run_file(path)
-    assert any("only rl: dpo is trained here" in f.message for f in info.value.findings)
+    assert any("only rl: dpo and rl: grpo are trained here" in f.message for f in info.value.findings)
 
 
 @pytest.mark.slow
@@ -298,20 +298,20 @@ def test_preference_sigkill_then_resume_ends_with_the_uninterrupted_adapter(tiny
 
 
 def test_held_out_pairs_repeating_training_pairs_are_g4t407_and_the_split_keeps_twins_together(tmp_path) -> None:
-    from gemma4_tune.train.preference import load_pairs
+    from gemma4_tune.train.methods.dpo import METHOD as dpo
 
     train, held = write_pairs(tmp_path / "data", images=False, n=6, n_eval=2)
     twice = tmp_path / "twice.jsonl"  # every pair twice: a split must keep both copies on one side
     twice.write_text(train.read_text() * 2)
     leaky = tmp_path / "leaky.jsonl"
     leaky.write_text(held.read_text() + train.read_text().splitlines(keepends=True)[0])
-    _, eval_pairs, _, findings = load_pairs(RunConfig(model="m", data=str(train), eval_data=str(leaky), method="dpo"))
-    assert len(eval_pairs) == 3 and [f.code for f in findings] == ["G4T407"]
-    assert "1 of 3 held-out preference pairs" in findings[0].message
-    _, _, _, findings = load_pairs(RunConfig(model="m", data=str(train), eval_data=str(held), method="dpo"))
-    assert findings == []
-    kept, eval_pairs, data, _ = load_pairs(RunConfig(model="m", data=str(twice), eval_split=0.34, method="dpo"))
-    assert (len(kept), len(eval_pairs)) == (8, 4) and data["eval_pairs"] == 4
+    leaked = dpo.read_data(RunConfig(model="m", data=str(train), eval_data=str(leaky), method="dpo"))
+    assert len(leaked.eval_pairs) == 3 and [f.code for f in leaked.findings] == ["G4T407"]
+    assert "1 of 3 held-out preference pairs" in leaked.findings[0].message
+    assert dpo.read_data(RunConfig(model="m", data=str(train), eval_data=str(held), method="dpo")).findings == []
+    split = dpo.read_data(RunConfig(model="m", data=str(twice), eval_split=0.34, method="dpo"))
+    kept, eval_pairs = split.pairs, split.eval_pairs
+    assert (len(kept), len(eval_pairs)) == (8, 4) and split.summary["eval_pairs"] == 4
     held_prompts = {json.dumps(p.prompt) for p in eval_pairs}
     assert not held_prompts & {json.dumps(p.prompt) for p in kept}
 
@@ -322,13 +322,15 @@ def test_trl_renders_pairs_token_for_token_as_our_batcher_and_supervises_the_sam
     Gemma4Batcher.encode of the same conversation, the same supervised positions (SFT's: the answer up to its
     end-of-turn token; TRL alone would also train the template's newline after it), the same pixels."""
     from gemma4_tune.data.collate import Gemma4Batcher
-    from gemma4_tune.train.preference import build_trainer, load_pairs, probe_batch
+    from gemma4_tune.train.methods.dpo import METHOD as dpo
+    from gemma4_tune.train.preference import probe_batch
 
     train, held = write_pairs(tmp_path / "data", images=True, n=4, n_eval=2)
     cfg = RunConfig(model=str(tiny_models["e2b"]), data=str(train), eval_data=str(held), out=str(tmp_path / "run"),
                     method="dpo", rank=8)
-    pairs, eval_pairs, _, _ = load_pairs(cfg)
-    built = build_trainer(cfg, pairs, eval_pairs, tmp_path / "staging")
+    data = dpo.read_data(cfg)
+    pairs = data.pairs
+    built = dpo.build_trainer(cfg, data, tmp_path / "staging")
     batch = probe_batch(built["trainer"])  # the first pair with an image, then the first without
     batcher = Gemma4Batcher(built["processor"], revision=cfg.template_revision, max_seq_len=cfg.max_seq_len)
     picked = [pairs[0], pairs[1]]
@@ -347,10 +349,11 @@ def test_held_out_rewards_are_strict_json_and_a_nan_figure_is_no_rise(tmp_path) 
     """A NaN held-out margin is written as null (as every metrics row) and read back as no rise: G4T515."""
     from types import SimpleNamespace
 
+    from gemma4_tune.train.methods.dpo import METHOD as dpo
     from gemma4_tune.train.preference import HeldOutRewards, not_learning
 
     path = tmp_path / "metrics.jsonl"
-    callback = HeldOutRewards(path, 3, "dpo")
+    callback = HeldOutRewards(path, 3, dpo.rewards_row)
     metrics = {"eval_rewards/accuracies": 0.5, "eval_rewards/margins": float("nan"), "eval_loss": 0.7,
                "eval_logps/chosen": -3.0, "eval_logps/rejected": -4.0}
     callback.on_evaluate(None, SimpleNamespace(global_step=6), None, metrics=metrics)

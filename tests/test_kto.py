@@ -24,11 +24,11 @@ def kto_args(model, data, targets: str = "text,vision") -> list:
 
 
 def test_kto_rows_alternate_labels_and_neighbours_have_other_prompts(tmp_path) -> None:
-    from gemma4_tune.train.preference import kto_dataset, load_pairs
+    from gemma4_tune.train.methods.kto import METHOD as kto
+    from gemma4_tune.train.methods.kto import kto_dataset
 
     train, held = write_pairs(tmp_path / "data", images=True, n=4, n_eval=2)
-    pairs, _, _, _ = load_pairs(RunConfig(model="m", data=str(train), eval_data=str(held), method="kto"))
-    rows = kto_dataset(pairs)
+    rows = kto_dataset(kto.read_data(RunConfig(model="m", data=str(train), eval_data=str(held), method="kto")).pairs)
     assert len(rows) == 8 and rows["label"] == [True, False] * 4
     assert rows[0]["completion"][0]["content"][0]["text"].startswith("Thank you")
     assert rows[1]["completion"][0]["content"][0]["text"] == "No."
@@ -75,13 +75,14 @@ def test_kto_raises_the_held_out_reward_margin_with_the_base_as_reference(tiny_m
 def test_kto_reference_is_the_base_and_one_that_keeps_the_adapter_on_is_g4t512(tiny_models, tmp_path, monkeypatch):
     from trl.trainer import kto_trainer
 
-    from gemma4_tune.train.preference import build_trainer, dpo_preflight, load_pairs, preflight_pairs, probe_batch
+    from gemma4_tune.train.methods.kto import METHOD as kto
+    from gemma4_tune.train.preference import dpo_preflight, preflight_pairs, probe_batch
 
     train, held = write_pairs(tmp_path / "data", images=True, n=4, n_eval=2)
     cfg = RunConfig(model=str(tiny_models["31b"]), data=str(train), eval_data=str(held), out=str(tmp_path / "run"),
                     method="kto", targets="text,vision", rank=8, batch_size=2)
-    pairs, eval_pairs, data, _ = load_pairs(cfg)
-    built = build_trainer(cfg, pairs, eval_pairs, tmp_path / "staging")
+    data = kto.read_data(cfg)
+    built = kto.build_trainer(cfg, data, tmp_path / "staging")
     model = built["model"]
     assert list(model.peft_config) == ["default"], "no second adapter: the reference is the adapter disabled"
     batch = probe_batch(built["trainer"])
@@ -93,7 +94,7 @@ def test_kto_reference_is_the_base_and_one_that_keeps_the_adapter_on_is_g4t512(t
         for row in range(ids.shape[0]):
             supervised = ids[row][mask[row].bool()].tolist()
             assert supervised and supervised[-1] == eot, (prefix, row)
-    result = preflight_pairs(built, batch, data)  # SFT's preflight on the KTO batch, then the reference checks
+    result = preflight_pairs(built, batch, data.summary)  # SFT's preflight on the KTO batch, then the reference checks
     assert result.findings == [] and result.loss > 0 and set(result.lora_grad) == {"text", "vision"}
     assert result.reference["reference_equals_base"] and result.reference["max_abs_log_ratio_step0"] == 0.0
     monkeypatch.setattr(kto_trainer, "use_adapter", lambda model, adapter_name: contextlib.nullcontext())

@@ -21,7 +21,7 @@ def _lint(src: Path) -> subprocess.CompletedProcess[str]:
 def test_every_import_goes_down_the_layers() -> None:
     result = _lint(ROOT / "src")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 kept, 0 broken" in result.stdout
+    assert "4 kept, 0 broken" in result.stdout
 
 
 def _lint_with(tmp_path: Path, module: str, addition: str) -> subprocess.CompletedProcess[str]:
@@ -39,6 +39,19 @@ def test_an_engine_comparison_importing_another_breaks_the_verify_contract(tmp_p
                         "\n\ndef _back() -> None:\n    from gemma4_tune.verify.parity import ENGINES  # noqa\n")
     assert result.returncode != 0
     assert "gemma4_tune.verify.vllm -> gemma4_tune.verify.parity" in result.stdout
+
+
+def test_shared_preference_code_importing_a_unit_or_a_unit_another_breaks_the_train_contracts(tmp_path: Path) -> None:
+    """The train contracts: the import circle recipe <-> preference (as it was) is refused, as is a unit importing
+    another unit."""
+    result = _lint_with(tmp_path, "train/preference.py",
+                        "\n\ndef _up() -> None:\n    from gemma4_tune.train.methods.sft import METHOD  # noqa\n")
+    assert result.returncode != 0
+    assert "gemma4_tune.train.preference -> gemma4_tune.train.methods.sft" in result.stdout
+    result = _lint_with(tmp_path / "units", "train/methods/kto.py",
+                        "\n\ndef _other() -> None:\n    from gemma4_tune.train.methods.dpo import DPO  # noqa\n")
+    assert result.returncode != 0
+    assert "gemma4_tune.train.methods.kto -> gemma4_tune.train.methods.dpo" in result.stdout
 
 
 def test_an_upward_import_breaks_the_contract(tmp_path: Path) -> None:

@@ -49,9 +49,10 @@ def text_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def setup_run(model: Path, data: Path, targets: str = "text"):
-    from gemma4_tune.train.recipe import prepare_run
+    from gemma4_tune.train.methods.sft import METHOD as sft
 
-    return prepare_run(RunConfig(model=str(model), data=str(data), out="unused", targets=targets))
+    cfg = RunConfig(model=str(model), data=str(data), out="unused", targets=targets)
+    return sft.prepare(cfg, sft.read_data(cfg))
 
 
 def preflight(setup, batch=None, modalities=None):

@@ -176,7 +176,7 @@ def test_low_bit_optimizers_run_on_this_cpu_and_a_missing_package_is_g4t420():
     CPU, so only a missing package is refused (schedulefree is not a dependency, so it is really missing here)."""
     import importlib.util
 
-    from gemma4_tune.train.recipe import check_optimizer
+    from gemma4_tune.train.base import check_optimizer
 
     for name in ("adamw_torch_8bit", "adamw_torch_4bit", "adamw_bnb_8bit", "paged_adamw_8bit"):
         check_optimizer(name)

@@ -51,12 +51,12 @@ def _copy(run: Path, tmp_path: Path) -> Path:
 
 
 def _no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    import gemma4_tune.train.recipe as train_module
+    import gemma4_tune.train.methods.sft as sft_module
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded before the resume was refused")
 
-    monkeypatch.setattr(train_module, "load_model", refuse)
+    monkeypatch.setattr(sft_module, "load_model", refuse)
 
 
 def test_the_run_records_what_resume_must_match_and_frees_its_lock(finished: tuple[Path, Path, Path]) -> None:
@@ -71,7 +71,7 @@ def test_the_run_records_what_resume_must_match_and_frees_its_lock(finished: tup
 def test_resume_with_other_data_base_rank_and_lr_is_one_g4t414_before_the_model_loads(
         finished: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from gemma4_tune.api import tiny_model
-    from gemma4_tune.train.recipe import train
+    from gemma4_tune.train.run import train
 
     base, data, run = finished
     run = _copy(run, tmp_path)
@@ -103,7 +103,7 @@ def test_a_finished_run_resumed_is_g4t415_and_exits_0_without_a_step(finished: t
 
 def test_no_complete_checkpoint_is_g4t401_naming_what_is_wrong(finished: tuple[Path, Path, Path],
                                                                tmp_path: Path) -> None:
-    from gemma4_tune.train.recipe import train
+    from gemma4_tune.train.run import train
 
     base, data, run = finished
     run = _copy(run, tmp_path)
@@ -170,7 +170,7 @@ sys.stdin.read()
 def test_a_second_train_on_a_run_dir_in_use_is_g4t417_naming_the_first_pid(finished: tuple[Path, Path, Path],
                                                                           tmp_path: Path) -> None:
     from gemma4_tune.train.distributed import launch
-    from gemma4_tune.train.recipe import train
+    from gemma4_tune.train.run import train
     from gemma4_tune.train.rundir import lock_run_dir, release_run_dir
 
     base, data, run = finished

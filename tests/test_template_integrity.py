@@ -113,13 +113,14 @@ def test_answers_cut_by_max_seq_len_lose_their_turn_end(processor, tmp_path: Pat
 
 def test_a_run_with_a_revision_that_drops_reasoning_reports_the_rows(e2b: Path, tmp_path: Path) -> None:
     """Through the run's own preparation: the three reasoning spellings, read as reasoning_content."""
-    from gemma4_tune.train.recipe import prepare_run
+    from gemma4_tune.train.methods.sft import METHOD as sft
 
     rows = [qa("2+2?", "four.", reasoning_content="Two and two."), qa("3+3?", "six.", reasoning="Three and three."),
             qa("4+4?", "eight.", thinking="Four and four."), qa("Hi", "Hello.")]
     data = write_rows(tmp_path / "d.jsonl", rows)
-    setup = prepare_run(build_config({"model": str(e2b), "data": str(data), "template_revision": "v4",
-                                      "out": str(tmp_path / "unused")}))
+    cfg = build_config({"model": str(e2b), "data": str(data), "template_revision": "v4",
+                        "out": str(tmp_path / "unused")})
+    setup = sft.prepare(cfg, sft.read_data(cfg))
     dropped = [f for f in setup.findings if f.code == "G4T322"]
     assert len(dropped) == 1 and dropped[0].severity is Severity.WARNING
     assert dropped[0].message.startswith("3 of 3 training rows with reasoning")

@@ -22,7 +22,7 @@ from gemma4_tune.plan.overview import meta_model, plan
 
 if TYPE_CHECKING:  # the Trainer stack costs ~5 s and ~230 MB to import; export and verify never need it
     from gemma4_tune.preflight import PreflightResult
-    from gemma4_tune.train.recipe import TrainResult
+    from gemma4_tune.train.base import TrainResult
 
 __all__ = ["LoraSettings", "RunConfig", "export", "meta_model", "plan", "prepare_model", "run_preflight",
            "run_training", "tiny_model", "verify"]
@@ -50,22 +50,49 @@ def tiny_model(variant: str, out: str | Path, *, seed: int = 0, template_revisio
 def run_training(cfg: RunConfig) -> TrainResult:
     """Train, prove the saved adapter reproduces the trained model, and write the report.
 
-    Writes report.json, report.md, report.html and loss.png beside the adapter; raises FindingError (after
-    writing the report) when the saved adapter does not reproduce the model or changes nothing.
+    Writes report.json, report.md, report.html and loss.png beside the adapter (and the method's own section and
+    plot); raises FindingError (after writing the report) when the saved adapter does not reproduce the model or
+    changes nothing.
     """
-    from gemma4_tune.model.quantization import base_weights_line
     from gemma4_tune.ranks import is_main_process
     from gemma4_tune.report.run_report import write_report
-    from gemma4_tune.train.recipe import STAGING, library_versions, loss_went_down, train
-    from gemma4_tune.verify.peft import saved_adapter_parity, saved_tensor_parity
+    from gemma4_tune.train.base import STAGING, library_versions
+    from gemma4_tune.train.methods import get
+    from gemma4_tune.train.run import train
 
     out = Path(cfg.out)
     with output_errors(out, "the run's checkpoints, adapter and records", cleanup=[out / STAGING]):
         result = train(cfg)
     if not is_main_process():
         return result
-    if cfg.method in ("dpo", "kto"):
-        return _dpo_report(cfg, result)
+    # the saved adapter against the trained model, where the run kept a batch to compare them on (SFT's; TRL's
+    # preference trainers keep none)
+    verification = _verify_saved_adapter(cfg, result) if result.probe_batch else None
+    with output_errors(result.out, "the run's report"):
+        part = get(cfg.method).report_section(cfg, result)
+        report = {"summary": part.summary, "config": cfg.dump(), "data": result.data,
+                  "plan": {"spec": result.plan.spec, "trainable": result.plan.trainable_by_group(),
+                           "skipped": len(result.plan.skipped)},
+                  "preflight": result.preflight.to_dict() if result.preflight else None}
+        if verification is not None:
+            report["verification"] = verification
+        report.update(part.sections)
+        if part.section is not None:  # report.json[<method>], e.g. DPO's held-out rewards, and its plot
+            report[cfg.method] = {**part.section, "plot": part.plot.name if part.plot else None}
+        report.update({"samples": [s.to_dict() for s in result.samples], "metrics": result.metrics,
+                       "timings": {"run seconds": result.seconds}, "versions": library_versions()})
+        result.report = report
+        write_report(result.out, result.report, result.findings)
+    if has_errors(result.findings):
+        raise FindingError(*[f for f in result.findings if f.severity is Severity.ERROR])
+    return result
+
+
+def _verify_saved_adapter(cfg: RunConfig, result: TrainResult) -> dict[str, Any]:
+    """The saved adapter reloaded (or its tensors read back) against the trained model in memory; its findings join
+    the run's, the parity is kept on ``result.parity``. The report's ``verification`` section."""
+    from gemma4_tune.verify.peft import saved_adapter_parity, saved_tensor_parity
+
     parity = tensors = None
     # sharded runs, and 4-bit MoE experts (PEFT loads no second adapter onto a parametrized expert stack): the saved
     # tensors against the trained ones; `verify` compares the saved adapter's logits on a fresh 4-bit base
@@ -82,66 +109,16 @@ def run_training(cfg: RunConfig) -> TrainResult:
     elif result.adapter is not None:
         parity = saved_adapter_parity(result.adapter, result.model, result.probe_batch)
         result.findings += parity.findings()
-    first, last = loss_went_down(result.metrics)
-    summary = {"steps": result.metrics[-1]["step"] if result.metrics else 0, "first loss": round(first, 4),
-               "last loss": round(last, 4), "seconds": result.seconds, "adapter": str(result.adapter or "-"),
-               "resumed from": result.resumed_from or "-", **base_weights_line(result.quant)}
-    if result.distributed:
-        summary["distributed"] = (f"{result.distributed['strategy']} on {result.distributed['world_size']} processes "
-                                  f"({result.distributed['distributed_type']})")
-    evals = [m for m in result.metrics if "eval_loss" in m]
-    if evals:
-        summary["held-out loss (base -> tuned)"] = f"{evals[0]['eval_loss']:.4f} -> {evals[-1]['eval_loss']:.4f}"
-        summary["held-out token accuracy (base -> tuned)"] = (f"{evals[0]['eval_accuracy']:.1%} -> "
-                                                              f"{evals[-1]['eval_accuracy']:.1%}")
-    result.report = {"summary": summary, "config": cfg.dump(), "data": result.data,
-                     "plan": {"spec": result.plan.spec, "trainable": result.plan.trainable_by_group(),
-                              "skipped": len(result.plan.skipped)},
-                     "preflight": result.preflight.to_dict() if result.preflight else None,
-                     "verification": {"peft_reload": parity.to_dict() if parity else None,
-                                      "saved_tensors": tensors.to_dict() if tensors else None},
-                     "distributed": result.distributed,
-                     "samples": [s.to_dict() for s in result.samples], "metrics": result.metrics,
-                     "timings": {"run seconds": result.seconds}, "versions": library_versions()}
-    with output_errors(result.out, "the run's report"):
-        write_report(result.out, result.report, result.findings)
-    if has_errors(result.findings):
-        raise FindingError(*[f for f in result.findings if f.severity is Severity.ERROR])
     result.parity = parity
-    return result
-
-
-def _dpo_report(cfg: RunConfig, result: TrainResult) -> TrainResult:
-    """A DPO (or KTO) run's report: rewards before and after, its preflight, the curves (``report[method]``,
-    ``<method>.png``); errors raised after writing it."""
-    from gemma4_tune.report.run_report import write_report
-    from gemma4_tune.train.preference import dpo_plot, dpo_summary
-    from gemma4_tune.train.recipe import library_versions
-
-    with output_errors(result.out, "the run's report"):
-        plot = dpo_plot(result.metrics, result.out / f"{cfg.method}.png")
-        result.report = {"summary": dpo_summary(result, cfg.method), "config": cfg.dump(), "data": result.data,
-                         "plan": {"spec": result.plan.spec, "trainable": result.plan.trainable_by_group(),
-                                  "skipped": len(result.plan.skipped)},
-                         "preflight": result.preflight.to_dict() if result.preflight else None,
-                         cfg.method: {**result.dpo, "plot": plot.name if plot else None},
-                         "samples": [s.to_dict() for s in result.samples], "metrics": result.metrics,
-                         "timings": {"run seconds": result.seconds}, "versions": library_versions()}
-        write_report(result.out, result.report, result.findings)
-    if has_errors(result.findings):
-        raise FindingError(*[f for f in result.findings if f.severity is Severity.ERROR])
-    return result
+    return {"peft_reload": parity.to_dict() if parity else None,
+            "saved_tensors": tensors.to_dict() if tensors else None}
 
 
 def run_preflight(cfg: RunConfig) -> PreflightResult:
     """Preflight only: data, model, LoRA, one real batch forward and backward; nothing is written."""
-    if cfg.method in ("dpo", "kto"):
-        from gemma4_tune.train.preference import preflight_only
+    from gemma4_tune.train.run import preflight
 
-        return preflight_only(cfg)
-    from gemma4_tune.train.recipe import preflight_run, prepare_run
-
-    return preflight_run(cfg, prepare_run(cfg))
+    return preflight(cfg)
 
 
 def export(base: str | Path, adapter: str | Path, *, merged: str | Path | None = None,

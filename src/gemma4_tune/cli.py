@@ -241,6 +241,9 @@ def _train_command(preflight_only: bool, config: type[RunConfig] = RunConfig):  
         dry_run: Annotated[bool, typer.Option("--dry-run", help="--distributed: write the launch files and "
                                               "print the command, start nothing")] = False,
         resume: Annotated[bool, typer.Option("--resume", help=_field_help("resume"))] = False,
+        reward: Annotated[list[str] | None, typer.Option("--reward", help=_field_help("rewards"))] = None,
+        reward_weights: Annotated[str | None, typer.Option("--reward-weights", help=_field_help("reward_weights"))
+                                  ] = None,
         no_preflight: Annotated[bool, typer.Option("--no-preflight", help="Skip preflight (reported as G4T510)")
                                 ] = False,
         json_out: Annotated[bool, typer.Option("--json", help="preflight: machine-readable output")] = False,
@@ -255,6 +258,10 @@ def _train_command(preflight_only: bool, config: type[RunConfig] = RunConfig):  
                  if value is not None}
         if resume:
             flags["resume"] = True
+        if reward:
+            flags["rewards"] = list(reward)
+        if reward_weights is not None:
+            flags["reward_weights"] = reward_weights
         if no_preflight:
             flags["preflight"] = False
         from gemma4_tune.ranks import is_main_process, under_launcher

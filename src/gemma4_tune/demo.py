@@ -103,7 +103,7 @@ def run_demo(out: Path, *, seed: int = 0, steps: int = DEMO_STEPS) -> dict[str, 
     from gemma4_tune.data.demo_data import write_demo_dataset
     from gemma4_tune.engines.vllm_env import vllm_python
     from gemma4_tune.report.run_report import write_report
-    from gemma4_tune.train.recipe import loss_went_down
+    from gemma4_tune.train.base import loss_went_down
 
     out = Path(out)
     check_writable(out, "--out")

@@ -95,7 +95,7 @@ _KNOWN = (MARKERS | set(_NO_EFFECT) | set(_DIRECT) | set(_DEFAULTS)
              "lora_target_parameters",
              "lora_modules_to_save", "optim_args", "train_on_inputs", "fp16", "val_set_size", "chat_template",
              "chat_template_jinja", "eot_tokens", "special_tokens", "tokens", "resume_from_checkpoint",
-             "image_size", "image_resize_algorithm", "rl", "rl_beta", "dpo_beta", "test_datasets"})
+             "image_size", "image_resize_algorithm", "rl", "rl_beta", "dpo_beta", "test_datasets", "trl"})
 
 
 def is_axolotl(data: dict[str, Any]) -> bool:
@@ -107,6 +107,42 @@ def our_name(key: str) -> str | None:
     """gemma4-tune's key for an Axolotl key that maps one to one (``micro_batch_size`` -> ``batch_size``)."""
     return {**_DIRECT, "learning_rate": "lr", "sequence_len": "max_seq_len", "datasets": "data",
             "val_set_size": "eval_split"}.get(key)
+
+
+#: Axolotl's ``trl:`` keys for GRPO with the same meaning here -> our field.
+_TRL_GRPO = {"beta": "beta", "num_generations": "num_generations", "max_completion_length": "max_completion_length",
+             "temperature": "temperature", "loss_type": "loss_type", "reward_weights": "reward_weights"}
+#: ``trl:`` keys that change nothing here, with why.
+_TRL_NO_EFFECT = {"use_vllm": "generation runs in transformers on the CPU; with CUDA and vLLM installed TRL's colocated "
+                              "vLLM is used (docs/grpo.md)",
+                  "vllm_mode": "no vLLM server is used (colocated where vLLM runs)",
+                  "vllm_server_host": "no vLLM server is used", "vllm_server_port": "no vLLM server is used",
+                  "vllm_server_timeout": "no vLLM server is used", "log_completions": "the report keeps samples"}
+
+
+def _trl_section(section: Any, grpo: bool, t: _Translation) -> None:
+    """Axolotl's ``trl:`` block: GRPO's settings and reward functions (``module.function`` as Axolotl imports
+    them, read here as ``module:function``), key by key."""
+    if not grpo or not isinstance(section, dict):
+        t.refuse("trl", section, "trl: settings mean something here only with rl: grpo")
+        return
+    for key, value in section.items():
+        where = f"trl.{key}"
+        if key == "reward_funcs":
+            funcs = value if isinstance(value, list) else [value]
+            if not _strings(funcs) or not all("." in f for f in funcs):
+                t.refuse(where, value, "expected a list of module.function names (Axolotl's form)")
+                continue
+            ours = [":".join(f.rsplit(".", 1)) for f in funcs]
+            t.map(where, value, "rewards", ours, "Axolotl's module.function imported as module:function, from "
+                                                 "the directory you run in")
+        elif key in _TRL_GRPO:
+            t.map(where, value, _TRL_GRPO[key], value)
+        elif key in _TRL_NO_EFFECT:
+            t.row(where, value, "no effect", _TRL_NO_EFFECT[key])
+            t.no_effect.append(where)
+        else:
+            t.refuse(where, value, "not a GRPO setting gemma4-tune reads (docs/grpo.md lists them)")
 
 
 class _Translation:
@@ -363,14 +399,19 @@ def translate(data: dict[str, Any], *, source: str) -> tuple[dict[str, Any], lis
         t.refuse("fp16", True, "fp16 overflows Gemma 4's MLP into NaN (catalog row 19); remove it (bf16 on CUDA)")
     if given.get("rl") == "dpo":
         t.map("rl", "dpo", "method", "dpo", "TRL's DPOTrainer; the reference is the base with the adapter disabled")
+    elif given.get("rl") == "grpo":
+        t.map("rl", "grpo", "method", "grpo", "TRL's GRPOTrainer with gemma4-tune's rendering; the reference is the "
+                                               "base with the adapter disabled")
     elif given.get("rl"):
-        t.refuse("rl", given["rl"], "only rl: dpo is trained here (KTO, ORPO, IPO and SimPO are not)")
+        t.refuse("rl", given["rl"], "only rl: dpo and rl: grpo are trained here (KTO, ORPO, IPO and SimPO are not)")
     for key in ("rl_beta", "dpo_beta"):
         if key in given:
-            if given.get("rl") == "dpo":
+            if given.get("rl") in ("dpo", "grpo"):
                 t.map(key, given[key], "beta", given[key])
             else:
-                t.refuse(key, given[key], "DPO's beta has no effect without rl: dpo")
+                t.refuse(key, given[key], "the KL weight has no effect without rl: dpo or rl: grpo")
+    if "trl" in given:
+        _trl_section(given["trl"], given.get("rl") == "grpo", t)
     if given.get("test_datasets"):
         t.refuse("test_datasets", given["test_datasets"], "give one held-out file as eval_data (--eval-data)")
     for key in ("special_tokens", "tokens"):

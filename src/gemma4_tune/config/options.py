@@ -40,6 +40,9 @@ a tiny model stops falling) or overflows (``lr: 1e30`` made it inf at step 2, st
 MAX_SEED = 2**32 - 1
 #: The QLoRA settings: each means something only with ``quantize`` (G4T005 otherwise).
 QUANT_SETTINGS = ("quant_type", "double_quant", "compute_dtype", "quantize_experts")
+#: The GRPO settings: each means something only with ``method: grpo`` (G4T005 otherwise).
+GRPO_SETTINGS = ("rewards", "reward_weights", "num_generations", "max_completion_length", "temperature", "loss_type",
+                 "thinking")
 """The largest seed numpy's ``np.random.seed`` (called by transformers' ``set_seed``) accepts."""
 
 
@@ -136,9 +139,23 @@ class RunConfig(BaseModel):
     data: list[DatasetSpec] = Field(description="Data file (JSONL, JSON, Parquet, CSV) or save_to_disk directory; "
                                                 "docs/formats.md")
     out: str | None = Field(None, description="Run directory (adapter, checkpoints, report)")
-    method: Literal["sft", "dpo", "kto"] = Field("sft", description="sft (default), dpo or kto (preference pairs: "
-                                                                    "prompt / chosen / rejected; docs/formats.md)")
-    beta: Number = Field(0.1, gt=0, description="DPO and KTO: weight of the KL term [0.1]")
+    method: Literal["sft", "dpo", "kto", "grpo"] = Field(
+        "sft", description="sft (default), dpo or kto (preference pairs: prompt / chosen / rejected; "
+                           "docs/formats.md), grpo (prompts and reward functions; docs/grpo.md)")
+    beta: Number = Field(0.1, ge=0, description="DPO, KTO and GRPO: weight of the KL term against the base [0.1]")
+    rewards: list[str] = Field(default_factory=list, description="GRPO: reward function, FILE.py:FUNC, module:FUNC or "
+                               "a built-in (ends_turn, exact[:COL], numeric[:COL], regex:PATTERN); repeatable",
+                               json_schema_extra=OWN_FLAG)  # --reward
+    reward_weights: list[Number] | None = Field(None, description="GRPO: weight of each reward, comma-separated [1 each]",
+                                                json_schema_extra=OWN_FLAG)  # --reward-weights 1,0.5
+    num_generations: Whole = Field(4, ge=2, description="GRPO: completions per prompt (the group) [4]")
+    max_completion_length: Whole = Field(256, ge=1, description="GRPO: tokens per completion at most [256]")
+    temperature: Number = Field(1.0, gt=0, description="GRPO: sampling temperature of the rollouts [1.0]")
+    loss_type: Literal["dapo", "grpo", "dr_grpo", "bnpo"] = Field("dapo", description="GRPO: loss normalisation "
+                                                                  "(TRL's loss_type) [dapo]",
+                                                                  json_schema_extra=cli(choices=True))
+    thinking: Flag = Field(False, description="GRPO: render prompts with the template's thinking on (enable_thinking) "
+                                              "[false]", json_schema_extra=cli("--thinking/--no-thinking"))
     targets: str = Field("text", description="LoRA target spec (see `plan`)")
     rank: Whole = Field(16, ge=1, description="LoRA rank [16]")
     alpha: Whole | None = Field(None, ge=1, description="LoRA alpha [2 x rank]")
@@ -225,6 +242,21 @@ class RunConfig(BaseModel):
             raise ValueError("0 steps trains nothing")
         return value
 
+    @field_validator("rewards", mode="before")
+    @classmethod
+    def _reward_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("reward_weights", mode="before")
+    @classmethod
+    def _weight_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return [float(item) for item in value.split(",")]
+            except ValueError:
+                raise ValueError(f"expected comma-separated numbers, got {value!r}") from None
+        return value
+
     @field_validator("data", mode="before")
     @classmethod
     def _datasets(cls, value: Any) -> Any:
@@ -254,16 +286,32 @@ class RunConfig(BaseModel):
         if quant_keys and self.quantize is None:
             raise ValueError(f"{', '.join(quant_keys)} only mean something with quantize: 4bit (QLoRA)")
         if "beta" in self.model_fields_set and self.method == "sft":
-            raise ValueError("beta (DPO's and KTO's KL weight) has no effect without method: dpo or kto")
+            raise ValueError("beta (the KL weight of DPO, KTO and GRPO) has no effect with method: sft")
+        if self.beta == 0 and self.method in ("dpo", "kto"):
+            raise ValueError(f"beta 0 leaves {self.method.upper()} without its reference: give beta > 0")
+        grpo_keys = sorted(set(GRPO_SETTINGS) & self.model_fields_set)
+        if grpo_keys and self.method != "grpo":
+            raise ValueError(f"{', '.join(grpo_keys)} only mean something with method: grpo")
+        if self.method == "grpo":
+            if not self.rewards:
+                raise ValueError("method grpo needs at least one reward: --reward FILE.py:FUNC, module:FUNC or a "
+                                 "built-in (ends_turn, exact, numeric, regex:PATTERN)")
+            if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+                raise ValueError(f"{len(self.reward_weights)} reward weights for {len(self.rewards)} rewards")
+            if (self.batch_size * self.grad_accum) % self.num_generations:
+                raise ValueError(f"batch_size x grad_accum ({self.batch_size * self.grad_accum}) must be a multiple "
+                                 f"of num_generations ({self.num_generations}): each group of completions of one "
+                                 "prompt is scored together")
         if self.method != "sft" and (self.packing or self.distributed or self.train_on != "assistant"):
-            raise ValueError(f"method {self.method} trains the answers of preference pairs on one process: packing, "
+            raise ValueError(f"method {self.method} trains its answers on one process: packing, "
                              "--distributed and --train-on all are SFT settings")
         return self
 
     def dump(self) -> dict[str, Any]:
         """Plain dict (for reports, manifests and launch files); ``beta`` only where it means something (DPO, KTO),
         the 4-bit settings only with ``quantize``: a launch file read back must pass the same validation."""
-        excluded = (set() if self.method != "sft" else {"beta"}) | (set() if self.quantize else set(QUANT_SETTINGS))
+        excluded = ((set() if self.method != "sft" else {"beta"}) | (set() if self.quantize else set(QUANT_SETTINGS))
+                    | (set() if self.method == "grpo" else set(GRPO_SETTINGS)))
         return self.model_dump(exclude=excluded)
 
     def quant_spec(self) -> QuantSpec | None:

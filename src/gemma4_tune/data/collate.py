@@ -324,15 +324,21 @@ class Gemma4Batcher:
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
         if last is None or last == 0:
             raise ValueError("the conversation has no assistant turn after a prompt")
-        prompt = messages[:last]
-        kwargs = {**dict(self.tokenizer.special_tokens_map), **self.chat_kwargs}
-        text = render(prompt, revision=self.revision, tools=tools, add_generation_prompt=True, **kwargs)
-        images, audios, _ = self._load_media(prompt, text, getattr(conv, "source", None))
-        inputs = {k: v for k, v in self._process(text, images, audios).items() if torch.is_tensor(v)}
+        inputs, _ = self.encode_generation(messages[:last], tools=tools, source=getattr(conv, "source", None))
         answer = messages[last].get("content")
         if isinstance(answer, list):
             answer = "".join(p.get("text", "") for p in answer if isinstance(p, Mapping))
         return inputs, str(answer or "")
+
+    def encode_generation(self, prompt: list[dict], *, tools: list[dict] | None = None, source: str | None = None
+                          ) -> tuple[dict[str, torch.Tensor], list[Any]]:
+        """Model inputs (a batch of one, no padding) that ask the model for its next turn after ``prompt``, rendered
+        as the official template renders it with ``add_generation_prompt`` (and ``chat_kwargs``: thinking), and the
+        loaded images in order."""
+        kwargs = {**dict(self.tokenizer.special_tokens_map), **self.chat_kwargs}
+        text = render(prompt, revision=self.revision, tools=tools, add_generation_prompt=True, **kwargs)
+        images, audios, _ = self._load_media(prompt, text, source)
+        return {k: v for k, v in self._process(text, images, audios).items() if torch.is_tensor(v)}, images
 
     def _align(
         self, plain: list[int], plain_mask: list[bool], expanded: list[int]

@@ -30,6 +30,10 @@ its LoRA under the same key: the inner LoRA never reaches the forward and trains
 tensors get no gradient). :func:`patch_peft_parametrized_lora` fixes both at those two methods; it is applied only
 when experts are quantized, and tests/test_qlora.py fails once a release no longer has either bug.
 
+TRL's fused LM head (DPO, KTO and GRPO log-probabilities) projects every position onto the vocabulary on the CPU
+and masks afterwards; :func:`patch_trl_compact_log_probs` makes it take its own compact path (labelled positions
+only) there too.
+
 The only other patch is to files, not to code in this process: llama.cpp's prebuilt libraries are
 rebound to glibc < 2.38 at install time (``engines/glibc_compat.py``, beside the engine install it
 serves; tested the same way).
@@ -48,6 +52,8 @@ UNIFIED_MASK_AFFECTED = (Version("5.23.0"), Version("5.24.0"))
 _UNIFIED_HOOK = "_gemma4_tune_image_masks"
 #: PEFT releases whose ParamWrapper mishandles a parameter with another parametrization (4-bit experts).
 PEFT_PARAMETRIZED_AFFECTED = (Version("0.21.0"), Version("0.22.0"))
+#: TRL releases whose fused LM head scores every position on the CPU (issue 33 item 6).
+TRL_EVERY_POSITION_AFFECTED = (Version("1.16.0"), Version("1.17.0"))
 
 
 def accelerate_is_affected() -> bool:
@@ -190,4 +196,41 @@ def patch_peft_parametrized_lora() -> bool:
     _activate_lora._gemma4_tune = True  # type: ignore[attr-defined]
     wrapper._remove_parametrizations = _remove_parametrizations
     wrapper._activate_lora = _activate_lora
+    return True
+
+
+def trl_scores_every_position() -> bool:
+    """True for the TRL releases whose fused LM head (DPO, KTO, GRPO log-probabilities) projects every position onto
+    the vocabulary wherever Triton does not run (the CPU), masking afterwards, instead of the labelled ones only."""
+    import trl
+
+    low, high = TRL_EVERY_POSITION_AFFECTED
+    return low <= Version(trl.__version__) < high
+
+
+def patch_trl_compact_log_probs() -> bool:
+    """Let TRL's fused LM head score only the labelled positions on the CPU too (see below). Idempotent; returns
+    whether it is in effect.
+
+    TRL 1.16's ``add_fused_lm_head`` takes its compact path (``hidden_states[mask]``, ``masked_scatter`` back) only
+    where ``_use_triton`` is true (CUDA, XPU): elsewhere it keeps every position so that an accelerator compiling
+    per shape (Neuron) sees one tile shape. On the CPU nothing is compiled, and the wide path projects every
+    position of prompt and answer on the 262,144-token vocabulary: measured (bench/methods_real_vocab.py) 73% of a
+    DPO step, 592 positions projected where about 38 are answers. The compact path is plain torch; the kernel's own
+    choice between Triton and torch tiles is not touched. tests/test_grpo.py fails once a release scores compactly
+    on the CPU itself."""
+    if not trl_scores_every_position():
+        return False
+    import torch
+    from trl.trainer import utils
+
+    original = utils._use_triton
+    if getattr(original, "_gemma4_tune", False):
+        return True
+
+    def compact_on_cpu(device: torch.device) -> bool:
+        return device.type == "cpu" or original(device)
+
+    compact_on_cpu._gemma4_tune = True  # type: ignore[attr-defined]
+    utils._use_triton = compact_on_cpu
     return True

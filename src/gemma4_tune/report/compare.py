@@ -20,7 +20,7 @@ class RunSummary:
 
     name: str
     path: str
-    method: str                # sft, dpo or kto: their losses are different quantities
+    method: str                # sft, dpo, kto or grpo: their losses are different quantities
     steps: int
     tokens: int
     final_loss: float          # mean of the last 3 logged losses
@@ -32,6 +32,8 @@ class RunSummary:
     eval_reward_accuracy_end: float | None
     eval_reward_margin_start: float | None  # dpo, kto: held-out reward of the chosen minus the rejected answers
     eval_reward_margin_end: float | None
+    eval_reward_start: float | None  # grpo: held-out reward of greedy answers, base (start) and tuned (end)
+    eval_reward_end: float | None
     tokens_per_s: float
     settings: dict[str, Any]
 
@@ -62,6 +64,7 @@ def summarize(run: Path, name: str) -> tuple[RunSummary, list[dict[str, Any]]]:
     evals = [m for m in metrics if "eval_loss" in m]
     rewards = [m for m in metrics if "eval_reward_margin" in m]
     accuracies = [m for m in rewards if "eval_reward_accuracy" in m]  # DPO's; KTO has no pairs to count
+    scored = [m for m in metrics if "eval_reward" in m]  # GRPO's: the base's row, then the tuned model's
     config: dict[str, Any] = {}
     if (run / "run.json").is_file():
         config = json.loads((run / "run.json").read_text()).get("config", {})
@@ -78,8 +81,10 @@ def summarize(run: Path, name: str) -> tuple[RunSummary, list[dict[str, Any]]]:
         eval_reward_accuracy_end=accuracies[-1]["eval_reward_accuracy"] if accuracies else None,
         eval_reward_margin_start=rewards[0]["eval_reward_margin"] if rewards else None,
         eval_reward_margin_end=rewards[-1]["eval_reward_margin"] if rewards else None,
+        eval_reward_start=scored[0]["eval_reward"] if scored else None,
+        eval_reward_end=scored[-1]["eval_reward"] if scored else None,
         tokens_per_s=losses[-1].get("tokens_per_s", 0.0) if losses else 0.0,
-        settings={k: config[k] for k in keys if k in config and (k != "beta" or config.get("method") in ("dpo", "kto"))}), metrics
+        settings={k: config[k] for k in keys if k in config and (k != "beta" or config.get("method") in ("dpo", "kto", "grpo"))}), metrics
 
 
 def compare_plot(runs: list[tuple[RunSummary, list[dict[str, Any]]]], path: Path) -> Path:
@@ -130,9 +135,9 @@ def compare_runs(runs: list[str | Path], out: str | Path) -> dict[str, Any]:
     rows = [s for s, _ in summaries]
     lines = ["# gemma4-tune compare", "",
              "| run | method | steps | tokens | final loss | held-out loss (start -> end) | held-out accuracy "
-             "(start -> end) | held-out reward accuracy (start -> end) | held-out reward margin (start -> end) | tokens/s "
-             "| settings |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "(start -> end) | held-out reward accuracy (start -> end) | held-out reward margin (start -> end) | held-out "
+             "reward, greedy (base -> tuned) | tokens/s | settings |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for s in rows:
         settings = ", ".join(f"{k}={v}" for k, v in s.settings.items() if k != "model")
         lines.append(f"| {s.name} | {s.method} | {s.steps} | {s.tokens} | {s.final_loss:.4f} | "
@@ -140,9 +145,11 @@ def compare_runs(runs: list[str | Path], out: str | Path) -> dict[str, Any]:
                      f"{_opt(s.eval_accuracy_start, '.1%')} -> {_opt(s.eval_accuracy_end, '.1%')} | "
                      f"{_opt(s.eval_reward_accuracy_start, '.1%')} -> {_opt(s.eval_reward_accuracy_end, '.1%')} | "
                      f"{_opt(s.eval_reward_margin_start, '.3f')} -> {_opt(s.eval_reward_margin_end, '.3f')} | "
+                     f"{_opt(s.eval_reward_start, '.3f')} -> {_opt(s.eval_reward_end, '.3f')} | "
                      f"{s.tokens_per_s:.0f} | {settings} |")
     lines += ["", "An SFT loss is a cross-entropy per token; a DPO loss is -log sigmoid of the reward margin per pair; a KTO "
-              "loss is 1 - sigmoid of each answer's reward against a KL estimate: compare losses only between runs of one method.", "", f"![loss curves]({plot.name})", ""]
+              "loss is 1 - sigmoid of each answer's reward against a KL estimate; a GRPO loss is a policy-gradient surrogate "
+              "(about 0 whatever the rewards): compare losses only between runs of one method.", "", f"![loss curves]({plot.name})", ""]
     write_text_atomic(out / "compare.md", "\n".join(lines))
     report = {"runs": [s.to_dict() for s in rows], "plot": str(plot), "markdown": str(out / "compare.md")}
     write_json(out / "compare.json", report)

@@ -116,6 +116,7 @@ def build_sections(sections: dict[str, Any], findings: list[Finding], plot: Path
         ]))
     for method in ("dpo", "kto"):
         out += _preference_section(method, sections.get(method) or {})
+    out += _grpo_section(sections.get("grpo") or {})
     if plot:
         out.append(("Curves", [Block("image", text=plot.name)]))
     samples = sections.get("samples") or []
@@ -322,3 +323,40 @@ def _preference_section(method: str, dpo: dict[str, Any]) -> list[tuple[str, lis
     if dpo.get("plot"):
         blocks.append(Block("image", text=dpo["plot"]))
     return [(f"Preference tuning ({method.upper()})", blocks)]
+
+
+def _grpo_section(grpo: dict[str, Any]) -> list[tuple[str, list[Block]]]:
+    """``Reinforcement learning (GRPO)``: greedy rewards of the base and the tuned model, the first generation
+    group's checks, the curves."""
+    if not (grpo.get("evals") or grpo.get("preflight")):
+        return []
+    blocks = []
+    evals = grpo.get("evals") or {}
+    if evals:
+        base, tuned = evals["base"], evals["tuned"]
+        names = sorted(k for k in tuned if k.startswith("eval_rewards/"))
+        rows = [["reward (weighted total)", figure_text(base["eval_reward"], ".4f"),
+                 figure_text(tuned["eval_reward"], ".4f")]]
+        rows += [[f"reward {k.split('/', 1)[1]}", figure_text(base.get(k), ".4f"), figure_text(tuned.get(k), ".4f")]
+                 for k in names]
+        rows += [["ended their turn", f"{base['eval_ended_turn']:.0%}", f"{tuned['eval_ended_turn']:.0%}"],
+                 ["completion length (tokens)", f"{base['eval_completion_tokens']:.1f}",
+                  f"{tuned['eval_completion_tokens']:.1f}"]]
+        blocks.append(Block("table", header=[f"{evals['prompts']} {evals['where']} prompts, greedy", "base",
+                                             f"tuned (step {tuned['step']})"], rows=rows))
+    pf = grpo.get("preflight") or {}
+    if pf:
+        blocks.append(Block("kv", [
+            ["first generation group", f"{pf['completions']} completions ({pf['group_size']} per prompt), reward "
+                                       f"{pf['reward_mean']:.3f}, spread by group {pf['reward_spread_by_group']}"],
+            ["pad tokens inside the prompt mask", str(pf["pad_tokens_inside_prompt_mask"])],
+            ["forwards with images / with misaligned mm_token_type_ids",
+             f"{pf['forwards_with_images']} / {pf['forwards_with_misaligned_mm_token_type_ids']}"],
+            ["thinking switch per prompt", str(pf["thinking_switches_per_prompt"])],
+            ["ended their turn", f"{pf['ended_turn_share']:.0%}"],
+            ["reference = base (adapter disabled), lora_B noised",
+             f"{pf['reference_equals_base']} (off by {pf['reference_minus_base']:.1e}; policy moved "
+             f"{pf['policy_minus_base']:.2e})"]]))
+    if grpo.get("plot"):
+        blocks.append(Block("image", text=grpo["plot"]))
+    return [("Reinforcement learning (GRPO)", blocks)]

@@ -1,1 +1,2 @@
-"""The training recipe: SFT and DPO on the transformers/TRL trainers, guard callbacks, loss, evaluation, run directories, distributed launch."""
+"""Training: one run (``run``) over method units (``methods``: SFT, DPO, KTO on the transformers/TRL trainers)
+over shared parts (``base``, ``preference``), guard callbacks, evaluation, run directories, distributed launch."""

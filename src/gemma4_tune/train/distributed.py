@@ -3,7 +3,7 @@
 ``gemma4-tune train --distributed S --nproc N`` plans the run for the model at hand (FSDP wraps
 ``Gemma4TextDecoderLayer``, and a tower's layer class only where that tower exists and trains,
 row 25), writes the run file and the DeepSpeed or FSDP configuration into ``OUT/launch/`` and starts
-``torchrun``. Every process then runs the ordinary recipe in ``train/recipe.py`` with the strategy's
+``torchrun``. Every process then runs the ordinary SFT run in ``train/methods/sft.py`` with the strategy's
 TrainingArguments. Rank 0 reports and writes; every rank takes part in the collectives: evaluation,
 samples, and gathering the partitioned LoRA weights before the adapter is saved (row 23).
 """

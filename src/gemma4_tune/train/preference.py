@@ -1,7 +1,9 @@
-"""Preference tuning (``train --method dpo``) on TRL's DPOTrainer, with gemma4-tune's model preparation;
-``train --method kto`` the same way on TRL's KTOTrainer (the pairs unpaired by :func:`kto_dataset`).
+"""What preference tuning shares: ``train --method dpo`` on TRL's DPOTrainer and ``train --method kto`` on TRL's
+KTOTrainer, with gemma4-tune's model preparation. :class:`PreferenceMethod` is the run of both; the units
+``train/methods/dpo.py`` and ``kto.py`` give it their data rows, TRL trainer and config, held-out figures and
+report lines.
 
-The LoRA plan, the towers kept clipped and the model loading are SFT's (``train.recipe.load_model``,
+The LoRA plan, the towers kept clipped and the model loading are SFT's (``train.base.load_model``,
 ``plan.adapters.prepare_model``); the pairs are read and validated before any model loads
 (``data.preference``). TRL renders prompt, chosen and rejected with the model's own chat template
 through its processor, token for token as ``Gemma4Batcher`` renders the same conversations (text and
@@ -22,9 +24,11 @@ gradient into every planned tower, a finite loss, supervised answers, ``mm_token
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import time
+from abc import abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +39,23 @@ from gemma4_tune.config.options import RunConfig
 from gemma4_tune.console import console, err_console
 from gemma4_tune.data.chat import END_OF_TURN
 from gemma4_tune.findings import Finding, FindingError, Severity, finding, has_errors, register
-from gemma4_tune.io import check_writable, ensure_empty_target, figure_text, json_text, write_json
+from gemma4_tune.io import figure_text, json_text, write_json
 from gemma4_tune.model.loss import IGNORE_INDEX
 from gemma4_tune.model.quantization import base_weights_line
 from gemma4_tune.preflight import LOSS_NOT_FINITE, PREFLIGHT_SKIPPED, PreflightResult
+from gemma4_tune.train.base import (
+    STAGING,
+    Method,
+    ReportSection,
+    TrainResult,
+    check_optimizer,
+    eval_overlap,
+    library_versions,
+    load_model,
+    open_run,
+    read_metrics,
+    trainer_settings,
+)
 from gemma4_tune.train.callbacks import eval_interval
 
 REFERENCE_NOT_BASE = register("G4T512", Severity.ERROR, "DPO/KTO reference model is not the base model")
@@ -90,32 +107,6 @@ def trl_dataset(pairs: list[Any]) -> Any:
     return Dataset.from_dict(rows)
 
 
-def kto_dataset(pairs: list[Any]) -> Any:
-    """The pairs unpaired for KTO: each chosen answer a row labelled True, each rejected one a row labelled False
-    (as ``trl.data_utils.unpair_preference_dataset``, which KTOTrainer refuses to run itself on image rows).
-
-    The order is ours: TRL's puts all chosen rows before all rejected ones, and KTOTrainer samples in order (its
-    KL estimate pairs each row with its neighbour's answer), so every batch would hold one label only. Here the
-    labels alternate, pair ``i``'s chosen row next to pair ``i + 1``'s rejected row: each batch of two holds one
-    of each, and the neighbours whose answers make the mismatched KL rows have different prompts.
-    """
-    from datasets import Dataset
-
-    paired = trl_dataset(pairs)
-    n = len(paired)
-    rows: dict[str, list[Any]] = {"prompt": [], "completion": [], "label": []}
-    if "images" in paired.column_names:
-        rows["images"] = []
-    for i in range(n):
-        for j, side, label in ((i, "chosen", True), ((i + 1) % n, "rejected", False)):
-            rows["prompt"].append(paired[j]["prompt"])
-            rows["completion"].append(paired[j][side])
-            rows["label"].append(label)
-            if "images" in rows:
-                rows["images"].append(paired[j]["images"])
-    return Dataset.from_dict(rows)
-
-
 #: What a message may hold that the TRL rows (:func:`trl_dataset`) keep: the role and text/image parts.
 _PASSED_KEYS = frozenset({"role", "content"})
 
@@ -132,43 +123,6 @@ def _as_conversation(pair: Any) -> Any:
     from gemma4_tune.data.records import Conversation
 
     return Conversation(messages=[*pair.prompt, *pair.chosen, *pair.rejected], tools=pair.tools, source=pair.source)
-
-
-def load_pairs(cfg: RunConfig) -> tuple[list[Any], list[Any], dict[str, Any], list[Finding]]:
-    """Training and held-out pairs (``--eval-data`` or ``--eval-split``), validated before any model loads.
-
-    ``--eval-split`` holds pairs out as SFT holds out conversations (seeded, identical pairs on one side);
-    held-out pairs that repeat training pairs are G4T407, as for SFT.
-    """
-    from gemma4_tune.data.preference import load_preference_data
-    from gemma4_tune.data.records import split_conversations
-    from gemma4_tune.train.recipe import eval_overlap
-
-    pairs, report, findings = load_preference_data(cfg.sources(), skip_invalid=cfg.skip_invalid)
-    err_console.print(f"data: {report.summary()}")
-    eval_pairs: list[Any] = []
-    if cfg.eval_data:
-        eval_pairs, eval_report, eval_findings = load_preference_data(cfg.eval_data, skip_invalid=cfg.skip_invalid)
-        findings += eval_findings
-        findings += eval_overlap([_as_conversation(p) for p in pairs], [_as_conversation(p) for p in eval_pairs],
-                                 "preference pairs", "held-out reward figures")
-    elif cfg.eval_split:
-        by_view = [(_as_conversation(pair), pair) for pair in pairs]
-        kept, held = split_conversations([view for view, _ in by_view], cfg.eval_split, cfg.seed)
-        pair_of = {id(view): pair for view, pair in by_view}
-        pairs, eval_pairs = [pair_of[id(v)] for v in kept], [pair_of[id(v)] for v in held]
-        err_console.print(f"eval: {len(eval_pairs)} pairs held out, {len(pairs)} to train on")
-    unpassed = [(p.source, what) for p in [*pairs, *eval_pairs] if (what := _not_passed(p))]
-    if unpassed:
-        raise FindingError(finding(DPO_AUDIO.code, f"{len(unpassed)} preference pairs have what TRL 1.16's "
-                                   f"DPOTrainer and KTOTrainer rows do not carry (first: {unpassed[0][0]}: "
-                                   f"{', '.join(unpassed[0][1])}): it passes text and images to the processor, not "
-                                   "audio, tools, tool calls, reasoning or per-turn train flags",
-                                   "drop those pairs (or those parts), or train on them with SFT"))
-    data = {**report.to_dict(), "pairs": len(pairs), "eval_pairs": len(eval_pairs),
-            "eval_source": cfg.eval_data or (f"{cfg.eval_split:g} of {cfg.data_label} (seed {cfg.seed})"
-                                             if cfg.eval_split else None)}
-    return pairs, eval_pairs, data, findings
 
 
 # --------------------------------------------------------------------------- log-probabilities as TRL computes them
@@ -301,36 +255,21 @@ def preflight_pairs(built: dict[str, Any], batch: dict[str, Any], data: dict[str
     return result
 
 
-def preflight_only(cfg: RunConfig) -> PreflightResult:
-    """``preflight --method dpo`` (or ``kto``): pairs, model, LoRA and TRL's trainer as training builds them, the checks on
-    a real batch; nothing is written."""
-    import tempfile
-
-    pairs, eval_pairs, data, findings = load_pairs(cfg)
-    with tempfile.TemporaryDirectory(prefix=f"gemma4-tune-{cfg.method}-preflight-") as staging:
-        built = build_trainer(cfg, pairs, eval_pairs, Path(staging))
-        result = preflight_pairs(built, probe_batch(built["trainer"]), data, seed=cfg.seed)
-    result.findings[:0] = [*findings, *built["plan"].findings]
-    return result
-
-
 # --------------------------------------------------------------------------- the run
 
 
-def _metrics(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
-
-
 class HeldOutRewards(TrainerCallback):
-    """Held-out reward accuracy and margin into ``metrics.jsonl``: the base's before the first step, every
-    ``every`` steps (a quarter of the run by default, as SFT's held-out loss) and at the end.
+    """Held-out reward figures into ``metrics.jsonl`` (``row``: the method's, from TRL's evaluation metrics): the
+    base's before the first step, every ``every`` steps (a quarter of the run by default, as SFT's held-out loss)
+    and at the end.
 
     Each ``trainer.evaluate()`` reaches :meth:`on_evaluate`; the step-0 row waits for ``on_train_begin``,
     after which a fresh run's metrics file exists (a resume keeps the rows up to its checkpoint).
     """
 
-    def __init__(self, path: Path, every: int | None, method: str = "dpo") -> None:
-        self.path, self.every, self.method = path, every, method
+    def __init__(self, path: Path, every: int | None,
+                 row: Callable[[dict[str, float], int], dict[str, Any]]) -> None:
+        self.path, self.every, self.row = path, every, row
         self.pending: dict[str, Any] | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -345,7 +284,7 @@ class HeldOutRewards(TrainerCallback):
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
                     **kwargs: Any) -> None:
-        row = rewards_row(metrics or {}, state.global_step, self.method)
+        row = self.row(metrics or {}, state.global_step)
         if state.global_step == 0:  # before training (the state train() starts is a new one)
             self.pending = row
         else:
@@ -354,22 +293,6 @@ class HeldOutRewards(TrainerCallback):
     def _write(self, row: dict[str, Any]) -> None:
         with self.path.open("a") as handle:  # strict JSON, as every metrics row: a NaN figure is null
             handle.write(json_text(row, indent=None) + "\n")
-
-
-def rewards_row(metrics: dict[str, float], step: int, method: str = "dpo") -> dict[str, Any]:
-    """Held-out reward accuracy (a tie counts as wrong, as TRL counts it), margin and loss at ``step``.
-
-    KTO's evaluation has no pairs to count an accuracy on: its figures are the mean rewards of the chosen and of
-    the rejected answers (the margin is their difference), its KL estimate, its loss and log-probabilities."""
-    if method == "kto":
-        chosen, rejected = metrics["eval_rewards/chosen"], metrics["eval_rewards/rejected"]
-        return {"step": step, "eval_reward_margin": chosen - rejected, "eval_reward_chosen": chosen,
-                "eval_reward_rejected": rejected, "eval_kl": metrics["eval_kl"], "eval_kto_loss": metrics["eval_loss"],
-                "eval_logps_chosen": metrics["eval_logps/chosen"],
-                "eval_logps_rejected": metrics["eval_logps/rejected"]}
-    return {"step": step, "eval_reward_accuracy": metrics["eval_rewards/accuracies"],
-            "eval_reward_margin": metrics["eval_rewards/margins"], "eval_dpo_loss": metrics["eval_loss"],
-            "eval_logps_chosen": metrics["eval_logps/chosen"], "eval_logps_rejected": metrics["eval_logps/rejected"]}
 
 
 def _rose(first: dict[str, Any], last: dict[str, Any], key: str) -> bool:
@@ -418,43 +341,6 @@ def dpo_plot(metrics: list[dict[str, Any]], path: Path) -> Path | None:  # DPO's
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def build_trainer(cfg: RunConfig, pairs: list[Any], eval_pairs: list[Any], staging: Path) -> dict[str, Any]:
-    """Model, LoRA plan and TRL's DPOTrainer (``--method kto``: KTOTrainer on the pairs unpaired) whose reference
-    is the base with the adapter disabled (``{"trainer", "model", "plan", "profile", "processor"}``)."""
-    from transformers import set_seed
-    from transformers.trainer_callback import PrinterCallback
-    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
-
-    from gemma4_tune.model.profile import ModelProfile
-    from gemma4_tune.plan.adapters import LoraSettings, check_quantization, prepare_model, quantize_experts
-    from gemma4_tune.train.recipe import check_optimizer, load_model, trainer_settings
-
-    check_quantization(cfg.quantize)
-    check_optimizer(cfg.optimizer)
-    set_seed(cfg.seed)
-    profile = ModelProfile.from_pretrained(cfg.model, count_parameters=False)
-    model, processor, quant = load_model(cfg.model, cfg.quant_spec())
-    settings = LoraSettings(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout)
-    peft_model, plan = prepare_model(model, cfg.targets, settings, profile=profile)
-    if quant is not None and quant.quantize_experts and profile.moe:
-        quant = quantize_experts(peft_model, quant)
-    kto = cfg.method == "kto"
-    Config, Trainer, rows = (KTOConfig, KTOTrainer, kto_dataset) if kto else (DPOConfig, DPOTrainer, trl_dataset)
-    args = Config(**trainer_settings(cfg, staging), beta=cfg.beta, max_length=cfg.max_seq_len,
-                  per_device_eval_batch_size=cfg.batch_size)
-    trainer = Trainer(model=peft_model, ref_model=None, args=args, train_dataset=rows(pairs),
-                      eval_dataset=rows(eval_pairs) if eval_pairs else None, processing_class=processor)
-    trainer.remove_callback(PrinterCallback)
-    tokenizer = getattr(processor, "tokenizer", processor)
-    trainer.data_collator = end_answers_at_end_of_turn(trainer.data_collator,
-                                                       tokenizer.convert_tokens_to_ids(END_OF_TURN))
-    if "ref" in peft_model.peft_config:  # TRL's copy of the adapter: the reference is the adapter disabled
-        peft_model.delete_adapter("ref")
-        peft_model.set_adapter("default")
-    return {"trainer": trainer, "model": peft_model, "plan": plan, "profile": profile, "processor": processor,
-            "quant": quant}
 
 
 def _samples(cfg: RunConfig, model: Any, processor: Any, pairs: list[Any], *, held_out: bool) -> list[Any]:
@@ -519,126 +405,236 @@ def probe_batch(trainer: Any) -> dict[str, Any]:
     return trainer._prepare_inputs(trainer.data_collator([data[i] for i in picked]))
 
 
-def train_preference(cfg: RunConfig) -> Any:
-    """One DPO (or KTO) run: pairs, model and LoRA, preflight, training with checkpoints, held-out rewards, the adapter."""
-    from gemma4_tune.export.manifest import write_manifest
-    from gemma4_tune.plan.adapters import save_adapter
-    from gemma4_tune.train.callbacks import (
-        AtomicCheckpointCallback,
-        GuardCallback,
-        MetricsCallback,
-        ProgressCallback,
-        TokenCounter,
-        scan_checkpoints,
-    )
-    from gemma4_tune.train.recipe import NO_CHECKPOINT, STAGING, TrainResult, library_versions
-    from gemma4_tune.train.rundir import check_not_in_use, check_resume, lock_run_dir, run_record, write_run_start
 
-    started = time.perf_counter()
-    out = Path(cfg.out)
-    check_writable(out, "--out")
-    check_not_in_use(out)
-    checkpoints = out / "checkpoints"
-    record = run_record(cfg)  # what a resume must match (files only)
-    resume_from = None
-    if cfg.resume:
-        done, _ = scan_checkpoints(checkpoints)
-        if not done:
-            raise FindingError(finding(NO_CHECKPOINT.code, f"{checkpoints} holds no complete checkpoint",
-                                       "start the run without --resume (in a new --out)"))
-        check_resume(out, record, done[-1])  # G4T414 (other settings, beta included), G4T415 (nothing left)
-        resume_from = str(done[-1])
-    else:
-        ensure_empty_target(out)
-    out.mkdir(parents=True, exist_ok=True)
-    lock_run_dir(out)
-    if resume_from is None:
-        write_run_start(out, record)
 
-    pairs, eval_pairs, data, findings = load_pairs(cfg)
-    counter = TokenCounter()
-    staging = out / STAGING
-    built = build_trainer(cfg, pairs, eval_pairs, staging)
-    trainer, peft_model, plan = built["trainer"], built["model"], built["plan"]
-    findings += plan.findings
-    guard = GuardCallback(peft_model)
-    for callback in (guard, ProgressCallback(counter), MetricsCallback(out / "metrics.jsonl", counter),
-                     AtomicCheckpointCallback(staging, checkpoints, cfg.save_total_limit)):
-        trainer.add_callback(callback)
-    probe = probe_batch(trainer)
-    count_tokens(trainer, counter)
-    preflight = None
-    if cfg.preflight:
-        preflight = preflight_pairs(built, probe, data, seed=cfg.seed)
-        findings += preflight.findings
-        write_json(out / "preflight.json", preflight.to_dict())
-        figures = preflight.reference
-        console.print(f"preflight ({cfg.method}): loss {preflight.loss:.4f}, " + (
-            f"step-0 log-ratio {figures['max_abs_log_ratio_step0']:.1e}, reference = base "
-            f"{figures['reference_equals_base']}, " if figures else "") + f"{len(preflight.findings)} findings")
-    else:
-        findings.append(finding(PREFLIGHT_SKIPPED.code, "preflight was skipped (--no-preflight): nothing checked "
-                                "that the reference is the base or that every planned tower gets a gradient",
-                                "drop --no-preflight (it costs one forward and backward)"))
-    if has_errors(findings):
-        raise FindingError(*[f for f in findings if f.severity is Severity.ERROR])
-    if eval_pairs:
-        trainer.add_callback(HeldOutRewards(out / "metrics.jsonl", cfg.eval_steps, cfg.method))
-        if resume_from is None:
-            trainer.evaluate()  # the base's held-out rewards: the adapter is fresh (B = 0)
-    trainer.train(resume_from_checkpoint=resume_from)
-    shutil.rmtree(staging, ignore_errors=True)
-    findings += guard.findings
-    evals: list[dict[str, Any]] = []
-    if eval_pairs:
+def margin_line(first: dict[str, Any], last: dict[str, Any]) -> dict[str, str]:
+    """The report's held-out reward margin line, base -> tuned (DPO's and KTO's)."""
+    return {"held-out reward margin (base -> tuned)": f"{figure_text(first['eval_reward_margin'], '.3f')} -> "
+                                                      f"{figure_text(last['eval_reward_margin'], '.3f')}"}
+
+
+@dataclass
+class PreferenceData:
+    """Preference pairs as read and validated, before any model loads."""
+
+    pairs: list[Any]
+    eval_pairs: list[Any]
+    summary: dict[str, Any]  # the data's figures (report.json "data")
+    findings: list[Finding]
+
+
+class PreferenceMethod(Method):
+    """A preference method on a TRL trainer (DPO, KTO): the parts both run, over the unit's own ``rows`` (TRL's
+    dataset of the pairs), ``trl_trainer`` (its config and trainer classes), ``rewards_row`` (its held-out figures)
+    and ``held_out_summary`` (its report lines)."""
+
+    @abstractmethod
+    def rows(self, pairs: list[Any]) -> Any:
+        """The pairs as the rows of the unit's TRL trainer (a ``datasets.Dataset``)."""
+
+    @abstractmethod
+    def trl_trainer(self) -> tuple[type, type]:
+        """The unit's TRL config and trainer classes (imported on use: TRL is slow to import)."""
+
+    @abstractmethod
+    def rewards_row(self, metrics: dict[str, float], step: int) -> dict[str, Any]:
+        """The held-out figures at ``step`` (a metrics.jsonl row) from TRL's evaluation metrics."""
+
+    @abstractmethod
+    def held_out_summary(self, first: dict[str, Any], last: dict[str, Any]) -> dict[str, str]:
+        """The report's held-out lines, base (``first``) -> tuned (``last``)."""
+
+    def read_data(self, cfg: RunConfig) -> PreferenceData:
+        """Training and held-out pairs (``--eval-data`` or ``--eval-split``), validated before any model loads.
+
+        ``--eval-split`` holds pairs out as SFT holds out conversations (seeded, identical pairs on one side);
+        held-out pairs that repeat training pairs are G4T407, as for SFT.
+        """
+        from gemma4_tune.data.preference import load_preference_data
+        from gemma4_tune.data.records import split_conversations
+
+        pairs, report, findings = load_preference_data(cfg.sources(), skip_invalid=cfg.skip_invalid)
+        err_console.print(f"data: {report.summary()}")
+        eval_pairs: list[Any] = []
+        if cfg.eval_data:
+            eval_pairs, eval_report, eval_findings = load_preference_data(cfg.eval_data,
+                                                                          skip_invalid=cfg.skip_invalid)
+            findings += eval_findings
+            findings += eval_overlap([_as_conversation(p) for p in pairs], [_as_conversation(p) for p in eval_pairs],
+                                     "preference pairs", "held-out reward figures")
+        elif cfg.eval_split:
+            by_view = [(_as_conversation(pair), pair) for pair in pairs]
+            kept, held = split_conversations([view for view, _ in by_view], cfg.eval_split, cfg.seed)
+            pair_of = {id(view): pair for view, pair in by_view}
+            pairs, eval_pairs = [pair_of[id(v)] for v in kept], [pair_of[id(v)] for v in held]
+            err_console.print(f"eval: {len(eval_pairs)} pairs held out, {len(pairs)} to train on")
+        unpassed = [(p.source, what) for p in [*pairs, *eval_pairs] if (what := _not_passed(p))]
+        if unpassed:
+            raise FindingError(finding(DPO_AUDIO.code, f"{len(unpassed)} preference pairs have what TRL 1.16's "
+                                       f"DPOTrainer and KTOTrainer rows do not carry (first: {unpassed[0][0]}: "
+                                       f"{', '.join(unpassed[0][1])}): it passes text and images to the processor, "
+                                       "not audio, tools, tool calls, reasoning or per-turn train flags",
+                                       "drop those pairs (or those parts), or train on them with SFT"))
+        summary = {**report.to_dict(), "pairs": len(pairs), "eval_pairs": len(eval_pairs),
+                   "eval_source": cfg.eval_data or (f"{cfg.eval_split:g} of {cfg.data_label} (seed {cfg.seed})"
+                                                    if cfg.eval_split else None)}
+        return PreferenceData(pairs, eval_pairs, summary, findings)
+
+    def build_trainer(self, cfg: RunConfig, data: PreferenceData, staging: Path) -> dict[str, Any]:
+        """Model, LoRA plan and the unit's TRL trainer whose reference is the base with the adapter disabled
+        (``{"trainer", "model", "plan", "profile", "processor", "quant"}``)."""
+        from transformers import set_seed
+        from transformers.trainer_callback import PrinterCallback
+
+        from gemma4_tune.model.patches import patch_trl_compact_log_probs
+        from gemma4_tune.model.profile import ModelProfile
+        from gemma4_tune.plan.adapters import LoraSettings, check_quantization, prepare_model, quantize_experts
+
+        check_quantization(cfg.quantize)
+        check_optimizer(cfg.optimizer)
+        patch_trl_compact_log_probs()  # log-probabilities at the answer positions only, on the CPU too
+        set_seed(cfg.seed)
+        profile = ModelProfile.from_pretrained(cfg.model, count_parameters=False)
+        model, processor, quant = load_model(cfg.model, cfg.quant_spec())
+        settings = LoraSettings(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout)
+        peft_model, plan = prepare_model(model, cfg.targets, settings, profile=profile)
+        if quant is not None and quant.quantize_experts and profile.moe:
+            quant = quantize_experts(peft_model, quant)
+        config_class, trainer_class = self.trl_trainer()
+        args = config_class(**trainer_settings(cfg, staging), beta=cfg.beta, max_length=cfg.max_seq_len,
+                            per_device_eval_batch_size=cfg.batch_size)
+        trainer = trainer_class(model=peft_model, ref_model=None, args=args, train_dataset=self.rows(data.pairs),
+                                eval_dataset=self.rows(data.eval_pairs) if data.eval_pairs else None,
+                                processing_class=processor)
+        trainer.remove_callback(PrinterCallback)
+        tokenizer = getattr(processor, "tokenizer", processor)
+        trainer.data_collator = end_answers_at_end_of_turn(trainer.data_collator,
+                                                           tokenizer.convert_tokens_to_ids(END_OF_TURN))
+        if "ref" in peft_model.peft_config:  # TRL's copy of the adapter: the reference is the adapter disabled
+            peft_model.delete_adapter("ref")
+            peft_model.set_adapter("default")
+        return {"trainer": trainer, "model": peft_model, "plan": plan, "profile": profile, "processor": processor,
+                "quant": quant}
+
+    def preflight(self, cfg: RunConfig, built: dict[str, Any], data: PreferenceData) -> PreflightResult:
+        """SFT's checks and the reference checks (:func:`preflight_pairs`) on a real batch of the trainer's own
+        collator (:func:`probe_batch`)."""
+        return preflight_pairs(built, probe_batch(built["trainer"]), data.summary, seed=cfg.seed)
+
+    def evaluate(self, trainer: Any, out: Path) -> tuple[list[dict[str, Any]], list[Finding]]:
+        """The tuned model's held-out rewards, after training; returns every held-out row of the run (the base's
+        at step 0 and the Trainer's every ``eval_steps``, written by :class:`HeldOutRewards`) and G4T515 when
+        neither the accuracy nor the margin rose from the base."""
         trainer.evaluate()
-        evals = [row for row in _metrics(out) if "eval_reward_margin" in row]
-        findings += not_learning(evals[0], evals[-1])
-    adapter = None
-    samples = []
-    if not guard.findings:
-        adapter = save_adapter(peft_model, out / "adapter", plan=plan, overwrite=True)
-        write_manifest(adapter, cfg.model, training=cfg.dump(), versions=library_versions(), template_revision=None,
-                       quantization=built["quant"])
-        if cfg.samples:
-            samples = _samples(cfg, peft_model, built["processor"], eval_pairs or pairs, held_out=bool(eval_pairs))
-    metrics = _metrics(out)
-    write_json(out / "run.json", {"config": cfg.dump(), "method": cfg.method, "data": data, "resumed_from": resume_from,
-                                  "plan": {"spec": plan.spec, "trainable": plan.trainable_by_group()},
-                                  "versions": library_versions()})
-    result = TrainResult(out=out, adapter=adapter, plan=plan, data=data, metrics=metrics,
-                         seconds=round(time.perf_counter() - started, 2), findings=findings,
-                         resumed_from=resume_from, model=peft_model, probe_batch={}, samples=samples,
-                         distributed=None, trained_state={}, preflight=preflight,
-                         dpo={"preflight": preflight.reference if preflight else {}, "evals": evals},  # KTO's too
-                         quant=built["quant"])
-    return result
+        evals = [row for row in read_metrics(out) if "eval_reward_margin" in row]
+        return evals, not_learning(evals[0], evals[-1])
+
+    def report_section(self, cfg: RunConfig, result: TrainResult) -> ReportSection:
+        """Steps and loss, the held-out rewards before and after, the reference checks, and the log-probability and
+        margin curves (``<method>.png``)."""
+        steps = [m for m in result.metrics if "loss" in m]
+        summary: dict[str, Any] = {"method": self.name, "steps": steps[-1]["step"] if steps else 0,
+                                   "first loss": round(steps[0]["loss"], 4) if steps else None,
+                                   "last loss": round(steps[-1]["loss"], 4) if steps else None,
+                                   "seconds": result.seconds, "adapter": str(result.adapter or "-"),
+                                   "resumed from": result.resumed_from or "-", **base_weights_line(result.quant)}
+        evals = result.dpo["evals"]
+        if len(evals) >= 2:
+            summary.update(self.held_out_summary(evals[0], evals[-1]))
+        pf = result.dpo["preflight"]
+        if pf:
+            summary["step-0 log-ratio (policy vs reference)"] = f"{pf['max_abs_log_ratio_step0']:.1e}"
+            summary["reference = base with adapter disabled"] = ("yes" if pf["reference_equals_base"] else "NO")
+        return ReportSection(summary, section=result.dpo, plot=dpo_plot(result.metrics,
+                                                                         result.out / f"{self.name}.png"))
+
+    def train(self, cfg: RunConfig) -> TrainResult:
+        """One run: pairs, model and LoRA, preflight, training with checkpoints, held-out rewards, the adapter."""
+        from gemma4_tune.export.manifest import write_manifest
+        from gemma4_tune.plan.adapters import save_adapter
+        from gemma4_tune.train.callbacks import (
+            AtomicCheckpointCallback,
+            GuardCallback,
+            MetricsCallback,
+            ProgressCallback,
+            TokenCounter,
+        )
+
+        started = time.perf_counter()
+        run = open_run(cfg)
+        out = run.out
+        run.start()
+
+        data = self.read_data(cfg)
+        findings = [*run.notes, *data.findings]
+        counter = TokenCounter()
+        staging = out / STAGING
+        built = self.build_trainer(cfg, data, staging)
+        trainer, peft_model, plan = built["trainer"], built["model"], built["plan"]
+        findings += plan.findings
+        guard = GuardCallback(peft_model)
+        for callback in (guard, ProgressCallback(counter), MetricsCallback(out / "metrics.jsonl", counter),
+                         AtomicCheckpointCallback(staging, run.checkpoints, cfg.save_total_limit)):
+            trainer.add_callback(callback)
+        preflight = self.preflight(cfg, built, data) if cfg.preflight else None  # its batch is not counted
+        count_tokens(trainer, counter)
+        if preflight is not None:
+            findings += preflight.findings
+            write_json(out / "preflight.json", preflight.to_dict())
+            figures = preflight.reference
+            console.print(f"preflight ({self.name}): loss {preflight.loss:.4f}, " + (
+                f"step-0 log-ratio {figures['max_abs_log_ratio_step0']:.1e}, reference = base "
+                f"{figures['reference_equals_base']}, " if figures else "") + f"{len(preflight.findings)} findings")
+        else:
+            findings.append(finding(PREFLIGHT_SKIPPED.code, "preflight was skipped (--no-preflight): nothing checked "
+                                    "that the reference is the base or that every planned tower gets a gradient",
+                                    "drop --no-preflight (it costs one forward and backward)"))
+        if has_errors(findings):
+            raise FindingError(*[f for f in findings if f.severity is Severity.ERROR])
+        if data.eval_pairs:
+            trainer.add_callback(HeldOutRewards(out / "metrics.jsonl", cfg.eval_steps, self.rewards_row))
+            if run.resume_from is None:
+                trainer.evaluate()  # the base's held-out rewards: the adapter is fresh (B = 0)
+        trainer.train(resume_from_checkpoint=run.resume_from)
+        shutil.rmtree(staging, ignore_errors=True)
+        findings += guard.findings
+        evals: list[dict[str, Any]] = []
+        if data.eval_pairs:
+            evals, judged = self.evaluate(trainer, out)
+            findings += judged
+        adapter = None
+        samples = []
+        if not guard.findings:
+            adapter = save_adapter(peft_model, out / "adapter", plan=plan, overwrite=True)
+            write_manifest(adapter, cfg.model, training=cfg.dump(), versions=library_versions(),
+                           template_revision=None, quantization=built["quant"])
+            if cfg.samples:
+                samples = _samples(cfg, peft_model, built["processor"], data.eval_pairs or data.pairs,
+                                   held_out=bool(data.eval_pairs))
+        write_json(out / "run.json", {"config": cfg.dump(), "method": self.name, "data": data.summary,
+                                      "resumed_from": run.resume_from,
+                                      "plan": {"spec": plan.spec, "trainable": plan.trainable_by_group()},
+                                      "versions": library_versions()})
+        return TrainResult(out=out, adapter=adapter, plan=plan, data=data.summary, metrics=read_metrics(out),
+                           seconds=round(time.perf_counter() - started, 2), findings=findings,
+                           resumed_from=run.resume_from, model=peft_model, probe_batch={}, samples=samples,
+                           distributed=None, trained_state={}, preflight=preflight,
+                           dpo={"preflight": preflight.reference if preflight else {}, "evals": evals},  # KTO's too
+                           quant=built["quant"])
+
+    def preflight_only(self, cfg: RunConfig) -> PreflightResult:
+        """``preflight --method dpo`` (or ``kto``): pairs, model, LoRA and TRL's trainer as training builds them, the
+        checks on a real batch; nothing is written."""
+        import tempfile
+
+        data = self.read_data(cfg)
+        with tempfile.TemporaryDirectory(prefix=f"gemma4-tune-{self.name}-preflight-") as staging:
+            built = self.build_trainer(cfg, data, Path(staging))
+            result = self.preflight(cfg, built, data)
+        result.findings[:0] = [*data.findings, *built["plan"].findings]
+        return result
 
 
-def dpo_summary(result: Any, method: str = "dpo") -> dict[str, Any]:
-    """The report's result lines for a DPO (or KTO) run."""
-    steps = [m for m in result.metrics if "loss" in m]
-    summary: dict[str, Any] = {"method": method, "steps": steps[-1]["step"] if steps else 0,
-                               "first loss": round(steps[0]["loss"], 4) if steps else None,
-                               "last loss": round(steps[-1]["loss"], 4) if steps else None,
-                               "seconds": result.seconds, "adapter": str(result.adapter or "-"),
-                               "resumed from": result.resumed_from or "-", **base_weights_line(result.quant)}
-    evals = result.dpo["evals"]
-    if len(evals) >= 2:
-        first, last = evals[0], evals[-1]
-        if "eval_reward_accuracy" in last:
-            summary["held-out reward accuracy (base -> tuned)"] = (
-                f"{figure_text(first['eval_reward_accuracy'], '.1%')} -> "
-                f"{figure_text(last['eval_reward_accuracy'], '.1%')}")
-        summary["held-out reward margin (base -> tuned)"] = (f"{figure_text(first['eval_reward_margin'], '.3f')} -> "
-                                                             f"{figure_text(last['eval_reward_margin'], '.3f')}")
-    pf = result.dpo["preflight"]
-    if pf:
-        summary["step-0 log-ratio (policy vs reference)"] = f"{pf['max_abs_log_ratio_step0']:.1e}"
-        summary["reference = base with adapter disabled"] = ("yes" if pf["reference_equals_base"] else "NO")
-    return summary
-
-
-__all__ = ["HeldOutRewards", "as_supervised", "build_trainer", "count_tokens", "dpo_plot", "dpo_preflight",
-           "dpo_summary", "end_answers_at_end_of_turn", "kto_dataset", "load_pairs", "preflight_only", "preflight_pairs", "probe_batch", "sequence_logps",
-           "train_preference", "trl_dataset"]
+__all__ = ["HeldOutRewards", "PreferenceData", "PreferenceMethod", "as_supervised", "count_tokens", "dpo_plot",
+           "dpo_preflight", "end_answers_at_end_of_turn", "margin_line", "not_learning", "preflight_pairs",
+           "probe_batch", "sequence_logps", "trl_dataset"]

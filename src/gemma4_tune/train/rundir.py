@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gemma4_tune.config.options import RunConfig
+from gemma4_tune.config.options import GRPO_SETTINGS, RunConfig
 from gemma4_tune.findings import FindingError, Severity, finding, register
 from gemma4_tune.io import write_json
 
@@ -71,7 +71,7 @@ def _base_identity(model: Path) -> dict[str, Any] | None:
 
     try:
         fingerprint = base_fingerprint(model)
-    except FindingError:  # not a checkpoint: prepare_run says so (G4T001/G4T804)
+    except FindingError:  # not a checkpoint: the method's data and model loading say so (G4T001/G4T804)
         return None
     tokenizer = hashlib.sha256()
     for name in _TOKENIZER_FILES:
@@ -95,9 +95,20 @@ def run_record(cfg: RunConfig, world_size: int = 1) -> dict[str, Any]:
         "lora": {"targets": cfg.targets, "rank": cfg.rank, "alpha": cfg.alpha or 2 * cfg.rank,
                  "lora_dropout": cfg.lora_dropout},
         "recipe": {**{key: getattr(cfg, key) for key in RECIPE_KEYS}, "world_size": world_size,
-                   "method": cfg.method, **({"beta": cfg.beta} if cfg.method != "sft" else {})},
+                   "method": cfg.method, **({"beta": cfg.beta} if cfg.method != "sft" else {}),
+                   **(_grpo_recipe(cfg) if cfg.method == "grpo" else {})},
         "length": {"max_steps": cfg.max_steps, "epochs": cfg.epochs},  # may grow on resume
     }
+
+
+def _grpo_recipe(cfg: RunConfig) -> dict[str, Any]:
+    """GRPO's settings, and each reward file's content hash: a resume with another reward trains another run."""
+    rewards = []
+    for spec in cfg.rewards:
+        where = spec.rpartition(":")[0]
+        rewards.append({"spec": spec, "sha256": content_sha256(where) if where.endswith(".py") and Path(where).is_file()
+                        else None})
+    return {**{key: getattr(cfg, key) for key in GRPO_SETTINGS if key != "rewards"}, "rewards": rewards}
 
 
 def write_run_start(out: Path, record: dict[str, Any]) -> Path:
