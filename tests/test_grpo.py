@@ -206,7 +206,7 @@ def test_tiny_31b_image_prompts_train_unpadded_with_aligned_token_types(tiny_mod
     data = write_prompts(tmp_path / "data", images=True)
     reward = f"{rewards_file(tmp_path / 'r')}:letter_e"
     out = tmp_path / "run"
-    proc = cli("train", *grpo_args(tiny_models["31b"], data, reward, "--max-steps", 3, "--targets", "text,vision",
+    proc = cli("train", *grpo_args(tiny_models["31b"], data, reward, "--max-steps", 2, "--targets", "text,vision",
                                    "--lr", 5e-3), "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
@@ -216,7 +216,7 @@ def test_tiny_31b_image_prompts_train_unpadded_with_aligned_token_types(tiny_mod
     assert pf["forwards_with_images"] == 2 and pf["forwards_with_misaligned_mm_token_type_ids"] == 0
     assert report["preflight"]["lora_grad"]["vision"] > 0
     steps = [m for m in report["metrics"] if "loss" in m]
-    assert len(steps) == 3 and all(math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) for m in steps)
+    assert len(steps) == 2 and all(math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) for m in steps)
     assert any(m["grad_norm"] > 0 for m in steps)
 
 
@@ -237,28 +237,20 @@ def test_constant_rewards_warn_at_preflight_and_stop_training(tiny_models, tmp_p
 
 
 @pytest.mark.slow
-def test_reward_of_the_wrong_count_and_clipped_completions_are_named_at_preflight(tiny_models, tmp_path) -> None:
+def test_wrong_count_clipped_completions_and_thinking_once_at_preflight(tiny_models, tmp_path) -> None:
     data = write_prompts(tmp_path / "data")
     path = rewards_file(tmp_path / "r")
     proc = cli("preflight", *grpo_args(tiny_models["e2b"], data, f"{path}:one_value"))
     assert proc.returncode == 1 and "G4T517" in proc.stdout + proc.stderr and "one_value" in proc.stdout + proc.stderr
     proc = cli("preflight", *grpo_args(tiny_models["e2b"], data, f"{path}:seen", "--max-completion-length", 2),
-               "--json")
+               "--thinking", "--json")
     result = json.loads(proc.stdout)
     codes = [f["code"] for f in result["findings"]]
+    assert result["reference"]["thinking_switches_per_prompt"] == [1] and "G4T525" not in codes  # rendered once
     assert "G4T523" in codes and result["reference"]["ended_turn_share"] == 0.0  # every completion cut at 2 tokens
     seen = [json.loads(line) for line in (path.parent / "seen.jsonl").read_text().splitlines()]
     assert seen[0]["answer"][:4] == ["0"] * 4  # the data's columns, one per completion of the group
     assert all(set(c[0]) <= {"role", "content", "reasoning_content"} for c in seen[0]["completions"])
-
-
-@pytest.mark.slow
-def test_thinking_renders_the_switch_once_in_every_prompt(tiny_models, tmp_path) -> None:
-    data = write_prompts(tmp_path / "data", n=4)
-    proc = cli("preflight", *grpo_args(tiny_models["e2b"], data, "ends_turn", "--thinking"), "--json")
-    result = json.loads(proc.stdout)
-    assert result["reference"]["thinking_switches_per_prompt"] == [1]
-    assert "G4T525" not in [f["code"] for f in result["findings"]]
 
 
 def test_axolotl_rl_grpo_maps_its_trl_block(tmp_path) -> None:
@@ -320,9 +312,7 @@ def test_trls_padded_prompts_are_g4t520(tiny_models, tmp_path, monkeypatch) -> N
     data = write_prompts(tmp_path / "data", n=4)
     result = _preflight_with(PlainPrompts, tiny_models["e2b"], data, monkeypatch)
     assert "G4T520" in [f.code for f in result.findings]
-    assert result.reference["pad_tokens_inside_prompt_mask"] > 0
-    ours = _preflight_with(Gemma4GRPOTrainer, tiny_models["e2b"], data, monkeypatch)
-    assert ours.reference["pad_tokens_inside_prompt_mask"] == 0 and "G4T520" not in [f.code for f in ours.findings]
+    assert result.reference["pad_tokens_inside_prompt_mask"] > 0  # ours: 0 (the E2B and 31B training tests)
 
 
 @pytest.mark.slow
@@ -446,6 +436,7 @@ def test_trl_fused_head_scores_only_labelled_positions_on_the_cpu_once_patched(t
     from gemma4_tune.model.patches import patch_trl_compact_log_probs, trl_scores_every_position
 
     assert trl_scores_every_position() and not _use_triton(torch.device("cpu"))  # upstream: wide on the CPU
+    monkeypatch.setattr(utils, "_use_triton", _use_triton)  # upstream's choice, though a run in this process patched it
     model = AutoModelForImageTextToText.from_pretrained(tiny_models["e2b"], dtype=torch.float32).eval()
     utils.add_fused_lm_head(model)
     ids = torch.randint(20, 300, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -461,7 +452,6 @@ def test_trl_fused_head_scores_only_labelled_positions_on_the_cpu_once_patched(t
     monkeypatch.setattr(utils._ChunkedLogProbFunction, "apply", counted)
     with torch.no_grad():
         wide = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
-        monkeypatch.setattr(utils, "_use_triton", utils._use_triton)  # restored after the test
         assert patch_trl_compact_log_probs() and patch_trl_compact_log_probs()  # idempotent
         compact = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
     assert rows == [46, 8]  # every predicting position (2 x 23), then the 2 x 4 that predict a labelled token
