@@ -59,8 +59,8 @@ def tiny_dir(work: Path, variant: str) -> Path:
 
 
 def load_peft(path: Path) -> Any:
-    from gemma4_tune.train.base import load_model
     from gemma4_tune.plan.adapters import prepare_model
+    from gemma4_tune.train.base import load_model
 
     model, _processor, _ = load_model(str(path))
     peft_model, _plan = prepare_model(model)

@@ -32,7 +32,7 @@ NO_PROMPT = register("G4T330", Severity.ERROR, "GRPO row has no usable prompt")
 PROMPT_NOT_PASSED = register("G4T331", Severity.ERROR, "GRPO prompt with audio or tools")
 NO_PROMPTS = register("G4T332", Severity.ERROR, "No usable GRPO prompt in the data")
 
-#: Columns a prompt is read from (never handed to the reward functions).
+#: Columns a prompt is read from, the first one present; the others go to the reward functions like any column.
 _PROMPT_COLUMNS = ("prompt", "messages", "conversations")
 #: Media columns paired with the prompt's placeholders.
 _MEDIA_COLUMNS = ("images", "image", "audios", "audio")
@@ -45,6 +45,7 @@ class PromptRow:
     messages: list[dict]
     columns: dict[str, Any]
     source: str
+    answer_from_conversation: bool = False  # ``answer`` is the conversation's final assistant turn, dropped from it
 
     @property
     def images(self) -> list[str]:
@@ -108,12 +109,13 @@ def read_prompt_row(row: Any, where: str, base: Path, options: ChatOptions | Non
     if column is None:
         raise RowError("no_prompt", "prompt", "no `prompt` (string or messages), `messages` or `conversations`")
     messages = _messages(row[column], column, options)
-    columns = {k: v for k, v in row.items() if k not in (*_PROMPT_COLUMNS, *_MEDIA_COLUMNS)}
+    columns = {k: v for k, v in row.items() if k != column and k not in _MEDIA_COLUMNS}  # another prompt-like
+    answer_from_conversation = False  # column of the row is not read as the prompt: the rewards get it
     if column != "prompt" and messages[-1]["role"] == "assistant":
         answer = messages.pop()
         if "answer" not in columns and isinstance(answer.get("content"), str):
             columns["answer"] = answer["content"]
-            columns["_answer_from_conversation"] = True
+            answer_from_conversation = True
     if not messages or messages[-1]["role"] not in ("user", "tool"):
         raise RowError("no_prompt", column, "the prompt must end with a user turn (the model answers it)")
     if row.get("tools"):
@@ -123,7 +125,7 @@ def read_prompt_row(row: Any, where: str, base: Path, options: ChatOptions | Non
     read = [read_message(m, f"{column}[{i}]", base, nulls) for i, m in enumerate(messages)]
     if any(p["type"] == "audio" for m in read for p in m["content"]):
         raise RowError("audio", column, "audio")
-    return PromptRow(read, columns, where)
+    return PromptRow(read, columns, where, answer_from_conversation)
 
 
 def load_prompts(sources: list[DataSource], *, skip_invalid: bool = False) -> tuple[list[PromptRow], list[PromptReport],
@@ -151,8 +153,7 @@ def load_prompts(sources: list[DataSource], *, skip_invalid: bool = False) -> tu
                     bad.setdefault(str(exc), []).append(where)
                 report.dropped[exc.reason] += 1
                 continue
-            if prompt.columns.pop("_answer_from_conversation", False):
-                report.answers_from_conversation += 1
+            report.answers_from_conversation += prompt.answer_from_conversation
             report.kept += 1
             report.images += bool(prompt.images)
             report.columns.update(prompt.columns.keys())

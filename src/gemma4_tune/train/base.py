@@ -242,6 +242,42 @@ def load_model(path: str, quant: QuantSpec | None = None, *,
     return model, processor, None
 
 
+def adapted_model(cfg: RunConfig, profile: Any, *, sharded: bool = False) -> tuple[Any, TargetPlan, Any,
+                                                                                QuantSpec | None]:
+    """The model every method trains: optimizer and 4-bit settings checked (G4T420, G4T120), seeded, loaded
+    (``load_model``), LoRA exactly where the plan says, the 26B-A4B's experts in 4 bits where QLoRA asks;
+    ``(peft_model, plan, processor, quant)``."""
+    from transformers import set_seed
+
+    from gemma4_tune.plan.adapters import LoraSettings, check_quantization, prepare_model, quantize_experts
+
+    check_quantization(cfg.quantize)
+    check_optimizer(cfg.optimizer)
+    set_seed(cfg.seed)
+    model, processor, quant = load_model(cfg.model, cfg.quant_spec(), sharded=sharded)
+    settings = LoraSettings(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout)
+    peft_model, plan = prepare_model(model, cfg.targets, settings, profile=profile)
+    if quant is not None and quant.quantize_experts and profile.moe:
+        quant = quantize_experts(peft_model, quant)
+    return peft_model, plan, processor, quant
+
+
+def drop_trl_reference_copy(peft_model: Any) -> None:
+    """Delete the ``ref`` adapter TRL's DPO, KTO and GRPO trainers copy from a PeftModel's adapter: the reference is
+    then the base with the adapter disabled (``trl.trainer.utils.use_adapter`` with no name), never a copy of it."""
+    if "ref" in peft_model.peft_config:
+        peft_model.delete_adapter("ref")
+        peft_model.set_adapter("default")
+
+
+def trl_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Our messages as TRL's conversational rows: image parts path-less (the pixels travel beside them), text parts
+    kept."""
+    return [{"role": m["role"], "content": [{"type": "image", "text": None} if p["type"] == "image"
+                                            else {"type": "text", "text": p["text"]} for p in m["content"]]}
+            for m in messages]
+
+
 @dataclass
 class RunDir:
     """An opened run directory: checked, locked by the main process, and what ``--resume`` resumes from."""

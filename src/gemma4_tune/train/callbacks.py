@@ -77,8 +77,13 @@ class MetricsCallback(TrainerCallback):
         row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs,
                "tokens": tokens, "tokens_per_s": round((tokens - self.tokens_at_start) / elapsed, 2)}
         if is_main_process():
-            with self.path.open("a") as f:
-                f.write(json_text(row, indent=None) + "\n")
+            append_metrics_row(self.path, row)
+
+
+def append_metrics_row(path: Path, row: dict[str, Any]) -> None:
+    """One row appended to ``metrics.jsonl``, as strict JSON on one line (a NaN figure is null)."""
+    with path.open("a") as handle:
+        handle.write(json_text(row, indent=None) + "\n")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -323,8 +328,7 @@ class EvalCallback(TrainerCallback):
         self.results.append(result)
         if not is_main_process():
             return
-        with self.path.open("a") as f:
-            f.write(json_text(result.to_row(self.counter.total), indent=None) + "\n")
+        append_metrics_row(self.path, result.to_row(self.counter.total))
         first = self.results[0]
         change = f" (step {first.step}: {first.loss:.4f}, {first.accuracy:.1%})" if len(self.results) > 1 else ""
         console.print(f"eval @ step {step}: loss {result.loss:.4f}, accuracy {result.accuracy:.1%} on "

@@ -32,8 +32,9 @@ from trl import GRPOTrainer
 
 from gemma4_tune.data.chat import END_OF_TURN
 from gemma4_tune.findings import Finding, Severity, finding, register
-from gemma4_tune.io import figure_text, json_text
+from gemma4_tune.io import figure_text
 from gemma4_tune.preflight import LOSS_NOT_FINITE
+from gemma4_tune.train.base import trl_messages
 from gemma4_tune.train.callbacks import GuardCallback
 from gemma4_tune.train.rewards import THOUGHT_CLOSE, THOUGHT_OPEN, Reward, read_completion
 
@@ -57,13 +58,6 @@ GUARD_STEPS = 3
 THINK_TOKEN = "<|think|>"
 
 
-def trl_prompt(messages: list[dict]) -> list[dict]:
-    """Our prompt messages as TRL's conversational rows (image parts path-less: the pixels are ours to load)."""
-    return [{"role": m["role"], "content": [{"type": "image", "text": None} if p["type"] == "image"
-                                            else {"type": "text", "text": p["text"]} for p in m["content"]]}
-            for m in messages]
-
-
 def prompt_key(prompt: list[dict]) -> str:
     """The identity of a TRL prompt row (what :class:`Gemma4GRPOTrainer` finds our messages by)."""
     return json.dumps(prompt, sort_keys=True, default=str)
@@ -74,7 +68,7 @@ def trl_dataset(prompts: Sequence[Any]) -> Any:
     from datasets import Dataset
 
     names = sorted({k for p in prompts for k in p.columns})
-    rows: dict[str, list[Any]] = {"prompt": [trl_prompt(p.messages) for p in prompts]}
+    rows: dict[str, list[Any]] = {"prompt": [trl_messages(p.messages) for p in prompts]}
     for name in names:
         rows[name] = [p.columns.get(name) for p in prompts]
     return Dataset.from_dict(rows)
@@ -86,7 +80,7 @@ class Gemma4GRPOTrainer(GRPOTrainer):
 
     def __init__(self, *args: Any, batcher: Any, prompts: Sequence[Any], counter: Any = None, **kwargs: Any) -> None:
         self.batcher = batcher
-        self.prompt_messages = {prompt_key(trl_prompt(p.messages)): p for p in prompts}
+        self.prompt_messages = {prompt_key(trl_messages(p.messages)): p for p in prompts}
         self.counter = counter
         super().__init__(*args, **kwargs)
 
@@ -257,11 +251,9 @@ def grpo_preflight(built: dict[str, Any], prompts: Sequence[Any], *, seed: int =
     with torch.no_grad(), RecordedForwards(model) as recorded:
         group = trainer._generate_and_score_completions(rows)
     rewards: list[Reward] = built["rewards"]
-    completions = [read_completion(tokenizer, ids[m.bool()].tolist())
-                   for ids, m in zip(group["completion_ids"], group["completion_mask"], strict=True)]
+    completions = rewards[0].completions  # as the trainer's reward calls read them for this group
     n, g = len(completions), trainer.num_generations
-    per_func = torch.tensor([[math.nan if v is None else v for v in _scores(r, rows, completions, group)]
-                             for r in rewards]).T  # (n, funcs)
+    per_func = torch.tensor([[math.nan if v is None else v for v in r.values] for r in rewards]).T  # (n, funcs)
     weights = torch.tensor(trainer.reward_weights.tolist())
     total = (per_func * weights).nansum(dim=1)
     spread = total.view(-1, g).std(dim=1)
@@ -292,6 +284,11 @@ def grpo_preflight(built: dict[str, Any], prompts: Sequence[Any], *, seed: int =
                                 "mm_token_type_ids that do not mark exactly their image tokens: image attention and "
                                 "log-probabilities are computed on shifted positions",
                                 "rebuild mm_token_type_ids from the ids the model gets (gemma4-tune's GRPO does)"))
+    elif group.get("pixel_values") is not None and not with_images:  # image prompts, yet no forward compared
+        findings.append(finding(MM_TYPES_MISALIGNED.code, "the first generation group has image prompts, but no "
+                                "forward the model received held an image token: the image types were compared on "
+                                "nothing", "check that the prompts' images reach the processor (<|image|> in the "
+                                "rendered prompt)"))
     expected = 1 if built["thinking"] else 0
     if any(s != expected for s in switches):
         findings.append(finding(THINKING_SWITCH.code, f"the prompts hold the thinking switch {THINK_TOKEN} "
@@ -331,14 +328,6 @@ def thought_leaks(completions: Sequence[Any]) -> list[Finding]:
                     f"text after the channel was taken out (first: {leaked[0][:80]!r}): the model writes a channel "
                     "the template does not close, and the reward judges the thought as answer", "train the format "
                     "with SFT first, or reward well-formed answers (--reward regex:...)", count=len(leaked))]
-
-
-def _scores(reward: Reward, rows: list[dict[str, Any]], completions: list[Any], group: dict[str, Any]) -> list[Any]:
-    """One reward's values for the group's completions, as the trainer computed them (read back from the wrapper)."""
-    ids = [c[m.bool()].tolist() for c, m in zip(group["completion_ids"], group["completion_mask"], strict=True)]
-    columns = {k: [row[k] for row in rows] for k in rows[0] if k != "prompt"}
-    return reward(prompts=[row["prompt"] for row in rows], completions=[[c.message()] for c in completions],
-                  completion_ids=ids, **columns)
 
 
 def _logps(trainer: Gemma4GRPOTrainer, model: Any, group: dict[str, Any]) -> torch.Tensor:
@@ -477,7 +466,7 @@ def score(rewards: Sequence[Reward], weights: Sequence[float], prompts: Sequence
     row: dict[str, Any] = {}
     total = [0.0] * len(ids)
     for reward, weight in zip(rewards, weights, strict=True):
-        values = reward(prompts=[trl_prompt(p.messages) for p in prompts], completions=[[c.message()]
+        values = reward(prompts=[trl_messages(p.messages) for p in prompts], completions=[[c.message()]
                         for c in completions], completion_ids=ids, **columns)
         present = [v for v in values if v is not None]
         row[f"eval_rewards/{reward.__name__}"] = sum(present) / len(present) if present else None
@@ -505,12 +494,6 @@ def not_learning(first: dict[str, Any], last: dict[str, Any]) -> list[Finding]:
 def eval_row(step: int, scored: dict[str, Any]) -> dict[str, Any]:
     """A metrics.jsonl row of held-out figures at ``step`` (answers left out)."""
     return {"step": step, **{k: v for k, v in scored.items() if k not in ("answers", "ended")}}
-
-
-def append_row(path: Path, row: dict[str, Any]) -> None:
-    """One strict-JSON row appended to ``metrics.jsonl``."""
-    with path.open("a") as handle:
-        handle.write(json_text(row, indent=None) + "\n")
 
 
 def grpo_plot(metrics: list[dict[str, Any]], path: Path) -> Path | None:

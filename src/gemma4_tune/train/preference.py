@@ -39,7 +39,7 @@ from gemma4_tune.config.options import RunConfig
 from gemma4_tune.console import console, err_console
 from gemma4_tune.data.chat import END_OF_TURN
 from gemma4_tune.findings import Finding, FindingError, Severity, finding, has_errors, register
-from gemma4_tune.io import figure_text, json_text, write_json
+from gemma4_tune.io import figure_text, write_json
 from gemma4_tune.model.loss import IGNORE_INDEX
 from gemma4_tune.model.quantization import base_weights_line
 from gemma4_tune.preflight import LOSS_NOT_FINITE, PREFLIGHT_SKIPPED, PreflightResult
@@ -48,15 +48,16 @@ from gemma4_tune.train.base import (
     Method,
     ReportSection,
     TrainResult,
-    check_optimizer,
+    adapted_model,
+    drop_trl_reference_copy,
     eval_overlap,
     library_versions,
-    load_model,
     open_run,
     read_metrics,
     trainer_settings,
+    trl_messages,
 )
-from gemma4_tune.train.callbacks import eval_interval
+from gemma4_tune.train.callbacks import append_metrics_row, eval_interval
 
 REFERENCE_NOT_BASE = register("G4T512", Severity.ERROR, "DPO/KTO reference model is not the base model")
 POLICY_NOT_REFERENCE = register("G4T513", Severity.ERROR, "DPO/KTO policy differs from its reference at step 0")
@@ -78,17 +79,6 @@ def _trl_module(batch: dict[str, Any]) -> Any:
 # --------------------------------------------------------------------------- data
 
 
-def _trl_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Our messages as TRL's conversational rows: media parts become ``{"type": "image"}`` (the pixels go in
-    the ``images`` column, in order), text parts stay."""
-    out = []
-    for message in messages:
-        parts = [{"type": "image", "text": None} if p["type"] == "image" else {"type": "text", "text": p["text"]}
-                 for p in message["content"]]
-        out.append({"role": message["role"], "content": parts})
-    return out
-
-
 def trl_dataset(pairs: list[Any]) -> Any:
     """The pairs as TRL's explicit-prompt conversational dataset (``prompt``/``chosen``/``rejected``, ``images``)."""
     from datasets import Dataset
@@ -99,9 +89,9 @@ def trl_dataset(pairs: list[Any]) -> Any:
     if with_images:
         rows["images"] = []
     for pair in pairs:
-        rows["prompt"].append(_trl_messages(pair.prompt))
-        rows["chosen"].append(_trl_messages(pair.chosen))
-        rows["rejected"].append(_trl_messages(pair.rejected))
+        rows["prompt"].append(trl_messages(pair.prompt))
+        rows["chosen"].append(trl_messages(pair.chosen))
+        rows["rejected"].append(trl_messages(pair.rejected))
         if with_images:
             rows["images"].append([Image.open(path).convert("RGB") for path in pair.images])
     return Dataset.from_dict(rows)
@@ -291,8 +281,7 @@ class HeldOutRewards(TrainerCallback):
             self._write(row)
 
     def _write(self, row: dict[str, Any]) -> None:
-        with self.path.open("a") as handle:  # strict JSON, as every metrics row: a NaN figure is null
-            handle.write(json_text(row, indent=None) + "\n")
+        append_metrics_row(self.path, row)
 
 
 def _rose(first: dict[str, Any], last: dict[str, Any], key: str) -> bool:
@@ -483,23 +472,14 @@ class PreferenceMethod(Method):
     def build_trainer(self, cfg: RunConfig, data: PreferenceData, staging: Path) -> dict[str, Any]:
         """Model, LoRA plan and the unit's TRL trainer whose reference is the base with the adapter disabled
         (``{"trainer", "model", "plan", "profile", "processor", "quant"}``)."""
-        from transformers import set_seed
         from transformers.trainer_callback import PrinterCallback
 
         from gemma4_tune.model.patches import patch_trl_compact_log_probs
         from gemma4_tune.model.profile import ModelProfile
-        from gemma4_tune.plan.adapters import LoraSettings, check_quantization, prepare_model, quantize_experts
 
-        check_quantization(cfg.quantize)
-        check_optimizer(cfg.optimizer)
         patch_trl_compact_log_probs()  # log-probabilities at the answer positions only, on the CPU too
-        set_seed(cfg.seed)
         profile = ModelProfile.from_pretrained(cfg.model, count_parameters=False)
-        model, processor, quant = load_model(cfg.model, cfg.quant_spec())
-        settings = LoraSettings(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout)
-        peft_model, plan = prepare_model(model, cfg.targets, settings, profile=profile)
-        if quant is not None and quant.quantize_experts and profile.moe:
-            quant = quantize_experts(peft_model, quant)
+        peft_model, plan, processor, quant = adapted_model(cfg, profile)
         config_class, trainer_class = self.trl_trainer()
         args = config_class(**trainer_settings(cfg, staging), beta=cfg.beta, max_length=cfg.max_seq_len,
                             per_device_eval_batch_size=cfg.batch_size)
@@ -510,9 +490,7 @@ class PreferenceMethod(Method):
         tokenizer = getattr(processor, "tokenizer", processor)
         trainer.data_collator = end_answers_at_end_of_turn(trainer.data_collator,
                                                            tokenizer.convert_tokens_to_ids(END_OF_TURN))
-        if "ref" in peft_model.peft_config:  # TRL's copy of the adapter: the reference is the adapter disabled
-            peft_model.delete_adapter("ref")
-            peft_model.set_adapter("default")
+        drop_trl_reference_copy(peft_model)
         return {"trainer": trainer, "model": peft_model, "plan": plan, "profile": profile, "processor": processor,
                 "quant": quant}
 

@@ -143,10 +143,16 @@ def load_user_reward(spec: str) -> Callable[..., Any]:
             if not path.is_file():
                 raise FileNotFoundError(f"{path} does not exist")
             module_name = f"gemma4_tune_reward_{abs(hash(str(path)))}"
-            module_spec = importlib.util.spec_from_file_location(module_name, path)
-            module = importlib.util.module_from_spec(module_spec)  # type: ignore[arg-type]
-            sys.modules[module_name] = module
-            module_spec.loader.exec_module(module)  # type: ignore[union-attr]
+            module = sys.modules.get(module_name)  # checked before the model loads, built after: run the file once
+            if module is None:
+                module_spec = importlib.util.spec_from_file_location(module_name, path)
+                module = importlib.util.module_from_spec(module_spec)  # type: ignore[arg-type]
+                sys.modules[module_name] = module
+                try:
+                    module_spec.loader.exec_module(module)  # type: ignore[union-attr]
+                except BaseException:
+                    del sys.modules[module_name]  # a file that failed is read afresh, never half-loaded
+                    raise
         else:
             module = _import_from_cwd(where)
         func = getattr(module, name)
@@ -167,19 +173,22 @@ def load_user_reward(spec: str) -> Callable[..., Any]:
 
 class Reward:
     """One reward function as TRL calls it, with the completions re-read from their tokens first (answer without the
-    thought channel) and its output checked: one number (or None) per completion, finite (G4T517)."""
+    thought channel) and its output checked: one number (or None) per completion, finite (G4T517). The last call's
+    completions and values stay readable (GRPO's preflight reports them without calling the user's function again)."""
 
     def __init__(self, spec: str, func: Callable[..., Any], tokenizer: Any) -> None:
         self.spec, self.func, self.tokenizer = spec, func, tokenizer
         self.__name__ = getattr(func, "__name__", spec).replace("<lambda>", spec)
-        self.last: list[Completion] = []
+        self.completions: list[Completion] = []
+        self.values: list[float | None] = []
 
     def __call__(self, prompts: list[Any], completions: list[Any], completion_ids: list[list[int]],
                  **columns: Any) -> list[float | None]:
-        self.last = [read_completion(self.tokenizer, ids) for ids in completion_ids]
-        read = [[c.message()] for c in self.last]
+        self.completions = [read_completion(self.tokenizer, ids) for ids in completion_ids]
+        read = [[c.message()] for c in self.completions]
         out = self.func(prompts=prompts, completions=read, completion_ids=completion_ids, **columns)
-        return check_rewards(self.__name__, out, len(completion_ids))
+        self.values = check_rewards(self.__name__, out, len(completion_ids))
+        return self.values
 
 
 def check_rewards(name: str, values: Any, expected: int) -> list[float | None]:

@@ -21,10 +21,10 @@ from gemma4_tune.train.base import (
     Method,
     ReportSection,
     TrainResult,
-    check_optimizer,
+    adapted_model,
+    drop_trl_reference_copy,
     eval_overlap,
     library_versions,
-    load_model,
     open_run,
     read_metrics,
     trainer_settings,
@@ -55,7 +55,7 @@ class GRPO(Method):
         """The rewards (loaded, G4T516) and the prompts, training and held-out, before any model loads."""
         from gemma4_tune.data.prompts import load_prompts
         from gemma4_tune.data.records import DataSource, split_conversations
-        from gemma4_tune.train.rewards import check_reward_specs, required_columns
+        from gemma4_tune.train.rewards import REWARD_NOT_FOUND, check_reward_specs, required_columns
 
         check_reward_specs(cfg.rewards)
         prompts, reports, findings = load_prompts(cfg.sources(), skip_invalid=cfg.skip_invalid)
@@ -78,8 +78,6 @@ class GRPO(Method):
         for column, spec in required_columns(cfg.rewards).items():
             missing = [p.source for p in [*prompts, *eval_prompts] if p.columns.get(column) is None]
             if missing:
-                from gemma4_tune.train.rewards import REWARD_NOT_FOUND
-
                 raise FindingError(finding(REWARD_NOT_FOUND.code, f"reward {spec} reads the {column!r} column, which "
                                            f"{len(missing)} prompts lack (first: {missing[0]})", f"give every row "
                                            f"a {column!r}, or name the column: --reward {spec.split(':')[0]}:COLUMN"))
@@ -94,26 +92,17 @@ class GRPO(Method):
     def build_trainer(self, cfg: RunConfig, data: GRPOData, staging: Path) -> dict[str, Any]:
         """Model and LoRA as SFT prepares them, our batcher (thinking as asked), the rewards, TRL's trainer whose
         reference is the base with the adapter disabled."""
-        from transformers import set_seed
         from transformers.trainer_callback import PrinterCallback
 
         from gemma4_tune.data.collate import Gemma4Batcher
         from gemma4_tune.model.patches import patch_trl_compact_log_probs
         from gemma4_tune.model.profile import ModelProfile
-        from gemma4_tune.plan.adapters import LoraSettings, check_quantization, prepare_model, quantize_experts
         from gemma4_tune.train.grpo import Gemma4GRPOTrainer, grpo_config, stop_at_end_of_turn, trl_dataset
         from gemma4_tune.train.rewards import build_rewards
 
-        check_quantization(cfg.quantize)
-        check_optimizer(cfg.optimizer)
         patch_trl_compact_log_probs()  # log-probabilities at the completion positions only, on the CPU too
-        set_seed(cfg.seed)
         profile = ModelProfile.from_pretrained(cfg.model, count_parameters=False)
-        model, processor, quant = load_model(cfg.model, cfg.quant_spec())
-        settings = LoraSettings(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout)
-        peft_model, plan = prepare_model(model, cfg.targets, settings, profile=profile)
-        if quant is not None and quant.quantize_experts and profile.moe:
-            quant = quantize_experts(peft_model, quant)
+        peft_model, plan, processor, quant = adapted_model(cfg, profile)
         tokenizer = getattr(processor, "tokenizer", processor)
         eos = stop_at_end_of_turn(peft_model, tokenizer)
         batcher = Gemma4Batcher(processor, revision=cfg.template_revision, max_seq_len=cfg.max_seq_len,
@@ -123,9 +112,7 @@ class GRPO(Method):
             cfg, staging, trainer_settings(cfg, staging)), train_dataset=trl_dataset(data.prompts),
             processing_class=processor, batcher=batcher, prompts=[*data.prompts, *data.eval_prompts])
         trainer.remove_callback(PrinterCallback)
-        if "ref" in peft_model.peft_config:  # TRL's copy of the adapter: the reference is the adapter disabled
-            peft_model.delete_adapter("ref")
-            peft_model.set_adapter("default")
+        drop_trl_reference_copy(peft_model)
         return {"trainer": trainer, "model": peft_model, "plan": plan, "profile": profile, "processor": processor,
                 "quant": quant, "batcher": batcher, "rewards": rewards, "eos": eos, "thinking": cfg.thinking,
                 "beta": cfg.beta}
@@ -135,20 +122,17 @@ class GRPO(Method):
         the group's completions as supervised tokens (a gradient into every planned part...)."""
         from collections import defaultdict
 
+        import torch
+
         from gemma4_tune.preflight import masked_sample, run_preflight
         from gemma4_tune.train.grpo import check_preflight_loss, grpo_preflight, supervised_group
 
         trainer = built["trainer"]
-        try:
-            findings, figures, group = grpo_preflight(built, data.prompts, seed=cfg.seed)
-        finally:
-            trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        import torch
-
+        findings, figures, group = grpo_preflight(built, data.prompts, seed=cfg.seed)
         trainer.current_gradient_accumulation_steps = cfg.grad_accum  # what the Trainer sets before each step
         with torch.no_grad():
             loss = float(trainer.compute_loss(built["model"], group))
-        trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}  # the first step logs its own
         figures["grpo_loss"] = loss
         findings += check_preflight_loss(loss)
         batch = supervised_group(group)
@@ -211,8 +195,9 @@ class GRPO(Method):
             MetricsCallback,
             ProgressCallback,
             TokenCounter,
+            append_metrics_row,
         )
-        from gemma4_tune.train.grpo import GRPOGuard, append_row, eval_row, not_learning
+        from gemma4_tune.train.grpo import GRPOGuard, eval_row, not_learning
 
         started = time.perf_counter()
         run = open_run(cfg)
@@ -221,7 +206,6 @@ class GRPO(Method):
         built = self.build_trainer(cfg, data, staging)
         trainer, model, plan = built["trainer"], built["model"], built["plan"]
         counter = TokenCounter()
-        trainer.counter = counter
         findings = [*run.notes, *data.findings, *plan.findings]
         guard = GRPOGuard(model, beta=cfg.beta)
         for callback in (guard, ProgressCallback(counter), MetricsCallback(out / "metrics.jsonl", counter),
@@ -243,6 +227,7 @@ class GRPO(Method):
         if has_errors(findings):
             raise FindingError(*[f for f in findings if f.severity is Severity.ERROR])
         run.start()
+        trainer.counter = counter  # training's tokens only: the preflight group is not counted
         trainer.train(resume_from_checkpoint=run.resume_from)
         shutil.rmtree(staging, ignore_errors=True)
         findings += guard.findings
@@ -259,8 +244,8 @@ class GRPO(Method):
                 console.print(f"evaluate: greedy answers to {len(scored)} prompts, base and tuned")
                 base, tuned = (self.evaluate(built, scored, base=True), self.evaluate(built, scored, base=False))
                 step = trainer.state.global_step
-                append_row(out / "metrics.jsonl", {**eval_row(0, base), "model": "base"})
-                append_row(out / "metrics.jsonl", {**eval_row(step, tuned), "model": "tuned"})
+                append_metrics_row(out / "metrics.jsonl", {**eval_row(0, base), "model": "base"})
+                append_metrics_row(out / "metrics.jsonl", {**eval_row(step, tuned), "model": "tuned"})
                 evals = {"where": "held-out" if data.eval_prompts else "training-prompt", "prompts": len(scored),
                          "base": eval_row(0, base), "tuned": eval_row(step, tuned)}
                 if data.eval_prompts:

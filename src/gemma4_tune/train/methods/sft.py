@@ -27,10 +27,6 @@ from gemma4_tune.model.loss import SupervisedLoss
 from gemma4_tune.model.profile import ModelProfile
 from gemma4_tune.model.quantization import QuantSpec, base_weights_line
 from gemma4_tune.plan.adapters import (
-    LoraSettings,
-    check_quantization,
-    prepare_model,
-    quantize_experts,
     save_adapter,
 )
 from gemma4_tune.plan.targets import TargetPlan
@@ -41,10 +37,9 @@ from gemma4_tune.train.base import (
     Method,
     ReportSection,
     TrainResult,
-    check_optimizer,
+    adapted_model,
     eval_overlap,
     library_versions,
-    load_model,
     loss_went_down,
     open_run,
     per_epoch_steps,
@@ -171,21 +166,13 @@ class SFT(Method):
     def prepare(self, cfg: RunConfig, data: Conversations, *, sharded: bool = False) -> RunSetup:
         """Model and processor, LoRA exactly where the plan says, and the conversations encoded into examples
         (assistant-only labels, media never labelled, every processor output kept)."""
-        from transformers import set_seed
 
         from gemma4_tune.data.collate import Gemma4Batcher, keep_supervised
         from gemma4_tune.data.template_checks import template_findings
 
         conversations, eval_convs, profile = data.train, data.held_out, data.profile
         findings = list(data.findings)
-        check_quantization(cfg.quantize)
-        check_optimizer(cfg.optimizer)
-        set_seed(cfg.seed)
-        model, processor, quant = load_model(cfg.model, cfg.quant_spec(), sharded=sharded)
-        settings = LoraSettings(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout)
-        peft_model, plan = prepare_model(model, cfg.targets, settings, profile=profile)
-        if quant is not None and quant.quantize_experts and profile.moe:
-            quant = quantize_experts(peft_model, quant)
+        peft_model, plan, processor, quant = adapted_model(cfg, profile, sharded=sharded)
 
         batcher = Gemma4Batcher(processor, revision=cfg.template_revision, max_seq_len=cfg.max_seq_len,
                                 train_on=cfg.train_on)
