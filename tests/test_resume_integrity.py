@@ -51,12 +51,12 @@ def _copy(run: Path, tmp_path: Path) -> Path:
 
 
 def _no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    import gemma4_tune.train.methods.sft as sft_module
+    import gemma4_tune.train.base as base_module
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded before the resume was refused")
 
-    monkeypatch.setattr(sft_module, "load_model", refuse)
+    monkeypatch.setattr(base_module, "load_model", refuse)
 
 
 def test_the_run_records_what_resume_must_match_and_frees_its_lock(finished: tuple[Path, Path, Path]) -> None:
