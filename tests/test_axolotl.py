@@ -12,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from gemma4_tune.config.options import load_yaml, read_run_file
+from gemma4_tune.config import load_yaml, read_run_file
 from gemma4_tune.findings import FindingError
 
 EXAMPLES = Path(__file__).parent / "data" / "axolotl"
@@ -218,3 +218,15 @@ def test_axolotl_names_in_our_own_file_get_the_right_did_you_mean(tmp_path):
     (found,) = info.value.findings
     assert "'micro_batch_size' (did you mean 'batch_size'? ('micro_batch_size' is Axolotl's name" in found.message
     assert "'learnin_rate'" in found.message and "learnin_rate' (did" not in found.message
+
+
+def test_rl_kto_maps_to_the_kto_method_and_its_weights_are_read(tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text("base_model: m\nadapter: lora\nrl: kto\nrl_beta: 0.2\nkto_desirable_weight: 1.0\n"
+                   "datasets:\n  - path: kto.jsonl\n")
+    imported = read_run_file(run)
+    assert (imported.config.method, imported.config.beta) == ("kto", 0.2)
+    assert {row["key"]: row["status"] for row in imported.mapping}["kto_desirable_weight"] == "mapped"
+    run.write_text("base_model: m\nadapter: lora\nrl: kto\nkto_undesirable_weight: 1.5\ndatasets: [kto.jsonl]\n")
+    with pytest.raises(FindingError, match="kto_undesirable_weight: KTO's desirable and undesirable weights are 1"):
+        load_yaml(run)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma4_tune.config.options import build_config, read_run_file
+from gemma4_tune.config import build_config, read_run_file
 from gemma4_tune.findings import Finding, FindingError, Severity
 
 BASE = {"model": "m", "data": "d.jsonl", "out": "o"}

@@ -16,9 +16,8 @@ from gemma4_tune.data.collate import (
     IGNORE_INDEX,
     Gemma4Batcher,
     count_supervised,
-    read_wav,
-    resample,
 )
+from gemma4_tune.data.media import load_audio, resample
 from gemma4_tune.findings import FindingError
 
 
@@ -191,15 +190,15 @@ def test_unknown_revision_is_g4t310():
     assert err.value.findings[0].code == "G4T316"
 
 
-def test_read_wav_and_resample(tmp_path):
+def test_wav_decoded_to_mono_and_resampled(tmp_path):
     t = np.arange(8000) / 8000.0
     tone = (np.sin(2 * np.pi * 440 * t) * 10000).astype("<i2")
-    stereo = np.stack([tone, tone], axis=1).reshape(-1)
+    stereo = np.stack([tone, tone // 2], axis=1).reshape(-1)
     _write_pcm16(tmp_path / "s.wav", stereo, 8000, 2)
-    samples, rate = read_wav(tmp_path / "s.wav")
-    assert rate == 8000 and samples.dtype == np.float32 and samples.shape == (8000,)
-    np.testing.assert_allclose(samples, tone / 32768.0, atol=1e-6)
-    up = resample(samples, 8000, 16000)
+    samples = load_audio(tmp_path / "s.wav", 8000)
+    assert samples.dtype == np.float32 and samples.shape == (8000,)
+    np.testing.assert_allclose(samples, (tone + tone // 2) / 2 / 32768.0, atol=1e-6)  # mono: the channels' mean
+    up = resample((tone / 32768.0).astype(np.float32), 8000, 16000)
     assert up.shape == (16000,) and up.dtype == np.float32
     ref = np.sin(2 * np.pi * 440 * np.arange(16000) / 16000.0) * 10000 / 32768.0
     assert np.abs(up[200:-200] - ref[200:-200]).max() < 0.01
@@ -208,9 +207,8 @@ def test_read_wav_and_resample(tmp_path):
     fmt = struct.pack("<HHIIHH", 3, 1, 16000, 64000, 4, 32)
     riff = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
     (tmp_path / "f.wav").write_bytes(b"RIFF" + struct.pack("<I", len(riff)) + riff)
-    samples, rate = read_wav(tmp_path / "f.wav")
-    assert rate == 16000
-    np.testing.assert_allclose(samples, np.linspace(-0.5, 0.5, 100, dtype=np.float32))
+    np.testing.assert_allclose(load_audio(tmp_path / "f.wav", 16000), np.linspace(-0.5, 0.5, 100, dtype=np.float32))
+    assert np.abs(load_audio(tmp_path / "s.wav", 16000)[200:-200] - ref[200:-200] * 0.75).max() < 0.01
 
 
 # ---------------------------------------------------------------- labels
@@ -308,7 +306,7 @@ def test_collate_mirrors_processor_batching(e2b_processor, media):
     texts = [batcher.render(c)[0] for c in convs]
     images = [[Image.open(media["img_a"]).convert("RGB")],
               [Image.open(media["img_b"]).convert("RGB"), Image.open(media["img_c"]).convert("RGB")]]
-    audio = [read_wav(media["aud_a"])[0], read_wav(media["aud_b"])[0]]
+    audio = [load_audio(media["aud_a"], 16000), load_audio(media["aud_b"], 16000)]
     ref = e2b_processor(text=texts, images=images, audio=audio, return_tensors="pt", padding=True,
                         padding_side="right", add_special_tokens=False)
     assert set(ref.keys()) <= set(batch.keys())

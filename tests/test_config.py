@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gemma4_tune.config.options import build_config, load_yaml
+from gemma4_tune.config import build_config, load_yaml
 from gemma4_tune.findings import FindingError
 
 BASE = {"model": "m", "data": "d.jsonl", "out": "o"}

@@ -225,7 +225,7 @@ def test_dpo_settings_are_checked_and_axolotl_rl_dpo_maps() -> None:
 
 
 def test_axolotl_rl_dpo_and_its_beta_map_and_other_objectives_are_refused(tmp_path) -> None:
-    from gemma4_tune.config.options import read_run_file
+    from gemma4_tune.config import read_run_file
 
     path = tmp_path / "dpo.yaml"
     path.write_text("base_model: m\nadapter: lora\nrl: dpo\nrl_beta: 0.05\ndatasets:\n  - path: d.jsonl\n    type: "
@@ -236,7 +236,7 @@ def test_axolotl_rl_dpo_and_its_beta_map_and_other_objectives_are_refused(tmp_pa
     path.write_text("base_model: m\nadapter: lora\nrl: orpo\ndatasets:\n  - path: d.jsonl\n")
     with pytest.raises(FindingError) as info:
         read_run_file(path)
-    assert any("only rl: dpo and rl: grpo are trained here" in f.message for f in info.value.findings)
+    assert any("only rl: dpo, kto and grpo are trained here" in f.message for f in info.value.findings)
 
 
 @pytest.mark.slow

@@ -121,7 +121,7 @@ def test_prompt_completion_and_plain_text(batcher, tmp_path):
     assert supervised(batcher, convs[0]) == ["4.<turn|>"]
     convs, report = load_conversations(write_jsonl(tmp_path / "text.jsonl", [{"text": "Once upon a time."}]))
     assert report.format == "plain text" and report.text_rows == 1
-    assert supervised(batcher, convs[0]) == ["Once upon a time."]  # every token after <bos>
+    assert supervised(batcher, convs[0]) == ["Once upon a time.<eos>"]  # every token after <bos>, up to <eos>
 
 
 @pytest.mark.slow

@@ -254,7 +254,7 @@ def test_wrong_count_clipped_completions_and_thinking_once_at_preflight(tiny_mod
 
 
 def test_axolotl_rl_grpo_maps_its_trl_block(tmp_path) -> None:
-    from gemma4_tune.config.options import read_run_file
+    from gemma4_tune.config import read_run_file
 
     (tmp_path / "run.yaml").write_text(
         "base_model: /models/gemma-4-e2b\nrl: grpo\ndatasets:\n  - path: prompts.jsonl\nmicro_batch_size: 4\n"

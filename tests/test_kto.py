@@ -28,7 +28,8 @@ def test_kto_rows_alternate_labels_and_neighbours_have_other_prompts(tmp_path) -
     from gemma4_tune.train.methods.kto import kto_dataset
 
     train, held = write_pairs(tmp_path / "data", images=True, n=4, n_eval=2)
-    rows = kto_dataset(kto.read_data(RunConfig(model="m", data=str(train), eval_data=str(held), method="kto")).pairs)
+    rows = kto_dataset(kto.read_data(RunConfig(model="m", data=str(train), eval_data=str(held), method="kto",
+                                               batch_size=2)).pairs)
     assert len(rows) == 8 and rows["label"] == [True, False] * 4
     assert rows[0]["completion"][0]["content"][0]["text"].startswith("Thank you")
     assert rows[1]["completion"][0]["content"][0]["text"] == "No."

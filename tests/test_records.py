@@ -84,8 +84,8 @@ BAD_ROWS = [
         id="content-type",
     ),
     pytest.param(
-        {"messages": [user({"type": "video", "path": "v.mp4"}), ANSWER]},
-        "messages[0].content[0].type: unknown part type 'video'",
+        {"messages": [user({"type": "document", "path": "d.pdf"}), ANSWER]},
+        "messages[0].content[0].type: unknown part type 'document'",
         id="part-type",
     ),
     pytest.param(

@@ -252,7 +252,8 @@ def _train_command(preflight_only: bool, config: type[RunConfig] = RunConfig):  
         **options: Any,
     ) -> None:
         from gemma4_tune.api import run_preflight, run_training
-        from gemma4_tune.config.options import ImportedConfig, build_config, read_run_file
+        from gemma4_tune.config.options import build_config
+        from gemma4_tune.config.run_file import ImportedConfig, read_run_file
 
         flags = {name: value.value if isinstance(value, enum.Enum) else value for name, value in options.items()
                  if value is not None}

@@ -186,14 +186,17 @@ def towers_get_gradients(ctx: PreflightContext) -> list[Finding]:
     """
     out = []
     trained = _supervised(ctx) and ctx.loss is not None and bool(torch.isfinite(ctx.loss))
-    present = {"image": "pixel_values" in ctx.batch, "audio": "input_features" in ctx.batch}
+    present = {"image": "pixel_values" in ctx.batch or "pixel_values_videos" in ctx.batch,
+               "audio": "input_features" in ctx.batch}
     for tower in ctx.plan.groups:
         kind = GROUP_MODALITY.get(tower)
         part = f"{tower.removesuffix('-embed')} embedder" if tower in EMBED_GROUPS else f"{tower} tower"
-        if kind and not ctx.dataset_modalities.get(kind):
+        seen = ("image", "video") if kind == "image" else (kind,)  # video frames go through the vision tower
+        if kind and not any(ctx.dataset_modalities.get(k) for k in seen):
+            what = " or ".join(seen)
             out.append(finding(TOWER_WITHOUT_DATA.code, f"the plan trains the {part} but the data has no "
-                               f"{kind} — its LoRA would stay at zero", f"drop {tower} from --targets, or add "
-                               f"{kind} examples"))
+                               f"{what} — its LoRA would stay at zero", f"drop {tower} from --targets, or add "
+                               f"{what} examples"))
             continue
         if trained and (kind is None or present[kind]) and not ctx.lora_grad.get(tower, 0.0) > 0:
             out.append(finding(TOWER_NO_GRADIENT.code, f"the {part}'s LoRA got no gradient from a batch "
@@ -216,7 +219,7 @@ def batch_is_supervised(ctx: PreflightContext) -> list[Finding]:
 @check(static=True)
 def images_keep_mm_token_type_ids(ctx: PreflightContext) -> list[Finding]:
     """Row 10: without mm_token_type_ids, image tokens silently get a causal mask on 26B/31B."""
-    if ctx.profile.bidirectional_attention != "vision" or "pixel_values" not in ctx.batch:
+    if ctx.profile.bidirectional_attention != "vision" or not {"pixel_values", "pixel_values_videos"} & set(ctx.batch):
         return []
     if "mm_token_type_ids" in ctx.batch:
         return []

@@ -15,15 +15,12 @@ A key set to null is absent, as in Axolotl. Unknown keys are one error that list
 
 from __future__ import annotations
 
-import difflib
-import math
 import re
+from collections.abc import Mapping
 from typing import Any
 
-from gemma4_tune.findings import Finding, Severity, finding, register
-
-NO_EFFECT = register("G4T006", Severity.WARNING, "Config keys with no effect here")
-READ_DIFFERENTLY = register("G4T007", Severity.INFO, "Config keys read as closely as gemma4-tune allows")
+from gemma4_tune.config.options import RunConfig
+from gemma4_tune.config.reader import Reader, Translation, finite, show, strings
 
 MARKERS = frozenset({"base_model", "datasets", "adapter", "micro_batch_size", "sequence_len", "lora_r",
                      "gradient_accumulation_steps", "num_epochs", "output_dir", "learning_rate"})
@@ -95,18 +92,10 @@ _KNOWN = (MARKERS | set(_NO_EFFECT) | set(_DIRECT) | set(_DEFAULTS)
              "lora_target_parameters",
              "lora_modules_to_save", "optim_args", "train_on_inputs", "fp16", "val_set_size", "chat_template",
              "chat_template_jinja", "eot_tokens", "special_tokens", "tokens", "resume_from_checkpoint",
-             "image_size", "image_resize_algorithm", "rl", "rl_beta", "dpo_beta", "test_datasets", "trl"})
+             "image_size", "image_resize_algorithm", "rl", "rl_beta", "dpo_beta", "test_datasets", "trl",
+             "kto_desirable_weight", "kto_undesirable_weight"})
 
 
-def is_axolotl(data: dict[str, Any]) -> bool:
-    """Whether a run file is written for Axolotl: it has ``base_model``, which every Axolotl file has."""
-    return "base_model" in data
-
-
-def our_name(key: str) -> str | None:
-    """gemma4-tune's key for an Axolotl key that maps one to one (``micro_batch_size`` -> ``batch_size``)."""
-    return {**_DIRECT, "learning_rate": "lr", "sequence_len": "max_seq_len", "datasets": "data",
-            "val_set_size": "eval_split"}.get(key)
 
 
 #: Axolotl's ``trl:`` keys for GRPO with the same meaning here -> our field.
@@ -120,7 +109,7 @@ _TRL_NO_EFFECT = {"use_vllm": "generation runs in transformers on the CPU; with 
                   "vllm_server_timeout": "no vLLM server is used", "log_completions": "the report keeps samples"}
 
 
-def _trl_section(section: Any, grpo: bool, t: _Translation) -> None:
+def _trl_section(section: Any, grpo: bool, t: Translation) -> None:
     """Axolotl's ``trl:`` block: GRPO's settings and reward functions (``module.function`` as Axolotl imports
     them, read here as ``module:function``), key by key."""
     if not grpo or not isinstance(section, dict):
@@ -130,7 +119,7 @@ def _trl_section(section: Any, grpo: bool, t: _Translation) -> None:
         where = f"trl.{key}"
         if key == "reward_funcs":
             funcs = value if isinstance(value, list) else [value]
-            if not _strings(funcs) or not all("." in f for f in funcs):
+            if not strings(funcs) or not all("." in f for f in funcs):
                 t.refuse(where, value, "expected a list of module.function names (Axolotl's form)")
                 continue
             ours = [":".join(f.rsplit(".", 1)) for f in funcs]
@@ -139,60 +128,9 @@ def _trl_section(section: Any, grpo: bool, t: _Translation) -> None:
         elif key in _TRL_GRPO:
             t.map(where, value, _TRL_GRPO[key], value)
         elif key in _TRL_NO_EFFECT:
-            t.row(where, value, "no effect", _TRL_NO_EFFECT[key])
-            t.no_effect.append(where)
+            t.ignore(where, value, _TRL_NO_EFFECT[key])
         else:
             t.refuse(where, value, "not a GRPO setting gemma4-tune reads (docs/grpo.md lists them)")
-
-
-class _Translation:
-    """The values, the key-by-key mapping and the refusals of one Axolotl file."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.values: dict[str, Any] = {}
-        self.rows: list[dict[str, str]] = []
-        self.refused: list[str] = []
-        self.no_effect: list[str] = []
-        self.differs: list[str] = []
-
-    def row(self, key: str, value: Any, status: str, became: str) -> None:
-        self.rows.append({"key": key, "value": _show(value), "status": status, "became": became})
-
-    def map(self, key: str, value: Any, field_name: str, new: Any, note: str = "") -> None:
-        self.values[field_name] = new
-        self.row(key, value, "mapped", f"{field_name} = {_show(new)}" + (f" ({note})" if note else ""))
-
-    def refuse(self, key: str, value: Any, reason: str) -> None:
-        self.refused.append(f"{key}: {reason}")
-        self.row(key, value, "refused", reason)
-
-    def differ(self, key: str, value: Any, field_name: str | None, new: Any, how: str) -> None:
-        if field_name:
-            self.values[field_name] = new
-        self.differs.append(f"{key}: {how}")
-        self.row(key, value, "read differently", (f"{field_name} = {_show(new)}; " if field_name else "") + how)
-
-
-def _strings(value: Any) -> bool:
-    """Whether ``value`` is a list of strings."""
-    return isinstance(value, list) and all(isinstance(item, str) for item in value)
-
-
-def _finite(value: Any) -> float | None:
-    """A finite number given as a number or a numeric string (YAML reads unquoted 1e-4 as one); else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        return None
-    try:
-        number = float(value)
-    except ValueError:
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _show(value: Any) -> str:
-    text = repr(value) if not isinstance(value, str) else value
-    return text if len(text) <= 100 else text[:97] + "..."
 
 
 #: Axolotl's ``bnb_config_kwargs`` keys (BitsAndBytesConfig's names) -> the RunConfig field and the values it takes.
@@ -201,7 +139,7 @@ _BNB_KEYS = {"bnb_4bit_quant_type": ("quant_type", ("nf4", "fp4")),
              "bnb_4bit_compute_dtype": ("compute_dtype", ("float32", "bfloat16"))}
 
 
-def _bnb_settings(kwargs: Any, four_bit: bool, t: _Translation) -> None:
+def _bnb_settings(kwargs: Any, four_bit: bool, t: Translation) -> None:
     """``bnb_config_kwargs``: each key read with its BitsAndBytesConfig meaning, or refused with the reason."""
     if kwargs is None:
         return
@@ -221,12 +159,12 @@ def _bnb_settings(kwargs: Any, four_bit: bool, t: _Translation) -> None:
             t.map(where, value, field_name, value)
 
 
-def _targets(data: dict[str, Any], t: _Translation) -> None:
+def _targets(data: dict[str, Any], t: Translation) -> None:
     items: list[str] = []
     modules = data.get("lora_target_modules")
     if isinstance(modules, str):
         items.append(f"re:{modules}")
-        t.row("lora_target_modules", modules, "mapped", f"targets re:{_show(modules)} (a regex on the full module "
+        t.row("lora_target_modules", modules, "mapped", f"targets re:{show(modules)} (a regex on the full module "
               "path, as PEFT matches a string; a Gemma4ClippableLinear match trains its inner .linear)")
     elif isinstance(modules, list) and modules:
         names = "|".join(re.escape(str(m)) for m in modules)
@@ -243,7 +181,7 @@ def _targets(data: dict[str, Any], t: _Translation) -> None:
     parameters = data.get("lora_target_parameters")
     if parameters is not None:
         given = [parameters] if isinstance(parameters, str) else parameters if isinstance(parameters, list) else []
-        if _strings(given) and sorted(given) == sorted(EXPERTS):
+        if strings(given) and sorted(given) == sorted(EXPERTS):
             items.append("text-experts")
             t.row("lora_target_parameters", parameters, "mapped", "targets text-experts (PEFT target_parameters "
                   "on every MoE layer's experts.gate_up_proj and experts.down_proj)")
@@ -258,7 +196,7 @@ def _targets(data: dict[str, Any], t: _Translation) -> None:
               "gemma4-tune's own default applies: every text attention and MLP projection and the MoE experts)")
 
 
-def _dataset(entry: Any, where: str, t: _Translation, dpo: bool = False) -> dict[str, Any] | None:
+def _dataset(entry: Any, where: str, t: Translation, preference: bool = False) -> dict[str, Any] | None:
     if isinstance(entry, str):
         entry = {"path": entry}
     if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
@@ -269,7 +207,7 @@ def _dataset(entry: Any, where: str, t: _Translation, dpo: bool = False) -> dict
     for key in sorted(set(entry) - _DATASET_KEYS):
         t.refuse(f"{where}.{key}", entry[key], "not read here (see docs/axolotl.md for the dataset keys)")
     kind = entry.get("type", "chat_template")
-    if kind == "chat_template.default" and dpo:
+    if kind == "chat_template.default" and preference:
         spec["format"] = None  # Axolotl's DPO rows (messages + chosen + rejected): data.preference reads them
     elif not isinstance(kind, str) or kind not in _DATASET_TYPES:
         t.refuse(f"{where}.type", kind, f"dataset type {kind!r} is not read here; use chat_template, alpaca, "
@@ -303,12 +241,12 @@ def _dataset(entry: Any, where: str, t: _Translation, dpo: bool = False) -> dict
     if roles is not None:
         listed = {ours: [names] if isinstance(names, str) else names for ours, names in roles.items()} \
             if isinstance(roles, dict) else {}
-        if isinstance(roles, dict) and all(_strings(names) for names in listed.values()):
+        if isinstance(roles, dict) and all(strings(names) for names in listed.values()):
             spec["roles"] = listed
         else:
             t.refuse(f"{where}.roles", roles, "expected a mapping of role to its names, e.g. {user: [human]}")
     if "roles_to_train" in entry:
-        if _strings(entry["roles_to_train"]):
+        if strings(entry["roles_to_train"]):
             spec["roles_to_train"] = list(entry["roles_to_train"])
         else:
             t.refuse(f"{where}.roles_to_train", entry["roles_to_train"], "expected a list of roles, e.g. [assistant]")
@@ -322,11 +260,11 @@ def _dataset(entry: Any, where: str, t: _Translation, dpo: bool = False) -> dict
         _chat_template(entry["chat_template"], f"{where}.chat_template", t)
     if "ds_type" in entry:
         t.row(f"{where}.ds_type", entry["ds_type"], "mapped", "the file type comes from the file's suffix")
-    t.row(where, entry, "mapped", f"data: {_show(spec)}")
+    t.row(where, entry, "mapped", f"data: {show(spec)}")
     return spec
 
 
-def _chat_template(value: Any, key: str, t: _Translation) -> None:
+def _chat_template(value: Any, key: str, t: Translation) -> None:
     if value in ("gemma4", "tokenizer_default") or str(value).startswith("tokenizer_default_fallback_"):
         t.row(key, value, "mapped", "the model's official Gemma 4 template (its revision detected from the "
               "checkpoint), with generation markers for exact assistant labels")
@@ -335,33 +273,24 @@ def _chat_template(value: Any, key: str, t: _Translation) -> None:
                  "rows 12, 34); use chat_template: gemma4 or tokenizer_default")
 
 
-def translate(data: dict[str, Any], *, source: str) -> tuple[dict[str, Any], list[dict[str, str]], list[Finding]]:
-    """An Axolotl file as RunConfig values, the key-by-key mapping, and the findings to show.
-
-    Refused and unknown keys raise one ``FindingError`` (G4T005) that lists them all.
-    """
-    from gemma4_tune.config.options import BAD_CONFIG
-    from gemma4_tune.findings import FindingError
-
-    t = _Translation(source)
+def _translate(data: dict[str, Any], source: str) -> Translation:
+    """An Axolotl file as RunConfig values, key by key."""
+    t = Translation(source, "Axolotl", "docs/axolotl.md")
     given = {k: v for k, v in data.items() if v is not None}
     for key in sorted(set(data) - set(given)):
         t.row(key, None, "absent", "null, so absent (as in Axolotl)")
-    from gemma4_tune.config.options import RunConfig
-
     own = {k for k in given if k in RunConfig.model_fields and k not in _KNOWN}
     unknown = sorted(k for k in given if k not in _KNOWN and k not in own
                      and not k.startswith(tuple(_NO_EFFECT_PREFIXES)))
     for key, value in given.items():
         if key in own:
             t.values[key] = value
-            t.row(key, value, "mapped", f"{key} = {_show(value)} (a gemma4-tune key)")
+            t.row(key, value, "mapped", f"{key} = {show(value)} (a gemma4-tune key)")
         elif key in _DIRECT:
             t.map(key, value, _DIRECT[key], value)
         elif key in _NO_EFFECT or key.startswith(tuple(_NO_EFFECT_PREFIXES)):
             reason = _NO_EFFECT.get(key) or next(r for p, r in _NO_EFFECT_PREFIXES.items() if key.startswith(p))
-            t.no_effect.append(key)
-            t.row(key, value, "no effect", reason)
+            t.ignore(key, value, reason)
     if "learning_rate" in given:  # as given: RunConfig reads YAML's unquoted 1e-4 (a string) and refuses non-numbers
         t.map("learning_rate", given["learning_rate"], "lr", given["learning_rate"])
     sequence_len = given.get("sequence_len")
@@ -402,14 +331,22 @@ def translate(data: dict[str, Any], *, source: str) -> tuple[dict[str, Any], lis
     elif given.get("rl") == "grpo":
         t.map("rl", "grpo", "method", "grpo", "TRL's GRPOTrainer with gemma4-tune's rendering; the reference is the "
                                                "base with the adapter disabled")
+    elif given.get("rl") == "kto":
+        t.map("rl", "kto", "method", "kto", "TRL's KTOTrainer; the reference is the base with the adapter disabled")
     elif given.get("rl"):
-        t.refuse("rl", given["rl"], "only rl: dpo and rl: grpo are trained here (KTO, ORPO, IPO and SimPO are not)")
+        t.refuse("rl", given["rl"], "only rl: dpo, kto and grpo are trained here (ORPO, IPO and SimPO are not)")
+    for key in ("kto_desirable_weight", "kto_undesirable_weight"):
+        if key in given:
+            if given.get("rl") == "kto" and finite(given[key]) == 1.0:
+                t.row(key, given[key], "mapped", "1.0 (what is trained)")
+            else:
+                t.refuse(key, given[key], "KTO's desirable and undesirable weights are 1 here (with rl: kto)")
     for key in ("rl_beta", "dpo_beta"):
         if key in given:
-            if given.get("rl") in ("dpo", "grpo"):
+            if given.get("rl") in ("dpo", "kto", "grpo"):
                 t.map(key, given[key], "beta", given[key])
             else:
-                t.refuse(key, given[key], "the KL weight has no effect without rl: dpo or rl: grpo")
+                t.refuse(key, given[key], "the KL weight has no effect without rl: dpo, kto or grpo")
     if "trl" in given:
         _trl_section(given["trl"], given.get("rl") == "grpo", t)
     if given.get("test_datasets"):
@@ -448,7 +385,7 @@ def translate(data: dict[str, Any], *, source: str) -> tuple[dict[str, Any], lis
         else:
             t.map("train_on_inputs", False, "train_on", "assistant")
     if "val_set_size" in given:
-        size = _finite(given["val_set_size"])
+        size = finite(given["val_set_size"])
         if size is None or size < 0:
             t.refuse("val_set_size", given["val_set_size"], "expected a share below 1 (0.05) or a count of "
                      "conversations (200)")
@@ -469,34 +406,34 @@ def translate(data: dict[str, Any], *, source: str) -> tuple[dict[str, Any], lis
         t.refuse("eot_tokens", eot, "Gemma 4 turns end with <turn|>; that is the token supervised (catalog row 29)")
     if "datasets" in given:
         entries = given["datasets"] if isinstance(given["datasets"], list) else [given["datasets"]]
-        specs = [_dataset(entry, f"datasets[{i}]", t, dpo=given.get("rl") == "dpo") for i, entry in enumerate(entries)]
+        preference = given.get("rl") in ("dpo", "kto")
+        specs = [_dataset(entry, f"datasets[{i}]", t, preference) for i, entry in enumerate(entries)]
         t.values["data"] = [s for s in specs if s is not None]
     for key, (field_name, value) in _DEFAULTS.items():
         if key not in given:
             t.values.setdefault(field_name, value)
-            t.row(key, None, "default", f"{field_name} = {_show(value)} (Axolotl's default)")
+            t.row(key, None, "default", f"{field_name} = {show(value)} (Axolotl's default)")
     if "warmup_steps" not in given and "warmup_ratio" not in given:
         t.values["warmup_ratio"] = 0.03
         t.row("warmup_ratio", None, "default", "warmup_ratio = 0.03 (Axolotl's default; it caps warmup at 100 steps, "
               "gemma4-tune does not)")
-    if unknown or t.refused:
-        parts = []
-        if unknown:
-            hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, sorted(_KNOWN), n=1,
-                                                                                    cutoff=0.85)) else k
-                     for k in unknown]
-            parts.append(f"{len(unknown)} unknown key(s): {', '.join(hints)}")
-        if t.refused:
-            parts.append(f"{len(t.refused)} refused: {'; '.join(t.refused)}")
-        raise FindingError(finding(BAD_CONFIG.code, f"{source}: {' — '.join(parts)}",
-                                   "remove or change these keys (docs/axolotl.md lists every key and what it "
-                                   "becomes; `gemma4-tune train FILE --explain-config` shows this file's mapping)",
-                                   mapping=t.rows))
-    notes: list[Finding] = []
-    if t.no_effect:
-        notes.append(finding(NO_EFFECT.code, f"{source}: {len(t.no_effect)} Axolotl keys have no effect here: "
-                             f"{', '.join(t.no_effect)}", "nothing to do; `--explain-config` gives each reason"))
-    if t.differs:
-        notes.append(finding(READ_DIFFERENTLY.code, f"{source}: {'; '.join(t.differs)}",
-                             "nothing to do unless the difference matters to you; see docs/axolotl.md"))
-    return t.values, t.rows, notes
+    t.unknown = unknown
+    return t
+
+
+class AxolotlReader(Reader):
+    """Axolotl's run files: every file with ``base_model``, which Axolotl requires."""
+
+    dialect = "Axolotl"
+    aliases = {**_DIRECT, "learning_rate": "lr", "sequence_len": "max_seq_len", "datasets": "data",
+               "val_set_size": "eval_split"}
+    known = _KNOWN
+
+    def claims(self, data: Mapping[str, Any]) -> bool:
+        return "base_model" in data
+
+    def translate(self, data: dict[str, Any], *, source: str) -> Translation:
+        return _translate(data, source)
+
+
+READER = AxolotlReader()

@@ -1,8 +1,8 @@
 """RunConfig: every training knob, declared once; the CLI flags and the YAML keys are made from it.
 
-Unknown keys of our own YAML are refused (with a did-you-mean only when one key is close). A file written
-for Axolotl (one with ``base_model``, which Axolotl requires) is read by ``axolotl.translate`` with Axolotl's
-meaning of every key; what it became is ``ImportedConfig.mapping`` (``train --explain-config``).
+Unknown keys are refused (with a did-you-mean only when one key is close). Run files (ours, Axolotl's,
+LLaMA-Factory's) are read by the readers beside this module (``run_file``), which import it, never the
+other way.
 """
 
 from __future__ import annotations
@@ -10,11 +10,10 @@ from __future__ import annotations
 import difflib
 import types
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -27,6 +26,7 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+from gemma4_tune.data import dataset_info
 from gemma4_tune.data.formats import FORMATS, ChatOptions
 from gemma4_tune.data.records import DataSource
 from gemma4_tune.findings import Finding, FindingError, Severity, finding, register
@@ -106,6 +106,7 @@ class DatasetSpec(BaseModel):
     roles: dict[str, list[str]] = Field(default_factory=dict)
     roles_to_train: list[str] | None = None
     message_field_training: str | None = None
+    columns: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("format")
     @classmethod
@@ -120,7 +121,7 @@ class DatasetSpec(BaseModel):
             field_messages=self.field_messages, property_mappings=dict(self.message_property_mappings),
             roles={k: tuple(v) for k, v in self.roles.items()},
             roles_to_train=tuple(self.roles_to_train) if self.roles_to_train is not None else None,
-            training_field=self.message_field_training, format=self.format,
+            training_field=self.message_field_training, format=self.format, columns=dict(self.columns),
         ))
 
 
@@ -261,7 +262,13 @@ class RunConfig(BaseModel):
     @classmethod
     def _datasets(cls, value: Any) -> Any:
         items = value if isinstance(value, list) else [value]
-        return [{"path": item} if isinstance(item, str) else item for item in items]
+        out: list[Any] = []
+        for item in items:
+            if isinstance(item, str) and dataset_info.is_v1_yaml(Path(item).expanduser()):
+                out += dataset_info.read_v1_yaml(Path(item).expanduser())
+            else:
+                out.append(_named_dataset(item) or {"path": item} if isinstance(item, str) else item)
+        return out
 
     @field_validator("data")
     @classmethod
@@ -332,35 +339,44 @@ class RunConfig(BaseModel):
         return " + ".join(spec.path + (f" ({spec.split})" if spec.split else "") for spec in self.data)
 
 
-@dataclass
-class ImportedConfig:
-    """A run file read: the RunConfig, where each key went (``mapping``) and what to tell the user."""
+def _named_dataset(item: str) -> dict[str, Any] | None:
+    """``DIR/dataset_info.json:NAME`` (or ``DIR:NAME``): LLaMA-Factory's dataset NAME, read with the meaning of its
+    entry (``data.dataset_info``); None for any other path."""
+    where, sep, name = item.rpartition(":")
+    if not sep or not name or "/" in name:
+        return None
+    info_path = Path(where).expanduser()
+    if info_path.is_dir():
+        info_path = info_path / dataset_info.FILE_NAME
+    if info_path.name != dataset_info.FILE_NAME or not info_path.is_file():
+        return None
+    entry = dataset_info.resolve(dataset_info.read_info(info_path), name, info_path.parent)
+    if entry.refused:
+        raise ValueError(f"{item}: {'; '.join(entry.refused)}")
+    return entry.spec
 
-    config: RunConfig
-    dialect: str = "gemma4-tune"
-    mapping: list[dict[str, str]] = field(default_factory=list)
-    findings: list[Finding] = field(default_factory=list)
 
-
-def _did_you_mean(key: str) -> str:
-    from gemma4_tune.config.axolotl import our_name
-
-    if our_name(key):
-        return f"did you mean '{our_name(key)}'? ('{key}' is Axolotl's name; a file with base_model is read as Axolotl's)"
+def _did_you_mean(key: str, aliases: Mapping[str, tuple[str, str]]) -> str:
+    if key in aliases:
+        ours, dialect = aliases[key]
+        return f"did you mean '{ours}'? ('{key}' is {dialect}'s name; such a file is read as {dialect}'s when it " \
+               f"is recognised, docs/config.md)"
     close = difflib.get_close_matches(key, list(RunConfig.model_fields), n=1, cutoff=0.8)
     return f"did you mean '{close[0]}'?" if close else "see `gemma4-tune train --help` for the keys (or docs/axolotl.md)"
 
 
-def build_config(values: dict[str, Any], *, source: str = "flags", names: dict[str, str] | None = None) -> RunConfig:
+def build_config(values: dict[str, Any], *, source: str = "flags", names: dict[str, str] | None = None,
+                 aliases: Mapping[str, tuple[str, str]] | None = None) -> RunConfig:
     """Validate a dict of settings into a RunConfig, turning every problem into a finding.
 
-    ``names`` gives the key the user wrote for a field (an Axolotl file's ``learning_rate`` for ``lr``).
+    ``names`` gives the key the user wrote for a field (an Axolotl file's ``learning_rate`` for ``lr``);
+    ``aliases`` other tools' keys -> (our key, the tool), for a did-you-mean.
     """
     normalised = {key.replace("-", "_"): value for key, value in values.items()}
     unknown = [k for k in normalised if k not in RunConfig.model_fields]
     if unknown:
-        listed = ", ".join(f"'{k}' ({_did_you_mean(k)})" if "did you mean" in _did_you_mean(k) else f"'{k}'"
-                           for k in unknown)
+        hints = {k: _did_you_mean(k, aliases or {}) for k in unknown}
+        listed = ", ".join(f"'{k}' ({hints[k]})" if "did you mean" in hints[k] else f"'{k}'" for k in unknown)
         raise FindingError(finding(BAD_CONFIG.code, f"{source}: {len(unknown)} unknown key(s): {listed}",
                                    "fix or remove them; see `gemma4-tune train --help` for the keys, and "
                                    "docs/axolotl.md for Axolotl files"))
@@ -384,38 +400,6 @@ def _invalid(err: Any, source: str, names: dict[str, str]) -> Finding:
     shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
     return finding(BAD_CONFIG.code, f"{source}: {key}: {problem} (given: {shown})",
                    f"give {key} {allowed}" if allowed else "fix the value (see `gemma4-tune train --help`)", key=key)
-
-
-def load_yaml(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read a YAML run file (ours or Axolotl's); flags given on the command line override its values."""
-    return read_run_file(path, overrides).config
-
-
-def read_run_file(path: str | Path, overrides: dict[str, Any] | None = None) -> ImportedConfig:
-    """Read a YAML run file: ours (keys = flags) or Axolotl's (read with Axolotl's meaning, see ``axolotl``)."""
-    from gemma4_tune.config import axolotl
-
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise FindingError(finding(BAD_CONFIG.code, f"{path} does not exist", "check the path of the run file")) \
-            from None
-    except yaml.YAMLError as exc:
-        raise FindingError(finding(BAD_CONFIG.code, f"{path} is not valid YAML: {exc}", "fix the YAML syntax")) \
-            from None
-    except RecursionError:
-        raise FindingError(finding(BAD_CONFIG.code, f"{path} nests lists or mappings too deep to read",
-                                   "write the run file as flat `key: value` lines")) from None
-    if not isinstance(data, dict):
-        raise FindingError(finding(BAD_CONFIG.code, f"{path} must hold a mapping of keys to values",
-                                   "write `key: value` lines, e.g. `model: runs/tiny-e2b`"))
-    if axolotl.is_axolotl(data):
-        values, mapping, notes = axolotl.translate(data, source=str(path))
-        names = {ours: key for key in data if (ours := axolotl.our_name(key)) not in (None, key, *(overrides or {}))}
-        config = build_config({**values, **(overrides or {})}, source=str(path), names=names)
-        return ImportedConfig(config, "Axolotl", mapping, notes)
-    return ImportedConfig(build_config({**data, **(overrides or {})}, source=str(path)))
 
 
 _KINDS = {int: "a whole number", float: "a finite number", bool: "true or false", str: "a string"}

@@ -3,15 +3,18 @@
 ``Gemma4Batcher.encode`` renders one conversation with the *training* template of its official
 chat-template revision (byte-identical to the official rendering, plus generation markers; catalog
 rows 12 and 13), tokenizes the unexpanded text with offsets to get a per-token assistant mask, runs
-the processor (which expands every ``<|image|>`` into ``<|image>`` + N soft tokens + ``<image|>`` and
-every ``<|audio|>`` into ``<|audio>`` + M soft tokens + ``<audio|>``) and aligns the two id sequences,
-so labels sit exactly on what the model must produce and never on a media or placeholder token.
+the processor (which expands every ``<|image|>`` into ``<|image>`` + N soft tokens + ``<image|>``, every
+``<|audio|>`` into ``<|audio>`` + M soft tokens + ``<audio|>`` and every ``<|video|>`` into, per sampled
+frame, its ``mm:ss`` timestamp + ``<|image>`` + K ``<|video|>`` soft tokens + ``<image|>``) and aligns the
+two id sequences, so labels sit exactly on what the model must produce and never on a media, timestamp or
+placeholder token. Audio and video files are decoded by ``gemma4_tune.data.media`` (PyAV).
 
 ``collate`` pads right and keeps every processor output key (``mm_token_type_ids`` above all: without
 it the 26B/31B models silently give image tokens a causal mask, catalog row 10). Media tensors are
 concatenated across the batch exactly as ``Gemma4Processor`` does for several samples: one row per
 image (``pixel_values``/``image_position_ids``, patches padded to the same count with position -1),
-one row per audio clip (``input_features``/``input_features_mask``, frames padded with 0/False).
+one row per audio clip (``input_features``/``input_features_mask``, frames padded with 0/False), one
+row per video frame (``pixel_values_videos``/``video_position_ids``) with ``num_frames_per_video`` per video.
 
 ``pack`` does padding-free packing of text-only examples for transformers' position-ids packing
 detection (``masking_utils.find_packed_sequence_indices``): ``position_ids`` restart at 0 for each
@@ -28,9 +31,7 @@ normalise by across gradient accumulation.
 from __future__ import annotations
 
 import bisect
-import io
 import math
-import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 
 from gemma4_tune.data.chat import END_OF_TURN, REVISIONS, assistant_char_spans, detect_revision, message_regions, render
+from gemma4_tune.data.media import MediaError, load_audio, load_video, resample
 from gemma4_tune.findings import Finding, FindingError, Severity, finding, register
 
 UNKNOWN_REVISION = register("G4T310", Severity.ERROR, "Unknown chat template revision", (12, 13))
@@ -60,13 +62,20 @@ TRAIN_ON = ("assistant", "all")
 # Keys ``encode`` adds beside the processor's tensors; ``collate`` does not pass them to the model.
 META_KEYS = frozenset({"truncated", "full_length", "num_supervised", "num_sequences"})
 
-# Media tensors (one row per image / audio clip), by modality, and the value their padding takes.
+# Media tensors (one row per image / audio clip / video, or per video frame), by modality.
 _MEDIA_KEYS = {
     "pixel_values": "image",
     "image_position_ids": "image",
     "input_features": "audio",
     "input_features_mask": "audio",
+    "pixel_values_videos": "video",
+    "video_position_ids": "video",
+    "num_frames_per_video": "video",
 }
+_PER_FRAME = frozenset({"pixel_values_videos", "video_position_ids"})
+# Tokens of the ``mm:ss`` timestamp (and separating space) the processor writes before each video frame, at most.
+_MAX_TIMESTAMP_TOKENS = 16
+MODALITIES = ("image", "audio", "video")
 _PER_TOKEN_PAD = {"attention_mask": 0, "mm_token_type_ids": 0, "labels": IGNORE_INDEX}
 
 
@@ -75,7 +84,7 @@ class ConversationLike(Protocol):
     """What ``encode`` needs from a conversation (``gemma4_tune.data.records.Conversation`` has it).
 
     ``messages`` have content as a list of parts: ``{"type": "text", "text": ...}``,
-    ``{"type": "image", "path": ...}``, ``{"type": "audio", "path": ...}``.
+    ``{"type": "image", "path": ...}``, ``{"type": "audio", "path": ...}``, ``{"type": "video", "path": ...}``.
     """
 
     messages: list[dict]
@@ -145,7 +154,9 @@ class Gemma4Batcher:
     ``revision`` names the official chat-template revision (``v1`` ... ``v5``); None detects it from
     ``processor.chat_template``. ``train_on="assistant"`` labels what the model produces in model
     turns; ``"all"`` labels every token but media and placeholders. ``chat_kwargs`` go to the
-    template (``enable_thinking``, ``preserve_thinking``, ...).
+    template (``enable_thinking``, ``preserve_thinking``, ...). Video frames are sampled as the processor's
+    video processor says (its ``fps``, else its ``num_frames``, at most the frames a video has; Gemma 4's
+    default is 32 frames of 70 soft tokens each); ``num_frames`` overrides that count.
     """
 
     def __init__(
@@ -156,11 +167,16 @@ class Gemma4Batcher:
         max_seq_len: int = 2048,
         train_on: str = "assistant",
         chat_kwargs: dict | None = None,
+        num_frames: int | None = None,
     ) -> None:
         if train_on not in TRAIN_ON:
             raise FindingError(finding(
                 BAD_BATCHER_OPTION.code, f"train_on={train_on!r} is not one of {TRAIN_ON}",
                 'use train_on="assistant" (model turns only) or train_on="all"',
+            ))
+        if num_frames is not None and num_frames < 1:
+            raise FindingError(finding(
+                BAD_BATCHER_OPTION.code, f"num_frames={num_frames} is too small", "use num_frames >= 1",
             ))
         if max_seq_len < 2:
             raise FindingError(finding(
@@ -172,6 +188,11 @@ class Gemma4Batcher:
         self.max_seq_len = max_seq_len
         self.train_on = train_on
         self.chat_kwargs = dict(chat_kwargs or {})
+        extractor = getattr(processor, "feature_extractor", None)
+        self.sampling_rate = int(getattr(extractor, "sampling_rate", None) or SAMPLING_RATE)
+        video = getattr(processor, "video_processor", None)
+        self.video_sampling = ({"fps": video.fps} if num_frames is None and getattr(video, "fps", None)
+                               else {"num_frames": num_frames or getattr(video, "num_frames", None)})
 
         tok = self.tokenizer
         self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -186,6 +207,9 @@ class Gemma4Batcher:
         }
         if ids["audio_token"] is not None:
             self._blocks[ids["audio_token"]] = (ids["boa_token"], ids["eoa_token"], "audio")
+        if ids["video_token"] is not None and video is not None:
+            # per sampled frame: its timestamp, <|image>, the frame's <|video|> soft tokens, <image|>
+            self._blocks[ids["video_token"]] = (ids["boi_token"], ids["eoi_token"], "video")
         self.media_token_ids = frozenset(v for v in ids.values() if v is not None)
 
     # ------------------------------------------------------------------ encode
@@ -193,13 +217,16 @@ class Gemma4Batcher:
         """Rendered training text of ``conv`` and the character spans to supervise.
 
         By default the spans are what the model produces in its turns; a message's ``train`` flag (a
-        ``weight``, ``roles_to_train``) takes its turn out or puts it in. A plain-text row (``text``) is
-        supervised whole, after the ``<bos>`` it is given if it does not start with one.
+        ``weight``, ``roles_to_train``) takes its turn out or puts it in. A plain-text row (``text``) is a
+        document: supervised whole, after the ``<bos>`` it is given if it does not start with one and up to the
+        end-of-text token it is given if it does not end with one (as LLaMA-Factory's pretraining stage and TRL's
+        language-modelling rows add it), so that the model learns where a document ends.
         """
         raw = conv.get("text") if isinstance(conv, Mapping) else getattr(conv, "text", None)
         if raw is not None:
-            bos = self.tokenizer.bos_token or ""
+            bos, eos = self.tokenizer.bos_token or "", self.tokenizer.eos_token or ""
             text = raw if not bos or raw.startswith(bos) else bos + raw
+            text = text if not eos or text.endswith(eos) else text + eos
             return text, [(0, len(text))]
         messages, tools = _messages_and_tools(conv)
         kwargs = {**dict(self.tokenizer.special_tokens_map), **self.chat_kwargs}
@@ -261,7 +288,7 @@ class Gemma4Batcher:
         messages, _ = _messages_and_tools(conv)
         where = getattr(conv, "source", None) or (conv.get("source") if isinstance(conv, Mapping) else None)
         text, spans = self.render(conv)
-        images, audios, names = self._load_media(messages, text, where)
+        images, audios, videos, names = self._load_media(messages, text, where)
 
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         plain_ids = list(enc["input_ids"])
@@ -271,14 +298,14 @@ class Gemma4Batcher:
         else:
             plain_mask = [True] * len(plain_ids)
 
-        out = self._process(text, images, audios)
+        out = self._process(text, images, audios, videos)
         input_ids = out["input_ids"]
         if input_ids.ndim != 2 or input_ids.shape[0] != 1:
             raise _alignment_error(f"processor returned input_ids of shape {tuple(input_ids.shape)} for one text")
         seq_len = input_ids.shape[1]
         expanded = input_ids[0].tolist()
-        mask, blocks = self._align(plain_ids, plain_mask, expanded)
-        _check_blocks_not_empty(blocks, names, audios, where)
+        mask, blocks = self._align(plain_ids, plain_mask, expanded, [len(frames) for frames, _ in videos])
+        _check_blocks_not_empty(blocks, names, audios, where, self.sampling_rate)
 
         labels = torch.tensor(expanded, dtype=torch.long)
         keep = torch.tensor(mask, dtype=torch.bool)
@@ -305,13 +332,22 @@ class Gemma4Batcher:
         example["num_supervised"] = int((example["labels"] != IGNORE_INDEX).sum())
         return example
 
-    def _process(self, text: str, images: list[Any], audios: list[np.ndarray]) -> dict[str, Any]:
-        """The processor's outputs for one rendered text and its media (a batch of one)."""
+    def _process(self, text: str, images: list[Any], audios: list[np.ndarray],
+                 videos: list[tuple[np.ndarray, Any]]) -> dict[str, Any]:
+        """The processor's outputs for one rendered text and its media (a batch of one).
+
+        Videos go in as their sampled frames with their metadata (the fps and frame indices the processor
+        writes the timestamps from), so the processor does not sample them again.
+        """
         kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt", "add_special_tokens": False}
         if images:
             kwargs["images"] = [images]
         if audios:
             kwargs["audio"] = audios
+        if videos:
+            kwargs["videos"] = [frames for frames, _ in videos]
+            kwargs["video_metadata"] = [metadata for _, metadata in videos]
+            kwargs["do_sample_frames"] = False
         return dict(self.processor(**kwargs))
 
     def encode_prompt(self, conv: ConversationLike) -> tuple[dict[str, torch.Tensor], str]:
@@ -337,19 +373,32 @@ class Gemma4Batcher:
         loaded images in order."""
         kwargs = {**dict(self.tokenizer.special_tokens_map), **self.chat_kwargs}
         text = render(prompt, revision=self.revision, tools=tools, add_generation_prompt=True, **kwargs)
-        images, audios, _ = self._load_media(prompt, text, source)
-        return {k: v for k, v in self._process(text, images, audios).items() if torch.is_tensor(v)}, images
+        images, audios, videos, _ = self._load_media(prompt, text, source)
+        return {k: v for k, v in self._process(text, images, audios, videos).items() if torch.is_tensor(v)}, images
 
     def _align(
-        self, plain: list[int], plain_mask: list[bool], expanded: list[int]
+        self, plain: list[int], plain_mask: list[bool], expanded: list[int], video_frames: Sequence[int] = ()
     ) -> tuple[list[bool], list[tuple[int, int, str]]]:
-        """Map the unexpanded token mask onto the processor's ids; return it and the media blocks."""
+        """Map the unexpanded token mask onto the processor's ids; return it and the media blocks.
+
+        ``video_frames`` are the sampled frame counts of the videos in order; a video's block spans all its
+        frames with their timestamps.
+        """
         mask = [False] * len(expanded)
         blocks: list[tuple[int, int, str]] = []
         j = 0
         for i, token in enumerate(plain):
             if token in self._blocks:
                 begin, end, kind = self._blocks[token]
+                if kind == "video":
+                    index = sum(b[2] == "video" for b in blocks)
+                    if index >= len(video_frames):
+                        raise _alignment_error(f"video placeholder at text token {i} has no video")
+                    start = j
+                    for _ in range(video_frames[index]):
+                        j = self._frame_end(expanded, j, token, begin, end)
+                    blocks.append((start, j, kind))
+                    continue
                 if j >= len(expanded) or expanded[j] != begin:
                     raise _alignment_error(
                         f"placeholder {token} at text token {i} is not expanded into a {kind} block at id {j} "
@@ -374,13 +423,27 @@ class Gemma4Batcher:
             raise _alignment_error(f"processor output has {len(expanded) - j} ids beyond the rendered text")
         return mask, blocks
 
+    def _frame_end(self, expanded: list[int], j: int, token: int, begin: int, end: int) -> int:
+        """Index after the video frame starting at ``j``: timestamp text, ``begin``, ``token``s, ``end``."""
+        k = j
+        while k < len(expanded) and k - j < _MAX_TIMESTAMP_TOKENS and expanded[k] not in self.media_token_ids:
+            k += 1
+        if k >= len(expanded) or expanded[k] != begin:
+            raise _alignment_error(f"no video frame block after the timestamp at id {j}")
+        k += 1
+        while k < len(expanded) and expanded[k] == token:
+            k += 1
+        if k >= len(expanded) or expanded[k] != end:
+            raise _alignment_error(f"video frame block at id {j} has no end token")
+        return k + 1
+
     def _truncate(self, example: dict[str, Any], blocks: list[tuple[int, int, str]], seq_len: int) -> dict[str, Any]:
         cut = self.max_seq_len
         for start, end, _ in blocks:
             if start < cut < end:
                 cut = start
                 break
-        kept = {"image": 0, "audio": 0}
+        kept = dict.fromkeys(MODALITIES, 0)
         for _, end, kind in blocks:
             if end <= cut:
                 kept[kind] += 1
@@ -388,6 +451,8 @@ class Gemma4Batcher:
         for key, value in example.items():
             if key in _MEDIA_KEYS:
                 n = kept[_MEDIA_KEYS[key]]
+                if key in _PER_FRAME:
+                    n = int(example["num_frames_per_video"][:n].sum())
                 if n:
                     result[key] = value[:n]
             elif torch.is_tensor(value) and value.ndim >= 1 and value.shape[0] == seq_len:
@@ -403,11 +468,14 @@ class Gemma4Batcher:
         return result
 
     def _load_media(self, messages: Sequence[Mapping[str, Any]], text: str, where: str | None = None
-                    ) -> tuple[list[Any], list[np.ndarray], dict[str, list[str]]]:
-        """The images and audio clips of ``messages`` in order, and what to call each in a finding."""
+                    ) -> tuple[list[Any], list[np.ndarray], list[tuple[np.ndarray, Any]], dict[str, list[str]]]:
+        """The images, audio clips and videos (sampled frames, metadata) of ``messages`` in order, and what to
+        call each in a finding."""
         images: list[Any] = []
         audios: list[np.ndarray] = []
-        names: dict[str, list[str]] = {"image": [], "audio": []}
+        videos: list[tuple[np.ndarray, Any]] = []
+        names: dict[str, list[str]] = {kind: [] for kind in MODALITIES}
+        kinds = {b[2] for b in self._blocks.values()}
         at = f"{where}: " if where else ""
         for message in messages:
             content = message.get("content")
@@ -419,24 +487,29 @@ class Gemma4Batcher:
                     images.append(_load_image(part, at))
                     names["image"].append(_media_name(part, "image"))
                 elif kind in ("audio", "input_audio"):
-                    if "audio" not in {b[2] for b in self._blocks.values()}:
+                    if "audio" not in kinds:
                         raise FindingError(finding(
                             MEDIA_UNREADABLE.code, f"{at}the conversation has audio but the processor has no audio "
                             "token", "use a model with an audio tower (E2B, E4B) or drop the audio parts",
                         ))
-                    audios.append(_load_audio(part, at))
+                    audios.append(_load_audio(part, at, self.sampling_rate))
                     names["audio"].append(_media_name(part, "audio"))
                 elif kind == "video":
-                    raise FindingError(finding(
-                        MEDIA_UNREADABLE.code, f"{at}video parts are not supported for training",
-                        "extract frames as image parts, or drop the video part",
-                    ))
+                    if "video" not in kinds:
+                        raise FindingError(finding(
+                            MEDIA_UNREADABLE.code, f"{at}the conversation has video but the processor has no video "
+                            "processor or video token", "use the model's full processor (AutoProcessor), or drop "
+                            "the video parts",
+                        ))
+                    videos.append(_load_video(part, at, self.video_sampling))
+                    names["video"].append(_media_name(part, "video"))
         placeholders = {
             "image": (len(images), text.count(str(getattr(self.processor, "image_token", "<|image|>")))),
         }
-        audio_token = getattr(self.processor, "audio_token", None)
-        if audio_token:
-            placeholders["audio"] = (len(audios), text.count(audio_token))
+        for modality, found in (("audio", audios), ("video", videos)):
+            token = getattr(self.processor, f"{modality}_token", None)
+            if token:
+                placeholders[modality] = (len(found), text.count(token))
         for kind, (parts, rendered) in placeholders.items():
             if parts != rendered:
                 raise FindingError(finding(
@@ -446,7 +519,7 @@ class Gemma4Batcher:
                     f"remove literal placeholder tokens from message text, and put {kind} parts only where the "
                     f"chat template {self.revision} renders them",
                 ))
-        return images, audios, names
+        return images, audios, videos, names
 
     # ----------------------------------------------------------------- collate
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -731,26 +804,36 @@ def _load_image(part: Mapping[str, Any], at: str = "") -> Any:
     return image
 
 
-def _load_audio(part: Mapping[str, Any], at: str = "") -> np.ndarray:
+def _load_audio(part: Mapping[str, Any], at: str, sampling_rate: int) -> np.ndarray:
     inline = part.get("array")
     if isinstance(inline, np.ndarray):
-        rate = int(part.get("sampling_rate", SAMPLING_RATE))
-        return resample(np.asarray(inline, dtype=np.float32), rate, SAMPLING_RATE)
+        rate = int(part.get("sampling_rate", sampling_rate))
+        return resample(np.asarray(inline, dtype=np.float32), rate, sampling_rate)
     path = _media_path(part, "audio", at)
     try:
-        samples, rate = read_wav(path)
-    except (ValueError, struct.error, EOFError) as exc:
+        return load_audio(path, sampling_rate)
+    except MediaError as exc:
         raise FindingError(finding(
             MEDIA_UNREADABLE.code, f"{at}cannot read audio {path}: {exc}",
-            "convert it to a PCM or float WAV file (16 kHz mono is used as is), or drop the record",
+            "re-encode it (WAV, FLAC or MP3; FFmpeg decodes the file through PyAV), or drop the record",
         )) from exc
-    return resample(samples, rate, SAMPLING_RATE)
+
+
+def _load_video(part: Mapping[str, Any], at: str, sampling: Mapping[str, Any]) -> tuple[np.ndarray, Any]:
+    path = _media_path(part, "video", at)
+    try:
+        return load_video(path, **sampling)
+    except MediaError as exc:
+        raise FindingError(finding(
+            MEDIA_UNREADABLE.code, f"{at}cannot read video {path}: {exc}",
+            "re-encode it (MP4 with H.264; FFmpeg decodes the file through PyAV), or drop the record",
+        )) from exc
 
 
 def _check_blocks_not_empty(blocks: list[tuple[int, int, str]], names: dict[str, list[str]],
-                            audios: list[np.ndarray], where: str | None) -> None:
+                            audios: list[np.ndarray], where: str | None, sampling_rate: int) -> None:
     """G4T313 for a media part the processor turned into no token (a WAV of 0 samples, a clip under one frame)."""
-    seen = {"image": 0, "audio": 0}
+    seen = dict.fromkeys(MODALITIES, 0)
     for start, end, kind in blocks:
         index = seen[kind]
         seen[kind] += 1
@@ -760,84 +843,10 @@ def _check_blocks_not_empty(blocks: list[tuple[int, int, str]], names: dict[str,
         detail = ""
         if kind == "audio" and index < len(audios):
             n = int(audios[index].size)
-            detail = f": {n} samples ({1000 * n / SAMPLING_RATE:.0f} ms at 16 kHz), less than one audio frame"
+            detail = (f": {n} samples ({1000 * n / sampling_rate:.0f} ms at {sampling_rate / 1000:g} kHz), less "
+                      "than one audio frame")
         raise FindingError(finding(
             MEDIA_UNREADABLE.code, f"{where + ': ' if where else ''}{kind} {what} gives no {kind} token{detail}",
             "replace it with the real recording (at least 25 ms), or drop the record" if kind == "audio"
             else "replace it with the real image, or drop the record",
         ))
-
-
-def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
-    """Mono float32 samples in [-1, 1] and the sample rate of a PCM (8/16/24/32-bit) or float WAV file."""
-    data = Path(path).read_bytes()
-    if len(data) < 12 or data[:4] not in (b"RIFF", b"RIFX") or data[8:12] != b"WAVE":
-        raise ValueError("not a RIFF/WAVE file")
-    if data[:4] == b"RIFX":
-        raise ValueError("big-endian WAV is not supported")
-    stream = io.BytesIO(data[12:])
-    fmt = None
-    payload = None
-    while True:
-        header = stream.read(8)
-        if len(header) < 8:
-            break
-        chunk, size = header[:4], struct.unpack("<I", header[4:])[0]
-        body = stream.read(size)
-        if size % 2:
-            stream.read(1)
-        if chunk == b"fmt ":
-            fmt = body
-        elif chunk == b"data":
-            payload = body
-    if fmt is None or payload is None:
-        raise ValueError("missing fmt or data chunk")
-    tag, channels, rate = struct.unpack("<HHI", fmt[:8])
-    bits = struct.unpack("<H", fmt[14:16])[0]
-    if tag == 0xFFFE and len(fmt) >= 26:  # WAVE_FORMAT_EXTENSIBLE: the sub-format's first two bytes
-        tag = struct.unpack("<H", fmt[24:26])[0]
-    width = bits // 8
-    usable = len(payload) - len(payload) % (width * channels) if width and channels else 0
-    payload = payload[:usable]
-    if tag == 1 and bits == 8:
-        samples = (np.frombuffer(payload, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
-    elif tag == 1 and bits == 16:
-        samples = np.frombuffer(payload, dtype="<i2").astype(np.float32) / 32768.0
-    elif tag == 1 and bits == 24:
-        raw = np.frombuffer(payload, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
-        value = raw[:, 0] | (raw[:, 1] << 8) | (raw[:, 2] << 16)
-        value = np.where(value >= 1 << 23, value - (1 << 24), value)
-        samples = value.astype(np.float32) / float(1 << 23)
-    elif tag == 1 and bits == 32:
-        samples = (np.frombuffer(payload, dtype="<i4").astype(np.float64) / 2147483648.0).astype(np.float32)
-    elif tag == 3 and bits in (32, 64):
-        samples = np.frombuffer(payload, dtype="<f4" if bits == 32 else "<f8").astype(np.float32)
-    else:
-        raise ValueError(f"unsupported WAV encoding (format {tag}, {bits} bits)")
-    if channels > 1:
-        samples = samples.reshape(-1, channels).mean(axis=1)
-    return np.ascontiguousarray(samples, dtype=np.float32), int(rate)
-
-
-def resample(samples: np.ndarray, orig: int, new: int) -> np.ndarray:
-    """Band-limited (Hann-windowed sinc) resampling, the algorithm of torchaudio's ``resample``."""
-    samples = np.asarray(samples, dtype=np.float32)
-    if orig == new or samples.size == 0:
-        return samples
-    g = math.gcd(orig, new)
-    orig, new = orig // g, new // g
-    width_zeros, rolloff = 6, 0.99
-    base = min(orig, new) * rolloff
-    width = math.ceil(width_zeros * orig / base)
-    idx = torch.arange(-width, width + orig, dtype=torch.float64)[None, None] / orig
-    t = torch.arange(0, -new, -1, dtype=torch.float64)[:, None, None] / new + idx
-    t = (t * base).clamp(-width_zeros, width_zeros)
-    window = torch.cos(t * math.pi / width_zeros / 2) ** 2
-    t = t * math.pi
-    kernel = torch.where(t == 0, torch.ones_like(t), torch.sin(t) / t) * window * (base / orig)
-    x = torch.from_numpy(samples.astype(np.float64))[None, None]
-    x = torch.nn.functional.pad(x, (width, width + orig))
-    y = torch.nn.functional.conv1d(x, kernel, stride=orig)  # (1, new, frames)
-    y = y.transpose(1, 2).reshape(-1)
-    target = math.ceil(new * samples.shape[0] / orig)
-    return y[:target].numpy().astype(np.float32)

@@ -1,7 +1,10 @@
 """Read the rows of a data file or directory through the ``datasets`` library, with a split honoured exactly.
 
 Accepted: JSON Lines (``.jsonl``), JSON (``.json``: an array of rows, or JSON Lines), Parquet, CSV, Arrow
-files, and directories written by ``save_to_disk`` (a ``Dataset`` or a ``DatasetDict``). A ``split``
+files, text corpora (``.txt``: one document per non-empty line, a plain-text row ``{"text": line}``, read with
+``datasets``' ``text`` builder as LLaMA-Factory reads them), and directories written by ``save_to_disk`` (a
+``Dataset`` or a ``DatasetDict``). LLaMA-Factory's ``dataset_info.json`` (a file, or its ``data/`` folder) is
+an index of datasets, not one: it is refused with how to name a dataset in it (``is_llamafactory_info``). A ``split``
 takes ``datasets``' own syntax and meaning (``train``, ``train[:10%]``, ``train[10%:]``, ``train[:500]``),
 for files and saved directories alike.
 
@@ -31,8 +34,13 @@ DATA_NOT_FOUND = register("G4T303", Severity.ERROR, "Data file not found")
 REMOTE_DATA = register("G4T306", Severity.ERROR, "Data given as a URL or hub id")
 UNREADABLE_DATA = register("G4T307", Severity.ERROR, "Data file cannot be read")
 
-BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
-FILE_KINDS = {"json": "JSON", "parquet": "Parquet", "csv": "CSV", "arrow": "Arrow", "disk": "datasets directory"}
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow", ".txt": "text"}
+FILE_KINDS = {"json": "JSON", "parquet": "Parquet", "csv": "CSV", "arrow": "Arrow", "text": "text",
+              "disk": "datasets directory"}
+LLAMAFACTORY_INFO = "dataset_info.json"
+_LLAMAFACTORY_SOURCES = frozenset({"file_name", "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url",
+                                   "cloud_file_name"})
+"""The keys that say where one entry of LLaMA-Factory's dataset_info.json reads its rows."""
 MAX_DEPTH = 100
 """The deepest nesting of lists and objects a row may have. A chat row needs about 10 levels; Python's ``json``
 stops near 1000 (RecursionError) and Parquet's reader at 100 schema levels."""
@@ -236,10 +244,23 @@ def _read_file(path: Path, split: str | None) -> RowSource:
             f"check that the file is a valid {FILE_KINDS[builder]} file (open it with "
             f"datasets.load_dataset({builder!r}, data_files=...))", path=str(path),
         )) from None
+    if builder == "text":
+        return _text_rows(path, table, split)
     picked = _split_rows(path, table.num_rows, split)
     rows = _undecoded(table.select(picked) if len(picked) != table.num_rows else table)
     located = [(f"{path}#{i}", row) for i, row in zip(picked, rows, strict=True)]
     return RowSource(path, builder, base, located, total_rows=table.num_rows, split=split)
+
+
+def _text_rows(path: Path, table: Any, split: str | None) -> RowSource:
+    """A text corpus: each non-empty line one plain-text row, named by its line; ``split`` counts documents."""
+    documents = [(f"{path}:{number}", {"text": text}) for number, text in enumerate(table["text"], start=1)
+                 if text.strip()]
+    picked = _split_rows(path, len(documents), split)
+    blank = table.num_rows - len(documents)
+    notes = [f"{blank} blank lines are not documents"] if blank else []
+    return RowSource(path, "text", path.absolute().parent, [documents[i] for i in picked], total_rows=len(documents),
+                     split=split, notes=notes)
 
 
 def _undecoded(table: Any) -> Any:
@@ -313,6 +334,24 @@ def _read_directory(path: Path, split: str | None) -> RowSource:
     return RowSource(path, "disk", path.absolute(), located, total_rows=table.num_rows, split=split)
 
 
+def is_llamafactory_info(path: str | Path) -> bool:
+    """True for LLaMA-Factory's ``dataset_info.json`` (names -> objects with ``file_name``, ``hf_hub_url``, ...), or a
+    folder holding one that is not a ``save_to_disk`` directory (whose own dataset_info.json describes features)."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            return False
+        path = path / LLAMAFACTORY_INFO
+    if path.name != LLAMAFACTORY_INFO or not path.is_file():
+        return False
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return False
+    return (isinstance(info, dict) and bool(info) and all(isinstance(entry, dict) for entry in info.values())
+            and any(_LLAMAFACTORY_SOURCES & entry.keys() for entry in info.values()))
+
+
 def read_rows(path: str | Path, split: str | None = None) -> RowSource:
     """Every row of a data file or ``save_to_disk`` directory that ``split`` selects, located for findings."""
     refuse_remote(str(path), "data")
@@ -321,7 +360,13 @@ def read_rows(path: str | Path, split: str | None = None) -> RowSource:
         resolved = "" if path.is_absolute() else f" (resolved: {path.absolute()})"
         raise FindingError(finding(
             DATA_NOT_FOUND.code, f"data file not found: {path}{resolved}",
-            "pass an existing data file (.jsonl, .json, .parquet, .csv) or a save_to_disk directory",
+            "pass an existing data file (.jsonl, .json, .parquet, .csv, .txt) or a save_to_disk directory",
             path=str(path),
+        ))
+    if is_llamafactory_info(path):
+        info = path / LLAMAFACTORY_INFO if path.is_dir() else path
+        raise FindingError(finding(
+            UNREADABLE_DATA.code, f"{info} is LLaMA-Factory's dataset_info.json, an index of datasets, not rows",
+            f"name one of its datasets: `--data {info}:NAME` (or the dataset's own file)", path=str(path),
         ))
     return _read_directory(path, split) if path.is_dir() else _read_file(path, split)

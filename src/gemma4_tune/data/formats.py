@@ -5,7 +5,10 @@ Each format is a small reader in ``FORMATS``, found by ``detect``; each returns 
 plus the fields it did not read, so that nothing is dropped without a word:
 
 - ``openai``: ``messages`` of ``role``/``content`` (string or parts), ``tool_calls``, ``tool`` turns and a
-  per-turn ``weight`` (0: not supervised, 1: supervised), as OpenAI fine-tuning files have them;
+  per-turn ``weight`` (0: not supervised, 1: supervised), as OpenAI fine-tuning files have them; LLaMA-Factory
+  v1 rows are read here too: parts ``{"type", "value"}`` (``text``, ``reasoning``, ``tool_call``,
+  ``image_url``/``video_url``/``audio_url``) and a per-turn ``loss_weight`` (0.0 or 1.0; any other weight is an
+  error, since LLaMA-Factory would scale that turn's loss and we cannot);
 - ``sharegpt``: ``conversations`` of ``from``/``value`` with the roles human, gpt, system, tool,
   function_call (an assistant tool call) and observation (its result), as Axolotl and LLaMA-Factory read them;
 - ``alpaca``: ``instruction``, ``input``, ``output`` and optional ``system`` / ``history``: one user turn
@@ -15,8 +18,11 @@ plus the fields it did not read, so that nothing is dropped without a word:
 
 Media: parts by path; or an ``images`` / ``audios`` column (paths) with ``<image>`` / ``<audio>``
 placeholders in string content (LLaVA, TRL) or path-less ``{"type": "image"}`` parts (TRL), filled in order;
-the placeholder count must equal the media given. ``ChatOptions`` carries Axolotl's dataset keys
-(``field_messages``, ``message_property_mappings``, ``roles``, ``roles_to_train``, the training field).
+the placeholder count must equal the media given, and a placeholder with no such column is an error (it would
+be trained as literal text). Tools: a list of schemas, or a JSON string of one (LLaMA-Factory, glaive); a bare
+``{name, description, parameters}`` schema is wrapped as ``{"type": "function", "function": ...}``.
+``ChatOptions`` carries Axolotl's dataset keys (``field_messages``, ``message_property_mappings``, ``roles``,
+``roles_to_train``, the training field) and LLaMA-Factory's ``columns``.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ FORMAT_NAMES = {
     "openai": "OpenAI chat",
     "sharegpt": "ShareGPT",
     "alpaca": "Alpaca",
+    "alpaca-v1": "Alpaca (LLaMA-Factory v1 converter)",
     "prompt-completion": "prompt/completion",
     "text": "plain text",
 }
@@ -40,19 +47,23 @@ FORMAT_NAMES = {
 DEFAULT_ROLES: dict[str, tuple[str, ...]] = {
     "system": ("system",),
     "user": ("user", "human"),
-    "assistant": ("assistant", "gpt", "model", "function_call"),
+    "assistant": ("assistant", "gpt", "model"),
     "tool": ("tool", "observation", "function", "ipython"),
+    "function_call": ("function_call",),
 }
+"""Our role -> the dataset's names for it. ``function_call`` is an assistant turn whose content is a tool call
+(JSON: one ``{"name", "arguments"}`` or a list), as ShareGPT writes them."""
 
 MEANINGFUL_FIELDS = frozenset({
     "weight", "loss_mask", "labels", "label", "mask", "train", "training", "images", "image", "audios", "audio",
-    "videos", "video", "chosen", "rejected",
+    "videos", "video", "chosen", "rejected", "loss_weight",
 })
 """Fields whose being ignored would change what is trained: unread, they are an error, not a warning."""
 
 _REASONING = ("reasoning_content", "reasoning", "thinking")
-_PLACEHOLDERS = {"image": "<image>", "audio": "<audio>"}
-_MEDIA_COLUMNS = {"image": ("images", "image"), "audio": ("audios", "audio")}
+_PLACEHOLDERS = {"image": "<image>", "audio": "<audio>", "video": "<video>"}
+_MEDIA_COLUMNS = {"image": ("images", "image"), "audio": ("audios", "audio"), "video": ("videos", "video")}
+_V1_MEDIA = {"image_url": "image", "video_url": "video", "audio_url": "audio"}
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,20 @@ class ChatOptions:
     ``property_mappings`` maps our message keys (``role``, ``content``) to the dataset's; ``roles`` maps our
     roles to the dataset's names for them; ``roles_to_train`` names the roles whose turns are supervised
     (None: what the training recipe supervises); ``training_field`` is the per-message flag that overrides it.
+
+    ``columns`` maps OUR row column names to the file's (LLaMA-Factory's dataset_info ``columns``): before the
+    format is detected, each file column ``columns[ours]`` is read as ``ours``. Our names: ``instruction``,
+    ``input``, ``output``, ``history`` (Alpaca; LLaMA-Factory's ``prompt``, ``query``, ``response``, ``history``),
+    ``messages`` (the list of turns, ShareGPT or OpenAI shaped), ``system``, ``tools``, ``images``, ``videos``,
+    ``audios``, ``chosen``, ``rejected`` and ``label`` (LLaMA-Factory's ``kto_tag``). When given, it lists every
+    column read: the file's other columns are not read (reported, G4T305), as LLaMA-Factory ignores them; findings
+    name the file's columns. The config reader passes LLaMA-Factory's defaults explicitly (Alpaca:
+    ``{"instruction": "instruction", "input": "input", "output": "output"}``; ShareGPT:
+    ``{"messages": "conversations"}``). Empty (the default): every column is read by its own name.
+
+    LLaMA-Factory's ShareGPT ``tags`` map onto ``property_mappings`` (``role_tag`` -> ``role``, ``content_tag`` ->
+    ``content``) and ``roles`` (``user_tag`` -> ``user``, ``assistant_tag`` -> ``assistant``, ``observation_tag`` ->
+    ``tool``, ``function_tag`` -> ``function_call`` (an assistant tool call), ``system_tag`` -> ``system``).
     """
 
     field_messages: str | None = None
@@ -70,6 +95,7 @@ class ChatOptions:
     roles_to_train: tuple[str, ...] | None = None
     training_field: str | None = None
     format: str | None = None
+    columns: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -133,14 +159,61 @@ def role_table(options: ChatOptions) -> dict[str, str]:
 
 
 def _training_flag(raw: Mapping[str, Any], where: str, options: ChatOptions) -> tuple[bool | None, str | None]:
-    """A message's own supervision flag (``weight`` 0/1, or the configured training field) and the key read."""
-    for key in (options.training_field, "weight", "training"):
+    """A message's own supervision flag (``weight`` or ``loss_weight`` 0/1, or the configured training field) and
+    the key read. A fractional ``loss_weight`` (LLaMA-Factory scales the turn's loss by it) cannot be honoured."""
+    for key in (options.training_field, "weight", "loss_weight", "training"):
         if key and _present(raw, key):
             value = raw[key]
             if isinstance(value, bool) or value in (0, 1):
                 return bool(value), key
+            if key == "loss_weight" and isinstance(value, (int, float)):
+                raise RowError("fractional_loss_weight", f"{where}.{key}", f"{value!r}: LLaMA-Factory scales this "
+                               "turn's loss by it, gemma4-tune supervises a turn fully or not at all; set it to 1.0 "
+                               "(supervised) or 0.0 (not supervised)")
             raise RowError("bad_field", f"{where}.{key}", f"expected 0 or 1 (or true/false), got {value!r}")
     return None, None
+
+
+def _value_parts(content: list, message: dict, where: str) -> list:
+    """LLaMA-Factory v1 parts ``{"type", "value"}`` in our shape: text and media parts, a ``reasoning`` part as the
+    message's reasoning, ``tool_call`` parts (JSON) as its tool calls. Other parts are left for validation."""
+    parts: list = []
+    for j, part in enumerate(content):
+        if not (isinstance(part, Mapping) and "value" in part and not {"text", "path"} & set(part)):
+            parts.append(part)
+            continue
+        kind, value, at = part.get("type"), part["value"], f"{where}.content[{j}]"
+        if kind in ("text", *_V1_MEDIA) and not isinstance(value, str):
+            raise RowError("bad_content", f"{at}.value", f"a {kind!r} part's value is a string, got {_type_name(value)}")
+        if kind == "text":
+            parts.append({"type": "text", "text": value})
+        elif kind in _V1_MEDIA:
+            parts.append({"type": _V1_MEDIA[kind], "path": value})
+        elif kind == "reasoning" and isinstance(value, str):
+            message["reasoning_content"] = message.get("reasoning_content", "") + value
+        elif kind == "tool_call":
+            message["tool_calls"] = message.get("tool_calls", []) + _function_call(value, f"{at}.value")
+        else:
+            parts.append(part)
+    return parts
+
+
+def read_tools(value: Any, field_name: str = "tools") -> list | None:
+    """A row's tool declarations: a list of schemas, or a JSON string of one (LLaMA-Factory, glaive; empty: none).
+    A bare ``{name, description, parameters}`` schema is wrapped as ``{"type": "function", "function": ...}``, the
+    shape the Gemma 4 templates render."""
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            value = load_json(value, field_name)
+        except json.JSONDecodeError as exc:
+            raise RowError("bad_field", field_name, f"a JSON string of tool schemas that is not valid JSON "
+                           f"({exc.msg} at column {exc.colno})") from None
+    if not isinstance(value, list):
+        return value
+    return [{"type": "function", "function": dict(tool)} if isinstance(tool, Mapping) and "function" not in tool
+            and isinstance(tool.get("name"), str) else tool for tool in value]
 
 
 def _function_call(value: Any, where: str) -> list[dict]:
@@ -179,8 +252,11 @@ def chat_messages(raw_messages: Any, name: str, options: ChatOptions, sharegpt: 
             raise RowError("unknown_role", f"{where}.{role_key}", f"{problem} (expected one of {known}; map other "
                            "names with the dataset's `roles:` in YAML)")
         message: dict[str, Any] = {"role": role, "content": raw.get(content_key)}
-        if source_role == "function_call":
+        if role == "function_call":
             message = {"role": "assistant", "content": None, "tool_calls": _function_call(raw.get(content_key), where)}
+            role = "assistant"
+        elif isinstance(message["content"], list):
+            message["content"] = _value_parts(message["content"], message, where)
         read = {role_key, content_key, "tool_calls", *({"tool_call_id", "name"} if role == "tool" else ()),
                 *(_REASONING if role == "assistant" else ())}
         for key in ("tool_calls", "tool_call_id", "name"):
@@ -211,7 +287,7 @@ def _read_chat(row: Mapping[str, Any], options: ChatOptions, sharegpt: bool) -> 
     name = options.field_messages if options.field_messages and _present(row, options.field_messages) else (
         "messages" if _present(row, "messages") else "conversations")
     messages, unread = chat_messages(row.get(name), name, options, sharegpt)
-    return ({"messages": system_first(row, messages), "tools": row.get("tools")},
+    return ({"messages": system_first(row, messages), "tools": read_tools(row.get("tools"))},
             {name, "tools", "system"}, unread)
 
 
@@ -242,6 +318,20 @@ def _read_alpaca(row: Mapping[str, Any], options: ChatOptions) -> tuple[dict, se
     return {"messages": system_first(row, messages)}, {"instruction", "input", "output", "system", "history"}, []
 
 
+def _read_alpaca_v1(row: Mapping[str, Any], options: ChatOptions) -> tuple[dict, set[str], list[str]]:
+    """LLaMA-Factory v1's ``alpaca`` converter: instruction and input joined as they are (no newline), no history."""
+    if not isinstance(row.get("output"), str):
+        raise RowError("bad_field", "output", f"an Alpaca row needs 'output' as a string, got "
+                       f"{_type_name(row.get('output'))}")
+    parts = [row.get(key) for key in ("instruction", "input")]
+    for key, part in zip(("instruction", "input"), parts):
+        if part is not None and not isinstance(part, str):
+            raise RowError("bad_field", key, f"expected a string, got {_type_name(part)}")
+    messages = [{"role": "user", "content": "".join(p for p in parts if p)},
+                {"role": "assistant", "content": row["output"]}]
+    return {"messages": system_first(row, messages)}, {"instruction", "input", "output", "system"}, []
+
+
 def _read_prompt_completion(row: Mapping[str, Any], options: ChatOptions) -> tuple[dict, set[str], list[str]]:
     for key in ("prompt", "completion"):
         if not _present(row, key):
@@ -256,7 +346,7 @@ def _read_prompt_completion(row: Mapping[str, Any], options: ChatOptions) -> tup
         part, extra = chat_messages(value, key, options, sharegpt=False)
         messages += part
         unread += extra
-    return {"messages": messages, "tools": row.get("tools")}, {"prompt", "completion", "tools"}, unread
+    return {"messages": messages, "tools": read_tools(row.get("tools"))}, {"prompt", "completion", "tools"}, unread
 
 
 def _read_text(row: Mapping[str, Any], options: ChatOptions) -> tuple[dict, set[str], list[str]]:
@@ -269,6 +359,7 @@ FORMATS: dict[str, Callable[[Mapping[str, Any], ChatOptions], tuple[dict, set[st
     "openai": _read_openai,
     "sharegpt": _read_sharegpt,
     "alpaca": _read_alpaca,
+    "alpaca-v1": _read_alpaca_v1,
     "prompt-completion": _read_prompt_completion,
     "text": _read_text,
 }
@@ -298,56 +389,103 @@ def _media_value(value: Any, where: str, kind: str) -> str:
     raise RowError("bad_content", where, f"expected a {kind} file path, got {_type_name(value)}")
 
 
+_ANY_PLACEHOLDER = re.compile("(" + "|".join(re.escape(p) for p in _PLACEHOLDERS.values()) + ")")
+_KIND_OF = {placeholder: kind for kind, placeholder in _PLACEHOLDERS.items()}
+
+
+def _split_placeholders(messages: list[dict]) -> dict[str, int]:
+    """String content with ``<image>``/``<video>``/``<audio>`` placeholders as parts (one path-less media part per
+    placeholder, in order, whatever mix of kinds); the first message with each kind."""
+    first: dict[str, int] = {}
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        if not isinstance(content, str) or not _ANY_PLACEHOLDER.search(content):
+            continue
+        parts: list[dict] = []
+        for piece in _ANY_PLACEHOLDER.split(content):
+            if piece in _KIND_OF:
+                parts.append({"type": _KIND_OF[piece]})
+                first.setdefault(_KIND_OF[piece], i)
+            elif piece:
+                parts.append({"type": "text", "text": piece})
+        message["content"] = parts
+    return first
+
+
+def _open_slot(part: Any, kind: str) -> bool:
+    return (isinstance(part, Mapping) and part.get("type") == kind and not part.get("path") and not part.get(kind)
+            and not part.get("url"))
+
+
 def fill_media(messages: list[dict], row: Mapping[str, Any]) -> set[str]:
-    """Pair an ``images``/``audios`` column with ``<image>``/``<audio>`` placeholders or path-less parts."""
+    """Pair an ``images``/``videos``/``audios`` column with ``<image>``/``<video>``/``<audio>`` placeholders or
+    path-less parts. A placeholder in a row without that column is an error: it would be trained as literal text."""
     used: set[str] = set()
-    for kind in ("image", "audio"):
+    first = _split_placeholders(messages)
+    for kind in _PLACEHOLDERS:
         column, values = _media_column(row, kind)
-        slots = 0
-        for message in messages:
-            content = message.get("content")
-            if isinstance(content, str) and _PLACEHOLDERS[kind] in content:
-                slots += content.count(_PLACEHOLDERS[kind])
-            elif isinstance(content, list):
-                slots += sum(1 for p in content if isinstance(p, Mapping) and p.get("type") == kind
-                             and not p.get("path") and not p.get(kind) and not p.get("url"))
         if column is None:
+            if kind in first:
+                raise RowError("placeholder_without_media", f"messages[{first[kind]}].content", f"{_PLACEHOLDERS[kind]} "
+                               f"but the row has no {_MEDIA_COLUMNS[kind][0]!r} column, so it would be trained as "
+                               f"the literal text {_PLACEHOLDERS[kind]}; give the row a {_MEDIA_COLUMNS[kind][0]!r} "
+                               f"column with one {kind} path per placeholder (map the file's column to it), or "
+                               f"remove the placeholder (there is no option to train it as text)")
             continue
         used.add(column)
+        slots = sum(_open_slot(p, kind) for m in messages if isinstance(m.get("content"), list) for p in m["content"])
         if slots != len(values):
             raise RowError("media_mismatch", column, f"{len(values)} {kind}(s) in {column!r} but {slots} "
                            f"{_PLACEHOLDERS[kind]} placeholder(s) or path-less {kind} part(s) in the messages: "
                            "each one needs exactly one")
         paths = iter(_media_value(v, f"{column}[{i}]", kind) for i, v in enumerate(values))
         for message in messages:
-            content = message.get("content")
-            if isinstance(content, str) and _PLACEHOLDERS[kind] in content:
-                pieces = re.split(f"({re.escape(_PLACEHOLDERS[kind])})", content)
-                parts = []
-                for piece in pieces:
-                    if piece == _PLACEHOLDERS[kind]:
-                        parts.append({"type": kind, "path": next(paths)})
-                    elif piece:
-                        parts.append({"type": "text", "text": piece})
-                message["content"] = parts
-            elif isinstance(content, list):
-                message["content"] = [
-                    {**p, "path": next(paths)} if isinstance(p, Mapping) and p.get("type") == kind
-                    and not p.get("path") and not p.get(kind) and not p.get("url") else p
-                    for p in content
-                ]
+            if isinstance(message.get("content"), list):
+                message["content"] = [{**p, "path": next(paths)} if _open_slot(p, kind) else p
+                                      for p in message["content"]]
     return used
 
 
+def apply_columns(row: Mapping[str, Any], columns: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """``row`` with each file column ``columns[ours]`` renamed to ``ours`` (``ChatOptions.columns``), and our name ->
+    the file's for every key of the result, to name the file's columns in findings. With ``columns`` given, the other
+    columns get a name no reader reads (``"<column> (not mapped)"``), so that they are reported, never read."""
+    if not columns:
+        return dict(row), {key: key for key in row}
+    theirs = {file_name: ours for ours, file_name in columns.items()}
+    renamed: dict[str, Any] = {}
+    names: dict[str, str] = {}
+    for key, value in row.items():
+        ours = theirs.get(key, f"{key} (not mapped)")
+        renamed[ours] = value
+        names[ours] = key
+    return renamed, names
+
+
+def _file_field(field_name: str, names: Mapping[str, str]) -> str:
+    head = re.match(r"[^.\[]*", field_name).group(0)
+    return names.get(head, head) + field_name[len(head):]
+
+
 def read_row(row: Any, options: ChatOptions) -> Read:
-    """One raw row in the canonical shape, with its format and the fields (``a``, ``messages[].b``) not read."""
+    """One raw row in the canonical shape, with its format and the fields (``a``, ``messages[].b``) not read.
+
+    Fields are named as the file names them (``options.columns`` renames them for reading only)."""
     if not isinstance(row, Mapping):
         raise RowError("not_an_object", "row", f"expected a JSON object, got {_type_name(row)}")
-    name = detect(row, options)
-    if name not in FORMATS:
-        raise RowError("bad_field", "type", f"unknown dataset type {name!r} (known: {', '.join(FORMATS)})")
-    canonical, read, unread = FORMATS[name](row, options)
-    if "messages" in canonical:
-        read |= fill_media(canonical["messages"], row)
-    unread = [k for k in row if _present(row, k) and k not in read] + unread
+    row, names = apply_columns(row, options.columns)
+    try:
+        name = detect(row, options)
+        if name not in FORMATS:
+            raise RowError("bad_field", "type", f"unknown dataset type {name!r} (known: {', '.join(FORMATS)})")
+        canonical, read, unread = FORMATS[name](row, options)
+        if "messages" in canonical:
+            read |= fill_media(canonical["messages"], row)
+    except RowError as err:
+        if not options.columns:
+            raise
+        field_name = _file_field(err.field, names)
+        problem = str(err)[len(err.field) + 2:] if err.field else str(err)
+        raise RowError(err.reason, field_name, problem) from None
+    unread = [names[k] for k in row if _present(row, k) and k not in read] + [_file_field(k, names) for k in unread]
     return Read(canonical, name, unread)

@@ -1,4 +1,5 @@
-"""Preference data (DPO): each row read into a prompt, a chosen and a rejected answer, checked before a model loads.
+"""Preference data (DPO, KTO): each row read into a prompt, a chosen and a rejected answer (or, for KTO, one
+answer and its label), checked before a model loads.
 
 Files and splits are read by ``files.read_rows`` (JSON Lines, JSON, Parquet, CSV, Arrow, ``save_to_disk``, through
 ``datasets``); messages are read by the SFT path's own readers (``formats``: roles, ShareGPT ``from``/``value``,
@@ -24,6 +25,20 @@ Row formats, with the meaning TRL 1.16 gives them (``trl.data_utils``) and the s
 - ``alpaca``: ``instruction`` (+ ``input``, ``system``, ``history``) and ``chosen`` / ``rejected`` strings
   (LLaMA-Factory's Alpaca ranking datasets).
 
+KTO also reads unpaired rows, one answer labelled desirable (``True``) or not (``False``), as a ``LabelledAnswer``
+(``load_preference_data(..., unpaired=True)``; for DPO such a row is G4T324, it has no pair):
+
+- ``unpaired``: ``prompt``, ``completion`` (strings or message lists) and a boolean ``label`` (TRL's unpaired
+  preference format, what ``trl.data_utils.unpair_preference_dataset`` writes).
+- ``kto-messages``: ``messages`` (or ``conversations``) ending with the assistant answer, and a boolean ``label``
+  or ``kto_tag`` (LLaMA-Factory's KTO datasets, ``kto_en_demo``: ``"columns": {"messages": "messages",
+  "kto_tag": "label"}``, which the dataset_info reader passes as ``{"messages": "messages", "label": "label"}``);
+  an optional ``system`` column.
+
+A dataset's column mapping (``ChatOptions.columns``, our name -> the file's) renames each row's columns to ours
+before its format is detected (``formats.apply_columns``: the columns it does not map are reported, never read);
+findings name the file's columns.
+
 Media in the prompt: content parts by path, or an ``images`` / ``audios`` column (``image`` / ``audio``) paired with
 ``<image>`` / ``<audio>`` placeholders or path-less ``{"type": "image"}`` parts, as for SFT. A conversational prompt
 with an ``images`` column and no placeholder at all gets the images before the text of its first user turn, where
@@ -36,6 +51,7 @@ G4T305, as for SFT; nothing usable left is G4T329.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,6 +62,7 @@ from gemma4_tune.data.files import RowError, check_depth, read_rows
 from gemma4_tune.data.formats import (
     MEANINGFUL_FIELDS,
     ChatOptions,
+    apply_columns,
     chat_messages,
     fill_media,
     role_table,
@@ -68,15 +85,19 @@ PREFERENCE_FORMATS = {
     "sharegpt": "ShareGPT preference (conversations + chosen/rejected)",
     "chat-template": "messages + chosen/rejected (Axolotl chat_template)",
     "alpaca": "Alpaca preference (instruction + chosen/rejected)",
+    "unpaired": "unpaired prompt/completion/label (TRL unpaired, KTO)",
+    "kto-messages": "messages + label (LLaMA-Factory KTO)",
 }
+UNPAIRED_FORMATS = ("unpaired", "kto-messages")
+_LABEL_KEYS = ("label", "kto_tag")
 EXPECTED = ("prompt + chosen + rejected (strings or messages), chosen + rejected (conversations sharing the prompt), "
             "conversations + chosen + rejected (ShareGPT), messages + chosen + rejected (Axolotl chat_template), "
             "instruction + chosen + rejected (Alpaca)")
 MAX_EXAMPLES = 5
 _ANSWER_ROLES = ("assistant", "tool")
 
-__all__ = ["PREFERENCE_FORMATS", "PreferencePair", "PreferenceReport", "extract_prompt", "load_preference_data",
-           "read_preference_row"]
+__all__ = ["PREFERENCE_FORMATS", "LabelledAnswer", "PreferencePair", "PreferenceReport", "extract_prompt",
+           "load_preference_data", "read_preference_row"]
 
 
 @dataclass(frozen=True)
@@ -117,14 +138,55 @@ class PreferencePair:
         """Absolute audio paths in order of appearance (prompt first)."""
         return self._everything().audios
 
+    @property
+    def messages(self) -> list[dict]:
+        """Every message of the pair: prompt, chosen, rejected."""
+        return [*self.prompt, *self.chosen, *self.rejected]
+
     def _everything(self) -> Conversation:
-        return Conversation(messages=[*self.prompt, *self.chosen, *self.rejected], tools=self.tools,
-                            source=self.source)
+        return Conversation(messages=self.messages, tools=self.tools, source=self.source)
+
+
+@dataclass(frozen=True)
+class LabelledAnswer:
+    """One validated unpaired KTO row: a prompt and one answer, ``label`` True when it is desirable.
+
+    Fields mean what they mean in :class:`PreferencePair`; ``completion`` holds the assistant message(s).
+    """
+
+    prompt: list[dict]
+    completion: list[dict]
+    label: bool
+    source_row: int
+    format: str
+    source: str = ""
+    tools: list[dict] | None = None
+    plain_text: bool = False
+
+    def chosen_conversation(self) -> Conversation:
+        """Prompt + the answer as a ``records.Conversation`` (what the SFT renderer and batcher encode)."""
+        return Conversation(messages=self.messages, tools=self.tools, source=self.source)
+
+    @property
+    def messages(self) -> list[dict]:
+        """Every message of the row: prompt, then the answer."""
+        return [*self.prompt, *self.completion]
+
+    @property
+    def images(self) -> list[str]:
+        """Absolute image paths in order of appearance."""
+        return self.chosen_conversation().images
+
+    @property
+    def audios(self) -> list[str]:
+        """Absolute audio paths in order of appearance."""
+        return self.chosen_conversation().audios
 
 
 @dataclass
 class PreferenceReport:
-    """What loading found: rows read, kept and dropped (by problem), formats, modalities, unread fields."""
+    """What loading found: rows read, kept and dropped (by problem), formats, modalities, unread fields; ``labels``
+    counts the unpaired rows (KTO's) by label."""
 
     path: str
     format: str = ""
@@ -136,6 +198,7 @@ class PreferenceReport:
     reader: str = "datasets"
     dropped: dict[str, int] = field(default_factory=dict)
     modalities: dict[str, int] = field(default_factory=lambda: {"text": 0, "image": 0, "audio": 0})
+    labels: dict[str, int] = field(default_factory=lambda: {"desirable": 0, "undesirable": 0})
     plain_text_rows: int = 0
     multi_turn_prompts: int = 0
     images_before_first_user_turn: int = 0
@@ -152,7 +215,12 @@ class PreferenceReport:
         split = f" ({self.split} of {self.total_rows:,})" if self.split else ""
         dropped = sum(self.dropped.values())
         extra = f", {dropped} invalid rows dropped" if dropped else ""
-        return f"{self.format}, {self.kept:,} pairs from {self.path}{split}{extra}"
+        answers = sum(self.labels.values())
+        kept = [f"{self.kept - answers:,} pairs"] if self.kept > answers or not answers else []
+        if answers:
+            kept.append(f"{answers:,} unpaired answers ({self.labels['desirable']:,} desirable, "
+                        f"{self.labels['undesirable']:,} undesirable)")
+        return f"{self.format}, {', '.join(kept)} from {self.path}{split}{extra}"
 
 
 class _Problem(Exception):
@@ -205,12 +273,21 @@ def detect(row: Mapping[str, Any], options: ChatOptions) -> str:
                            f"unknown preference format {options.format!r} (known: {', '.join(PREFERENCE_FORMATS)})")
         messages = options.field_messages or ("conversations" if options.format == "sharegpt" else "messages")
         needed = {"standard": ("prompt",), "conversational": ("prompt",), "alpaca": ("instruction",),
-                  "sharegpt": (messages,), "chat-template": (messages,)}.get(options.format, ())
-        missing = [k for k in ("chosen", "rejected", *needed) if not _present(row, k)]
+                  "sharegpt": (messages,), "chat-template": (messages,), "unpaired": ("prompt", "completion"),
+                  "kto-messages": (messages,)}.get(options.format, ())
+        answers = () if options.format in UNPAIRED_FORMATS else ("chosen", "rejected")
+        missing = [k for k in (*answers, *needed) if not _present(row, k)]
+        if options.format in UNPAIRED_FORMATS and _label_key(row) is None:
+            missing.append("label (or kto_tag)")
         if missing:
             raise _Problem(NO_PREFERENCE_FORMAT.code, "no_format", f"format {options.format!r} needs "
                            f"{', '.join(missing)} (columns: {seen})")
         return options.format
+    if _label_key(row) is not None and not (_present(row, "chosen") or _present(row, "rejected")):
+        if _present(row, "completion") and _present(row, "prompt"):
+            return "unpaired"
+        if any(_present(row, k) for k in (options.field_messages, "messages", "conversations") if k):
+            return "kto-messages"
     if not (_present(row, "chosen") and _present(row, "rejected")):
         raise _Problem(NO_PREFERENCE_FORMAT.code, "no_format", f"columns: {seen}")
     chosen, rejected = row["chosen"], row["rejected"]
@@ -237,6 +314,20 @@ def detect(row: Mapping[str, Any], options: ChatOptions) -> str:
     raise _Problem(NO_PREFERENCE_FORMAT.code, "no_format", f"columns: {seen}")
 
 
+def _label_key(row: Mapping[str, Any]) -> str | None:
+    """The column holding an unpaired row's desirability (``label``, TRL's; ``kto_tag``, LLaMA-Factory's)."""
+    return next((k for k in _LABEL_KEYS if _present(row, k)), None)
+
+
+def _file_names(fields: list[str], names: Mapping[str, str]) -> list[str]:
+    """Fields (``a``, ``chosen[].b``) named as the file names their column (``formats.apply_columns``'s ``names``)."""
+    out = []
+    for name in fields:
+        head = re.match(r"[^.\[]*", name).group(0)
+        out.append(names.get(head, head) + name[len(head):])
+    return out
+
+
 def _holds_prompt(chosen: list, rejected: list, options: ChatOptions) -> bool:
     """True if a list of ``chosen`` / ``rejected`` messages holds a system or user turn (a whole conversation)."""
     roles = role_table(options)
@@ -254,6 +345,8 @@ def _messages(value: Any, name: str, options: ChatOptions, *, default_role: str)
 
     Messages are read by the SFT reader (``formats._chat_messages``: role names, ShareGPT ``from``/``value``, tool
     calls, reasoning); a per-turn ``weight``/``training`` flag means nothing to DPO and is reported as not read.
+    LLaMA-Factory v1's ``loss_weight`` is kept as ``_loss_weight`` for ``_check_loss_weights``: preference tuning
+    trains exactly the answers, so it must say so (0 on the prompt, 1 on the answers).
     """
     if isinstance(value, str):
         return [{"role": default_role, "content": value}], []
@@ -264,7 +357,9 @@ def _messages(value: Any, name: str, options: ChatOptions, *, default_role: str)
                        f"{_type_name(value)}")
     messages, unread = chat_messages(value, name, options, sharegpt=_from_value(value))
     for raw, message in zip(value, messages, strict=True):
-        message.pop("train", None)
+        train = message.pop("train", None)
+        if _present(raw, "loss_weight"):
+            message["_loss_weight"] = train
         unread += [f"{name}[].{k}" for k in dict.fromkeys(("weight", "training", options.training_field or ""))
                    if k and _present(raw, k)]
     return messages, unread
@@ -352,6 +447,48 @@ def _read_raw(row: Mapping[str, Any], name: str, options: ChatOptions) -> tuple[
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "tools": row.get("tools")}, read, unread
 
 
+def _check_loss_weights(raw: dict[str, Any]) -> None:
+    """LLaMA-Factory v1's per-message ``loss_weight`` in preference rows, read with its meaning: the prompt's
+    messages 0 (not trained), the answers' 1; anything else would train other tokens than DPO/KTO train: an error."""
+    for key in ("prompt", "chosen", "rejected", "completion"):
+        for i, message in enumerate(raw.get(key) or []):
+            weight = message.pop("_loss_weight", None) if isinstance(message, dict) else None
+            if weight is None or weight == (key != "prompt"):
+                continue
+            where = "the prompt" if key == "prompt" else f"the {key} answer"
+            raise RowError("bad_field", f"{key}[{i}].loss_weight", f"loss_weight {int(weight)} on a message of {where}: "
+                           "preference tuning trains exactly the answers (loss_weight 1) against the prompt (loss_weight "
+                           "0); fix the weights or move the message")
+
+
+def _read_unpaired(row: Mapping[str, Any], name: str, options: ChatOptions
+                   ) -> tuple[dict[str, Any], set[str], list[str]]:
+    """An unpaired row as ``{"prompt", "completion", "label", "tools"}`` (OpenAI-role messages), the columns read,
+    the fields not read."""
+    unread: list[str] = []
+    label_key = _label_key(row)
+    label = row[label_key]
+    if not isinstance(label, bool):
+        raise RowError("bad_field", label_key, f"the {label_key} of an unpaired row is true (a desirable answer) or "
+                       f"false (an undesirable one), got {_type_name(label)} {label!r}")
+    read = {label_key, "tools"}
+    if name == "unpaired":
+        prompt, extra = _messages(row["prompt"], "prompt", options, default_role="user")
+        completion, more = _messages(row["completion"], "completion", options, default_role="assistant")
+        unread += extra + more
+        read |= {"prompt", "completion"}
+    else:
+        key = next(k for k in (options.field_messages, "messages", "conversations") if k and _present(row, k))
+        messages, unread = _messages(row[key], key, options, default_role="user")
+        if not messages or messages[-1].get("role") != "assistant":
+            last = messages[-1].get("role") if messages else "nothing"
+            raise RowError("answer_not_assistant", f"{key}[-1]", f"the last message is {last!r}: an unpaired "
+                           "row's messages end with the assistant answer that is labelled")
+        prompt, completion = system_first(row, messages[:-1]), messages[-1:]
+        read |= {key, "system"}
+    return {"prompt": prompt, "completion": completion, "label": label, "tools": row.get("tools")}, read, unread
+
+
 def _fill_prompt_media(prompt: list[dict], row: Mapping[str, Any], plain: bool) -> tuple[set[str], bool]:
     """Pair the row's ``images``/``audios`` columns with the prompt (``formats._fill_media``), the columns used and
     whether images were put before the first user turn's text as TRL does (a conversational prompt, no placeholder)."""
@@ -379,11 +516,14 @@ def _blank(message: dict) -> bool:
                                                  for p in message["content"])
 
 
-def _validate(raw: dict[str, Any], base: Path) -> tuple[list[dict], list[dict], list[dict], Any]:
+def _validate(raw: dict[str, Any], base: Path) -> tuple[list[dict], dict[str, list[dict]], Any]:
+    """The prompt, the answers (``chosen`` and ``rejected``, or an unpaired row's ``completion``) and the tools,
+    each message validated by ``records.read_message``."""
     nulls: Counter[str] = Counter()
     prompt = [read_message(m, f"prompt[{i}]", base, nulls) for i, m in enumerate(raw["prompt"])]
+    keys = ("completion",) if "completion" in raw else ("chosen", "rejected")
     answers = {}
-    for key in ("chosen", "rejected"):
+    for key in keys:
         messages = [read_message(m, f"{key}[{i}]", base, nulls) for i, m in enumerate(raw[key])]
         for i, m in enumerate(messages):
             if m["role"] not in _ANSWER_ROLES or (i == 0 and m["role"] != "assistant"):
@@ -393,11 +533,11 @@ def _validate(raw: dict[str, Any], base: Path) -> tuple[list[dict], list[dict], 
         answers[key] = messages
     if all(_blank(m) for m in prompt):
         raise RowError("empty_prompt", "prompt", "empty prompt: there is nothing for the answers to answer")
-    for key in ("chosen", "rejected"):
+    for key in keys:
         if not answers[key] or all(is_empty_message(m) for m in answers[key] if m["role"] == "assistant"):
             raise _Problem(EMPTY_ANSWER.code, "empty_answer", f"the {key} answer is empty (no text, tool calls or "
                            "reasoning)")
-    if json.dumps(answers["chosen"], sort_keys=True, default=str) == json.dumps(answers["rejected"], sort_keys=True,
+    if keys == ("chosen", "rejected") and json.dumps(answers["chosen"], sort_keys=True, default=str) == json.dumps(answers["rejected"], sort_keys=True,
                                                                                    default=str):
         raise _Problem(IDENTICAL_PAIR.code, "identical", "chosen and rejected are the same answer")
     tools = raw.get("tools")
@@ -408,29 +548,52 @@ def _validate(raw: dict[str, Any], base: Path) -> tuple[list[dict], list[dict], 
             raise RowError("bad_field", "tools", f"not valid JSON ({exc.msg})") from None
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, Mapping) for t in tools)):
         raise RowError("bad_field", "tools", f"expected a list of tool schemas, got {_type_name(tools)}")
-    return prompt, answers["chosen"], answers["rejected"], tools or None
+    return prompt, answers, tools or None
 
 
-def read_preference_row(row: Any, where: str, index: int, base: Path, options: ChatOptions | None = None
-                        ) -> tuple[PreferencePair, list[str], bool]:
-    """One raw row as a validated ``PreferencePair``, the fields nothing read, and whether images were placed as TRL
-    places them. Raises ``_Problem`` (a finding code) or ``RowError`` (G4T328) for a bad row."""
+def _v1_pair(row: dict[str, Any], names: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """LLaMA-Factory v1's pair rows: ``chosen_messages`` / ``rejected_messages`` are conversations sharing their
+    prompt (TRL's implicit-prompt shape), read as ``chosen`` / ``rejected``."""
+    renamed = {{"chosen_messages": "chosen", "rejected_messages": "rejected"}.get(k, k): v for k, v in row.items()}
+    theirs = {{"chosen_messages": "chosen", "rejected_messages": "rejected"}.get(k, k): names.get(k, k) for k in row}
+    return renamed, theirs
+
+
+def read_preference_row(row: Any, where: str, index: int, base: Path, options: ChatOptions | None = None, *,
+                        unpaired: bool = False) -> tuple[PreferencePair | LabelledAnswer, list[str], bool]:
+    """One raw row as a validated ``PreferencePair`` (or, with ``unpaired``, KTO's, an unpaired row as a
+    ``LabelledAnswer``), the fields nothing read, and whether images were placed as TRL places them. The dataset's
+    column mapping (``options.columns``) is applied first. Raises ``_Problem`` (a finding code) or ``RowError``
+    (G4T328) for a bad row."""
     options = options or ChatOptions()
     if isinstance(row, RowError):
         raise row
     if not isinstance(row, Mapping):
         raise _Problem(NO_PREFERENCE_FORMAT.code, "not_an_object", f"expected a JSON object, got {_type_name(row)}")
     check_depth(row)
+    row, names = apply_columns(row, options.columns)
+    if {"chosen_messages", "rejected_messages"} <= set(row) and not {"chosen", "rejected"} & set(row):
+        row, names = _v1_pair(row, names)
     name = detect(row, options)
-    raw, read, unread = _read_raw(row, name, options)
-    plain = name in ("standard", "alpaca") or (name == "implicit" and isinstance(row["chosen"], str))
+    if name in UNPAIRED_FORMATS and not unpaired:
+        raise _Problem(NO_PREFERENCE_FORMAT.code, "unpaired", "an unpaired row (one answer and a label: KTO data) "
+                       "has no pair of answers to compare; train it with --method kto")
+    raw, read, unread = (_read_unpaired if name in UNPAIRED_FORMATS else _read_raw)(row, name, options)
+    _check_loss_weights(raw)
+    plain = (name in ("standard", "alpaca") or (name == "implicit" and isinstance(row["chosen"], str))
+             or (name == "unpaired" and isinstance(row["prompt"], str) and isinstance(row["completion"], str)))
     used, placed = _fill_prompt_media(raw["prompt"], row, plain)
     read |= used
-    prompt, chosen, rejected, tools = _validate(raw, base)
-    unread = [k for k in row if _present(row, k) and k not in read] + unread
-    pair = PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, source_row=index, format=name,
-                          source=where, tools=tools, plain_text=plain)
-    return pair, list(dict.fromkeys(unread)), placed
+    prompt, answers, tools = _validate(raw, base)
+    unread = _file_names([k for k in row if _present(row, k) and k not in read] + unread, names)
+    item: PreferencePair | LabelledAnswer
+    if "completion" in answers:
+        item = LabelledAnswer(prompt=prompt, completion=answers["completion"], label=raw["label"], source_row=index,
+                              format=name, source=where, tools=tools, plain_text=plain)
+    else:
+        item = PreferencePair(prompt=prompt, chosen=answers["chosen"], rejected=answers["rejected"],
+                              source_row=index, format=name, source=where, tools=tools, plain_text=plain)
+    return item, list(dict.fromkeys(unread)), placed
 
 
 _TITLES = {
@@ -447,6 +610,10 @@ _TITLES = {
                           "make chosen and rejected share every turn before the final answer, or give the prompt "
                           "explicitly (prompt + chosen + rejected)"),
     INVALID_PAIR.code: ("are invalid preference rows", "fix or remove these rows (docs/formats.md)"),
+    (NO_PREFERENCE_FORMAT.code, "unpaired"): ("are unpaired (an answer and a label, no rejected answer): DPO "
+                                              "compares two answers to one prompt",
+                                              "train these rows with --method kto, or give each prompt a chosen and a "
+                                              "rejected answer"),
 }
 
 
@@ -454,7 +621,7 @@ def _problem_findings(path: str, rows: int, problems: dict[tuple[str, str], list
                       skip_invalid: bool) -> list[Finding]:
     found = []
     for (code, reason), where in problems.items():
-        what, fix = _TITLES[code]
+        what, fix = _TITLES.get((code, reason)) or _TITLES[code]
         first = "; ".join([f"{messages[(code, reason, w)]}" for w in where[:MAX_EXAMPLES]])
         kind = f" ({reason})" if code == INVALID_PAIR.code else ""
         dropped = ", dropped (--skip-invalid)" if skip_invalid else ""
@@ -482,8 +649,8 @@ def _unread_finding(path: str, unread: Counter[str], unread_at: dict[str, str]) 
     )]
 
 
-def _read_source(source: DataSource, skip_invalid: bool) -> tuple[list[PreferencePair], PreferenceReport,
-                                                                   list[Finding]]:
+def _read_source(source: DataSource, skip_invalid: bool, unpaired: bool
+                 ) -> tuple[list[PreferencePair | LabelledAnswer], PreferenceReport, list[Finding]]:
     rows = read_rows(source.path, source.split)
     report = PreferenceReport(path=source.path, total_rows=rows.total_rows, split=source.split, reader=rows.reader,
                               notes=list(rows.notes))
@@ -492,11 +659,12 @@ def _read_source(source: DataSource, skip_invalid: bool) -> tuple[list[Preferenc
     formats: Counter[str] = Counter()
     unread: Counter[str] = Counter()
     unread_at: dict[str, str] = {}
-    pairs: list[PreferencePair] = []
+    pairs: list[PreferencePair | LabelledAnswer] = []
     for index, (where, row) in enumerate(rows.rows):
         report.rows += 1
         try:
-            pair, row_unread, placed = read_preference_row(row, where, index, rows.base, source.options)
+            pair, row_unread, placed = read_preference_row(row, where, index, rows.base, source.options,
+                                                           unpaired=unpaired)
         except (_Problem, RowError) as err:
             code = err.code if isinstance(err, _Problem) else INVALID_PAIR.code
             reason = err.reason
@@ -508,6 +676,8 @@ def _read_source(source: DataSource, skip_invalid: bool) -> tuple[list[Preferenc
         for key in row_unread:
             unread[key] += 1
             unread_at.setdefault(key, where)
+        if isinstance(pair, LabelledAnswer):
+            report.labels["desirable" if pair.label else "undesirable"] += 1
         report.plain_text_rows += pair.plain_text
         report.multi_turn_prompts += sum(m["role"] == "user" for m in pair.prompt) > 1
         report.images_before_first_user_turn += placed
@@ -546,8 +716,8 @@ def _read_source(source: DataSource, skip_invalid: bool) -> tuple[list[Preferenc
 
 def load_preference_data(
     data: str | Path | DataSource | Sequence[str | Path | DataSource], *, split: str | None = None,
-    options: ChatOptions | None = None, skip_invalid: bool = False, raise_errors: bool = True,
-) -> tuple[list[PreferencePair], PreferenceReport, list[Finding]]:
+    options: ChatOptions | None = None, skip_invalid: bool = False, raise_errors: bool = True, unpaired: bool = False,
+) -> tuple[list[PreferencePair | LabelledAnswer], PreferenceReport, list[Finding]]:
     """Read and validate every preference pair of one or more data files or ``save_to_disk`` directories.
 
     ``data`` is a path, a ``records.DataSource`` (path, split, ``ChatOptions``) or a list of them; ``split`` and
@@ -556,15 +726,17 @@ def load_preference_data(
     nothing read, G4T329 when no pair is usable. Without ``skip_invalid`` a bad row is an error; with it, bad rows
     are dropped and the findings say how many (warnings). With ``raise_errors`` (the default) any error finding is
     raised, all of them at once, as a ``FindingError``; file problems (G4T303, G4T306, G4T307) always raise.
+    With ``unpaired`` (KTO), unpaired rows (an answer and its label) are read too, as ``LabelledAnswer``; without it
+    they are G4T324.
     """
     items = list(data) if isinstance(data, Sequence) and not isinstance(data, str) else [data]
     sources = [item if isinstance(item, DataSource) else DataSource(str(item), split, options or ChatOptions())
                for item in items]
-    pairs: list[PreferencePair] = []
+    pairs: list[PreferencePair | LabelledAnswer] = []
     findings: list[Finding] = []
     parts: list[PreferenceReport] = []
     for source in sources:
-        got, part, found = _read_source(source, skip_invalid)
+        got, part, found = _read_source(source, skip_invalid, unpaired)
         offset = sum(p.rows for p in parts)
         pairs += got if not offset else [_reindex(p, offset) for p in got]
         findings += found
@@ -577,7 +749,7 @@ def load_preference_data(
     return pairs, report, findings
 
 
-def _reindex(pair: PreferencePair, offset: int) -> PreferencePair:
+def _reindex(pair: PreferencePair | LabelledAnswer, offset: int) -> PreferencePair | LabelledAnswer:
     from dataclasses import replace
 
     return replace(pair, source_row=pair.source_row + offset)
@@ -589,7 +761,7 @@ def _merge(parts: list[PreferenceReport]) -> PreferenceReport:
         for name in ("rows", "kept", "total_rows", "plain_text_rows", "multi_turn_prompts",
                      "images_before_first_user_turn"):
             setattr(report, name, getattr(report, name) + getattr(part, name))
-        for name in ("formats", "dropped", "modalities", "unread"):
+        for name in ("formats", "dropped", "modalities", "unread", "labels"):
             merged = getattr(report, name)
             for key, n in getattr(part, name).items():
                 merged[key] = merged.get(key, 0) + n

@@ -36,7 +36,7 @@ UNREAD_FIELD = register("G4T305", Severity.WARNING, "A data field is not read")
 ARROW_NULLS = register("G4T308", Severity.WARNING, "Null tool-call arguments dropped (Arrow fills missing keys)")
 
 ROLES = ("system", "user", "assistant", "tool")
-PART_TYPES = ("text", "image", "audio")
+PART_TYPES = ("text", "image", "audio", "video")
 MAX_EXAMPLES = 5
 __all__ = ["DATA_NOT_FOUND", "ChatOptions", "Conversation", "DataReport", "DataSource", "load_conversations",
            "load_datasets", "conversation_key", "split_conversations"]
@@ -293,9 +293,9 @@ def _count(report: DataReport, conversation: Conversation) -> None:
         report.text_rows += 1
         report.modalities["text"] += 1
         return
-    kinds = [kind for kind in ("image", "audio") if getattr(conversation, f"{kind}s")]
+    kinds = [kind for kind in ("image", "audio", "video") if conversation._media(kind)]
     for kind in kinds or ["text"]:
-        report.modalities[kind] += 1
+        report.modalities[kind] = report.modalities.get(kind, 0) + 1
     for message in conversation.messages:
         if _supervised(message):
             report.supervised_roles[message["role"]] = report.supervised_roles.get(message["role"], 0) + 1

@@ -13,7 +13,8 @@ Request (JSON), or ``{"runs": [request, ...]}`` for several models one after the
      "adapters": {"name": "/path/adapter", ...} (optional, one mode per name), "max_lora_rank": 8,
      "prompts": [[2, 17, 40], ...] or multimodal prompts
                 {"prompt": "<bos>...<|image|>...", "modality": "image", "images": ["/path.png"],
-                 "audios": ["/path.npy"], "sampling_rate": 16000},
+                 "audios": ["/path.npy"], "sampling_rate": 16000,
+                 "videos": [{"frames": "/path.npy", "metadata": {"fps": 1.0, "frames_indices": [0, 1, 2], ...}}]},
      "max_tokens": 8, "logprobs": 5, "prompt_logprobs": 5 (optional),
      "dtype": "float32", "max_model_len": 256, "enable_tower_connector_lora": false (optional),
      "allowed_token_ids": [...] or "banned_token_ids": [...] (optional), "seed": 0 (optional),
@@ -36,8 +37,9 @@ Result (JSON)::
 Greedy decoding (temperature 0). Logprobs are vLLM's default raw log-probabilities (before
 ``allowed_token_ids`` masking), so they compare with a log-softmax of the model's logits; each
 position holds the top-k plus the chosen token. All modes run in one engine: each adapter is
-sent per request (``LoRARequest``), as a server does. Text prompts run as one batch; image and audio
-prompts one request each, as a user sends them. Prompts run by modality (text, image, audio),
+sent per request (``LoRARequest``), as a server does. Text prompts run as one batch; image, audio and video
+prompts one request each, as a user sends them (a video as its decoded frames with their metadata, so vLLM
+samples nothing again). Prompts run by modality (text, image, video, audio: the CPU build dies on a lone clip),
 each for every mode, so an engine that fails on one modality still reports the ones before it.
 The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, ``uni`` executor): the same
 model code and kernels as a served engine, without its ~20 s of spawned processes per start.
@@ -68,7 +70,8 @@ def _engine_kwargs(req: dict[str, Any]) -> dict[str, Any]:
         "seed": int(req.get("seed", 0)),
         "enforce_eager": bool(req.get("enforce_eager", True)),
         # Only the media the prompts hold: without any, vLLM builds no multimodal profiling inputs.
-        "limit_mm_per_prompt": {"image": _most(req, "images"), "audio": _most(req, "audios"), "video": 0},
+        "limit_mm_per_prompt": {"image": _most(req, "images"), "audio": _most(req, "audios"),
+                                "video": _most(req, "videos")},
         "max_num_seqs": max(1, len(req["prompts"])),
         "distributed_executor_backend": "uni",
     }
@@ -83,7 +86,7 @@ def _engine_kwargs(req: dict[str, Any]) -> dict[str, Any]:
 
 
 def _most(req: dict[str, Any], media: str) -> int:
-    """The most ``media`` (images, audios) any prompt of the request holds."""
+    """The most ``media`` (images, audios, videos) any prompt of the request holds."""
     return max((len(p.get(media) or ()) for p in req["prompts"] if isinstance(p, dict)), default=0)
 
 
@@ -92,7 +95,8 @@ def _modality(prompt: Any) -> str:
 
 
 def _engine_prompt(prompt: Any) -> Any:
-    """A token prompt, or a text prompt with its images (PIL) and audio clips ((samples, rate))."""
+    """A token prompt, or a text prompt with its images (PIL), audio clips ((samples, rate)) and videos ((frames,
+    metadata))."""
     from vllm.inputs import TokensPrompt
 
     if not isinstance(prompt, dict):
@@ -107,6 +111,10 @@ def _engine_prompt(prompt: Any) -> Any:
 
         rate = int(prompt.get("sampling_rate", 16000))
         data["audio"] = [(np.load(path), rate) for path in prompt["audios"]]
+    if prompt.get("videos"):
+        import numpy as np
+
+        data["video"] = [(np.load(v["frames"]), dict(v["metadata"])) for v in prompt["videos"]]
     out: dict[str, Any] = {"prompt": prompt["prompt"]}
     if data:
         out["multi_modal_data"] = {k: v[0] if len(v) == 1 else v for k, v in data.items()}
@@ -168,7 +176,7 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
     modes: list[tuple[str, Any]] = [("base", None)]
     modes += [(name, LoRARequest(name, i, path)) for i, (name, path) in enumerate(adapters, 1)]
 
-    order = [m for m in ("text", "image", "audio") if any(_modality(p) == m for p in req["prompts"])]
+    order = [m for m in ("text", "image", "video", "audio") if any(_modality(p) == m for p in req["prompts"])]
     order += sorted({_modality(p) for p in req["prompts"]} - set(order))
     results: dict[str, list[dict[str, Any]]] = {mode: [] for mode, _ in modes}
     errors: dict[str, str] = {}

@@ -258,10 +258,12 @@ def base_fingerprint(model_dir: str | Path) -> dict[str, Any]:
 
 def write_manifest(adapter_dir: str | Path, base_dir: str | Path, *, training: dict[str, Any],
                    versions: dict[str, Any], template_revision: str | None = None,
-                   quantization: QuantSpec | None = None) -> Path:
+                   quantization: QuantSpec | None = None, data_modalities: dict[str, int] | None = None) -> Path:
     """Write ``gemma4_tune_manifest.json`` beside an adapter: base fingerprint, training settings, versions,
     with ``template_revision`` the chat template it was trained with (its revision and the sha256 of its text),
-    and with ``quantization`` (QLoRA) exactly how the base it trained against was quantized."""
+    with ``quantization`` (QLoRA) exactly how the base it trained against was quantized, and with
+    ``data_modalities`` how many of the run's conversations held each modality (``{"text": n, "video": n, ...}``:
+    verify compares video only for an adapter trained on it)."""
     adapter_dir, base_dir = Path(adapter_dir), Path(base_dir)
     data = {
         "schema": 1,
@@ -277,6 +279,8 @@ def write_manifest(adapter_dir: str | Path, base_dir: str | Path, *, training: d
         data["chat_template"] = {"revision": template_revision, "sha256": OFFICIAL_REVISIONS[template_revision]}
     if quantization is not None:
         data["quantization"] = quantization.to_dict()
+    if data_modalities is not None:
+        data["data_modalities"] = {str(k): int(n) for k, n in data_modalities.items()}
     return write_json(adapter_dir / MANIFEST_NAME, data, sort_keys=True)
 
 

@@ -287,10 +287,19 @@ def write_report(out: Path, sections: dict[str, Any], findings: list[Finding]) -
 
 
 def _preference_section(method: str, dpo: dict[str, Any]) -> list[tuple[str, list[Block]]]:
-    """``Preference tuning (DPO)`` or ``(KTO)``: held-out rewards before and after, the reference checks, the plot."""
-    if not (dpo.get("evals") or dpo.get("preflight")):
+    """``Preference tuning (DPO)`` or ``(KTO)``: the rows TRL trained at --max-seq-len, held-out rewards before and
+    after, the reference checks, the plot."""
+    if not (dpo.get("evals") or dpo.get("preflight") or dpo.get("rows")):
         return []
     blocks = []
+    unit = dpo.get("unit_rows", "pairs")
+    kept = [(side, rows) for side, rows in (("training", dpo.get("rows")), ("held-out", dpo.get("eval_rows"))) if rows]
+    if kept:
+        blocks.append(Block("table", header=[f"{unit} (failure catalog row 42)", "given", "trained",
+                                             "cut to --max-seq-len", "no answer token left", "dropped by TRL",
+                                             "longest (tokens)"],
+                            rows=[[side, r["given"], r["trained"], r["truncated"], r["fully_truncated"],
+                                   r["dropped_by_trl"], r["longest"]] for side, r in kept]))
     evals = dpo.get("evals") or []
     if len(evals) >= 2 and method == "kto":
         first, last = evals[0], evals[-1]

@@ -333,8 +333,9 @@ def open_run(cfg: RunConfig, *, dplan: DistributedPlan | None = None) -> RunDir:
 
 
 def read_metrics(out: Path) -> list[dict[str, Any]]:
-    """The rows of ``out/metrics.jsonl``."""
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    """The rows of ``out/metrics.jsonl`` (none when nothing was logged: ``logging_steps`` above the run's steps)."""
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
 
 
 def library_versions() -> dict[str, str]:

@@ -63,6 +63,7 @@ REFERENCE_NOT_BASE = register("G4T512", Severity.ERROR, "DPO/KTO reference model
 POLICY_NOT_REFERENCE = register("G4T513", Severity.ERROR, "DPO/KTO policy differs from its reference at step 0")
 DPO_AUDIO = register("G4T514", Severity.ERROR, "DPO/KTO pairs with audio, tools or tool calls")
 DPO_NOT_LEARNING = register("G4T515", Severity.WARNING, "DPO/KTO did not raise held-out reward accuracy or margin")
+PAIRS_CUT_AWAY = register("G4T530", Severity.ERROR, "Every DPO/KTO row is cut away by --max-seq-len", (42,))
 
 #: Keys of TRL's DPO and KTO batches that are bookkeeping (or KTO's mismatched KL rows), not model inputs.
 _NOT_INPUTS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps", "label", "ref_logps", "ref_KL_logps",
@@ -80,11 +81,12 @@ def _trl_module(batch: dict[str, Any]) -> Any:
 
 
 def trl_dataset(pairs: list[Any]) -> Any:
-    """The pairs as TRL's explicit-prompt conversational dataset (``prompt``/``chosen``/``rejected``, ``images``)."""
+    """The pairs as TRL's explicit-prompt conversational dataset (``prompt``/``chosen``/``rejected``, ``images``),
+    each row's ``source`` beside (``file:line``, TRL passes it through: what :func:`trained_rows` names rows by)."""
     from datasets import Dataset
     from PIL import Image
 
-    rows: dict[str, list[Any]] = {"prompt": [], "chosen": [], "rejected": []}
+    rows: dict[str, list[Any]] = {"prompt": [], "chosen": [], "rejected": [], "source": []}
     with_images = any(pair.images for pair in pairs)
     if with_images:
         rows["images"] = []
@@ -92,6 +94,7 @@ def trl_dataset(pairs: list[Any]) -> Any:
         rows["prompt"].append(trl_messages(pair.prompt))
         rows["chosen"].append(trl_messages(pair.chosen))
         rows["rejected"].append(trl_messages(pair.rejected))
+        rows["source"].append(pair.source or f"#{pair.source_row}")
         if with_images:
             rows["images"].append([Image.open(path).convert("RGB") for path in pair.images])
     return Dataset.from_dict(rows)
@@ -103,16 +106,16 @@ _PASSED_KEYS = frozenset({"role", "content"})
 
 def _not_passed(pair: Any) -> list[str]:
     """What of ``pair`` the TRL rows would not carry (audio, tools, tool calls, reasoning, train flags)."""
-    messages = [*pair.prompt, *pair.chosen, *pair.rejected]
-    found = sorted({key for m in messages for key in m if key not in _PASSED_KEYS})
+    found = sorted({key for m in pair.messages for key in m if key not in _PASSED_KEYS})
     return (["audio"] if pair.audios else []) + (["tools"] if pair.tools else []) + found
 
 
 def _as_conversation(pair: Any) -> Any:
-    """A pair as one conversation (prompt, chosen, rejected): what identity means for the held-out split."""
+    """A pair (prompt, chosen, rejected) or an unpaired answer as one conversation: what identity means for the
+    held-out split."""
     from gemma4_tune.data.records import Conversation
 
-    return Conversation(messages=[*pair.prompt, *pair.chosen, *pair.rejected], tools=pair.tools, source=pair.source)
+    return Conversation(messages=pair.messages, tools=pair.tools, source=pair.source)
 
 
 # --------------------------------------------------------------------------- log-probabilities as TRL computes them
@@ -305,22 +308,25 @@ def not_learning(first: dict[str, Any], last: dict[str, Any]) -> list[Finding]:
 
 
 def dpo_plot(metrics: list[dict[str, Any]], path: Path) -> Path | None:  # DPO's and KTO's
-    """Chosen and rejected log-probabilities, and the reward margin, over the training steps."""
-    steps = [m for m in metrics if "logps/chosen" in m]
-    if not steps:
+    """Chosen and rejected log-probabilities, and the reward margin, over the training steps. Each curve has the
+    steps that log it: a KTO batch of one label logs no figure of the other, nor a margin."""
+    if not any("logps/chosen" in m or "logps/rejected" in m for m in metrics):
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
+    def curve(key: str) -> tuple[list[int], list[float]]:
+        steps = [m for m in metrics if key in m]
+        return [m["step"] for m in steps], [m[key] for m in steps]
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
-    x = [m["step"] for m in steps]
-    left.plot(x, [m["logps/chosen"] for m in steps], label="chosen")
-    left.plot(x, [m["logps/rejected"] for m in steps], label="rejected")
+    left.plot(*curve("logps/chosen"), label="chosen")
+    left.plot(*curve("logps/rejected"), label="rejected")
     left.set(xlabel="step", ylabel="log-probability of the answer", title="policy log-probabilities")
     left.legend()
-    right.plot(x, [m["rewards/margins"] for m in steps], label="train margin")
+    right.plot(*curve("rewards/margins"), label="train margin")
     evals = [m for m in metrics if "eval_reward_margin" in m]
     if evals:
         right.plot([m["step"] for m in evals], [m["eval_reward_margin"] for m in evals], "o-", label="held-out margin")
@@ -338,7 +344,8 @@ def _samples(cfg: RunConfig, model: Any, processor: Any, pairs: list[Any], *, he
     from gemma4_tune.train.evaluate import generate_samples, pick_samples
 
     batcher = Gemma4Batcher(processor, revision=cfg.template_revision, max_seq_len=cfg.max_seq_len)
-    picked = pick_samples([pair.chosen_conversation() for pair in pairs], cfg.samples)
+    desirable = [pair.chosen_conversation() for pair in pairs if getattr(pair, "label", True)]  # KTO's unpaired
+    picked = pick_samples(desirable, cfg.samples)
     console.print(f"samples: generating {len(picked)} answers with the base and the tuned model")
     return generate_samples(model, batcher, picked, held_out=held_out, max_new_tokens=cfg.sample_max_tokens)
 
@@ -379,6 +386,88 @@ def count_tokens(trainer: Any, counter: Any) -> None:
     trainer.data_collator = counted
 
 
+def _full_lengths(data: Any, collator: Any) -> dict[str, tuple[int, int]]:
+    """Each row TRL kept, by source: (prompt tokens, prompt + longest answer tokens), untruncated.
+
+    Text rows as TRL tokenized them (``prompt_ids`` and ``chosen_ids`` / ``rejected_ids`` / ``completion_ids``);
+    image rows, which TRL tokenizes only in its collator, through that collator one at a time without its
+    ``max_length``."""
+    if "prompt_ids" in data.column_names:
+        answers = [c for c in ("chosen_ids", "rejected_ids", "completion_ids") if c in data.column_names]
+        columns = {c: data[c] for c in ("source", "prompt_ids", *answers)}
+        return {source: (len(prompt), len(prompt) + max(len(columns[c][k]) for c in answers))
+                for k, (source, prompt) in enumerate(zip(columns["source"], columns["prompt_ids"], strict=True))}
+    import dataclasses
+
+    whole = dataclasses.replace(collator, max_length=None)
+    lengths = {}
+    for k in range(len(data)):
+        row = data[k]
+        batch = whole([dict(row)])
+        lengths[row["source"]] = (int(batch["completion_mask"][0].argmax()),
+                                  int(batch["attention_mask"].sum(dim=1).max()))
+    return lengths
+
+
+def trained_rows(given: Any, data: Any, collator: Any, max_length: int, *, what: str, held_out: bool = False
+                 ) -> tuple[dict[str, Any], list[Finding]]:
+    """What of the rows given to TRL (``given``) it trains on (``data``, after its preprocessing), at
+    ``--max-seq-len`` ``max_length`` (failure catalog row 42).
+
+    TRL cuts each sequence to ``max_length`` in its collator, an answer cut with it (no ``<turn|>`` left to learn):
+    one G4T318 counts those rows, with the longest. It drops text rows whose prompt alone fills ``max_length``
+    ("Dropping fully truncated examples"); image rows whose prompt fills it stay, with no answer token left: one
+    G4T319 counts both. Nothing left to train on (or, ``held_out``, to evaluate) is G4T530, an error. ``what``
+    names the rows ("pairs", "answers"). Returns the figures (``given``, ``trained``, ``truncated``,
+    ``fully_truncated``, ``longest``) and the findings.
+    """
+    from collections import Counter
+
+    from gemma4_tune.data.collate import ROWS_TRUNCATED, ROWS_UNSUPERVISED
+
+    lengths = _full_lengths(data, collator)
+    missing = Counter(given["source"]) - Counter(data["source"])  # TRL's drops
+    dropped = [source for source in given["source"] if missing[source]]
+    empty = dropped + [source for source, (prompt, _) in lengths.items() if prompt >= max_length]
+    cut = [source for source, (prompt, full) in lengths.items() if full > max_length and prompt < max_length]
+    longest = max((full for _, full in lengths.values()), default=0)
+    figures = {"given": len(given), "trained": len(given) - len(empty), "truncated": len(cut),
+               "fully_truncated": len(empty), "dropped_by_trl": len(dropped), "longest": longest}
+    side = "held-out" if held_out else "training"
+    findings: list[Finding] = []
+    if cut:
+        first = max(cut, key=lambda source: lengths[source][1])
+        findings.append(finding(
+            ROWS_TRUNCATED.code,
+            f"{len(cut)} of {len(given)} {side} {what} are longer than --max-seq-len {max_length} tokens and cut to "
+            "that length by TRL: the end of their answers, <turn|> with it, is not trained on (the longest, "
+            f"{first}, has {lengths[first][1]} tokens; failure catalog row 42)",
+            f"raise --max-seq-len (to {lengths[first][1]} to keep every {what[:-1]} whole; memory grows with it), or "
+            f"shorten those {what}", rows=len(cut), longest=lengths[first][1], longest_row=first, split=side,
+        ))
+    if len(empty) == len(given):
+        findings.append(finding(
+            PAIRS_CUT_AWAY.code,
+            f"all {len(given)} {side} {what} have a prompt of --max-seq-len {max_length} tokens or more: nothing of "
+            f"their answers is left to {'evaluate' if held_out else 'train'} on (the first: {empty[0]}; failure "
+            "catalog row 42)",
+            f"raise --max-seq-len above the prompts' length, or shorten the prompts of these {what}",
+            rows=len(empty), first_row=empty[0], split=side,
+        ))
+    elif empty:
+        how = (f"TRL drops {len(dropped)}" if len(dropped) == len(empty) else
+               f"TRL drops {len(dropped)} and trains {len(empty) - len(dropped)} image rows on no answer token")
+        findings.append(finding(
+            ROWS_UNSUPERVISED.code,
+            f"{len(empty)} of {len(given)} {side} {what} have a prompt of --max-seq-len {max_length} tokens or more, "
+            f"so no answer token is left: {how} (the first: {empty[0]}; failure catalog row 42); "
+            f"{figures['trained']} {what} are {'evaluated' if held_out else 'trained'}",
+            "raise --max-seq-len above those prompts' length, or shorten their prompts",
+            rows=len(empty), first_row=empty[0], split=side,
+        ))
+    return figures, findings
+
+
 def probe_batch(trainer: Any) -> dict[str, Any]:
     """A real batch through TRL's collator: the first pair with images and the first without, where the data
     has them (so every check sees each kind), on the model's device. KTO's rows are answers: the batch also has a
@@ -394,6 +483,14 @@ def probe_batch(trainer: Any) -> dict[str, Any]:
     return trainer._prepare_inputs(trainer.data_collator([data[i] for i in picked]))
 
 
+
+
+def rows_line(rows: dict[str, Any]) -> str:
+    """What TRL trained of the rows given (:func:`trained_rows`): "258 of 300 (42 cut to --max-seq-len, ...)"."""
+    said = [f"{rows['truncated']} cut to --max-seq-len"] if rows["truncated"] else []
+    if rows["fully_truncated"]:
+        said.append(f"{rows['fully_truncated']} with no answer token left ({rows['dropped_by_trl']} dropped by TRL)")
+    return f"{rows['trained']} of {rows['given']}" + (f" ({', '.join(said)})" if said else "")
 
 
 def margin_line(first: dict[str, Any], last: dict[str, Any]) -> dict[str, str]:
@@ -415,7 +512,11 @@ class PreferenceData:
 class PreferenceMethod(Method):
     """A preference method on a TRL trainer (DPO, KTO): the parts both run, over the unit's own ``rows`` (TRL's
     dataset of the pairs), ``trl_trainer`` (its config and trainer classes), ``rewards_row`` (its held-out figures)
-    and ``held_out_summary`` (its report lines)."""
+    and ``held_out_summary`` (its report lines). ``unpaired``: the unit reads unpaired rows (an answer and its
+    label) beside pairs; ``unit_rows`` names the rows of its TRL dataset."""
+
+    unpaired = False
+    unit_rows = "pairs"
 
     @abstractmethod
     def rows(self, pairs: list[Any]) -> Any:
@@ -442,12 +543,14 @@ class PreferenceMethod(Method):
         from gemma4_tune.data.preference import load_preference_data
         from gemma4_tune.data.records import split_conversations
 
-        pairs, report, findings = load_preference_data(cfg.sources(), skip_invalid=cfg.skip_invalid)
+        pairs, report, findings = load_preference_data(cfg.sources(), skip_invalid=cfg.skip_invalid,
+                                                       unpaired=self.unpaired)
         err_console.print(f"data: {report.summary()}")
         eval_pairs: list[Any] = []
         if cfg.eval_data:
             eval_pairs, eval_report, eval_findings = load_preference_data(cfg.eval_data,
-                                                                          skip_invalid=cfg.skip_invalid)
+                                                                          skip_invalid=cfg.skip_invalid,
+                                                                          unpaired=self.unpaired)
             findings += eval_findings
             findings += eval_overlap([_as_conversation(p) for p in pairs], [_as_conversation(p) for p in eval_pairs],
                                      "preference pairs", "held-out reward figures")
@@ -471,7 +574,11 @@ class PreferenceMethod(Method):
 
     def build_trainer(self, cfg: RunConfig, data: PreferenceData, staging: Path) -> dict[str, Any]:
         """Model, LoRA plan and the unit's TRL trainer whose reference is the base with the adapter disabled
-        (``{"trainer", "model", "plan", "profile", "processor", "quant"}``)."""
+        (``{"trainer", "model", "plan", "profile", "processor", "quant", "findings"}``).
+
+        What TRL trains of the rows given is counted (:func:`trained_rows`: rows cut and dropped at
+        ``--max-seq-len``, G4T318/G4T319) into ``data.summary``, whose ``pairs`` (DPO) or ``answers`` (KTO) are
+        then the rows trained; none left (G4T530) raises a ``FindingError`` here, before any step."""
         from transformers.trainer_callback import PrinterCallback
 
         from gemma4_tune.model.patches import patch_trl_compact_log_probs
@@ -483,16 +590,29 @@ class PreferenceMethod(Method):
         config_class, trainer_class = self.trl_trainer()
         args = config_class(**trainer_settings(cfg, staging), beta=cfg.beta, max_length=cfg.max_seq_len,
                             per_device_eval_batch_size=cfg.batch_size)
-        trainer = trainer_class(model=peft_model, ref_model=None, args=args, train_dataset=self.rows(data.pairs),
-                                eval_dataset=self.rows(data.eval_pairs) if data.eval_pairs else None,
-                                processing_class=processor)
+        given = self.rows(data.pairs)
+        given_eval = self.rows(data.eval_pairs) if data.eval_pairs else None
+        trainer = trainer_class(model=peft_model, ref_model=None, args=args, train_dataset=given,
+                                eval_dataset=given_eval, processing_class=processor)
         trainer.remove_callback(PrinterCallback)
+        figures, findings = trained_rows(given, trainer.train_dataset, trainer.data_collator, cfg.max_seq_len,
+                                         what=self.unit_rows)
+        data.summary.update({self.unit_rows: figures["trained"], "train_conversations": figures["trained"],
+                             "truncated": figures["truncated"], "trl_rows": figures})
+        if given_eval is not None:
+            held, found = trained_rows(given_eval, trainer.eval_dataset, trainer.data_collator, cfg.max_seq_len,
+                                       what=self.unit_rows, held_out=True)
+            findings += found
+            data.summary.update({f"eval_{self.unit_rows}": held["trained"], "eval_conversations": held["trained"],
+                                 "eval_truncated": held["truncated"], "eval_trl_rows": held})
+        if has_errors(findings):
+            raise FindingError(*[f for f in findings if f.severity is Severity.ERROR])
         tokenizer = getattr(processor, "tokenizer", processor)
         trainer.data_collator = end_answers_at_end_of_turn(trainer.data_collator,
                                                            tokenizer.convert_tokens_to_ids(END_OF_TURN))
         drop_trl_reference_copy(peft_model)
         return {"trainer": trainer, "model": peft_model, "plan": plan, "profile": profile, "processor": processor,
-                "quant": quant}
+                "quant": quant, "findings": findings}
 
     def preflight(self, cfg: RunConfig, built: dict[str, Any], data: PreferenceData) -> PreflightResult:
         """SFT's checks and the reference checks (:func:`preflight_pairs`) on a real batch of the trainer's own
@@ -516,6 +636,9 @@ class PreferenceMethod(Method):
                                    "last loss": round(steps[-1]["loss"], 4) if steps else None,
                                    "seconds": result.seconds, "adapter": str(result.adapter or "-"),
                                    "resumed from": result.resumed_from or "-", **base_weights_line(result.quant)}
+        rows = result.dpo.get("rows")
+        if rows:
+            summary[f"{self.unit_rows} trained"] = rows_line(rows)
         evals = result.dpo["evals"]
         if len(evals) >= 2:
             summary.update(self.held_out_summary(evals[0], evals[-1]))
@@ -549,7 +672,7 @@ class PreferenceMethod(Method):
         staging = out / STAGING
         built = self.build_trainer(cfg, data, staging)
         trainer, peft_model, plan = built["trainer"], built["model"], built["plan"]
-        findings += plan.findings
+        findings += plan.findings + built["findings"]
         guard = GuardCallback(peft_model)
         for callback in (guard, ProgressCallback(counter), MetricsCallback(out / "metrics.jsonl", counter),
                          AtomicCheckpointCallback(staging, run.checkpoints, cfg.save_total_limit)):
@@ -597,7 +720,9 @@ class PreferenceMethod(Method):
                            seconds=round(time.perf_counter() - started, 2), findings=findings,
                            resumed_from=run.resume_from, model=peft_model, probe_batch={}, samples=samples,
                            distributed=None, trained_state={}, preflight=preflight,
-                           dpo={"preflight": preflight.reference if preflight else {}, "evals": evals},  # KTO's too
+                           dpo={"preflight": preflight.reference if preflight else {}, "evals": evals,  # KTO's too
+                                "rows": data.summary.get("trl_rows"), "eval_rows": data.summary.get("eval_trl_rows"),
+                                "unit_rows": self.unit_rows},
                            quant=built["quant"])
 
     def preflight_only(self, cfg: RunConfig) -> PreflightResult:
@@ -609,10 +734,10 @@ class PreferenceMethod(Method):
         with tempfile.TemporaryDirectory(prefix=f"gemma4-tune-{self.name}-preflight-") as staging:
             built = self.build_trainer(cfg, data, Path(staging))
             result = self.preflight(cfg, built, data)
-        result.findings[:0] = [*data.findings, *built["plan"].findings]
+        result.findings[:0] = [*data.findings, *built["plan"].findings, *built["findings"]]
         return result
 
 
-__all__ = ["HeldOutRewards", "PreferenceData", "PreferenceMethod", "as_supervised", "count_tokens", "dpo_plot",
-           "dpo_preflight", "end_answers_at_end_of_turn", "margin_line", "not_learning", "preflight_pairs",
-           "probe_batch", "sequence_logps", "trl_dataset"]
+__all__ = ["PAIRS_CUT_AWAY", "HeldOutRewards", "PreferenceData", "PreferenceMethod", "as_supervised", "count_tokens",
+           "dpo_plot", "dpo_preflight", "end_answers_at_end_of_turn", "margin_line", "not_learning", "preflight_pairs",
+           "probe_batch", "rows_line", "sequence_logps", "trained_rows", "trl_dataset"]

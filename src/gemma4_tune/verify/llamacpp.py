@@ -69,6 +69,12 @@ DEFAULT_TIMEOUT_S = 600.0
 MIN_EFFECT_SHARE = 0.5
 #: ... and by at least this much in absolute terms (an adapter that changes nothing fails either way).
 MIN_EFFECT = 1e-3
+#: Why the video prompt is a not-run row (G4T920): the runner drives libmtmd's C API on bitmaps (``mtmd_tokenize``:
+#: images, audio); b11739 reads video only through its ffmpeg-subprocess helper (``mtmd_helper_video_init``), which
+#: decodes and samples a video file itself, so the processor's frames and timestamps cannot be handed to it.
+VIDEO_NOT_RUN = ("libmtmd reads video only through its ffmpeg helper (mtmd_helper_video), which decodes and samples "
+                 "a video file itself; the runner hands libmtmd images and audio clips (bitmaps), so Gemma 4's "
+                 "processed video frames cannot be compared position by position")
 _ORDER = ("f32", "f16", "bf16", "q8_0")
 #: Start and end of a chat turn: the GGUF vocabulary must mark both control, and the end as end-of-generation.
 TURN_TOKENS = ("<|turn>", "<turn|>")
@@ -578,7 +584,8 @@ def _not_run_row(name: str, modality: str, reason: str, build: str | None) -> An
     from gemma4_tune.verify.verdict import EngineResult
 
     what = f"llama.cpp {build or '(unknown build)'} cannot run the {modality} prompts"
-    f = finding(MODALITY_NOT_RUN.code, f"{name}: {what}: {reason}; the {modality} tower is not verified in llama.cpp",
+    tower = "vision tower on video" if modality == "video" else f"{modality} tower"
+    f = finding(MODALITY_NOT_RUN.code, f"{name}: {what}: {reason}; the {tower} is not verified in llama.cpp",
                 f"verify the {modality} tower with another engine (--engine transformers or vllm); a llama.cpp build "
                 f"whose libmtmd runs Gemma 4 {modality} input lets `verify --engine llama.cpp` check it",
                 llama_cpp_build=build, modality=modality, reason=reason)
@@ -759,7 +766,8 @@ def engine_results(base: str | Path, adapter: str | Path, gguf_dir: str | Path, 
     log(f"[llama.cpp] computing the transformers + PEFT reference ({base} + {adapter})")
     reference = token_logits(base, adapter, prompts)
     processor = AutoProcessor.from_pretrained(str(base))
-    groups = {m: g for m, g in by_modality(verification_prompts(base, processor)).items() if m != "text"}
+    verified = by_modality(verification_prompts(base, processor, adapter))
+    groups = {m: g for m, g in verified.items() if m not in ("text", "video")}
     results = []
     merged = {k: files[k] for k in ("model", "mmproj") if k in files}
     from gemma4_tune.engines.vllm_env import engines_root
@@ -811,6 +819,8 @@ def engine_results(base: str | Path, adapter: str | Path, gguf_dir: str | Path, 
                    f"{fig['reference_effect']:.3g})" if fig else "")
                 + f" ({'ok' if row.ok else 'FAILED'}" + "".join(f"; {f.code}" for f in row.findings) + ")")
         results += rows
+    if "video" in verified:
+        results.append(_not_run_row(name, "video", VIDEO_NOT_RUN, report.get("llama_cpp_build")))
     if "base" in files and "adapter" in files:
         pair = {k: files[k] for k in ("base", "adapter")}
         report = verify_gguf(pair, prompts=prompts, gguf_type=gguf_type, adapter_reference=reference,

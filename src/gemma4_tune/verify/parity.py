@@ -105,10 +105,13 @@ def adapter_parts(adapter: Path) -> set[str]:
 
 
 def adapter_reach(adapter: Path) -> set[str]:
-    """The prompt modalities the adapter can change: all of them with text LoRA, image with vision-tower LoRA,
-    audio with audio-tower LoRA (a tower runs only on its own media)."""
+    """The prompt modalities the adapter can change: all of them with text LoRA, image and video (its frames go
+    through the vision tower) with vision-tower LoRA, audio with audio-tower LoRA (a tower runs only on its own
+    media)."""
     parts = adapter_parts(adapter)
-    return {"text", "image", "audio"} if "text" in parts else {{"vision": "image"}.get(p, p) for p in parts}
+    if "text" in parts:
+        return {"text", "image", "audio", "video"}
+    return {m for p in parts for m in ({"vision": ("image", "video")}.get(p) or (p,))}
 
 
 def _compare(engine: str, got: torch.Tensor, reference: torch.Tensor, base: torch.Tensor,
@@ -190,7 +193,7 @@ def verify_artefacts(base: Path, adapter: Path, merged: Path | None, engines: li
     from gemma4_tune.verify.prompts import batches as verification_batches
     from gemma4_tune.verify.reference import logits_by_modality, trained_quantization
 
-    batches = verification_batches(base)
+    batches = verification_batches(base, adapter=adapter)
     masks = {m: b["attention_mask"].bool() for m, b in batches.items()}
     quant = trained_quantization(adapter)
     reference = logits_by_modality(base, adapter, batches)["tuned"]  # the model as trained (4-bit base for QLoRA)
@@ -283,16 +286,17 @@ def vllm_results(base: Path, adapter: Path, merged: Path | None) -> list[EngineR
     """A real vLLM (its own environment) against transformers + PEFT: the adapter on the text prompts, and
     with ``merged`` the merged checkpoint on every modality's prompts (``verify.vllm_modalities``), in one
     runner process."""
-    from transformers import AutoTokenizer
+    from transformers import AutoProcessor, AutoTokenizer
 
     from gemma4_tune.export.vllm_adapter import k_eq_v_lora_layers, vllm_ready_adapter
     from gemma4_tune.findings import FindingError
-    from gemma4_tune.verify.prompts import model_modalities
+    from gemma4_tune.verify.prompts import verified_modalities
     from gemma4_tune.verify.reference import hf_reference
     from gemma4_tune.verify.vllm import adapter_run, run_planned
     from gemma4_tune.verify.vllm_modalities import merged_run
 
     tokenizer = AutoTokenizer.from_pretrained(str(base))
+    modalities = verified_modalities(base, AutoProcessor.from_pretrained(str(base)), adapter)
     # plain text after <bos>: vLLM's check bans placeholder and end-of-turn ids, which chat prompts contain
     prompts = [tokenizer(p).input_ids for p in TEXT_PROMPTS]
     rows: list[EngineResult] = []
@@ -328,7 +332,7 @@ def vllm_results(base: Path, adapter: Path, merged: Path | None) -> list[EngineR
                                  parity.tolerance, list(parity.findings), prompts=parity.prompts,
                                  positions=parity.lora.positions, modalities=["text"]))
     if merged is None:
-        others = [m for m in model_modalities(base) if m != "text"]
+        others = [m for m in modalities if m != "text"]
         if others:
             rows[0].findings.append(finding(MODALITY_NOT_RUN.code, f"vLLM verified the adapter on text prompts only: "
                                             f"{' and '.join(others)} are verified in vLLM on the merged checkpoint "

@@ -1,10 +1,10 @@
-"""vLLM on every modality: the merged checkpoint served with the verification prompts' images and audio.
+"""vLLM on every modality: the merged checkpoint served with the verification prompts' images, audio and video.
 
 vLLM 0.32 refuses LoRA on the towers (G4T201), so what a user deploys with images or audio is the
 merged checkpoint. It is served as its own model by ``vllm_runner.py`` with the prompts of
-``verify.prompts`` (text, two images, two audio clips: vLLM's own processor expands their
-placeholders) and compared, modality by modality, with base + adapter in transformers + PEFT on
-the processed prompt: the prompt token ids (the same expansion), greedy tokens and the
+``verify.prompts`` (text, two images, two audio clips, and a video for an adapter trained on video: vLLM's
+own processor expands their placeholders) and compared, modality by modality, with base + adapter in
+transformers + PEFT on the processed prompt: the prompt token ids (the same expansion), greedy tokens and the
 log-probabilities at every prompt and generated position, at the fp32 bound for merged checkpoints
 (:data:`MERGED_LOGPROB_TOLERANCE`). The
 adapter's effect per modality is vLLM's merged output against the base model in transformers.
@@ -80,21 +80,28 @@ class ModalityParity:
 
 
 def media_prompts(prompts: Sequence[VerifyPrompt], work: Path) -> list[dict[str, Any]]:
-    """The runner's form of ``prompts``: rendered text, and the media written as PNG / ``.npy`` files in ``work``."""
+    """The runner's form of ``prompts``: rendered text, and the media written as PNG / ``.npy`` files in ``work``
+    (a video as its frames, with the metadata its timestamps come from)."""
     import numpy as np
     from PIL import Image
 
     out = []
     for i, p in enumerate(prompts):
-        images, audios = [], []
+        images, audios, videos = [], [], []
         for j, pixels in enumerate(p.images):
             images.append(str(work / f"prompt{i}-image{j}.png"))
             Image.fromarray(pixels).save(images[-1])
         for j, clip in enumerate(p.audios):
             audios.append(str(work / f"prompt{i}-audio{j}.npy"))
             np.save(audios[-1], clip)
+        for j, (frames, meta) in enumerate(zip(p.videos, p.video_metadata(), strict=True)):
+            videos.append({"frames": str(work / f"prompt{i}-video{j}.npy"),
+                           "metadata": {"fps": meta.fps, "frames_indices": list(meta.frames_indices),
+                                        "total_num_frames": meta.total_num_frames, "duration": meta.duration,
+                                        "width": meta.width, "height": meta.height, "video_backend": "pyav"}})
+            np.save(videos[-1]["frames"], frames)
         out.append({"prompt": p.text, "modality": p.modality, "images": images, "audios": audios,
-                    "sampling_rate": SAMPLING_RATE})
+                    "videos": videos, "sampling_rate": SAMPLING_RATE})
     return out
 
 
@@ -174,7 +181,7 @@ def _fix(modality: str) -> str:
     if modality == "text":
         return ("the merged weights differ from base + adapter: export again with `gemma4-tune export --merged` "
                 "and check the key set (`gemma4-tune verify --engine transformers`)")
-    tower = {"image": "vision", "audio": "audio"}.get(modality, modality)
+    tower = {"image": "vision", "video": "vision", "audio": "audio"}.get(modality, modality)
     return (f"the {tower} tower of the merged checkpoint differs from base + adapter (its deltas dropped, or the "
             f"tower's clamps lost: catalog rows 2 and 31): check `gemma4-tune verify --engine transformers` on the "
             "same checkpoint; if transformers passes, the engine runs this modality differently")
@@ -224,7 +231,7 @@ def merged_run(base_dir: str | Path, adapter_dir: str | Path, merged_dir: str | 
     require_vllm_python()
     _check_cpu_shapes(merged_dir)
     processor = AutoProcessor.from_pretrained(str(base_dir))
-    prompts = verification_prompts(base_dir, processor) if prompts is None else list(prompts)
+    prompts = verification_prompts(base_dir, processor, adapter_dir) if prompts is None else list(prompts)
     longest = max(processed(processor, [p])["input_ids"].shape[1] for p in prompts)
     media = engines_root() / "scratch" / "media"
     media.mkdir(parents=True, exist_ok=True)

@@ -348,7 +348,8 @@ class SFT(Method):
                 adapter = save_adapter(peft_model, out / "adapter", plan=plan, overwrite=True,
                                        state_dict=trained_state or None)
                 write_manifest(adapter, cfg.model, training=cfg.dump(), versions=library_versions(),
-                               template_revision=batcher.revision, quantization=setup.quant)
+                               template_revision=batcher.revision, quantization=setup.quant,
+                               data_modalities=setup.data.get("modalities"))
             else:
                 adapter = out / "adapter"
             barrier()
@@ -401,10 +402,11 @@ def _join_launch(cfg: RunConfig) -> DistributedPlan | None:
 
 
 def _one_per_modality(examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The first text-only, image and audio example: a fixed batch to compare models on."""
+    """The first text-only, image, video and audio example: a fixed batch to compare models on."""
     picked: dict[str, dict[str, Any]] = {}
     for ex in examples:
-        kind = "image" if "pixel_values" in ex else "audio" if "input_features" in ex else "text"
+        kind = ("image" if "pixel_values" in ex else "video" if "pixel_values_videos" in ex
+                else "audio" if "input_features" in ex else "text")
         picked.setdefault(kind, ex)
     return list(picked.values())
 
