@@ -271,3 +271,31 @@ def test_26b_a4b_qlora_holds_the_experts_in_4_bits_and_exports_the_model_it_trai
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((tmp_path / "bf16-experts" / "adapter" / "gemma4_tune_manifest.json").read_text())
     assert manifest["quantization"]["experts"] == [] and not manifest["quantization"]["quantize_experts"]
+
+
+def test_4bit_layers_keep_their_weights_unpacked_in_evaluation():
+    """bitsandbytes 0.50's AVX512-BF16 CPU path repacks a Linear4bit's weight in place at its first no-grad forward
+    in eval mode, and asserts on its shape (out_features 48: "N must be divisible by block_n" on such a CPU). After
+    ``keep_4bit_weights_unpacked`` the weight stays the NF4 data training used, on every CPU. Where the processor has
+    AVX512-BF16, the stock layer must still fail: this test fails once a release packs safely (drop the patch)."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import has_avx512bf16
+
+    from gemma4_tune.model.patches import bnb_packs_cpu_weights, keep_4bit_weights_unpacked
+
+    def layer() -> torch.nn.Module:
+        torch.manual_seed(0)
+        module = bnb.nn.Linear4bit(64, 48, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+        module.weight = bnb.nn.Params4bit(torch.randn(48, 64), requires_grad=False, quant_type="nf4")
+        return module.to("cpu").eval()  # quantizes on the CPU backend
+
+    x = torch.randn(2, 64)
+    patched = torch.nn.Sequential(layer())
+    assert keep_4bit_weights_unpacked(patched) == (1 if bnb_packs_cpu_weights() else 0)
+    before = patched[0].weight.data.clone()
+    with torch.no_grad():
+        out = patched(x)
+    assert torch.equal(patched[0].weight.data, before) and torch.isfinite(out).all()
+    if has_avx512bf16() and bnb_packs_cpu_weights():
+        with torch.no_grad(), pytest.raises((AssertionError, RuntimeError)):
+            layer()(x)

@@ -100,8 +100,26 @@ __all__ = ["PREFERENCE_FORMATS", "LabelledAnswer", "PreferencePair", "Preference
            "load_preference_data", "read_preference_row"]
 
 
+class _Media:
+    """The media of a row's messages, in order of appearance (prompt first), as ``records.Conversation`` finds them."""
+
+    messages: list[dict]
+    tools: list[dict] | None
+    source: str
+
+    @property
+    def images(self) -> list[str]:
+        """Absolute image paths in order of appearance (prompt first)."""
+        return Conversation(messages=self.messages, tools=self.tools, source=self.source).images
+
+    @property
+    def audios(self) -> list[str]:
+        """Absolute audio paths in order of appearance (prompt first)."""
+        return Conversation(messages=self.messages, tools=self.tools, source=self.source).audios
+
+
 @dataclass(frozen=True)
-class PreferencePair:
+class PreferencePair(_Media):
     """One validated preference pair in the SFT path's message structure.
 
     ``prompt`` holds the system/user (and earlier assistant/tool) messages, ``chosen`` and ``rejected`` the assistant
@@ -129,26 +147,13 @@ class PreferencePair:
         return Conversation(messages=[*self.prompt, *self.rejected], tools=self.tools, source=self.source)
 
     @property
-    def images(self) -> list[str]:
-        """Absolute image paths in order of appearance (prompt first)."""
-        return self._everything().images
-
-    @property
-    def audios(self) -> list[str]:
-        """Absolute audio paths in order of appearance (prompt first)."""
-        return self._everything().audios
-
-    @property
     def messages(self) -> list[dict]:
         """Every message of the pair: prompt, chosen, rejected."""
         return [*self.prompt, *self.chosen, *self.rejected]
 
-    def _everything(self) -> Conversation:
-        return Conversation(messages=self.messages, tools=self.tools, source=self.source)
-
 
 @dataclass(frozen=True)
-class LabelledAnswer:
+class LabelledAnswer(_Media):
     """One validated unpaired KTO row: a prompt and one answer, ``label`` True when it is desirable.
 
     Fields mean what they mean in :class:`PreferencePair`; ``completion`` holds the assistant message(s).
@@ -171,16 +176,6 @@ class LabelledAnswer:
     def messages(self) -> list[dict]:
         """Every message of the row: prompt, then the answer."""
         return [*self.prompt, *self.completion]
-
-    @property
-    def images(self) -> list[str]:
-        """Absolute image paths in order of appearance."""
-        return self.chosen_conversation().images
-
-    @property
-    def audios(self) -> list[str]:
-        """Absolute audio paths in order of appearance."""
-        return self.chosen_conversation().audios
 
 
 @dataclass

@@ -58,6 +58,15 @@ def quantized(settings: dict | None) -> dict:
             "device_map": {"": 0} if torch.cuda.is_available() else "cpu"}
 
 
+def unpacked(model) -> None:
+    """bitsandbytes 0.50's AVX512-BF16 CPU path repacks a 4-bit weight in place at its first no-grad forward and
+    asserts on its shape: the base computes as the adapter was trained, with the plain 4-bit kernel (gemma4-tune's
+    model/patches.py says why; this script may not import it)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def quantize_experts(model, settings: dict | None, experts: list[str], blocksize: int) -> None:
     """The MoE expert stacks a QLoRA run held in 4 bits, held so again with bitsandbytes' own parametrization, after
     LoRA as in training (the names are the base model's; PEFT's wrappers are looked through)."""
@@ -94,6 +103,7 @@ def main() -> None:
     with torch.no_grad():
         base = AutoModelForImageTextToText.from_pretrained(request["base"], dtype=dtype,
                                                            **quantized(request.get("quantization"))).eval()
+        unpacked(base)
         out["base"] = run(base)
         if request.get("adapter"):
             from peft import PeftModel

@@ -34,6 +34,15 @@ TRL's fused LM head (DPO, KTO and GRPO log-probabilities) projects every positio
 and masks afterwards; :func:`patch_trl_compact_log_probs` makes it take its own compact path (labelled positions
 only) there too.
 
+bitsandbytes' CPU inference path for AVX512-BF16 processors (:func:`keep_4bit_weights_unpacked`): a ``Linear4bit``
+called in eval mode without gradients repacks its weight *in place* into a CPU-only layout
+(``_convert_weight_packed_for_cpu``), which asserts that the output size is a multiple of 32 (the tiny models' are
+not: "N must be divisible by block_n", or a reshape error) and leaves ``weight.data`` in a layout that is no longer
+the NF4 data training computed with. Measured on this machine (avx512_bf16): every QLoRA run crashed at its first
+evaluation. The switch is the module's own ``support_avx512bf16_for_cpu`` attribute, set off after loading, so
+training and evaluation compute with the same kernel on every processor; tests/test_qlora.py fails once a release
+packs safely.
+
 The only other patch is to files, not to code in this process: llama.cpp's prebuilt libraries are
 rebound to glibc < 2.38 at install time (``engines/glibc_compat.py``, beside the engine install it
 serves; tested the same way).
@@ -52,6 +61,8 @@ UNIFIED_MASK_AFFECTED = (Version("5.23.0"), Version("5.24.0"))
 _UNIFIED_HOOK = "_gemma4_tune_image_masks"
 #: PEFT releases whose ParamWrapper mishandles a parameter with another parametrization (4-bit experts).
 PEFT_PARAMETRIZED_AFFECTED = (Version("0.21.0"), Version("0.22.0"))
+#: bitsandbytes releases whose AVX512-BF16 CPU path repacks 4-bit weights in place and asserts on their shape.
+BNB_CPU_PACKING_AFFECTED = (Version("0.50.0"), Version("0.51.0"))
 #: TRL releases whose fused LM head scores every position on the CPU (issue 33 item 6).
 TRL_EVERY_POSITION_AFFECTED = (Version("1.16.0"), Version("1.17.0"))
 
@@ -234,3 +245,24 @@ def patch_trl_compact_log_probs() -> bool:
     compact_on_cpu._gemma4_tune = True  # type: ignore[attr-defined]
     utils._use_triton = compact_on_cpu
     return True
+
+
+def bnb_packs_cpu_weights() -> bool:
+    """True for the bitsandbytes releases whose AVX512-BF16 CPU inference path repacks 4-bit weights in place."""
+    import bitsandbytes
+
+    low, high = BNB_CPU_PACKING_AFFECTED
+    return low <= Version(bitsandbytes.__version__) < high
+
+
+def keep_4bit_weights_unpacked(model: Any) -> int:
+    """Turn bitsandbytes' in-place AVX512-BF16 repacking off on every ``Linear4bit`` of ``model`` (see above);
+    the number of modules switched (0 where the release is not affected)."""
+    if not bnb_packs_cpu_weights():
+        return 0
+    import bitsandbytes as bnb
+
+    modules = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for module in modules:
+        module.support_avx512bf16_for_cpu = False
+    return len(modules)

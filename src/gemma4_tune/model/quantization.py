@@ -118,11 +118,16 @@ def device_map() -> Any:
 
 
 def load_quantized(path: str, spec: QuantSpec, dtype: torch.dtype) -> Any:
-    """The model of ``path`` with its ``nn.Linear`` weights in 4 bits as ``spec`` says (stock transformers)."""
+    """The model of ``path`` with its ``nn.Linear`` weights in 4 bits as ``spec`` says (stock transformers), computing
+    with the same kernel in training and in evaluation (``patches.keep_4bit_weights_unpacked``)."""
     from transformers import AutoModelForImageTextToText
 
-    return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, quantization_config=spec.bnb_config(),
-                                                       device_map=device_map())
+    from gemma4_tune.model.patches import keep_4bit_weights_unpacked
+
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, quantization_config=spec.bnb_config(),
+                                                        device_map=device_map())
+    keep_4bit_weights_unpacked(model)
+    return model
 
 
 def quantized_modules(model: Any) -> tuple[str, ...]:
