@@ -130,7 +130,9 @@ def test_row26_accumulated_micro_batches_weigh_tokens_like_the_whole_batch(setup
     for name, g in want.items():
         assert float((model.get_parameter(name).grad - g).norm()) <= 1e-6 * float(g.norm()), name
     per_batch_mean = float((ref[0][0] / ref[0][1] + ref[1][0] / ref[1][1]).detach()) / 2
-    assert per_batch_mean != pytest.approx(sum(got), rel=1e-3)
+    # the two means differ by about 1e-3 of the loss on the random tiny model (both batches near ln(vocab)); float32
+    # rounding is about 1e-7: a tolerance of 1e-5 tells the two apart on every run
+    assert per_batch_mean != pytest.approx(sum(got), rel=1e-5)
 
 
 def test_the_vocabulary_projection_runs_only_at_supervised_positions(setup) -> None:
