@@ -214,7 +214,6 @@ def _preference(given: dict[str, Any], stage: str, t: Translation) -> None:
             t.row(key, given[key], "mapped", f"{show(default)} (what is trained)")
     if "pref_beta" in given and stage not in ("dpo", "kto"):
         t.ignore("pref_beta", given["pref_beta"], "no effect without stage dpo or kto (as in LLaMA-Factory)")
-        t.values.pop("beta", None)
 
 
 def _datasets(given: dict[str, Any], stage: str, t: Translation) -> None:
@@ -288,7 +287,7 @@ def _translate(data: dict[str, Any], source: str) -> Translation:
                 t.refuse(key, value, _REFUSE_IF_TRUE[key] or "")
         elif key in _REFUSE_IF_TRUE:
             t.row(key, value, "mapped", "false: nothing to do")
-    if "pref_beta" in given:
+    if "pref_beta" in given and stage in ("dpo", "kto"):
         t.map("pref_beta", given["pref_beta"], "beta", given["pref_beta"])
     if "cutoff_len" in given:
         t.differ("cutoff_len", given["cutoff_len"], "max_seq_len", given["cutoff_len"], "longer examples are cut at "
